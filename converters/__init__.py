@@ -1,0 +1,1 @@
+"""Converters: synthetic checkpoints for tests and benchmarks (`python -m mlx_oss.converters synth`)."""

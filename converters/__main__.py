@@ -1,0 +1,90 @@
+"""`python -m mlx_oss.converters`: write synthetic gpt-oss checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mlx_oss.cli import Progress, run
+
+from .synthetic import PRESETS, SynthOptions, preset_config, total_bytes, write_synthetic
+
+PROG = "python -m mlx_oss.converters"
+
+
+def _size(text: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "G": 10**9}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser(
+        "synth",
+        help="write a checkpoint of random weights in the exact Hugging Face gpt-oss layout",
+        description="Write random weights in the Hugging Face gpt-oss layout (BF16, MXFP4 experts, "
+        "sharded safetensors with an index) for tests and benchmarks.",
+    )
+    synth.add_argument("out", type=Path, help="directory to create (must not exist)")
+    synth.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    synth.add_argument("--seed", type=int, default=0)
+    shape = synth.add_argument_group("shape overrides")
+    for flag, field in [
+        ("--layers", "num_hidden_layers"),
+        ("--hidden-size", "hidden_size"),
+        ("--intermediate-size", "intermediate_size"),
+        ("--experts", "num_local_experts"),
+        ("--experts-per-token", "num_experts_per_tok"),
+        ("--heads", "num_attention_heads"),
+        ("--kv-heads", "num_key_value_heads"),
+        ("--head-dim", "head_dim"),
+        ("--vocab-size", "vocab_size"),
+        ("--sliding-window", "sliding_window"),
+    ]:
+        shape.add_argument(flag, type=int, dest=field, metavar="N")
+    shape.add_argument(
+        "--rope-truncate",
+        action="store_true",
+        default=None,
+        dest="truncate",
+        help="round YaRN's correction range as mlx-lm does (the real models do not)",
+    )
+    synth.add_argument(
+        "--expert-bias-std",
+        type=float,
+        default=0.1,
+        help="spread of the expert gate/up biases; a few units make the SwiGLU clamp active",
+    )
+    synth.add_argument(
+        "--shard-size",
+        type=_size,
+        default=5_000_000_000,
+        metavar="BYTES",
+        help="largest shard, e.g. 5GB (default) or 200MB",
+    )
+    synth.add_argument("--single-file", action="store_true", help="one model.safetensors, no index")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in {"command", "out", "preset", "seed", "expert_bias_std", "shard_size", "single_file"}
+    }
+    config = preset_config(args.preset, **overrides)
+    options = SynthOptions(args.seed, args.expert_bias_std, args.shard_size, args.single_file)
+    progress = Progress(f"writing {args.out}", total_bytes(config))
+    write_synthetic(args.out, config, options, on_bytes=progress.add)
+    print(f"wrote a synthetic {args.preset} checkpoint to {args.out} ({progress.total / 1e9:.2f} GB)")
+    return 0
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), PROG)

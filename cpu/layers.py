@@ -1,0 +1,92 @@
+"""The pieces of a gpt-oss layer as pure NumPy functions, float32 in and out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlx_oss.mxfp4 import dequantize
+
+QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))
+    return x * scale * weight
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    sinks: np.ndarray,
+    q_start: int,
+    window: int | None,
+) -> np.ndarray:
+    """Causal grouped-query attention with one learned sink logit per head.
+
+    q `[T, H, D]` holds queries at positions `q_start .. q_start+T-1`; k and v `[S, KV, D]` hold keys
+    at positions `0 .. S-1`. Query head h reads kv head h // (H // KV). Key j is visible to query i
+    iff j <= i and, on sliding layers, i - j < window. The sink joins the softmax's denominator as
+    `exp(sink)` and contributes no value. Returns `[T, H * D]`.
+    """
+    T, H, D = q.shape
+    S, KV, _ = k.shape
+    group = H // KV
+    scale = np.float32(1.0 / np.sqrt(D))
+    out = np.empty((T, KV, group, D), dtype=np.float32)
+    qg = q.reshape(T, KV, group, D)
+    sink = sinks.astype(np.float32).reshape(KV, group, 1)
+    for t0 in range(0, T, QUERY_CHUNK):
+        t1 = min(T, t0 + QUERY_CHUNK)
+        q_pos = np.arange(q_start + t0, q_start + t1)
+        k_lo = 0 if window is None else max(0, q_start + t0 - window + 1)
+        k_hi = q_start + t1  # keys past the last query are never visible
+        k_pos = np.arange(k_lo, k_hi)
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            visible &= q_pos[:, None] - k_pos[None, :] < window
+        # scores [KV, group, t, s]
+        scores = np.einsum("tkgd,skd->kgts", qg[t0:t1], k[k_lo:k_hi], optimize=True) * scale
+        scores = np.where(visible, scores, -np.inf)
+        peak = np.maximum(scores.max(axis=-1), sink)
+        weights = np.exp(scores - peak[..., None])
+        denom = weights.sum(axis=-1) + np.exp(sink - peak)
+        mixed = np.einsum("kgts,skd->tkgd", weights, v[k_lo:k_hi], optimize=True)
+        out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
+    return out.reshape(T, H * D)
+
+
+def route(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `top_k` experts of each token and their weights: a softmax over the chosen logits only."""
+    chosen = np.argpartition(-router_logits, top_k - 1, axis=-1)[:, :top_k]
+    logits = np.take_along_axis(router_logits, chosen, axis=-1)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return chosen, weights.astype(np.float32)
+
+
+def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """gpt-oss's SwiGLU on row-interleaved `[gate0, up0, gate1, up1, ...]` projections.
+
+    The gate is clamped from above only, the linear half on both sides, and the linear half gets
+    +1 so that a zero projection passes the gate through.
+    """
+    gate = np.minimum(gate_up[:, 0::2], np.float32(limit))
+    up = np.clip(gate_up[:, 1::2], np.float32(-limit), np.float32(limit))
+    return gate / (1.0 + np.exp(-np.float32(alpha) * gate)) * (up + 1.0)
+
+
+def mxfp4_linear(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray, bias: np.ndarray, rows: int) -> np.ndarray:
+    """`x @ W.T + bias` for one expert's MXFP4 weight `W [out, in]`, decoding `rows` rows at a time.
+
+    Only a slice of the weight is ever float32, so an expert costs a few MB of scratch, not its
+    full decoded size.
+    """
+    out_features = blocks.shape[0]
+    y = np.empty((x.shape[0], out_features), dtype=np.float32)
+    for r0 in range(0, out_features, rows):
+        r1 = min(out_features, r0 + rows)
+        w = dequantize(blocks[r0:r1], scales[r0:r1])
+        np.matmul(x, w.T, out=y[:, r0:r1])
+    y += bias
+    return y

@@ -1,0 +1,166 @@
+"""`python -m mlx_oss.bench`: load a model, prefill a prompt, decode, and print what it cost.
+
+A benchmark, not a test: it prints figures and asserts nothing. Prompt tokens are random ids
+(the speed of a forward pass does not depend on which tokens they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cli import run
+from .loading import BACKENDS, load
+
+PROG = "python -m mlx_oss.bench"
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def private_bytes() -> int:
+    """Anonymous (not file-backed) resident memory: what the process owns beyond the mapped weights."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_full_info().uss
+
+
+class PrivateMemoryPeak:
+    """Samples `private_bytes` on a background thread and keeps the largest value."""
+
+    def __init__(self, interval: float = 0.02):
+        self.peak = private_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, private_bytes())
+
+    def __enter__(self) -> PrivateMemoryPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, private_bytes())
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    load_s: float
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_step_s: float
+    peak_rss_bytes: int
+    private_bytes: int
+
+
+def thread_count() -> int:
+    try:
+        from threadpoolctl import threadpool_info
+
+        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        if counts:
+            return max(counts)
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
+def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, seed: int = 0) -> BenchResult:
+    with PrivateMemoryPeak() as private:
+        start = time.perf_counter()
+        model = load(model_dir, backend=backend)
+        load_s = time.perf_counter() - start
+
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
+        cache = model.new_cache()
+        start = time.perf_counter()
+        logits = model.forward(prompt, cache, last_only=True)
+        ttft_s = time.perf_counter() - start
+
+        steps = []
+        token = int(logits[0].argmax())
+        for _ in range(gen_tokens):
+            start = time.perf_counter()
+            logits = model.forward([token], cache, last_only=True)
+            steps.append(time.perf_counter() - start)
+            token = int(logits[0].argmax())
+    decode_s = sum(steps)
+    return BenchResult(
+        model=str(model_dir),
+        backend=model.backend,
+        threads=thread_count(),
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        load_s=round(load_s, 3),
+        ttft_s=round(ttft_s, 3),
+        prefill_tok_s=round(prompt_tokens / ttft_s, 3),
+        decode_tok_s=round(len(steps) / decode_s, 3) if steps else 0.0,
+        decode_step_s=round(decode_s / len(steps), 3) if steps else 0.0,
+        peak_rss_bytes=peak_rss_bytes(),
+        private_bytes=private.peak,
+    )
+
+
+def format_result(r: BenchResult) -> str:
+    gib = 1024**3
+    return "\n".join(
+        [
+            f"model           {r.model}",
+            f"backend         {r.backend} ({r.threads} threads)",
+            f"load            {r.load_s:.2f} s",
+            f"time to first   {r.ttft_s:.2f} s  ({r.prompt_tokens}-token prompt)",
+            f"prefill         {r.prefill_tok_s:.2f} tokens/s",
+            f"decode          {r.decode_tok_s:.2f} tokens/s  ({r.decode_step_s:.3f} s/token over {r.gen_tokens})",
+            f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB",
+            f"peak private    {r.private_bytes / gib:.2f} GiB",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="model directory")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--gen-tokens", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    if args.prompt_tokens < 1 or args.gen_tokens < 0:
+        parser.error("--prompt-tokens must be at least 1 and --gen-tokens at least 0")
+    result = benchmark(args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.seed)
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), PROG)

@@ -1,0 +1,51 @@
+"""What every command-line entry point shares: one clear line on error, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from .errors import MlxOssError
+
+
+def run(main: Callable[[], int | None], prog: str) -> None:
+    """Run `main` and exit: 0 on success, 1 with one line for a user error, 130 on Ctrl-C."""
+    try:
+        code = main() or 0
+    except MlxOssError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+class Progress:
+    """A progress line on stderr for long work: bytes done of a total, redrawn at most every 1 %."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.stream = stream or sys.stderr
+        self._shown = -1
+
+    def add(self, count: int) -> None:
+        self.done += count
+        percent = int(100 * self.done / self.total)
+        if percent != self._shown:
+            self._shown = percent
+            end = "\n" if self.done >= self.total else ""
+            lead = "\r" if self.stream.isatty() else ""
+            if lead or percent % 10 == 0 or end:
+                self.stream.write(f"{lead}{self.label}: {percent:3d}% ({_gb(self.done)} of {_gb(self.total)}){end}")
+                if not lead and not end:
+                    self.stream.write("\n")
+                self.stream.flush()
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

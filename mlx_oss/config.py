@@ -1,0 +1,289 @@
+"""`ModelConfig`: the shape of a gpt-oss model, read from a Hugging Face `config.json`.
+
+The hub configs of gpt-oss-20b and gpt-oss-120b use the transformers field names
+(`num_local_experts`, `rope_scaling`, `rope_theta`); newer transformers writes `rope_parameters`
+instead of the last two. Both spellings are read. Anything we could not run correctly is refused
+with a message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+MXFP4_BLOCK = 32  # values per MXFP4 block along the input dimension
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """YaRN rotary embedding parameters (or plain RoPE when `kind == "default"`)."""
+
+    theta: float = 150000.0
+    kind: str = "yarn"
+    factor: float = 32.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope: RopeConfig
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    eos_token_id: tuple[int, ...] = (200002,)
+    pad_token_id: int | None = 199999
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json here; is this a gpt-oss model directory?") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        return _Reader(raw, source).config()
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config in the hub's own spelling, as gpt-oss-20b's config.json writes it."""
+        rope: dict[str, Any] = {"rope_type": self.rope.kind}
+        if self.rope.kind == "yarn":
+            rope.update(
+                factor=self.rope.factor,
+                original_max_position_embeddings=self.rope.original_max_position_embeddings,
+                beta_fast=self.rope.beta_fast,
+                beta_slow=self.rope.beta_slow,
+                truncate=self.rope.truncate,
+            )
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        return {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "experts_per_token": self.num_experts_per_tok,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initial_context_length": self.rope.original_max_position_embeddings,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": list(self.layer_types),
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_local_experts": self.num_local_experts,
+            "output_router_logits": False,
+            "quantization_config": {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+            },
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_scaling": rope,
+            "rope_theta": self.rope.theta,
+            "router_aux_loss_coef": 0.9,
+            "sliding_window": self.sliding_window,
+            "swiglu_limit": self.swiglu_limit,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "bfloat16",
+            "use_cache": True,
+            "vocab_size": self.vocab_size,
+        }
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Reads and checks one raw config dict, naming `source` and the field in every error."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw = raw
+        self.source = source
+
+    def fail(self, field: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field '{field}' {problem}")
+
+    def get(self, *names: str, default: Any = _MISSING) -> tuple[str, Any]:
+        for name in names:
+            if name in self.raw and self.raw[name] is not None:
+                return name, self.raw[name]
+        if default is _MISSING:
+            raise self.fail(names[0], "is missing")
+        return names[0], default
+
+    def positive_int(self, *names: str, default: Any = _MISSING) -> int:
+        name, value = self.get(*names, default=default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(name, f"must be a positive integer, not {value!r}")
+        return value
+
+    def positive_float(self, *names: str, default: Any = _MISSING) -> float:
+        name, value = self.get(*names, default=default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
+            raise self.fail(name, f"must be a positive number, not {value!r}")
+        return float(value)
+
+    def config(self) -> ModelConfig:
+        _, model_type = self.get("model_type", default=None)
+        if model_type != "gpt_oss":
+            found = "is missing" if model_type is None else f"is {model_type!r}"
+            raise self.fail("model_type", f"{found}; this is not a gpt-oss checkpoint (expected 'gpt_oss')")
+
+        hidden = self.positive_int("hidden_size")
+        layers = self.positive_int("num_hidden_layers")
+        heads = self.positive_int("num_attention_heads")
+        kv_heads = self.positive_int("num_key_value_heads")
+        head_dim = self.positive_int("head_dim", default=hidden // heads if hidden % heads == 0 else 0)
+        intermediate = self.positive_int("intermediate_size")
+        experts = self.positive_int("num_local_experts", "num_experts")
+        top_k = self.positive_int("num_experts_per_tok", "experts_per_token")
+        vocab = self.positive_int("vocab_size")
+        window = self.positive_int("sliding_window", default=128)
+
+        if heads % kv_heads:
+            raise self.fail("num_key_value_heads", f"({kv_heads}) must divide num_attention_heads ({heads})")
+        if head_dim % 2:
+            raise self.fail("head_dim", f"must be even for rotary embeddings, not {head_dim}")
+        if top_k > experts:
+            raise self.fail("num_experts_per_tok", f"({top_k}) exceeds num_local_experts ({experts})")
+        for name, size in (("hidden_size", hidden), ("intermediate_size", intermediate)):
+            if size % MXFP4_BLOCK:
+                raise self.fail(name, f"({size}) must be a multiple of {MXFP4_BLOCK}, the MXFP4 block size")
+
+        _, attention_bias = self.get("attention_bias", default=True)
+        if attention_bias is not True:
+            raise self.fail("attention_bias", "must be true: gpt-oss attention projections have biases")
+
+        quant = self.raw.get("quantization_config")
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            if method != "mxfp4":
+                raise self.fail("quantization_config", f"has quant_method {method!r}; only 'mxfp4' is supported")
+
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate,
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            sliding_window=window,
+            layer_types=self.layer_types(layers),
+            rope=self.rope(),
+            rms_norm_eps=self.positive_float("rms_norm_eps", default=1e-5),
+            swiglu_limit=self.positive_float("swiglu_limit", default=7.0),
+            swiglu_alpha=self.positive_float("swiglu_alpha", default=1.702),
+            max_position_embeddings=self.positive_int("max_position_embeddings", default=131072),
+            tie_word_embeddings=bool(self.raw.get("tie_word_embeddings", False)),
+            eos_token_id=self.token_ids("eos_token_id", default=(200002,)),
+            pad_token_id=self.raw.get("pad_token_id"),
+        )
+
+    def layer_types(self, layers: int) -> tuple[str, ...]:
+        name, value = self.get("layer_types", default=None)
+        if value is None:
+            # The gpt-oss reference alternates, starting with a sliding layer.
+            return tuple(SLIDING if i % 2 == 0 else FULL for i in range(layers))
+        if not isinstance(value, list) or len(value) != layers:
+            raise self.fail(name, f"must list one type for each of the {layers} layers")
+        unknown = sorted({v for v in value if v not in (SLIDING, FULL)}, key=str)
+        if unknown:
+            raise self.fail(name, f"has unknown layer type {unknown[0]!r} (expected '{SLIDING}' or '{FULL}')")
+        return tuple(value)
+
+    def rope(self) -> RopeConfig:
+        params = self.raw.get("rope_parameters")
+        field = "rope_parameters"
+        if params is None:
+            params = self.raw.get("rope_scaling")
+            field = "rope_scaling"
+        params = dict(params or {})
+        theta_source = params if "rope_theta" in params else self.raw
+        theta = theta_source.get("rope_theta", 150000.0)
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 1:
+            raise self.fail("rope_theta", f"must be a number above 1, not {theta!r}")
+        kind = params.get("rope_type", params.get("type", "default" if not params else None))
+        if kind == "default":
+            return RopeConfig(theta=float(theta), kind="default", factor=1.0)
+        if kind != "yarn":
+            raise self.fail(f"{field}.rope_type", f"is {kind!r}; gpt-oss uses 'yarn' (or 'default')")
+        sub = _Reader(params, self.source)
+        try:
+            return RopeConfig(
+                theta=float(theta),
+                kind="yarn",
+                factor=sub.positive_float("factor"),
+                original_max_position_embeddings=sub.positive_int("original_max_position_embeddings"),
+                beta_fast=sub.positive_float("beta_fast", default=32.0),
+                beta_slow=sub.positive_float("beta_slow", default=1.0),
+                # transformers treats a missing `truncate` as true; gpt-oss's own config says false.
+                truncate=bool(params.get("truncate", True)),
+            )
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("field '", f"field '{field}.", 1)) from None
+
+    def token_ids(self, field: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        value = self.raw.get(field)
+        if value is None:
+            return default
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise self.fail(field, f"must be a token id or a list of them, not {value!r}")
+        return tuple(values)

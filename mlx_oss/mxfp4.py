@@ -1,0 +1,51 @@
+"""MXFP4 (OCP microscaling FP4) decoding, as the gpt-oss checkpoints store their experts.
+
+Each block of 32 values along a weight's input dimension is 16 bytes of E2M1 nibbles plus one
+E8M0 scale byte. In byte j the low nibble is element 2j and the high nibble element 2j+1;
+a value is `FP4_VALUES[nibble] * 2**(scale - 127)`. Blocks `[..., rows, G, 16]` with scales
+`[..., rows, G]` decode to `[..., rows, G * 32]`, the nn.Linear (out x in) layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FP4_VALUES = np.array(
+    [+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+# byte -> (value of its low nibble, value of its high nibble): one lookup decodes two elements.
+BYTE_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=1)
+# E8M0 scale byte -> 2**(byte - 127) as float32 (255 is NaN in the spec; it overflows to inf here).
+with np.errstate(over="ignore"):
+    SCALE_VALUES = np.ldexp(np.float64(1.0), np.arange(256) - 127).astype(np.float32)
+
+
+def dequantize(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode MXFP4 `blocks [..., G, 16]` and `scales [..., G]` to float32 `[..., G * 32]`."""
+    *lead, groups, width = blocks.shape
+    values = BYTE_PAIRS[blocks].reshape(*lead, groups, 2 * width)
+    values *= SCALE_VALUES[scales][..., None]
+    values = values.reshape(*lead, groups * 2 * width)
+    if out is not None:
+        out[...] = values
+        return out
+    return values
+
+
+def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encode float `weights [..., in]` (in a multiple of 32) to MXFP4 blocks and scales.
+
+    Each block's scale is the smallest power of two that fits its largest magnitude into 6;
+    values round to the nearest E2M1 level. Used to build test weights with a known meaning.
+    """
+    *lead, width = weights.shape
+    groups = width // 32
+    w = np.asarray(weights, dtype=np.float32).reshape(*lead, groups, 32)
+    peak = np.abs(w).max(axis=-1)
+    exponent = np.where(peak > 0, np.ceil(np.log2(np.maximum(peak, 1e-38) / 6.0)), 0).astype(np.int32)
+    exponent = np.clip(exponent, -127, 127)
+    scaled = w / np.ldexp(np.float32(1), exponent)[..., None]
+    nibbles = np.abs(scaled[..., None] - FP4_VALUES).argmin(axis=-1).astype(np.uint8)
+    blocks = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exponent + 127).astype(np.uint8)
