@@ -44,8 +44,11 @@ def test_piped_question_is_answered_and_the_chat_exits(tiny):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("openai/gpt-oss-20b", "openai/gpt-oss-20b is not on disk; download it first with: "
-         "python -m mlx_oss.models download openai/gpt-oss-20b"),
+        (
+            "openai/gpt-oss-20b",
+            "openai/gpt-oss-20b is not on disk; download it first with: "
+            "python -m mlx_oss.models download openai/gpt-oss-20b",
+        ),
         ("/no/such/dir", "/no/such/dir: no such model directory"),
     ],
 )

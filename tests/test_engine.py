@@ -83,7 +83,9 @@ def test_stop_on_return_ends_the_turn():
     model = ScriptedModel()
     engine = Engine(model)
     prompt = render_prompt(chat(Message.user("Hi")))
-    script = harmony_tokens("<|channel|>analysis<|message|>Say hi.<|end|><|start|>assistant<|channel|>final<|message|>Hi!")
+    script = harmony_tokens(
+        "<|channel|>analysis<|message|>Say hi.<|end|><|start|>assistant<|channel|>final<|message|>Hi!"
+    )
     model.expect(prompt, [*script, 200002, *harmony_tokens("never shown")])
     events, done = run(engine, prompt, SamplingParams(temperature=0))
     assert done.stop_reason == "stop" and done.tokens[-1] == 200002 and len(done.tokens) == len(script) + 1
@@ -116,9 +118,13 @@ def test_function_tool_round_trip():
     convo.messages += done.messages
     convo.messages.append(Message.tool_result(calls[0].recipient, '{"celsius":21}'))
     prompt2 = render_prompt(convo)
-    assert encoding().decode(prompt2).endswith(
-        '{"city":"Paris"}<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
-        '{"celsius":21}<|end|><|start|>assistant'
+    assert (
+        encoding()
+        .decode(prompt2)
+        .endswith(
+            '{"city":"Paris"}<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+            '{"celsius":21}<|end|><|start|>assistant'
+        )
     )
     assert "Use the tool." in encoding().decode(prompt2)  # reasoning before a pending call stays
     model.expect(prompt2, harmony_tokens("<|channel|>final<|message|>21 °C.<|return|>"))
