@@ -50,7 +50,7 @@ def resolve_model(arg: str) -> Path:
         return path
     if path.exists():
         raise MlxOssError(f"{arg}: not a directory; --model takes a model directory")
-    if HUB_NAME.fullmatch(arg):
+    if HUB_NAME.fullmatch(arg) and not path.parent.is_dir():  # "models/x" with a local models/ is a path
         raise MlxOssError(f"{arg} is not on disk; download it first with: python -m mlx_oss.models download {arg}")
     raise MlxOssError(f"{arg}: no such model directory")
 

@@ -161,9 +161,13 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the cached prefix (the next call prefills its whole prompt)."""
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            raise EngineBusyError("cannot reset the engine while it generates; cancel that generation first")
+        try:
             self._cache.truncate(0)
             self._fed = []
+        finally:
+            self._lock.release()
 
     def respond(
         self, conversation: Conversation, sampling: SamplingParams | None = None, cancel: CancelToken | None = None

@@ -119,8 +119,14 @@ def test_interactive_chat_leaves_on_ctrl_d(tiny):
     assert child.exitstatus == 0
 
 
-def test_resolve_model(tmp_path):
+def test_resolve_model(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path)) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(MlxOssError, match="^models/typo: no such model directory$"):
+        resolve_model("models/typo")
+    with pytest.raises(MlxOssError, match="^openai/gpt-oss-120b is not on disk"):
+        resolve_model("openai/gpt-oss-120b")
     (tmp_path / "file").write_text("x")
     with pytest.raises(MlxOssError, match="not a directory"):
         resolve_model(str(tmp_path / "file"))

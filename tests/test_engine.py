@@ -203,7 +203,11 @@ def test_one_generation_at_a_time():
     next(first)
     with pytest.raises(EngineBusyError):
         next(engine.generate(prompt))
+    with pytest.raises(EngineBusyError):
+        engine.reset()
     first.close()  # an abandoned generation frees the engine
+    engine.reset()
+    assert engine._cache.length == 0
     _, done = run(engine, prompt, SamplingParams(temperature=0))
     assert done.stop_reason == "stop"
 

@@ -28,6 +28,7 @@ from mlx_oss.harmony import (
     ensure_vocabulary,
     from_harmony_message,
     render_prompt,
+    to_harmony_messages,
 )
 
 WEATHER = Tool(
@@ -45,26 +46,19 @@ WEATHER = Tool(
 NO_ARGS = Tool("get_time", "Current time.")
 
 
-def theirs(conversation: Conversation, messages: list, auto_drop: bool = True) -> list[int]:
-    """openai-harmony's rendering of the same conversation, built with its own API."""
-    system = (
-        oh.SystemContent.new()
-        .with_reasoning_effort(oh.ReasoningEffort(conversation.reasoning_effort.capitalize()))
-        .with_conversation_start_date(conversation.current_date)
-    )
-    head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-    developer = oh.DeveloperContent.new()
-    if conversation.instructions:
-        developer = developer.with_instructions(conversation.instructions)
-    if conversation.tools:
-        developer = developer.with_function_tools(
-            [oh.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in conversation.tools]
-        )
-    if conversation.instructions or conversation.tools:
+def theirs(messages: list, effort: str = "Medium", developer=None, auto_drop: bool = True) -> list[int]:
+    """openai-harmony's rendering of a conversation built with its own API (dated like `conversation`)."""
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort))
+    head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system.with_conversation_start_date("2026-11-25"))]
+    if developer is not None:
         head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     convo = oh.Conversation.from_messages(head + messages)
     config = oh.RenderConversationConfig(auto_drop_analysis=auto_drop)
     return encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT, config)
+
+
+def hm_tool(tool: Tool):
+    return oh.ToolDescription.new(tool.name, tool.description, parameters=tool.parameters)
 
 
 def hm_user(text):
@@ -111,7 +105,9 @@ def test_system_message_reads_as_the_format_documents():
 def test_developer_instructions_and_tools_match_harmony():
     convo = conversation([Message.user("Weather in Paris?")], instructions="Be brief.", tools=[WEATHER, NO_ARGS])
     ours = render_prompt(convo)
-    assert ours == theirs(convo, [hm_user("Weather in Paris?")])
+    developer = oh.DeveloperContent.new().with_instructions("Be brief.")
+    developer = developer.with_function_tools([hm_tool(WEATHER), hm_tool(NO_ARGS)])
+    assert ours == theirs([hm_user("Weather in Paris?")], developer=developer)
     rendered = text(ours)
     assert "Calls to these tools must go to the commentary channel: 'functions'." in rendered
     assert "# Instructions\n\nBe brief." in rendered
@@ -130,8 +126,8 @@ def test_tool_round_trip_conversation_matches_harmony_and_keeps_pending_reasonin
     convo = conversation(messages, tools=[WEATHER])
     ours = render_prompt(convo)
     assert ours == theirs(
-        convo,
-        [
+        developer=oh.DeveloperContent.new().with_function_tools([hm_tool(WEATHER)]),
+        messages=[
             hm_user("Weather in Paris?"),
             hm_assistant("I should call get_weather.", "analysis"),
             hm_call("functions.get_weather", '{"location":"Paris"}'),
@@ -158,7 +154,7 @@ def test_reasoning_of_an_answered_turn_is_dropped_like_harmony_does():
     convo = conversation(messages)
     ours = render_prompt(convo)
     hm = [hm_user("What is 2 + 2?"), hm_assistant("Simple arithmetic.", "analysis"), hm_assistant("4.", "final")]
-    assert ours == theirs(convo, [*hm, hm_user("And 9 / 2?")])
+    assert ours == theirs([*hm, hm_user("And 9 / 2?")])
     assert "Simple arithmetic." not in text(ours)
     assert "<|start|>assistant<|channel|>final<|message|>4.<|end|>" in text(ours)
 
@@ -199,11 +195,16 @@ def test_every_answered_turn_loses_its_reasoning_but_the_current_one_keeps_it():
         hm_assistant("Call again.", "analysis"),
         hm_call("functions.get_weather", '{"location":"Rome"}'),
     ]
-    assert ours == text(theirs(convo, hm, auto_drop=False))
+    developer = oh.DeveloperContent.new().with_instructions("Be brief.").with_function_tools([hm_tool(WEATHER)])
+    assert ours == text(theirs(hm, "Low", developer, auto_drop=False))
 
     convo.messages += [Message.tool_result("functions.get_weather", '{"temperature":25}'), Message.answer("25 °C.")]
     ours = text(render_prompt(convo))
-    assert "Call again." not in ours  # now answered: its reasoning goes too
+    assert "Call again." not in ours and "Need the tool." not in ours  # now answered: its reasoning goes too
+
+    harmony_default = oh.Conversation.from_messages(to_harmony_messages(convo))
+    kept_by_harmony = text(encoding().render_conversation_for_completion(harmony_default, oh.Role.ASSISTANT))
+    assert "Greet back." not in kept_by_harmony and "Need the tool." in kept_by_harmony  # why we drop ourselves
 
 
 def test_drop_rule_both_ways():
