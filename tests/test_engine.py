@@ -25,13 +25,15 @@ from mlx_oss.engine import (
 )
 from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import Conversation, Message, Tool, encoding, render_prompt
+from mlx_oss.loading import BACKENDS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return mlx_oss.load(tiny_checkpoint(tmp_path_factory), backend="numpy")
+@pytest.fixture(scope="module", params=[b for b in BACKENDS if b != "auto"])
+def tiny(request, tmp_path_factory):
+    """The tiny synthetic checkpoint on every backend there is."""
+    return mlx_oss.load(tiny_checkpoint(tmp_path_factory), backend=request.param)
 
 
 def chat(*messages: Message) -> Conversation:
