@@ -99,24 +99,25 @@ class Display:
     def event(self, event) -> None:
         if isinstance(event, ReasoningDelta) and self.show_reasoning:
             if self._section != "reasoning":
-                self._switch("reasoning", self.side_stream)
+                self._switch("reasoning")
                 self.side_stream.write(self._style(BOLD, "reasoning:") + "\n")
             self.side_stream.write(self._style(DIM, event.text))
             self.side_stream.flush()
         elif isinstance(event, AnswerDelta):
             if self._section != "answer":
-                self._switch("answer", self.side_stream)
+                self._switch("answer")
             self.answer_stream.write(event.text)
             self.answer_stream.flush()
         elif isinstance(event, ToolCall):
-            self._switch("tool", self.side_stream)
+            self._switch("tool")
             self.side_stream.write(f"[tool call {event.recipient}: {event.arguments}]\n")
         elif isinstance(event, Done):
-            self._switch(None, self.answer_stream)
+            self._switch(None)
             self.side_stream.write(self._style(DIM, format_stats(event)) + "\n")
             self.side_stream.flush()
 
-    def _switch(self, section: str | None, stream: TextIO) -> None:
+    def _switch(self, section: str | None) -> None:
+        """End the section written last (with a blank line after reasoning) before `section` begins."""
         if self._section == "reasoning":
             self.side_stream.write("\n\n" if section == "answer" else "\n")
         elif self._section == "answer":

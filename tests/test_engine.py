@@ -12,6 +12,7 @@ from harmony_helpers import ScriptedModel, harmony_tokens, tiny_checkpoint
 
 import mlx_oss
 from mlx_oss.engine import (
+    PREFILL_CHUNK,
     AnswerDelta,
     CancelToken,
     ContextLimitError,
@@ -233,3 +234,22 @@ def test_bad_sampling_settings_are_clear_errors():
         SamplingParams(top_p=0)
     with pytest.raises(MlxOssError, match="max tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_a_long_prefill_checks_for_cancellation_between_chunks():
+    model = ScriptedModel(step_delay=0.05)
+    engine = Engine(model)
+    prompt = list(range(1000, 1000 + 3 * PREFILL_CHUNK))
+    model.expect(prompt, harmony_tokens("<|channel|>final<|message|>x<|return|>"))
+    cancel = CancelToken()
+    thread = threading.Thread(target=lambda: (model.forward_started.wait(), cancel.cancel()))
+    thread.start()
+    events = list(engine.generate(prompt, SamplingParams(temperature=0), cancel))
+    thread.join()
+    assert len(events) == 1 and events[0].stop_reason == "cancelled" and events[0].tokens == []
+    assert model.forward_calls <= 2  # the chunk under way when the cancel came, at most one more
+    prefilled = engine._cache.length
+    assert prefilled == model.forward_calls * PREFILL_CHUNK
+    _, done = run(engine, prompt, SamplingParams(temperature=0))
+    assert done.stats.reused_tokens == prefilled  # the next call goes on from what was prefilled
+    assert done.stop_reason == "stop"
