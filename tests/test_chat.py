@@ -3,6 +3,7 @@ for the interactive loop, its slash commands and Ctrl-C."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import subprocess
@@ -10,13 +11,21 @@ import sys
 
 import pexpect
 import pytest
-from harmony_helpers import tiny_checkpoint
+from harmony_helpers import ScriptedModel, harmony_tokens, tiny_checkpoint
 
-from mlx_oss.chat import Display, format_count, parameter_count, resolve_model
+from mlx_oss.chat import (
+    ChatSession,
+    ChatSettings,
+    Display,
+    format_count,
+    parameter_count,
+    resolve_model,
+    run_command,
+)
 from mlx_oss.config import ModelConfig
-from mlx_oss.engine import Done, GenerationStats
+from mlx_oss.engine import CancelToken, Done, Engine, GenerationStats, SamplingParams
 from mlx_oss.errors import MlxOssError
-from mlx_oss.harmony import AnswerDelta, ReasoningDelta
+from mlx_oss.harmony import AnswerDelta, Conversation, Message, ReasoningDelta, encoding, render_prompt
 
 CHAT = [sys.executable, "-m", "mlx_oss.chat"]
 
@@ -157,3 +166,39 @@ def test_display_sets_reasoning_apart_and_can_hide_it():
     for e in events:
         display.event(e)
     assert hidden.getvalue() == "Four.\n" and "Let me think." not in side.getvalue()
+
+
+def test_session_commands_and_history(capsys):
+    """The chat loop's pieces on a scripted model: the answer streams, history grows, commands change the prompt."""
+    model = ScriptedModel()
+    session = ChatSession(
+        Engine(model),
+        Conversation(reasoning_effort="low", instructions="Answer in French."),
+        ChatSettings(SamplingParams(temperature=0), show_reasoning=True),
+    )
+    script = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Quatre.<|return|>"
+    session.conversation.current_date = datetime.date.today().isoformat()
+    session.conversation.messages.append(Message.user("2 + 2?"))
+    model.expect(render_prompt(session.conversation), harmony_tokens(script))
+    session.conversation.messages.pop()
+    out = io.StringIO()
+    done = session.send("2 + 2?", Display(out, out, color=False, show_reasoning=True), CancelToken())
+    assert out.getvalue().startswith("reasoning:\nEasy.\n\nQuatre.\n[")
+    assert done.stop_reason == "stop"
+    assert session.conversation.messages == [
+        Message.user("2 + 2?"),
+        Message.reasoning("Easy."),
+        Message.answer("Quatre."),
+    ]
+    rendered = encoding().decode(render_prompt(session.conversation))
+    assert "# Instructions\n\nAnswer in French." in rendered and "Reasoning: low" in rendered
+
+    assert run_command(session, "/effort high") is None
+    assert "Reasoning: high" in encoding().decode(render_prompt(session.conversation))
+    run_command(session, "/reasoning hide")
+    assert not session.settings.show_reasoning
+    run_command(session, "/reset")
+    assert session.conversation.messages == []
+    assert run_command(session, "/quit") == "quit"
+    printed = capsys.readouterr().out
+    assert "(reasoning effort: high)" in printed and "(new conversation)" in printed
