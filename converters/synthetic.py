@@ -86,6 +86,8 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     if "num_hidden_layers" in changes and "layer_types" not in changes:
         changes["layer_types"] = _alternating(changes["num_hidden_layers"])
     config = dataclasses.replace(config, **changes)
+    if config.pad_token_id is not None and config.pad_token_id >= config.vocab_size:
+        config = dataclasses.replace(config, pad_token_id=None)  # a small test vocabulary has no real pad id
     return ModelConfig.from_dict(config.to_hf_dict(), source=f"preset {name!r} with overrides")
 
 

@@ -29,6 +29,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 def private_bytes() -> int:
     """Anonymous (not file-backed) resident memory: what the process owns beyond the mapped weights."""
     try:
@@ -77,6 +83,7 @@ class BenchResult:
     prefill_tok_s: float
     decode_tok_s: float
     decode_step_s: float
+    load_rss_bytes: int
     peak_rss_bytes: int
     private_bytes: int
 
@@ -98,6 +105,7 @@ def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
         load_s = time.perf_counter() - start
+        load_rss = rss_bytes()
 
         rng = np.random.default_rng(seed)
         prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
@@ -125,6 +133,7 @@ def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int
         prefill_tok_s=round(prompt_tokens / ttft_s, 3),
         decode_tok_s=round(len(steps) / decode_s, 3) if steps else 0.0,
         decode_step_s=round(decode_s / len(steps), 3) if steps else 0.0,
+        load_rss_bytes=load_rss,
         peak_rss_bytes=peak_rss_bytes(),
         private_bytes=private.peak,
     )
@@ -140,7 +149,8 @@ def format_result(r: BenchResult) -> str:
             f"time to first   {r.ttft_s:.2f} s  ({r.prompt_tokens}-token prompt)",
             f"prefill         {r.prefill_tok_s:.2f} tokens/s",
             f"decode          {r.decode_tok_s:.2f} tokens/s  ({r.decode_step_s:.3f} s/token over {r.gen_tokens})",
-            f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB",
+            f"RSS after load  {r.load_rss_bytes / gib:.2f} GiB",
+            f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB  (memory-mapped weights count once touched)",
             f"peak private    {r.private_bytes / gib:.2f} GiB",
         ]
     )

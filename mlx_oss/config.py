@@ -204,6 +204,10 @@ class _Reader:
             if size % MXFP4_BLOCK:
                 raise self.fail(name, f"({size}) must be a multiple of {MXFP4_BLOCK}, the MXFP4 block size")
 
+        _, pad = self.get("pad_token_id", default=None)
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab):
+            raise self.fail("pad_token_id", f"({pad!r}) must be a token id below vocab_size ({vocab})")
+
         _, attention_bias = self.get("attention_bias", default=True)
         if attention_bias is not True:
             raise self.fail("attention_bias", "must be true: gpt-oss attention projections have biases")
@@ -233,7 +237,7 @@ class _Reader:
             max_position_embeddings=self.positive_int("max_position_embeddings", default=131072),
             tie_word_embeddings=bool(self.raw.get("tie_word_embeddings", False)),
             eos_token_id=self.token_ids("eos_token_id", default=(200002,)),
-            pad_token_id=self.raw.get("pad_token_id"),
+            pad_token_id=pad,
         )
 
     def layer_types(self, layers: int) -> tuple[str, ...]:

@@ -1,0 +1,46 @@
+"""Shared fixtures: synthetic checkpoints written once per session and per shape."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mlx_oss.converters.synthetic import SynthOptions, preset_config, write_synthetic
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory):
+    """`synthetic_checkpoint(preset="tiny", seed=0, expert_bias_std=0.1, single_file=False, **shape)` -> Path.
+
+    Each distinct request is written once per test session and shared; tests must not modify it.
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(
+        preset: str = "tiny",
+        seed: int = 0,
+        expert_bias_std: float = 0.1,
+        single_file: bool = False,
+        shard_bytes: int = 5_000_000_000,
+        **shape,
+    ) -> Path:
+        key = (preset, seed, expert_bias_std, single_file, shard_bytes, tuple(sorted(shape.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp("ckpt") / "model"
+            options = SynthOptions(
+                seed=seed, expert_bias_std=expert_bias_std, shard_bytes=shard_bytes, single_file=single_file
+            )
+            made[key] = write_synthetic(path, preset_config(preset, **shape), options)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_checkpoint) -> Path:
+    """The `tiny` preset: 4 layers, 8 experts, the real 201088-token vocabulary."""
+    return synthetic_checkpoint("tiny")

@@ -1,0 +1,48 @@
+"""The package as users meet it: a light import and the benchmark command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ["torch", "transformers", "mlx", "PySide6", "huggingface_hub"]
+
+
+def test_import_is_light():
+    code = (
+        "import sys, mlx_oss, mlx_oss.cpu, mlx_oss.converters.synthetic\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bench_prints_its_figures(tiny_checkpoint):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_oss.bench",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt-tokens",
+        "5",
+        "--gen-tokens",
+        "2",
+        "--json",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["backend"] == "numpy" and result["prompt_tokens"] == 5 and result["gen_tokens"] == 2
+    for key in ["load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "private_bytes"]:
+        assert result[key] > 0, key
+    table = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True).stdout
+    assert "decode" in table and "tokens/s" in table and "peak RSS" in table
+
+
+def test_bench_error_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_oss.bench", "--model", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    assert out.stderr == f"python -m mlx_oss.bench: error: {tmp_path / 'none'}: no such model directory\n"
