@@ -1,27 +1,14 @@
-"""Shared by the harmony, engine and chat tests: a tiny synthetic checkpoint and models that say what we want."""
+"""Shared by the harmony, engine and chat tests: harmony tokens from text, and models that say what we want."""
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from mlx_oss.converters.synthetic import preset_config, write_synthetic
 
 from mlx_oss.harmony import encoding
-
-_TINY: dict[str, Path] = {}
-
-
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The tiny synthetic checkpoint (the real vocabulary), written once per test session."""
-    if "path" not in _TINY:
-        path = tmp_path_factory.mktemp("harmony-tiny") / "tiny"
-        write_synthetic(path, preset_config("tiny"))
-        _TINY["path"] = path
-    return _TINY["path"]
 
 
 def harmony_tokens(text: str) -> list[int]:

@@ -11,7 +11,7 @@ import sys
 
 import pexpect
 import pytest
-from harmony_helpers import ScriptedModel, harmony_tokens, tiny_checkpoint
+from harmony_helpers import ScriptedModel, harmony_tokens
 
 from mlx_oss.chat import (
     ChatSession,
@@ -31,8 +31,8 @@ CHAT = [sys.executable, "-m", "mlx_oss.chat"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory)
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def chat_env() -> dict[str, str]:
@@ -90,7 +90,7 @@ def test_interactive_chat_with_commands_and_ctrl_c(tiny):
         dimensions=(40, 200),
     )
     try:
-        child.expect(r"mlx-oss chat: .*tiny \((\d+\.\d)M parameters, numpy backend, reasoning medium\)")
+        child.expect(r"mlx-oss chat: \S+ \((\d+\.\d)M parameters, numpy backend, reasoning medium\)")
         child.expect_exact(">>> ")
         child.sendline("/help")
         child.expect_exact("/effort low|medium|high")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from harmony_helpers import ScriptedModel, harmony_tokens, tiny_checkpoint
+from harmony_helpers import ScriptedModel, harmony_tokens
 
 import mlx_oss
 from mlx_oss.engine import (
@@ -32,9 +32,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
 @pytest.fixture(scope="module", params=[b for b in BACKENDS if b != "auto"])
-def tiny(request, tmp_path_factory):
+def tiny(request, tiny_checkpoint):
     """The tiny synthetic checkpoint on every backend there is."""
-    return mlx_oss.load(tiny_checkpoint(tmp_path_factory), backend=request.param)
+    return mlx_oss.load(tiny_checkpoint, backend=request.param)
 
 
 def chat(*messages: Message) -> Conversation:
