@@ -1,0 +1,274 @@
+"""`python -m mlx_oss.chat`: talk to gpt-oss in the terminal.
+
+Answers stream as they are generated, the reasoning set apart (dimmed) above the answer. Ctrl-C stops the
+current answer and keeps the chat; /reset, /effort, /reasoning, /quit and /help are the commands. With stdin
+not a terminal the chat answers what was piped in (answer on stdout, reasoning and figures on stderr) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+from .cli import run
+from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
+from .errors import MlxOssError
+from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
+from .loading import BACKENDS
+
+PROG = "python -m mlx_oss.chat"
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+COMMANDS = """commands:
+  /reset                   start a new conversation
+  /effort low|medium|high  set the reasoning effort
+  /reasoning show|hide     show or hide the model's reasoning
+  /quit                    leave the chat (Ctrl-D works too)
+  /help                    this list
+Ctrl-C stops the current answer."""
+STOP_NOTES = {
+    "length": "stopped at --max-tokens",
+    "context_limit": "the context is full: /reset to start over",
+    "cancelled": "stopped",
+    "tool_call": "the model called a tool; this chat has none",
+}
+DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+def resolve_model(arg: str) -> Path:
+    """The model directory `arg` names: an existing directory for now (hub names come with the model store)."""
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MlxOssError(f"{arg}: not a directory; --model takes a model directory")
+    if HUB_NAME.fullmatch(arg) and not path.parent.is_dir():  # "models/x" with a local models/ is a path
+        raise MlxOssError(f"{arg} is not on disk; download it first with: python -m mlx_oss.models download {arg}")
+    raise MlxOssError(f"{arg}: no such model directory")
+
+
+def parameter_count(config) -> int:
+    """Weights of the checkpoint layout, counting an MXFP4 byte as two values and leaving out block scales."""
+    from .checkpoint import expected_tensors
+
+    total = 0
+    for name, want in expected_tensors(config).items():
+        if name.endswith("_scales"):
+            continue
+        values = math.prod(want.shape)
+        total += values * 2 if name.endswith("_blocks") else values
+    return total
+
+
+def format_count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_stats(done: Done) -> str:
+    s = done.stats
+    text = (
+        f"{s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s; "
+        f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached) at {s.prefill_tokens_per_s:.0f} tokens/s, "
+        f"first token after {s.time_to_first_token_s:.2f} s"
+    )
+    notes = [STOP_NOTES[done.stop_reason]] if done.stop_reason in STOP_NOTES else []
+    if done.malformed:
+        notes.append("output broke the harmony format and is shown as text")
+    return f"[{text}{''.join('; ' + n for n in notes)}]"
+
+
+class Display:
+    """Writes one turn's events: reasoning dimmed under its own label, then the answer, then the figures."""
+
+    def __init__(self, answer: TextIO, side: TextIO, color: bool, show_reasoning: bool):
+        self.answer_stream, self.side_stream = answer, side
+        self.color, self.show_reasoning = color, show_reasoning
+        self._section: str | None = None  # "reasoning" or "answer": what was written last
+
+    def _style(self, code: str, text: str) -> str:
+        return f"{code}{text}{RESET}" if self.color else text
+
+    def event(self, event) -> None:
+        if isinstance(event, ReasoningDelta) and self.show_reasoning:
+            if self._section != "reasoning":
+                self._switch("reasoning")
+                self.side_stream.write(self._style(BOLD, "reasoning:") + "\n")
+            self.side_stream.write(self._style(DIM, event.text))
+            self.side_stream.flush()
+        elif isinstance(event, AnswerDelta):
+            if self._section != "answer":
+                self._switch("answer")
+            self.answer_stream.write(event.text)
+            self.answer_stream.flush()
+        elif isinstance(event, ToolCall):
+            self._switch("tool")
+            self.side_stream.write(f"[tool call {event.recipient}: {event.arguments}]\n")
+        elif isinstance(event, Done):
+            self._switch(None)
+            self.side_stream.write(self._style(DIM, format_stats(event)) + "\n")
+            self.side_stream.flush()
+
+    def _switch(self, section: str | None) -> None:
+        """End the section written last (with a blank line after reasoning) before `section` begins."""
+        if self._section == "reasoning":
+            self.side_stream.write("\n\n" if section == "answer" else "\n")
+        elif self._section == "answer":
+            self.answer_stream.write("\n")
+        self.answer_stream.flush()
+        self.side_stream.flush()
+        self._section = section
+
+
+@dataclass
+class ChatSettings:
+    sampling: SamplingParams
+    show_reasoning: bool
+
+
+class ChatSession:
+    """One conversation with one engine: send a user message, stream the answer, keep the history."""
+
+    def __init__(self, engine: Engine, conversation: Conversation, settings: ChatSettings):
+        self.engine, self.settings = engine, settings
+        self.conversation = conversation
+
+    def reset(self) -> None:
+        self.conversation.messages.clear()
+
+    def send(self, text: str, display: Display, cancel: CancelToken) -> Done:
+        self.conversation.current_date = datetime.date.today().isoformat()
+        self.conversation.messages.append(Message.user(text))
+        done = None
+        try:
+            for event in self.engine.respond(self.conversation, self.settings.sampling, cancel):
+                display.event(event)
+                if isinstance(event, Done):
+                    done = event
+        except BaseException:
+            self.conversation.messages.pop()
+            raise
+        self.conversation.messages.extend(done.messages)
+        return done
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
+    p.add_argument("--backend", choices=sorted({*BACKENDS, "auto", "mlx", "numpy"}), default="auto")
+    p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
+    p.add_argument("--system", help="instructions for the model (the developer message)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 picks the likeliest token (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--max-tokens", type=int, help="most tokens per answer, reasoning included (default: no limit)")
+    p.add_argument(
+        "--show-reasoning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show the model's reasoning above the answer (default: shown)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.max_tokens)
+    conversation = Conversation(reasoning_effort=args.reasoning, instructions=args.system)
+    path = resolve_model(args.model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"loading {path} ...", flush=True)
+    from .loading import load
+
+    model = load(path, backend=args.backend)
+    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning))
+    if not interactive:
+        return answer_piped(session, sys.stdin.read())
+    print(
+        f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} backend, "
+        f"reasoning {args.reasoning})\n/help lists the commands, /quit leaves, Ctrl-C stops an answer."
+    )
+    return chat_loop(session)
+
+
+def answer_piped(session: ChatSession, text: str) -> int:
+    if not text.strip():
+        raise MlxOssError("nothing to answer: stdin was empty")
+    display = Display(sys.stdout, sys.stderr, color=False, show_reasoning=session.settings.show_reasoning)
+    session.send(text.strip(), display, CancelToken())
+    return 0
+
+
+def chat_loop(session: ChatSession) -> int:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    color = sys.stdout.isatty()
+    prompt = ">>> "
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D leaves the chat)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if run_command(session, text) == "quit":
+                return 0
+            continue
+        display = Display(sys.stdout, sys.stdout, color, session.settings.show_reasoning)
+        try:
+            with cancel_on_ctrl_c() as cancel:
+                session.send(text, display, cancel)
+        except ContextLimitError as e:
+            print(f"error: {e}")
+
+
+@contextlib.contextmanager
+def cancel_on_ctrl_c() -> Iterator[CancelToken]:
+    """A cancel token that Ctrl-C sets (instead of raising KeyboardInterrupt) while the block runs."""
+    cancel = CancelToken()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_command(session: ChatSession, text: str) -> str | None:
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return "quit"
+    if name == "/reset":
+        session.reset()
+        print("(new conversation)")
+    elif name == "/effort" and arg in REASONING_EFFORTS:
+        session.conversation.reasoning_effort = arg
+        print(f"(reasoning effort: {arg})")
+    elif name == "/effort":
+        print(f"(current effort: {session.conversation.reasoning_effort}; /effort {'|'.join(REASONING_EFFORTS)})")
+    elif name == "/reasoning" and arg in ("show", "hide"):
+        session.settings = replace(session.settings, show_reasoning=arg == "show")
+        print(f"(reasoning {'shown' if arg == 'show' else 'hidden'})")
+    elif name == "/help":
+        print(COMMANDS)
+    else:
+        print(f"(unknown command {text!r})\n{COMMANDS}")
+    return None
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), PROG)

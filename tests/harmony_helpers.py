@@ -1,0 +1,64 @@
+"""Shared by the harmony, engine and chat tests: harmony tokens from text, and models that say what we want."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from mlx_oss.harmony import encoding
+
+
+def harmony_tokens(text: str) -> list[int]:
+    """Tokens of `text`, harmony's special tokens (`<|start|>`, ...) included as such."""
+    return encoding().encode(text, allowed_special="all")
+
+
+class TokenCache:
+    """A cache that only remembers which tokens it holds (what the engine asks of a cache)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        assert 0 <= n <= self.length
+        del self.tokens[n:]
+
+
+class ScriptedModel:
+    """A model whose logits favour, after the prompt, the tokens of `script` one by one (then token 0), so the
+    stop, tool-call and malformed paths can be tested token for token.
+
+    Call `expect(prompt)` before each generation. `step_delay` slows every forward pass down.
+    """
+
+    def __init__(self, vocab_size: int = 201088, context: int = 131072, step_delay: float = 0.0):
+        self.config = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=context)
+        self.step_delay = step_delay
+        self.script: list[int] = []
+        self.prompt_length = 0
+        self.forward_calls = 0
+        self.forward_started = threading.Event()
+
+    def expect(self, prompt: list[int], script: list[int]) -> None:
+        self.prompt_length, self.script = len(prompt), script
+
+    def new_cache(self) -> TokenCache:
+        return TokenCache()
+
+    def forward(self, token_ids, cache: TokenCache, last_only: bool = False) -> np.ndarray:
+        self.forward_calls += 1
+        self.forward_started.set()
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        cache.tokens.extend(int(t) for t in token_ids)
+        step = cache.length - self.prompt_length
+        logits = np.zeros((1, self.config.vocab_size), np.float32)
+        logits[0, self.script[step] if 0 <= step < len(self.script) else 0] = 30.0
+        return logits

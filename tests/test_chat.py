@@ -1,0 +1,204 @@
+"""The terminal chat as users run it: a real subprocess with stdin piped, and a real pseudo-terminal (pexpect)
+for the interactive loop, its slash commands and Ctrl-C."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+from harmony_helpers import ScriptedModel, harmony_tokens
+
+from mlx_oss.chat import (
+    ChatSession,
+    ChatSettings,
+    Display,
+    format_count,
+    parameter_count,
+    resolve_model,
+    run_command,
+)
+from mlx_oss.config import ModelConfig
+from mlx_oss.engine import CancelToken, Done, Engine, GenerationStats, SamplingParams
+from mlx_oss.errors import MlxOssError
+from mlx_oss.harmony import AnswerDelta, Conversation, Message, ReasoningDelta, encoding, render_prompt
+
+CHAT = [sys.executable, "-m", "mlx_oss.chat"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
+
+
+def chat_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "xterm"}
+
+
+def test_piped_question_is_answered_and_the_chat_exits(tiny):
+    args = [*CHAT, "--model", str(tiny), "--max-tokens", "12", "--seed", "5", "--reasoning", "low"]
+    out = subprocess.run(args, input="What is 2 + 2?\n", capture_output=True, text=True, timeout=120, env=chat_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()  # random weights: gibberish, shown as text
+    assert "tokens/s" in out.stderr and "12 tokens" in out.stderr
+    assert "<|" not in out.stdout
+    again = subprocess.run(args, input="What is 2 + 2?\n", capture_output=True, text=True, timeout=120, env=chat_env())
+    assert again.stdout == out.stdout  # the seed makes the answer reproducible
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            "openai/gpt-oss-20b",
+            "openai/gpt-oss-20b is not on disk; download it first with: "
+            "python -m mlx_oss.models download openai/gpt-oss-20b",
+        ),
+        ("/no/such/dir", "/no/such/dir: no such model directory"),
+    ],
+)
+def test_a_missing_model_is_one_clear_line(model, message):
+    out = subprocess.run([*CHAT, "--model", model], input="", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == f"python -m mlx_oss.chat: error: {message}\n"
+
+
+def test_an_unreadable_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    out = subprocess.run([*CHAT, "--model", str(tmp_path)], input="hi", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_empty_stdin_is_an_error(tiny):
+    out = subprocess.run([*CHAT, "--model", str(tiny)], input=" \n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == "python -m mlx_oss.chat: error: nothing to answer: stdin was empty\n"
+
+
+def test_interactive_chat_with_commands_and_ctrl_c(tiny):
+    child = pexpect.spawn(
+        CHAT[0],
+        [*CHAT[1:], "--model", str(tiny), "--seed", "1"],
+        env=chat_env(),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
+    try:
+        child.expect(r"mlx-oss chat: \S+ \((\d+\.\d)M parameters, numpy backend, reasoning medium\)")
+        child.expect_exact(">>> ")
+        child.sendline("/help")
+        child.expect_exact("/effort low|medium|high")
+        child.expect_exact(">>> ")
+        child.sendline("/effort high")
+        child.expect_exact("(reasoning effort: high)")
+        child.expect_exact(">>> ")
+        child.sendline("Tell me everything.")  # no --max-tokens: only Ctrl-C ends this answer
+        child.expect(r"\S{20}")  # the answer streams
+        child.sendintr()
+        child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s;.*; stopped[;\]]")
+        assert int(child.match.group(1)) > 0
+        child.expect_exact(">>> ")
+        child.sendline("/reset")
+        child.expect_exact("(new conversation)")
+        child.expect_exact(">>> ")
+        child.sendintr()  # at the prompt Ctrl-C does not leave either
+        child.expect_exact("(/quit or Ctrl-D leaves the chat)")
+        child.expect_exact(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_interactive_chat_leaves_on_ctrl_d(tiny):
+    child = pexpect.spawn(CHAT[0], [*CHAT[1:], "--model", str(tiny)], env=chat_env(), encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_resolve_model(tmp_path, monkeypatch):
+    assert resolve_model(str(tmp_path)) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(MlxOssError, match="^models/typo: no such model directory$"):
+        resolve_model("models/typo")
+    with pytest.raises(MlxOssError, match="^openai/gpt-oss-120b is not on disk"):
+        resolve_model("openai/gpt-oss-120b")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MlxOssError, match="not a directory"):
+        resolve_model(str(tmp_path / "file"))
+
+
+def test_parameter_count_of_gpt_oss_20b():
+    from mlx_oss.converters.synthetic import preset_config
+
+    count = parameter_count(preset_config("20b"))
+    assert 20.8e9 < count < 21.0e9  # the model card's 20.91B
+    assert format_count(count) == "20.9B"
+    assert isinstance(preset_config("tiny"), ModelConfig)
+
+
+def stats() -> GenerationStats:
+    return GenerationStats(10, 0, 3, 0.5, 100.0, 20.0)
+
+
+def test_display_sets_reasoning_apart_and_can_hide_it():
+    events = [ReasoningDelta("Let me think."), AnswerDelta("Four."), Done("stop", stats())]
+    out = io.StringIO()
+    display = Display(out, out, color=False, show_reasoning=True)
+    for e in events:
+        display.event(e)
+    assert out.getvalue().startswith("reasoning:\nLet me think.\n\nFour.\n[3 tokens, 20.0 tokens/s;")
+    hidden, side = io.StringIO(), io.StringIO()
+    display = Display(hidden, side, color=False, show_reasoning=False)
+    for e in events:
+        display.event(e)
+    assert hidden.getvalue() == "Four.\n" and "Let me think." not in side.getvalue()
+
+
+def test_session_commands_and_history(capsys):
+    """The chat loop's pieces on a scripted model: the answer streams, history grows, commands change the prompt."""
+    model = ScriptedModel()
+    session = ChatSession(
+        Engine(model),
+        Conversation(reasoning_effort="low", instructions="Answer in French."),
+        ChatSettings(SamplingParams(temperature=0), show_reasoning=True),
+    )
+    script = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Quatre.<|return|>"
+    session.conversation.current_date = datetime.date.today().isoformat()
+    session.conversation.messages.append(Message.user("2 + 2?"))
+    model.expect(render_prompt(session.conversation), harmony_tokens(script))
+    session.conversation.messages.pop()
+    out = io.StringIO()
+    done = session.send("2 + 2?", Display(out, out, color=False, show_reasoning=True), CancelToken())
+    assert out.getvalue().startswith("reasoning:\nEasy.\n\nQuatre.\n[")
+    assert done.stop_reason == "stop"
+    assert session.conversation.messages == [
+        Message.user("2 + 2?"),
+        Message.reasoning("Easy."),
+        Message.answer("Quatre."),
+    ]
+    rendered = encoding().decode(render_prompt(session.conversation))
+    assert "# Instructions\n\nAnswer in French." in rendered and "Reasoning: low" in rendered
+
+    assert run_command(session, "/effort high") is None
+    assert "Reasoning: high" in encoding().decode(render_prompt(session.conversation))
+    run_command(session, "/reasoning hide")
+    assert not session.settings.show_reasoning
+    run_command(session, "/reset")
+    assert session.conversation.messages == []
+    assert run_command(session, "/quit") == "quit"
+    printed = capsys.readouterr().out
+    assert "(reasoning effort: high)" in printed and "(new conversation)" in printed
