@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_oss.atomic import atomic_directory, ensure_free_space
-from mlx_oss.checkpoint import INDEX_FILE, SINGLE_FILE, expected_tensors
 from mlx_oss.config import FULL, SLIDING, ModelConfig, RopeConfig
-from mlx_oss.safetensors_io import TensorSpec, f32_to_bf16, write_safetensors
+from mlx_oss.layouts import expected_tensors
+from mlx_oss.safetensors_io import SHARD_BYTES, TensorSpec, f32_to_bf16, write_shards
 
 CHUNK_BYTES = 32 * 1024 * 1024
 E2M1_RMS = math.sqrt(float(np.mean(np.square([0, 0.5, 1, 1.5, 2, 3, 4, 6]))))  # of a uniformly random nibble
@@ -72,7 +72,7 @@ PRESETS: dict[str, ModelConfig] = {
 class SynthOptions:
     seed: int = 0
     expert_bias_std: float = 0.1  # large values (several units) push the SwiGLU clamp into play
-    shard_bytes: int = 5_000_000_000
+    shard_bytes: int = SHARD_BYTES
     single_file: bool = False
 
 
@@ -144,18 +144,6 @@ class _Generator:
         return normal(1 / math.sqrt(c.hidden_size))  # q, k, v, router, lm_head
 
 
-def _shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
 def generation_config(config: ModelConfig) -> dict:
     return {
         "bos_token_id": 199998,
@@ -179,17 +167,7 @@ def write_synthetic(
     with atomic_directory(destination) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-        if options.single_file:
-            write_safetensors(tmp / SINGLE_FILE, specs, on_bytes=on_bytes)
-        else:
-            shards = _shards(specs, options.shard_bytes)
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                filename = f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors"
-                write_safetensors(tmp / filename, shard, on_bytes=on_bytes)
-                weight_map |= {spec.name: filename for spec in shard}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_shards(tmp, specs, options.shard_bytes, options.single_file, on_bytes)
     return destination
 
 

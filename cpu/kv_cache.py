@@ -34,11 +34,12 @@ class KVCache:
         """Mark `count` appended positions as part of the cache (after every layer stored them)."""
         self.length += count
 
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on."""
+    def truncate(self, length: int) -> int:
+        """Forget every position from `length` on; returns `length` (this cache can always go back)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
+        return length
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._k + self._v)

@@ -1,6 +1,7 @@
 """gpt-oss in NumPy: the model of `gpt_oss/torch/model.py`, float32 over memory-mapped weights.
 
-Memory: attention, router and norm weights are widened to float32 once (about 1.1 GB for 20b);
+Memory: attention, router and norm weights are widened to float32 once (about 2.5 GB for 20b), or mapped as
+they are from the converter's NumPy layout, which stores them fused and in float32;
 the MXFP4 experts stay packed in the memory-mapped checkpoint and only the experts that tokens
 choose are decoded, a few rows at a time; the embedding and unembedding stay in their stored
 dtype and are widened row block by row block as they are used.
@@ -14,6 +15,8 @@ import numpy as np
 
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
+from mlx_oss.errors import CheckpointError
+from mlx_oss.layouts import HF, NUMPY
 from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
@@ -59,6 +62,11 @@ class NumpyModel:
     backend = "numpy"
 
     def __init__(self, checkpoint: Checkpoint):
+        if checkpoint.layout not in (HF, NUMPY):
+            raise CheckpointError(
+                f"{checkpoint.directory}: is in the {checkpoint.layout} layout, which the NumPy backend does not "
+                "read; load it with the MLX backend, or give the Hugging Face or NumPy-layout directory"
+            )
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         c = self.config
@@ -78,11 +86,16 @@ class NumpyModel:
         def attn(name: str) -> np.ndarray:
             return f32(p + f"self_attn.{name}")
 
+        if ck.layout == NUMPY:  # fused and float32 on disk: mapped, not copied
+            qkv, qkv_bias = attn("qkv_proj.weight"), attn("qkv_proj.bias")
+        else:
+            qkv = np.concatenate([attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight")])
+            qkv_bias = np.concatenate([attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias")])
         return LayerWeights(
             input_norm=f32(p + "input_layernorm.weight"),
             attention=AttentionWeights(
-                qkv=np.concatenate([attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight")]),
-                qkv_bias=np.concatenate([attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias")]),
+                qkv=qkv,
+                qkv_bias=qkv_bias,
                 out=attn("o_proj.weight"),
                 out_bias=attn("o_proj.bias"),
                 sinks=attn("sinks"),

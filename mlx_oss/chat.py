@@ -57,7 +57,7 @@ def resolve_model(arg: str) -> Path:
 
 def parameter_count(config) -> int:
     """Weights of the checkpoint layout, counting an MXFP4 byte as two values and leaving out block scales."""
-    from .checkpoint import expected_tensors
+    from .layouts import expected_tensors
 
     total = 0
     for name, want in expected_tensors(config).items():
@@ -162,7 +162,7 @@ class ChatSession:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
-    p.add_argument("--backend", choices=sorted({*BACKENDS, "auto", "mlx", "numpy"}), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 picks the likeliest token (default 1.0)")
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if not interactive:
         return answer_piped(session, sys.stdin.read())
     print(
-        f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} backend, "
-        f"reasoning {args.reasoning})\n/help lists the commands, /quit leaves, Ctrl-C stops an answer."
+        f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} backend "
+        f"({model.backend_reason}), reasoning {args.reasoning})\n"
+        "/help lists the commands, /quit leaves, Ctrl-C stops an answer."
     )
     return chat_loop(session)
 

@@ -1,4 +1,4 @@
-"""A gpt-oss checkpoint on disk in the Hugging Face layout: config, shards, and checked tensors.
+"""A gpt-oss model directory on disk: config, shards, and checked tensors, in any of our layouts.
 
 Opening a checkpoint reads only headers. Every tensor the model needs is checked against the
 config (present, right shape, a dtype we can read) before any backend starts, so a broken download
@@ -8,67 +8,18 @@ fails at once with the file and tensor named, not halfway through a forward pass
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import MXFP4_BLOCK, ModelConfig
+from .config import ModelConfig
 from .errors import CheckpointError
-from .safetensors_io import SafetensorsFile, TensorInfo, as_float32
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-
-
-@dataclass(frozen=True)
-class Expected:
-    shape: tuple[int, ...]
-    dtypes: tuple[str, ...]
-
-
-def expected_tensors(config: ModelConfig) -> dict[str, Expected]:
-    """Every tensor of the Hugging Face gpt-oss layout, with its shape and the dtypes we accept."""
-    c = config
-    fl = FLOAT_DTYPES
-    groups_hidden = c.hidden_size // MXFP4_BLOCK
-    groups_inter = c.intermediate_size // MXFP4_BLOCK
-    E = c.num_local_experts
-    out: dict[str, Expected] = {
-        "model.embed_tokens.weight": Expected((c.vocab_size, c.hidden_size), fl),
-        "model.norm.weight": Expected((c.hidden_size,), fl),
-    }
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = Expected((c.vocab_size, c.hidden_size), fl)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": Expected((c.hidden_size,), fl),
-            p + "post_attention_layernorm.weight": Expected((c.hidden_size,), fl),
-            p + "self_attn.q_proj.weight": Expected((c.q_size, c.hidden_size), fl),
-            p + "self_attn.q_proj.bias": Expected((c.q_size,), fl),
-            p + "self_attn.k_proj.weight": Expected((c.kv_size, c.hidden_size), fl),
-            p + "self_attn.k_proj.bias": Expected((c.kv_size,), fl),
-            p + "self_attn.v_proj.weight": Expected((c.kv_size, c.hidden_size), fl),
-            p + "self_attn.v_proj.bias": Expected((c.kv_size,), fl),
-            p + "self_attn.o_proj.weight": Expected((c.hidden_size, c.q_size), fl),
-            p + "self_attn.o_proj.bias": Expected((c.hidden_size,), fl),
-            p + "self_attn.sinks": Expected((c.num_attention_heads,), fl),
-            p + "mlp.router.weight": Expected((E, c.hidden_size), fl),
-            p + "mlp.router.bias": Expected((E,), fl),
-            p + "mlp.experts.gate_up_proj_blocks": Expected((E, 2 * c.intermediate_size, groups_hidden, 16), ("U8",)),
-            p + "mlp.experts.gate_up_proj_scales": Expected((E, 2 * c.intermediate_size, groups_hidden), ("U8",)),
-            p + "mlp.experts.gate_up_proj_bias": Expected((E, 2 * c.intermediate_size), fl),
-            p + "mlp.experts.down_proj_blocks": Expected((E, c.hidden_size, groups_inter, 16), ("U8",)),
-            p + "mlp.experts.down_proj_scales": Expected((E, c.hidden_size, groups_inter), ("U8",)),
-            p + "mlp.experts.down_proj_bias": Expected((E, c.hidden_size), fl),
-        }
-    return out
+from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
 
 class Checkpoint:
-    """A Hugging Face gpt-oss model directory: `config.json` plus one or more safetensors shards."""
+    """A gpt-oss model directory: `config.json` plus safetensors shards, in the `hf`, `mlx` or `numpy` layout."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -80,6 +31,7 @@ class Checkpoint:
         self.files: dict[str, SafetensorsFile] = {}
         self.locations: dict[str, str] = {}  # tensor name -> shard file name
         self._open_shards()
+        self.layout = detect_layout(self.locations)
         self._check_tensors()
 
     def _open_shards(self) -> None:
@@ -111,7 +63,12 @@ class Checkpoint:
                 self.locations.setdefault(name, shard)
 
     def _check_tensors(self) -> None:
-        expected = expected_tensors(self.config)
+        expected = expected_tensors(self.config, self.layout)
+        for name in quantizable(self.config) if self.layout == MLX else ():
+            base = name.removesuffix(".weight")
+            if base + ".scales" in self.locations:  # stored 8-bit by the lossy MLX option
+                for part, (shape, dtype) in q8_shapes(expected.pop(name).shape).items():
+                    expected[f"{base}.{part}"] = Expected(shape, (dtype,))
         if "model.layers.0.mlp.experts.gate_up_proj" in self.locations:
             raise CheckpointError(
                 f"{self.directory}: expert weights are stored unquantized (mlp.experts.gate_up_proj); "
@@ -141,8 +98,16 @@ class Checkpoint:
         return self.files[self.locations[name]].array(name)
 
     def float32(self, name: str) -> np.ndarray:
-        """A float tensor widened to float32 (a copy: use `raw` for large tensors read in pieces)."""
-        return as_float32(self.raw(name), self.info(name).dtype)
+        """A float tensor widened to float32. Float32 tensors stay memory-mapped; others are read and widened
+        (use `raw` for large tensors read in pieces)."""
+        if self.info(name).dtype == "F32":
+            return self.raw(name)
+        return as_float32(self.files[self.locations[name]].read(name), self.info(name).dtype)
+
+    def release(self) -> None:
+        """Drop every mapped page from the process's resident memory (after copying weights elsewhere)."""
+        for file in self.files.values():
+            file.release()
 
     def nbytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files.values())

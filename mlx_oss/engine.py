@@ -3,7 +3,8 @@
 `Engine.generate` prefills the prompt (reusing the KV cache for whatever prefix it shares with the previous
 call), samples one token at a time, parses the tokens as harmony and yields `ReasoningDelta`, `AnswerDelta`,
 `ToolCall` and finally one `Done` with the messages and the figures of the turn. It works with any model that
-offers `.forward(token_ids, cache, last_only=True)`, `.new_cache()` (with `.length` and `.truncate(n)`) and
+offers `.forward(token_ids, cache, last_only=True)`, `.new_cache()` (with `.length` and `.truncate(n)`, which
+returns the length it kept) and
 `.config`; it never imports a backend.
 """
 
@@ -219,8 +220,8 @@ class Engine:
 
     def _run(self, prompt: list[int], sampling: SamplingParams, cancel: CancelToken) -> Iterator[Event]:
         start = time.perf_counter()
-        reused = min(common_prefix_length(self._fed[: self._cache.length], prompt), len(prompt) - 1)
-        self._cache.truncate(reused)
+        shared = min(common_prefix_length(self._fed[: self._cache.length], prompt), len(prompt) - 1)
+        reused = self._cache.truncate(shared)  # a cache with bounded sliding layers may keep less
         del self._fed[reused:]
         logits = None
         for chunk_start in range(reused, len(prompt), PREFILL_CHUNK):

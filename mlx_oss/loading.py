@@ -11,13 +11,14 @@ import numpy as np
 from .config import ModelConfig
 from .errors import MlxOssError
 
-BACKENDS = ("auto", "numpy")
+BACKENDS = ("auto", "mlx", "numpy")
 
 
 class Model(Protocol):
     """What every backend offers. Logits are float32 NumPy arrays `[tokens, vocab_size]`."""
 
     backend: str
+    backend_reason: str
     config: ModelConfig
 
     def new_cache(self): ...
@@ -27,12 +28,18 @@ class Model(Protocol):
     def logits(self, token_ids) -> np.ndarray: ...
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
+    """The backend to run and why. `auto` follows a converted directory's layout; for a Hugging Face one it is
+    MLX on Apple silicon (Metal) and NumPy elsewhere, where MLX's CPU path is far slower than the NumPy one."""
     if requested not in BACKENDS:
         raise MlxOssError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
-        return requested
-    return "numpy"
+        return requested, "as asked"
+    if layout in ("mlx", "numpy"):
+        return layout, f"auto: the model is in the {layout} layout"
+    if is_apple_silicon():
+        return "mlx", "auto: Apple silicon, MLX on the GPU"
+    return "numpy", f"auto: no Apple silicon GPU on this {platform.system()} {platform.machine()} machine"
 
 
 def is_apple_silicon() -> bool:
@@ -40,13 +47,31 @@ def is_apple_silicon() -> bool:
 
 
 def load(path: str | Path, backend: str = "auto") -> Model:
-    """Load the gpt-oss checkpoint in directory `path` on `backend` ("auto" or "numpy")."""
+    """Load the gpt-oss model in directory `path` (any layout) on `backend` ("auto", "mlx" or "numpy").
+
+    The model's `backend` names the backend that runs it and `backend_reason` why it was chosen.
+    """
     from .checkpoint import Checkpoint
 
-    chosen = choose_backend(backend)
+    choose_backend(backend)  # an unknown name fails before any file is read
     checkpoint = Checkpoint(path)
+    chosen, reason = choose_backend(backend, checkpoint.layout)
     if chosen == "numpy":
         from .cpu import NumpyModel
 
-        return NumpyModel(checkpoint)
-    raise AssertionError(chosen)
+        model = NumpyModel(checkpoint)
+    else:
+        model = _load_mlx(checkpoint)
+    model.backend_reason = reason
+    return model
+
+
+def _load_mlx(checkpoint):
+    try:
+        from .mlx_backend import MlxModel
+    except ImportError as e:
+        raise MlxOssError(
+            f"the MLX backend needs MLX, which is not installed ({e}); "
+            "install it with: pip install 'mlx-oss[mlx]', or choose --backend numpy"
+        ) from None
+    return MlxModel(checkpoint)

@@ -37,6 +37,9 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SHARD_BYTES = 5_000_000_000  # the hub's largest shard size
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,23 @@ class SafetensorsFile:
         return np.frombuffer(self._map, DTYPES[info.dtype], count, info.begin).reshape(info.shape)
 
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a fresh writable array read from the file (BF16 as uint16 bits).
+
+        For tensors that are copied anyway (widened to float32, handed to MLX): reading them through the
+        memory map would leave their pages counted in the process's resident memory a second time.
+        """
+        info = self.tensors[name]
+        dtype = DTYPES[info.dtype]
+        data = np.fromfile(self.path, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.begin)
+        return data.reshape(info.shape)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident memory (they stay in the OS's page cache)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """BF16 is the top half of a float32, so widening its bits is exact."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -183,6 +203,36 @@ def write_safetensors(
                 raise ValueError(f"tensor {spec.name}: wrote {written} bytes, expected {spec.nbytes}")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_shards(
+    directory: Path,
+    specs: list[TensorSpec],
+    shard_bytes: int = SHARD_BYTES,
+    single_file: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `specs` into `directory` as the hub does: `model-0000i-of-0000N.safetensors` shards of at most
+    `shard_bytes` ("of" names the last index) and a `model.safetensors.index.json`, or one `model.safetensors`."""
+    if single_file:
+        write_safetensors(directory / SINGLE_FILE, specs, metadata, on_bytes)
+        return
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors"
+        write_safetensors(directory / filename, shard, metadata, on_bytes)
+        weight_map |= {spec.name: filename for spec in shard}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def iter_rows(total_rows: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:

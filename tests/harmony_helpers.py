@@ -26,9 +26,10 @@ class TokenCache:
     def length(self) -> int:
         return len(self.tokens)
 
-    def truncate(self, n: int) -> None:
+    def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length
         del self.tokens[n:]
+        return n
 
 
 class ScriptedModel:

@@ -90,7 +90,7 @@ def test_interactive_chat_with_commands_and_ctrl_c(tiny):
         dimensions=(40, 200),
     )
     try:
-        child.expect(r"mlx-oss chat: \S+ \((\d+\.\d)M parameters, numpy backend, reasoning medium\)")
+        child.expect(r"mlx-oss chat: \S+ \((\d+\.\d)M parameters, numpy backend \(auto: [^)]+\), reasoning medium\)")
         child.expect_exact(">>> ")
         child.sendline("/help")
         child.expect_exact("/effort low|medium|high")

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import mlx_oss
-from mlx_oss.checkpoint import Checkpoint, expected_tensors
+from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
 from mlx_oss.converters.synthetic import PRESETS, total_bytes
 from mlx_oss.cpu import model as cpu_model
+from mlx_oss.layouts import expected_tensors
 
 HUB_20B_TENSORS = 459  # tensor count of openai/gpt-oss-20b's Hugging Face shards
 

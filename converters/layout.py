@@ -1,0 +1,94 @@
+"""Converting a Hugging Face gpt-oss checkpoint to the MLX or the NumPy layout (see `mlx_oss.layouts`).
+
+The source is only read. Tensors stream from its memory-mapped shards into the new ones a piece at a time,
+into a temporary directory beside the destination that is renamed into place at the end: an interrupted or
+failed conversion leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mlx_oss.atomic import atomic_directory, ensure_free_space
+from mlx_oss.checkpoint import Checkpoint
+from mlx_oss.errors import MlxOssError
+from mlx_oss.layouts import HF, MLX, MLX_MXFP4, NUMPY, Q8, mlx_specs, numpy_specs, q8_specs, quantizable
+from mlx_oss.safetensors_io import INDEX_FILE, SHARD_BYTES, TensorSpec, write_shards
+
+TARGETS = (MLX, NUMPY)
+
+
+def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSpec]:
+    """The tensors `target` holds for `checkpoint`, as streams (nothing is read yet)."""
+    if target not in TARGETS:
+        raise MlxOssError(f"unknown layout {target!r}; choose one of {', '.join(TARGETS)}")
+    if checkpoint.layout != HF:
+        raise MlxOssError(
+            f"{checkpoint.directory}: already in the {checkpoint.layout} layout; convert from the Hugging Face "
+            "checkpoint it came from"
+        )
+    if q8 and target != MLX:
+        raise MlxOssError("8-bit storage (--q8) is an option of the MLX layout only")
+    if target == NUMPY:
+        return numpy_specs(checkpoint)
+    specs = mlx_specs(checkpoint)
+    if q8:
+        try:
+            import mlx.core  # noqa: F401
+        except ImportError:
+            raise MlxOssError("--q8 quantizes with MLX, which is not installed: pip install 'mlx-oss[mlx]'") from None
+        lossy = set(quantizable(checkpoint.config))
+        specs = [part for spec in specs for part in (q8_specs(spec) if spec.name in lossy else [spec])]
+    return specs
+
+
+def output_config(checkpoint: Checkpoint, target: str, q8: bool) -> dict:
+    """The source's config.json as it was, with what loaders of the new layout need to know."""
+    config = json.loads((checkpoint.directory / "config.json").read_text(encoding="utf-8"))
+    if target == MLX:
+        # mlx-lm reads the experts' packing from here; the 8-bit tensors it infers from their scales.
+        config["quantization"] = dict(MLX_MXFP4)
+    config["mlx_oss"] = {"layout": target, "lossy": q8}
+    if q8:
+        config["mlx_oss"]["q8"] = {**Q8, "mode": "affine", "tensors": "attention projections and embeddings"}
+    return config
+
+
+def copied_files(source: Path) -> list[Path]:
+    """The source's other top-level files (tokenizer, chat template, generation config, licence), copied as they
+    are. Weights, their index and config.json are written anew; folders such as `original/` are left out."""
+    skip = {"config.json", INDEX_FILE}
+    return sorted(p for p in source.iterdir() if p.is_file() and p.name not in skip and p.suffix != ".safetensors")
+
+
+def convert(
+    source: str | Path,
+    destination: str | Path,
+    target: str,
+    q8: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Path:
+    """Write `source` (a Hugging Face gpt-oss directory) in `target` layout to `destination` (which must not
+    exist). Returns `destination`."""
+    destination = Path(destination)
+    checkpoint = Checkpoint(source)
+    specs = plan(checkpoint, target, q8)
+    extra = copied_files(checkpoint.directory)
+    ensure_free_space(destination.parent, total_bytes(specs, extra))
+    with atomic_directory(destination) as tmp:
+        for path in extra:
+            shutil.copy2(path, tmp / path.name)
+            if on_bytes:
+                on_bytes(path.stat().st_size)
+        config = output_config(checkpoint, target, q8)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_shards(tmp, specs, shard_bytes, on_bytes=on_bytes, metadata={"format": "mlx" if target == MLX else "pt"})
+    return destination
+
+
+def total_bytes(specs: list[TensorSpec], extra: list[Path]) -> int:
+    return sum(s.nbytes for s in specs) + sum(p.stat().st_size for p in extra)

@@ -1,0 +1,249 @@
+"""The three on-disk layouts of a gpt-oss model, and the repacks from the Hugging Face one.
+
+- `hf`: the hub's checkpoint. MXFP4 experts as `*_blocks [E, rows, G, 16]` / `*_scales` uint8 with gate and
+  up rows interleaved, everything else BF16.
+- `mlx`: what MLX's quantized kernels take as they are, in mlx-lm's names (so `mlx_lm` loads it too): the
+  expert blocks viewed as uint32 `[E, rows, in / 8]`, gate and up split into `gate_proj` / `up_proj`, scales
+  and the rest unchanged. Attention and embeddings may instead be 8-bit (MLX affine, group 64): lossy.
+- `numpy`: what the NumPy backend maps without copying: q, k and v fused into one `qkv_proj` and every small
+  tensor (attention, router, norms, sinks, biases) stored as float32; embeddings and experts as in `hf`.
+
+The layout of a directory is told by its tensor names. Each repack is a list of `TensorSpec`s that yields a
+tensor in pieces (one expert at a time, a block of rows at a time), so a converter can stream a 13 GB
+checkpoint through little memory, and the MLX backend can build its arrays from any layout the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import MXFP4_BLOCK, ModelConfig
+from .safetensors_io import TensorSpec, as_float32
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+HF, MLX, NUMPY = "hf", "mlx", "numpy"
+LAYOUTS = (HF, MLX, NUMPY)
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
+Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias
+ROWS_PER_CHUNK = 4096  # rows of a BF16 matrix copied or quantized at once
+
+# The markers of each layout: a tensor name that only it has.
+_MARKERS = {
+    MLX: "model.layers.0.mlp.experts.gate_proj.weight",
+    NUMPY: "model.layers.0.self_attn.qkv_proj.weight",
+}
+
+
+@dataclass(frozen=True)
+class Expected:
+    shape: tuple[int, ...] | None  # None: checked by the quantized tensor's own rule
+    dtypes: tuple[str, ...]
+
+
+def detect_layout(names: Iterable[str]) -> str:
+    names = set(names)
+    for layout, marker in _MARKERS.items():
+        if marker in names:
+            return layout
+    return HF
+
+
+def _per_layer(config: ModelConfig) -> Iterator[tuple[int, str]]:
+    for i in range(config.num_hidden_layers):
+        yield i, f"model.layers.{i}."
+
+
+def expected_tensors(config: ModelConfig, layout: str = HF) -> dict[str, Expected]:
+    """Every tensor of `layout` with its shape and the dtypes accepted (8-bit MLX tensors: see `quantized`)."""
+    c = config
+    fl = FLOAT_DTYPES
+    f32 = ("F32",)
+    E, H, I = c.num_local_experts, c.hidden_size, c.intermediate_size  # noqa: E741
+    g_hidden, g_inter = H // MXFP4_BLOCK, I // MXFP4_BLOCK
+    out: dict[str, Expected] = {
+        "model.embed_tokens.weight": Expected((c.vocab_size, H), fl),
+        "model.norm.weight": Expected((H,), f32 if layout == NUMPY else fl),
+    }
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = Expected((c.vocab_size, H), fl)
+    small = f32 if layout == NUMPY else fl
+    for _, p in _per_layer(c):
+        out |= {
+            p + "input_layernorm.weight": Expected((H,), small),
+            p + "post_attention_layernorm.weight": Expected((H,), small),
+            p + "self_attn.o_proj.weight": Expected((H, c.q_size), small),
+            p + "self_attn.o_proj.bias": Expected((H,), small),
+            p + "self_attn.sinks": Expected((c.num_attention_heads,), small),
+            p + "mlp.router.weight": Expected((E, H), small),
+            p + "mlp.router.bias": Expected((E,), small),
+        }
+        if layout == NUMPY:
+            qkv = c.q_size + 2 * c.kv_size
+            out[p + "self_attn.qkv_proj.weight"] = Expected((qkv, H), f32)
+            out[p + "self_attn.qkv_proj.bias"] = Expected((qkv,), f32)
+        else:
+            for proj, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+                out[p + f"self_attn.{proj}.weight"] = Expected((rows, H), fl)
+                out[p + f"self_attn.{proj}.bias"] = Expected((rows,), fl)
+        x = p + "mlp.experts."
+        if layout == MLX:
+            for proj, rows, groups in (("gate_proj", I, g_hidden), ("up_proj", I, g_hidden), ("down_proj", H, g_inter)):
+                out[x + f"{proj}.weight"] = Expected((E, rows, groups * 4), ("U32",))
+                out[x + f"{proj}.scales"] = Expected((E, rows, groups), ("U8",))
+                out[x + f"{proj}.bias"] = Expected((E, rows), fl)
+        else:
+            out |= {
+                x + "gate_up_proj_blocks": Expected((E, 2 * I, g_hidden, 16), ("U8",)),
+                x + "gate_up_proj_scales": Expected((E, 2 * I, g_hidden), ("U8",)),
+                x + "gate_up_proj_bias": Expected((E, 2 * I), fl),
+                x + "down_proj_blocks": Expected((E, H, g_inter, 16), ("U8",)),
+                x + "down_proj_scales": Expected((E, H, g_inter), ("U8",)),
+                x + "down_proj_bias": Expected((E, H), fl),
+            }
+    return out
+
+
+def quantizable(config: ModelConfig) -> list[str]:
+    """The matrices the lossy 8-bit MLX option stores quantized: attention projections and embeddings."""
+    names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+    for _, p in _per_layer(config):
+        names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return names
+
+
+def q8_shapes(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shapes and dtypes of the `weight`, `scales` and `biases` of an 8-bit matrix `[rows, cols]`."""
+    rows, cols = shape
+    return {
+        "weight": ((rows, cols // 4), "U32"),
+        "scales": ((rows, cols // Q8["group_size"]), "BF16"),
+        "biases": ((rows, cols // Q8["group_size"]), "BF16"),
+    }
+
+
+def _whole(source: Checkpoint, name: str, dtype: str | None = None) -> TensorSpec:
+    """A tensor copied as it is (or widened to `dtype` F32), a block of rows at a time."""
+    array = source.raw(name)
+    stored = source.info(name).dtype
+    target = dtype or stored
+
+    def chunks():
+        if array.ndim == 0:
+            yield array if target == stored else as_float32(array, stored)
+            return
+        for r0 in range(0, array.shape[0], ROWS_PER_CHUNK):
+            part = array[r0 : r0 + ROWS_PER_CHUNK]
+            yield part if target == stored else as_float32(part, stored)
+
+    return TensorSpec(name, target, tuple(array.shape), chunks)
+
+
+def _per_expert(name: str, dtype: str, shape: tuple[int, ...], array: np.ndarray, pick) -> TensorSpec:
+    """A tensor built expert by expert: `pick(array[e])` for each expert e."""
+    return TensorSpec(name, dtype, shape, lambda: (pick(array[e]) for e in range(array.shape[0])))
+
+
+def mlx_specs(source: Checkpoint) -> list[TensorSpec]:
+    """The tensors of the MLX layout, from a source in the `hf` or `mlx` layout."""
+    if source.layout == MLX:
+        return [_whole(source, name) for name in source.locations]
+    specs = []
+    for name in expected_tensors(source.config, HF):
+        if "mlp.experts." not in name:
+            specs.append(_whole(source, name))
+            continue
+        prefix, kind = name.rsplit(".", 1)
+        array = source.raw(name)
+        E, rows = array.shape[:2]
+        if kind.startswith("gate_up_proj"):
+            for proj, parity in (("gate_proj", 0), ("up_proj", 1)):
+                specs.append(
+                    _expert_part(
+                        prefix,
+                        proj,
+                        kind.removeprefix("gate_up_proj_"),
+                        array,
+                        source.info(name).dtype,
+                        slice(parity, None, 2),
+                    )
+                )
+        else:
+            specs.append(
+                _expert_part(
+                    prefix, "down_proj", kind.removeprefix("down_proj_"), array, source.info(name).dtype, slice(None)
+                )
+            )
+    return specs
+
+
+def _expert_part(prefix: str, proj: str, part: str, array: np.ndarray, dtype: str, rows: slice) -> TensorSpec:
+    """One of `gate_proj`/`up_proj`/`down_proj`'s weight (uint32 view of the blocks), scales or bias."""
+    E = array.shape[0]
+    kept = len(range(*rows.indices(array.shape[1])))
+    if part == "blocks":
+        G = array.shape[2]
+        return _per_expert(
+            f"{prefix}.{proj}.weight",
+            "U32",
+            (E, kept, G * 4),
+            array,
+            lambda a: np.ascontiguousarray(a[rows]).view(np.uint32).reshape(kept, G * 4),
+        )
+    if part == "scales":
+        return _per_expert(f"{prefix}.{proj}.scales", "U8", (E, kept, array.shape[2]), array, lambda a: a[rows])
+    return _per_expert(f"{prefix}.{proj}.bias", dtype, (E, kept), array, lambda a: a[rows])
+
+
+def numpy_specs(source: Checkpoint) -> list[TensorSpec]:
+    """The tensors of the NumPy layout, from a source in the `hf` or `numpy` layout."""
+    if source.layout == NUMPY:
+        return [_whole(source, name) for name in source.locations]
+    specs = []
+    for name, want in expected_tensors(source.config, NUMPY).items():
+        if ".qkv_proj." in name:
+            parts = [name.replace("qkv_proj", proj) for proj in ("q_proj", "k_proj", "v_proj")]
+            specs.append(TensorSpec(name, "F32", want.shape, _concat_rows(source, parts)))
+        elif want.dtypes == ("F32",):
+            specs.append(_whole(source, name, "F32"))
+        else:
+            specs.append(_whole(source, name))
+    return specs
+
+
+def _concat_rows(source: Checkpoint, names: list[str]):
+    def chunks():
+        for name in names:
+            yield from _whole(source, name, "F32").chunks()
+
+    return chunks
+
+
+def q8_specs(spec: TensorSpec) -> list[TensorSpec]:
+    """The 8-bit (lossy) `weight`, `scales` and `biases` of a BF16 matrix, quantized by MLX as mlx-lm does."""
+    import mlx.core as mx
+
+    base = spec.name.removesuffix(".weight")
+
+    def part(index: int, dtype: str):
+        def chunks():
+            for chunk in spec.chunks():
+                if spec.dtype == "BF16":
+                    matrix = mx.array(np.ascontiguousarray(chunk)).view(mx.bfloat16)
+                else:
+                    matrix = mx.array(as_float32(chunk, spec.dtype)).astype(mx.bfloat16)
+                piece = mx.quantize(matrix, group_size=Q8["group_size"], bits=Q8["bits"])[index]
+                yield np.array(piece if dtype == "U32" else piece.astype(mx.bfloat16).view(mx.uint16))
+
+        return chunks
+
+    return [
+        TensorSpec(f"{base}.{part_name}", dtype, shape, part(i, dtype))
+        for i, (part_name, (shape, dtype)) in enumerate(q8_shapes(spec.shape).items())
+    ]

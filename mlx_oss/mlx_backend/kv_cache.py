@@ -1,0 +1,105 @@
+"""Keys and values of the tokens seen so far, in MLX buffers that grow in steps.
+
+Full-attention layers keep every position. Sliding layers need only the last `window - 1` keys to go on, so
+their buffers are cut back to that plus `rewind` positions: memory stays bounded on long conversations while
+the engine can still step back over a turn's end to reuse the prefix it shares with the next prompt.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+STEP = 256  # positions added to a buffer when it is full
+REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
+
+
+class LayerCache:
+    """One layer's keys and values `[1, kv_heads, positions, head_dim]` for positions `start .. length - 1`."""
+
+    def __init__(self, window: int | None, rewind: int = REWIND):
+        self.window = window
+        self.rewind = rewind
+        self.start = 0
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.stored = 0  # positions held, from `start`
+
+    def update(self, k: mx.array, v: mx.array, length: int) -> tuple[mx.array, mx.array, int]:
+        """Store k, v (`[1, KV, T, D]`) at positions `length ..`; return the keys/values to attend to and the
+        position of the first of them."""
+        self.stored = length - self.start
+        T = k.shape[2]
+        needed = self.stored + T
+        if self.keys is None or needed > self.keys.shape[2]:
+            capacity = (needed + STEP - 1) // STEP * STEP
+            grow = (1, k.shape[1], capacity - (0 if self.keys is None else self.keys.shape[2]), k.shape[3])
+            extra_k, extra_v = mx.zeros(grow, k.dtype), mx.zeros(grow, v.dtype)
+            if self.keys is None:
+                self.keys, self.values = extra_k, extra_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., : self.stored, :], extra_k], axis=2)
+                self.values = mx.concatenate([self.values[..., : self.stored, :], extra_v], axis=2)
+        self.keys[..., self.stored : needed, :] = k
+        self.values[..., self.stored : needed, :] = v
+        self.stored = needed
+        first = self.start
+        if self.window is not None and T == 1:  # a decode step sees only the last `window` keys
+            first = max(self.start, length + 1 - self.window)
+        keys = self.keys[..., first - self.start : needed, :]
+        values = self.values[..., first - self.start : needed, :]
+        self._trim(length + T)
+        return keys, values, first
+
+    def _trim(self, length: int) -> None:
+        if self.window is None:
+            return
+        keep = self.window - 1 + self.rewind
+        if self.stored > keep + STEP:
+            drop = self.stored - keep
+            self.keys = self.keys[..., drop:, :]
+            self.values = self.values[..., drop:, :]
+            self.start += drop
+            self.stored -= drop
+
+    def earliest_truncation(self) -> int:
+        """The smallest cache length this layer can go back to (besides 0) and still attend correctly."""
+        if self.start == 0:
+            return 0
+        return self.start + self.window - 1
+
+    def reset(self) -> None:
+        self.start = 0
+        self.stored = 0
+
+
+class KVCache:
+    """The caches of all layers and the number of positions they hold."""
+
+    def __init__(self, windows: list[int | None], rewind: int = REWIND):
+        self.layers = [LayerCache(w, rewind) for w in windows]
+        self.length = 0
+
+    def advance(self, count: int) -> None:
+        self.length += count
+
+    def truncate(self, length: int) -> int:
+        """Forget every position from `length` on; returns the length kept.
+
+        A sliding layer that has already dropped keys the shorter cache would need cannot step back that far:
+        then everything is forgotten and 0 is returned, so the caller prefills from the start.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length and any(length < layer.earliest_truncation() for layer in self.layers):
+            length = 0
+        if length == 0:
+            for layer in self.layers:
+                layer.reset()
+        self.length = length
+        return length
+
+    def arrays(self) -> list[mx.array]:
+        return [a for layer in self.layers if layer.keys is not None for a in (layer.keys, layer.values)]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())

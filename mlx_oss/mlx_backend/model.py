@@ -1,0 +1,183 @@
+"""gpt-oss in MLX: the model of `gpt_oss/torch/model.py` with the experts kept in MXFP4.
+
+Weights come from any of our layouts through `layouts.mlx_specs`, so a Hugging Face snapshot and a converted
+MLX directory load into the same arrays (the snapshot repacked on the way). Experts stay MXFP4 and run through
+`mx.gather_qmm`; attention through `mx.fast.scaled_dot_product_attention` with its `sinks`. Activations are
+float32, as in the reference: attention, router and norm weights are widened once at load; the embedding and
+unembedding stay as stored (BF16 or 8-bit) and are widened as they are used. A forward pass is built lazily
+and evaluated once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_oss.checkpoint import Checkpoint
+from mlx_oss.config import ModelConfig
+from mlx_oss.errors import CheckpointError
+from mlx_oss.layouts import HF, MLX, Q8, mlx_specs
+from mlx_oss.rope import yarn_frequencies
+from mlx_oss.safetensors_io import TensorSpec
+
+from .kv_cache import KVCache
+from .layers import ExpertLinear, Linear, attention, experts, rms_norm, route, visibility
+
+VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once
+
+
+@dataclass
+class Layer:
+    input_norm: mx.array
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
+    sinks: mx.array
+    post_attention_norm: mx.array
+    router: Linear
+    gate_proj: ExpertLinear
+    up_proj: ExpertLinear
+    down_proj: ExpertLinear
+
+
+def _to_mlx(spec: TensorSpec, widen: bool) -> mx.array:
+    """One tensor as an MLX array: BF16 kept as bfloat16 (or widened to float32), the rest as stored."""
+    parts = list(spec.chunks())
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    array = mx.array(np.ascontiguousarray(data).reshape(spec.shape))
+    if spec.dtype == "BF16":
+        array = array.view(mx.bfloat16)
+    if widen and spec.dtype in ("BF16", "F16"):
+        array = array.astype(mx.float32)
+    mx.eval(array)
+    return array
+
+
+class MlxModel:
+    backend = "mlx"
+
+    def __init__(self, checkpoint: Checkpoint):
+        if checkpoint.layout not in (HF, MLX):
+            raise CheckpointError(
+                f"{checkpoint.directory}: is in the {checkpoint.layout} layout, which the MLX backend does not "
+                "read; load it with the NumPy backend, or give the Hugging Face or MLX-layout directory"
+            )
+        self.checkpoint = checkpoint
+        self.config: ModelConfig = checkpoint.config
+        c = self.config
+        specs = {spec.name: spec for spec in mlx_specs(checkpoint)}
+
+        def tensor(name: str, widen: bool = True) -> mx.array:
+            return _to_mlx(specs[name], widen)
+
+        def linear(name: str, bias: bool = True, widen: bool = True) -> Linear:
+            base = name.removesuffix(".weight")
+            b = tensor(base + ".bias") if bias else None
+            if base + ".scales" in specs:
+                return Linear(
+                    tensor(name),
+                    b,
+                    tensor(base + ".scales", widen=False),
+                    tensor(base + ".biases", widen=False),
+                    group_size=Q8["group_size"],
+                    bits=Q8["bits"],
+                )
+            return Linear(tensor(name, widen), b)
+
+        def expert(prefix: str) -> ExpertLinear:
+            return ExpertLinear(tensor(prefix + ".weight"), tensor(prefix + ".scales"), tensor(prefix + ".bias"))
+
+        self.embed = linear("model.embed_tokens.weight", bias=False, widen=False)
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        self.unembed = linear(head, bias=False, widen=False)
+        self.final_norm = tensor("model.norm.weight")
+        self.layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                Layer(
+                    input_norm=tensor(p + "input_layernorm.weight"),
+                    q_proj=linear(p + "self_attn.q_proj.weight"),
+                    k_proj=linear(p + "self_attn.k_proj.weight"),
+                    v_proj=linear(p + "self_attn.v_proj.weight"),
+                    o_proj=linear(p + "self_attn.o_proj.weight"),
+                    sinks=tensor(p + "self_attn.sinks"),
+                    post_attention_norm=tensor(p + "post_attention_layernorm.weight"),
+                    router=linear(p + "mlp.router.weight"),
+                    gate_proj=expert(p + "mlp.experts.gate_proj"),
+                    up_proj=expert(p + "mlp.experts.up_proj"),
+                    down_proj=expert(p + "mlp.experts.down_proj"),
+                )
+            )
+            checkpoint.release()  # the layer now lives in MLX's memory; its mapped pages need not stay resident
+        inv_freq, concentration = yarn_frequencies(c.rope, c.head_dim)
+        self.rope_freqs = mx.array(1.0 / inv_freq)
+        # YaRN scales cos and sin by the concentration for q and k alike: every score by its square.
+        self.score_scale = concentration**2 / c.head_dim**0.5
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache([c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)])
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits `[len(token_ids), vocab_size]` (float32) of a fresh full-sequence pass."""
+        return self.forward(token_ids)
+
+    def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """Run `token_ids` after whatever `cache` holds, extending it; return their logits (float32 NumPy).
+
+        With `last_only` only the last position's logits are computed (`[1, vocab_size]`).
+        """
+        c = self.config
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise ValueError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        cache = cache if cache is not None else self.new_cache()
+        start = cache.length
+        x = self.embed.rows(mx.array(tokens.astype(np.int32)))
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = x + self._attention(layer, rms_norm(x, layer.input_norm, c.rms_norm_eps), start, layer_cache)
+            x = x + self._moe(layer, rms_norm(x, layer.post_attention_norm, c.rms_norm_eps))
+        if last_only:
+            x = x[-1:]
+        logits = self._unembed(rms_norm(x, self.final_norm, c.rms_norm_eps))
+        mx.eval(logits, *cache.arrays())
+        cache.advance(tokens.size)
+        return np.asarray(logits)
+
+    def _attention(self, layer: Layer, h: mx.array, start: int, cache) -> mx.array:
+        c = self.config
+        T = h.shape[0]
+
+        def heads(x: mx.array, count: int) -> mx.array:
+            x = x.reshape(1, T, count, c.head_dim).transpose(0, 2, 1, 3)
+            return mx.fast.rope(
+                x, c.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self.rope_freqs
+            )
+
+        q = heads(layer.q_proj(h), c.num_attention_heads)
+        k = heads(layer.k_proj(h), c.num_key_value_heads)
+        v = layer.v_proj(h).reshape(1, T, c.num_key_value_heads, c.head_dim).transpose(0, 2, 1, 3)
+        k, v, first = cache.update(k, v, start)
+        mask = visibility(start, T, first, k.shape[2], cache.window)
+        mixed = attention(q, k, v, layer.sinks, self.score_scale, mask)
+        return layer.o_proj(mixed.transpose(0, 2, 1, 3).reshape(T, c.q_size))
+
+    def _moe(self, layer: Layer, h: mx.array) -> mx.array:
+        c = self.config
+        chosen, weights = route(layer.router(h), c.num_experts_per_tok)
+        y = experts(h, chosen, layer.gate_proj, layer.up_proj, layer.down_proj, c.swiglu_alpha, c.swiglu_limit)
+        return (y * weights[..., None]).sum(axis=-2)
+
+    def _unembed(self, x: mx.array) -> mx.array:
+        if self.unembed.scales is not None:
+            return self.unembed(x)
+        w = self.unembed.weight
+        return mx.concatenate(
+            [x @ w[v0 : v0 + VOCAB_CHUNK].astype(mx.float32).T for v0 in range(0, w.shape[0], VOCAB_CHUNK)], axis=-1
+        )
