@@ -119,7 +119,6 @@ class SafetensorsFile:
         count = info.nbytes // DTYPES[info.dtype].itemsize
         return np.frombuffer(self._map, DTYPES[info.dtype], count, info.begin).reshape(info.shape)
 
-
     def read(self, name: str) -> np.ndarray:
         """The tensor as a fresh writable array read from the file (BF16 as uint16 bits).
 

@@ -44,3 +44,31 @@ def synthetic_checkpoint(tmp_path_factory):
 def tiny_checkpoint(synthetic_checkpoint) -> Path:
     """The `tiny` preset: 4 layers, 8 experts, the real 201088-token vocabulary."""
     return synthetic_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """`converted(source, "mlx" | "numpy", q8=False)` -> Path: `source` converted once per test session."""
+    from mlx_oss.converters.layout import convert
+
+    made: dict[tuple, Path] = {}
+
+    def make(source: Path, target: str, q8: bool = False) -> Path:
+        key = (source, target, q8)
+        if key not in made:
+            made[key] = convert(source, tmp_path_factory.mktemp(f"{target}-layout") / "model", target, q8)
+        return made[key]
+
+    return make
+
+
+def need_backend(backend: str) -> None:
+    """Skip (visibly) where the backend's library cannot be installed, e.g. MLX on an Intel Mac."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core", reason="MLX does not install on this platform")
+
+
+@pytest.fixture(params=["numpy", "mlx"])
+def backend(request) -> str:
+    need_backend(request.param)
+    return request.param

@@ -1,17 +1,26 @@
-"""Decoding with the KV cache gives the logits of one full-sequence pass."""
+"""Decoding with the KV cache gives the logits of one full-sequence pass, on every backend."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need_backend
 
 import mlx_oss
 
+SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
+
+
+@pytest.fixture(scope="module", params=["numpy", "mlx"])
+def model(request, synthetic_checkpoint):
+    need_backend(request.param)
+    return mlx_oss.load(synthetic_checkpoint(**SHAPE), backend=request.param)
+
 
 @pytest.fixture(scope="module")
-def model(synthetic_checkpoint):
-    path = synthetic_checkpoint(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
-    return mlx_oss.load(path, backend="numpy")
+def mlx_model(synthetic_checkpoint):
+    need_backend("mlx")
+    return mlx_oss.load(synthetic_checkpoint(**SHAPE), backend="mlx")
 
 
 def tokens(n: int, seed: int = 2) -> np.ndarray:
@@ -67,3 +76,45 @@ def test_bad_token_ids_are_refused(model):
         model.logits([1, 500])
     with pytest.raises(ValueError, match="at least one token"):
         model.logits([])
+
+
+@pytest.fixture
+def bounded_cache(mlx_model):
+    """An MLX cache whose sliding layers keep only 3 positions beyond their 5-token window (and trim in
+    steps of 4), so a short test sequence already makes them drop keys."""
+    from mlx_oss.mlx_backend.kv_cache import KVCache
+
+    c = mlx_model.config
+    return KVCache([c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)], 3, step=4)
+
+
+def test_bounded_sliding_cache_decodes_like_the_full_pass(mlx_model, bounded_cache):
+    seq = tokens(40, 11)
+    full = mlx_model.logits(seq)
+    stepped = np.concatenate(
+        [mlx_model.forward(seq[:7], bounded_cache)] + [mlx_model.forward([t], bounded_cache) for t in seq[7:]]
+    )
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    sliding = [layer for layer in bounded_cache.layers if layer.window is not None]
+    assert sliding and all(layer.start > 0 and layer.stored <= 5 - 1 + 3 + 4 for layer in sliding)
+    full_layers = [layer for layer in bounded_cache.layers if layer.window is None]
+    assert all(layer.start == 0 and layer.stored == 40 for layer in full_layers)
+
+
+def test_bounded_cache_steps_back_within_its_rewind_and_restarts_beyond(mlx_model, bounded_cache):
+    seq = tokens(30, 12)
+    mlx_model.forward(seq, bounded_cache)
+    earliest = max(layer.earliest_truncation() for layer in bounded_cache.layers)
+    assert 0 < earliest < 30
+    assert bounded_cache.truncate(earliest) == earliest
+    tail = tokens(4, 13)
+    np.testing.assert_allclose(
+        mlx_model.forward(tail, bounded_cache),
+        mlx_model.logits(np.concatenate([seq[:earliest], tail]))[earliest:],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert bounded_cache.truncate(earliest - 1) == 0  # keys it would need are gone: start over
+    np.testing.assert_allclose(
+        mlx_model.forward(seq[:9], bounded_cache), mlx_model.logits(seq[:9]), rtol=1e-4, atol=1e-4
+    )

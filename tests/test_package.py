@@ -11,14 +11,14 @@ HEAVY = ["torch", "transformers", "mlx", "PySide6", "huggingface_hub"]
 
 def test_import_is_light():
     code = (
-        "import sys, mlx_oss, mlx_oss.cpu, mlx_oss.converters.synthetic\n"
+        "import sys, mlx_oss, mlx_oss.cpu, mlx_oss.converters.synthetic, mlx_oss.converters.layout, mlx_oss.engine\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_bench_prints_its_figures(tiny_checkpoint):
+def test_bench_prints_its_figures(tiny_checkpoint, backend):
     cmd = [
         sys.executable,
         "-m",
@@ -29,11 +29,13 @@ def test_bench_prints_its_figures(tiny_checkpoint):
         "5",
         "--gen-tokens",
         "2",
+        "--backend",
+        backend,
         "--json",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
-    assert result["backend"] == "numpy" and result["prompt_tokens"] == 5 and result["gen_tokens"] == 2
+    assert result["backend"] == backend and result["prompt_tokens"] == 5 and result["gen_tokens"] == 2
     for key in ["load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "private_bytes"]:
         assert result[key] > 0, key
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True).stdout

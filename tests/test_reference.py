@@ -1,4 +1,5 @@
-"""The NumPy backend against transformers' GptOssForCausalLM on the same synthetic files."""
+"""Both backends, on the Hugging Face directory and on their converted layouts, against transformers'
+GptOssForCausalLM on the same synthetic files."""
 
 from __future__ import annotations
 
@@ -33,17 +34,19 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["hf", "converted"])
 @pytest.mark.parametrize("case", CASES)
-def test_numpy_logits_match_transformers(case, synthetic_checkpoint):
+def test_logits_match_transformers(case, backend, layout, synthetic_checkpoint, converted):
     shape, options, length = CASES[case]
     path = synthetic_checkpoint(**shape, **options)
-    model = mlx_oss.load(path, backend="numpy")
+    model_dir = path if layout == "hf" else converted(path, backend)
+    model = mlx_oss.load(model_dir, backend=backend)
     tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, length)
     assert_logits_match(model.logits(tokens), reference_logits(path, tokens))
 
 
-def test_tiny_preset_matches_transformers(tiny_checkpoint):
-    model = mlx_oss.load(tiny_checkpoint, backend="numpy")
+def test_tiny_preset_matches_transformers(tiny_checkpoint, backend):
+    model = mlx_oss.load(tiny_checkpoint, backend=backend)
     tokens = [200006, 17360, 200008, 13225, 11, 1495, 553, 481, 30, 200007, 200006, 173781]
     assert_logits_match(model.logits(tokens), reference_logits(tiny_checkpoint, tokens))
 

@@ -16,9 +16,10 @@ REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncatio
 class LayerCache:
     """One layer's keys and values `[1, kv_heads, positions, head_dim]` for positions `start .. length - 1`."""
 
-    def __init__(self, window: int | None, rewind: int = REWIND):
+    def __init__(self, window: int | None, rewind: int = REWIND, step: int = STEP):
         self.window = window
         self.rewind = rewind
+        self.step = step
         self.start = 0
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
@@ -31,7 +32,7 @@ class LayerCache:
         T = k.shape[2]
         needed = self.stored + T
         if self.keys is None or needed > self.keys.shape[2]:
-            capacity = (needed + STEP - 1) // STEP * STEP
+            capacity = (needed + self.step - 1) // self.step * self.step
             grow = (1, k.shape[1], capacity - (0 if self.keys is None else self.keys.shape[2]), k.shape[3])
             extra_k, extra_v = mx.zeros(grow, k.dtype), mx.zeros(grow, v.dtype)
             if self.keys is None:
@@ -54,7 +55,7 @@ class LayerCache:
         if self.window is None:
             return
         keep = self.window - 1 + self.rewind
-        if self.stored > keep + STEP:
+        if self.stored > keep + self.step:
             drop = self.stored - keep
             self.keys = self.keys[..., drop:, :]
             self.values = self.values[..., drop:, :]
@@ -75,8 +76,8 @@ class LayerCache:
 class KVCache:
     """The caches of all layers and the number of positions they hold."""
 
-    def __init__(self, windows: list[int | None], rewind: int = REWIND):
-        self.layers = [LayerCache(w, rewind) for w in windows]
+    def __init__(self, windows: list[int | None], rewind: int = REWIND, step: int = STEP):
+        self.layers = [LayerCache(w, rewind, step) for w in windows]
         self.length = 0
 
     def advance(self, count: int) -> None:

@@ -11,7 +11,10 @@ SORT_THRESHOLD = 64  # token-expert pairs from which tokens are sorted by expert
 
 @dataclass
 class Linear:
-    """`x @ W.T + b` with W in float (as loaded) or MLX affine 8-bit (`scales` and `biases` set)."""
+    """`x @ W.T + b` with W in float (as loaded) or MLX affine 8-bit (`scales` and `biases` set).
+
+    8-bit scales and biases must be float32: `mx.dequantize` computes in their dtype, and BF16 would round.
+    """
 
     weight: mx.array
     bias: mx.array | None = None
@@ -33,10 +36,14 @@ class Linear:
         """Rows `ids` of W as float32 (an embedding lookup)."""
         if self.scales is None:
             return self.weight[ids].astype(mx.float32)
-        rows = mx.dequantize(
-            self.weight[ids], self.scales[ids], self.biases[ids], group_size=self.group_size, bits=self.bits
+        return mx.dequantize(
+            self.weight[ids],
+            self.scales[ids],
+            self.biases[ids],
+            group_size=self.group_size,
+            bits=self.bits,
+            dtype=mx.float32,
         )
-        return rows.astype(mx.float32)
 
 
 @dataclass

@@ -80,8 +80,8 @@ class MlxModel:
                 return Linear(
                     tensor(name),
                     b,
-                    tensor(base + ".scales", widen=False),
-                    tensor(base + ".biases", widen=False),
+                    tensor(base + ".scales"),
+                    tensor(base + ".biases"),
                     group_size=Q8["group_size"],
                     bits=Q8["bits"],
                 )

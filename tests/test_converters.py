@@ -1,0 +1,234 @@
+"""The MLX and NumPy layout converters: lossless, loadable by mlx-lm, safe to interrupt, clear on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import need_backend
+
+import mlx_oss
+from mlx_oss.checkpoint import Checkpoint
+from mlx_oss.converters.layout import convert
+from mlx_oss.layouts import MLX, NUMPY, Q8
+from mlx_oss.rope import yarn_frequencies
+
+SHAPE = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3, sliding_window=6)
+TOKENS = np.random.default_rng(4).integers(0, 1000, 30)
+
+
+def tree_hash(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_oss.converters", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def source(synthetic_checkpoint) -> Path:
+    return synthetic_checkpoint(**SHAPE, seed=2)
+
+
+def test_numpy_layout_gives_the_numpy_backends_logits(source, converted):
+    target = converted(source, NUMPY)
+    assert Checkpoint(target).layout == NUMPY
+    model = mlx_oss.load(target)
+    assert model.backend == "numpy" and "numpy layout" in model.backend_reason
+    # q, k and v are mapped from the file as they are, not copied
+    assert not model.layers[0].attention.qkv.flags.owndata
+    np.testing.assert_array_equal(model.logits(TOKENS), mlx_oss.load(source, backend="numpy").logits(TOKENS))
+
+
+def test_mlx_layout_is_a_lossless_repack(source, converted):
+    need_backend("mlx")
+    target = converted(source, MLX)
+    assert Checkpoint(target).layout == MLX
+    model = mlx_oss.load(target)
+    assert model.backend == "mlx" and "mlx layout" in model.backend_reason
+    np.testing.assert_array_equal(model.logits(TOKENS), mlx_oss.load(source, backend="mlx").logits(TOKENS))
+    config = json.loads((target / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    assert config["mlx_oss"] == {"layout": "mlx", "lossy": False}
+
+
+def mlx_lm_logits(directory: Path, tokens) -> np.ndarray:
+    """mlx-lm's own gpt-oss model on `directory`, its BF16 parameters widened to float32 as ours are."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(directory)
+    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p, model.parameters()))
+    return np.array(model(mx.array(np.asarray(tokens))[None]).astype(mx.float32))[0]
+
+
+def test_mlx_lm_runs_our_mlx_layout_and_agrees_where_its_yarn_does(synthetic_checkpoint, converted):
+    need_backend("mlx")
+    source = synthetic_checkpoint(**SHAPE, seed=2, truncate=True)
+    target = converted(source, MLX)
+    ours = mlx_oss.load(target, backend="mlx").logits(TOKENS)
+    theirs = mlx_lm_logits(target, TOKENS)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4 * np.abs(ours).max())
+
+
+def test_mlx_lm_rounds_the_yarn_ramp_that_gpt_oss_does_not(source, converted):
+    """gpt-oss says `truncate: false`; mlx-lm floors and ceils YaRN's correction range anyway, so on the real
+    config its rotary frequencies, and so its logits, differ from the reference's (and ours)."""
+    need_backend("mlx")
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    config = Checkpoint(source).config
+    assert config.rope.truncate is False
+    raw = json.loads((source / "config.json").read_text())
+    theirs = 1 / np.array(initialize_rope(config.head_dim, config.rope.theta, False, raw["rope_scaling"])._freqs)
+    rounded, _ = yarn_frequencies(dataclasses.replace(config.rope, truncate=True), config.head_dim)
+    exact, _ = yarn_frequencies(config.rope, config.head_dim)
+    np.testing.assert_allclose(theirs, rounded, rtol=1e-6)
+    assert (np.abs(theirs - exact) / exact).max() > 0.1  # the ramp's ends move: some frequencies change by 10 %+
+    ours = mlx_oss.load(converted(source, MLX), backend="mlx").logits(TOKENS)
+    assert np.abs(mlx_lm_logits(converted(source, MLX), TOKENS) - ours).max() > 1e-3 * np.abs(ours).max()
+
+
+def test_q8_option_stores_attention_and_embeddings_in_8_bits(synthetic_checkpoint, converted):
+    need_backend("mlx")
+    import mlx.core as mx
+
+    source = synthetic_checkpoint(**SHAPE, seed=2, truncate=True)  # a rotary mlx-lm agrees with
+    lossless, lossy = converted(source, MLX), converted(source, MLX, q8=True)
+    assert tree_size(lossy) < tree_size(lossless)
+    config = json.loads((lossy / "config.json").read_text())
+    assert config["mlx_oss"]["lossy"] is True
+    exact, q8 = mlx_oss.load(lossless, backend="mlx"), mlx_oss.load(lossy, backend="mlx")
+    for name in ("q_proj", "o_proj"):
+        w8 = getattr(q8.layers[1], name)
+        assert w8.scales is not None
+        widened = mx.dequantize(w8.weight, w8.scales, w8.biases, **Q8, dtype=mx.float32)
+        original = getattr(exact.layers[1], name).weight
+        # a step of 8-bit affine is 1/255 of a group's range, plus BF16 rounding of its scale and bias
+        assert float(mx.abs(widened - original).max()) <= 0.02 * float(mx.abs(original).max())
+    ours = q8.logits(TOKENS)
+    assert np.isfinite(ours).all()
+    theirs = mlx_lm_logits(lossy, TOKENS)  # mlx-lm reads the 8-bit tensors as we do
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4 * np.abs(ours).max())
+
+
+def tree_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+
+def test_tokenizer_files_are_copied_and_extra_folders_left_out(synthetic_checkpoint, tmp_path):
+    source = Path(shutil.copytree(synthetic_checkpoint(**SHAPE), tmp_path / "src"))
+    (source / "tokenizer.json").write_text('{"fake": true}')
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    (source / "original").mkdir()
+    (source / "original" / "model.safetensors").write_bytes(b"not read")
+    out = convert(source, tmp_path / "out", NUMPY, shard_bytes=300_000)
+    assert (out / "tokenizer.json").read_text() == '{"fake": true}'
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "generation_config.json").exists() and not (out / "original").exists()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    np.testing.assert_array_equal(mlx_oss.load(out).logits(TOKENS[:5]), mlx_oss.load(source).logits(TOKENS[:5]))
+
+
+def test_cli_converts_and_reports(source, tmp_path):
+    before = tree_hash(source)
+    done = run_cli("numpy", str(source), str(tmp_path / "np"))
+    assert done.returncode == 0, done.stderr
+    assert f"wrote the numpy layout of {source} to {tmp_path / 'np'}" in done.stdout
+    assert "converting" in done.stderr and "100%" in done.stderr
+    assert tree_hash(source) == before
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("not-gpt-oss", "field 'model_type' is 'llama'; this is not a gpt-oss checkpoint"),
+        ("missing-shard", "shard listed in model.safetensors.index.json is missing"),
+        ("no-directory", "no such model directory"),
+        ("destination-exists", "already exists; remove it or choose another destination"),
+        ("already-converted", "already in the numpy layout; convert from the Hugging Face checkpoint"),
+        ("q8-numpy", "--q8) is an option of the MLX layout only"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line(breakage, message, synthetic_checkpoint, converted, tmp_path):
+    source = Path(shutil.copytree(synthetic_checkpoint(**SHAPE, shard_bytes=300_000), tmp_path / "src"))
+    destination = tmp_path / "out"
+    target = ["numpy"]
+    if breakage == "not-gpt-oss":
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    elif breakage == "missing-shard":
+        next(source.glob("model-00001-*.safetensors")).unlink()
+    elif breakage == "no-directory":
+        source = tmp_path / "nowhere"
+    elif breakage == "destination-exists":
+        destination.mkdir()
+        (destination / "keep.txt").write_text("mine")
+    elif breakage == "already-converted":
+        source = converted(synthetic_checkpoint(**SHAPE, shard_bytes=300_000), NUMPY)
+    elif breakage == "q8-numpy":
+        target = ["numpy", "--q8"]
+    before = tree_hash(source) if source.exists() else {}
+    done = run_cli(target[0], str(source), str(destination), *target[1:])
+    if breakage == "q8-numpy":  # an option the numpy command does not have: argparse's own usage error
+        assert done.returncode == 2 and "unrecognized arguments: --q8" in done.stderr
+        return
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert message in done.stderr
+    assert (tree_hash(source) if source.exists() else {}) == before
+    if breakage == "destination-exists":
+        assert os.listdir(destination) == ["keep.txt"]
+    else:
+        assert not destination.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_q8_for_numpy_is_refused_by_the_api(source, tmp_path):
+    with pytest.raises(mlx_oss.MlxOssError, match=r"--q8\) is an option of the MLX layout only"):
+        convert(source, tmp_path / "out", NUMPY, q8=True)
+
+
+def test_not_enough_disk_space_is_refused_before_writing(source, tmp_path, monkeypatch):
+    import mlx_oss.atomic
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(mlx_oss.atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    with pytest.raises(mlx_oss.MlxOssError, match="not enough free disk space: need 0.00 GB, 0.00 GB free"):
+        convert(source, tmp_path / "out", MLX)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("target", [NUMPY, MLX])
+def test_interrupted_conversion_leaves_nothing_and_the_source_intact(target, synthetic_checkpoint, tmp_path):
+    """A real conversion process receives SIGINT halfway: no destination, no temporary folder, same source."""
+    source = synthetic_checkpoint(preset="tiny", num_hidden_layers=6, hidden_size=512, intermediate_size=512)
+    before = tree_hash(source)
+    destination = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_oss.converters", target, str(source), str(destination), "--shard-size", "20MB"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while "%" not in (line := proc.stderr.readline()) or " 0%" in line:
+        assert line, "the converter ended before it showed progress"
+    proc.send_signal(signal.SIGINT)  # some shards are written, others not yet
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+    assert tree_hash(source) == before
