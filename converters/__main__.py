@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.cli import Progress, run
 
 from . import layout
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(args: argparse.Namespace) -> int:
     q8 = getattr(args, "q8", False)
-    checkpoint = layout.Checkpoint(args.source)
+    checkpoint = Checkpoint(args.source)
     specs = layout.plan(checkpoint, args.command, q8)
     size = layout.total_bytes(specs, layout.copied_files(checkpoint.directory))
     progress = Progress(f"converting to {args.destination}", size)

@@ -15,8 +15,8 @@ import numpy as np
 
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
-from mlx_oss.errors import CheckpointError
-from mlx_oss.layouts import HF, NUMPY
+from mlx_oss.layouts import NUMPY
+from mlx_oss.loading import checked_tokens
 from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
@@ -62,11 +62,6 @@ class NumpyModel:
     backend = "numpy"
 
     def __init__(self, checkpoint: Checkpoint):
-        if checkpoint.layout not in (HF, NUMPY):
-            raise CheckpointError(
-                f"{checkpoint.directory}: is in the {checkpoint.layout} layout, which the NumPy backend does not "
-                "read; load it with the MLX backend, or give the Hugging Face or NumPy-layout directory"
-            )
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         c = self.config
@@ -127,11 +122,7 @@ class NumpyModel:
         With `last_only` only the last position's logits are computed (`[1, vocab_size]`).
         """
         c = self.config
-        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if tokens.size == 0:
-            raise ValueError("forward needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        tokens = checked_tokens(token_ids, c.vocab_size)
         start = cache.length if cache is not None else 0
         cos, sin = rope_tables(c.rope, c.head_dim, np.arange(start, start + tokens.size))
         x = as_float32(self.embed[tokens], self.embed_dtype)

@@ -129,18 +129,17 @@ def q8_shapes(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _whole(source: Checkpoint, name: str, dtype: str | None = None) -> TensorSpec:
-    """A tensor copied as it is (or widened to `dtype` F32), a block of rows at a time."""
+    """A tensor as it is (the memory-mapped array itself, no copy), or widened to F32 a block of rows at a time."""
     array = source.raw(name)
     stored = source.info(name).dtype
     target = dtype or stored
 
     def chunks():
-        if array.ndim == 0:
+        if target == stored or array.ndim == 0:
             yield array if target == stored else as_float32(array, stored)
             return
         for r0 in range(0, array.shape[0], ROWS_PER_CHUNK):
-            part = array[r0 : r0 + ROWS_PER_CHUNK]
-            yield part if target == stored else as_float32(part, stored)
+            yield as_float32(array[r0 : r0 + ROWS_PER_CHUNK], stored)
 
     return TensorSpec(name, target, tuple(array.shape), chunks)
 

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from .config import ModelConfig
-from .errors import MlxOssError
+from .errors import CheckpointError, MlxOssError
 
 BACKENDS = ("auto", "mlx", "numpy")
 
@@ -26,6 +26,16 @@ class Model(Protocol):
     def forward(self, token_ids, cache=None, last_only: bool = False) -> np.ndarray: ...
 
     def logits(self, token_ids) -> np.ndarray: ...
+
+
+def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
+    """Token ids as a flat int64 array, refused when empty or outside the vocabulary."""
+    tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+        raise ValueError("forward needs at least one token")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
+    return tokens
 
 
 def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
@@ -56,6 +66,12 @@ def load(path: str | Path, backend: str = "auto") -> Model:
     choose_backend(backend)  # an unknown name fails before any file is read
     checkpoint = Checkpoint(path)
     chosen, reason = choose_backend(backend, checkpoint.layout)
+    if checkpoint.layout not in ("hf", chosen):
+        other = "MLX" if chosen == "numpy" else "NumPy"
+        raise CheckpointError(
+            f"{checkpoint.directory}: is in the {checkpoint.layout} layout, which the {chosen} backend does not "
+            f"read; load it with the {other} backend, or give the Hugging Face directory it came from"
+        )
     if chosen == "numpy":
         from .cpu import NumpyModel
 

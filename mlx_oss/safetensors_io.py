@@ -40,6 +40,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SHARD_BYTES = 5_000_000_000  # the hub's largest shard size
+WRITE_BYTES = 64 * 1024 * 1024  # bytes written (and reported to progress) at once
 
 
 @dataclass(frozen=True)
@@ -193,11 +194,14 @@ def write_safetensors(
         for spec in specs:
             written = 0
             for chunk in spec.chunks():
-                data = np.ascontiguousarray(chunk, dtype=DTYPES[spec.dtype]).tobytes()
-                f.write(data)
+                # a contiguous chunk (a memory-mapped tensor included) is written from where it lies, not copied
+                data = memoryview(np.ascontiguousarray(chunk, dtype=DTYPES[spec.dtype])).cast("B")
+                for start in range(0, len(data), WRITE_BYTES):
+                    piece = data[start : start + WRITE_BYTES]
+                    f.write(piece)
+                    if on_bytes:
+                        on_bytes(len(piece))
                 written += len(data)
-                if on_bytes:
-                    on_bytes(len(data))
             if written != spec.nbytes:
                 raise ValueError(f"tensor {spec.name}: wrote {written} bytes, expected {spec.nbytes}")
         f.flush()

@@ -3,9 +3,9 @@
 Weights come from any of our layouts through `layouts.mlx_specs`, so a Hugging Face snapshot and a converted
 MLX directory load into the same arrays (the snapshot repacked on the way). Experts stay MXFP4 and run through
 `mx.gather_qmm`; attention through `mx.fast.scaled_dot_product_attention` with its `sinks`. Activations are
-float32, as in the reference: attention, router and norm weights are widened once at load; the embedding and
-unembedding stay as stored (BF16 or 8-bit) and are widened as they are used. A forward pass is built lazily
-and evaluated once.
+float32, as in the reference; weight matrices stay as stored (BF16, or 8-bit with the lossy option), so the
+model takes no more memory than its files, and MLX widens a BF16 operand exactly where it meets a float32 one.
+Norms, sinks and biases are widened at load. A forward pass is built lazily and evaluated once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
-from mlx_oss.errors import CheckpointError
-from mlx_oss.layouts import HF, MLX, Q8, mlx_specs
+from mlx_oss.layouts import Q8, mlx_specs
+from mlx_oss.loading import checked_tokens
 from mlx_oss.rope import yarn_frequencies
 from mlx_oss.safetensors_io import TensorSpec
 
@@ -45,7 +45,7 @@ class Layer:
 
 def _to_mlx(spec: TensorSpec, widen: bool) -> mx.array:
     """One tensor as an MLX array: BF16 kept as bfloat16 (or widened to float32), the rest as stored."""
-    parts = list(spec.chunks())
+    parts = list(spec.chunks())  # a tensor kept as stored is one chunk: the mapped file itself, copied once here
     data = parts[0] if len(parts) == 1 else np.concatenate(parts)
     array = mx.array(np.ascontiguousarray(data).reshape(spec.shape))
     if spec.dtype == "BF16":
@@ -60,11 +60,6 @@ class MlxModel:
     backend = "mlx"
 
     def __init__(self, checkpoint: Checkpoint):
-        if checkpoint.layout not in (HF, MLX):
-            raise CheckpointError(
-                f"{checkpoint.directory}: is in the {checkpoint.layout} layout, which the MLX backend does not "
-                "read; load it with the NumPy backend, or give the Hugging Face or MLX-layout directory"
-            )
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         c = self.config
@@ -73,7 +68,7 @@ class MlxModel:
         def tensor(name: str, widen: bool = True) -> mx.array:
             return _to_mlx(specs[name], widen)
 
-        def linear(name: str, bias: bool = True, widen: bool = True) -> Linear:
+        def linear(name: str, bias: bool = True) -> Linear:
             base = name.removesuffix(".weight")
             b = tensor(base + ".bias") if bias else None
             if base + ".scales" in specs:
@@ -85,14 +80,14 @@ class MlxModel:
                     group_size=Q8["group_size"],
                     bits=Q8["bits"],
                 )
-            return Linear(tensor(name, widen), b)
+            return Linear(tensor(name, widen=False), b)
 
         def expert(prefix: str) -> ExpertLinear:
             return ExpertLinear(tensor(prefix + ".weight"), tensor(prefix + ".scales"), tensor(prefix + ".bias"))
 
-        self.embed = linear("model.embed_tokens.weight", bias=False, widen=False)
+        self.embed = linear("model.embed_tokens.weight", bias=False)
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self.unembed = linear(head, bias=False, widen=False)
+        self.unembed = linear(head, bias=False)
         self.final_norm = tensor("model.norm.weight")
         self.layers = []
         for i in range(c.num_hidden_layers):
@@ -132,11 +127,7 @@ class MlxModel:
         With `last_only` only the last position's logits are computed (`[1, vocab_size]`).
         """
         c = self.config
-        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if tokens.size == 0:
-            raise ValueError("forward needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        tokens = checked_tokens(token_ids, c.vocab_size)
         cache = cache if cache is not None else self.new_cache()
         start = cache.length
         x = self.embed.rows(mx.array(tokens.astype(np.int32)))
