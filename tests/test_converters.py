@@ -232,3 +232,31 @@ def test_interrupted_conversion_leaves_nothing_and_the_source_intact(target, syn
     assert "interrupted" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
     assert tree_hash(source) == before
+
+
+def test_auto_backend_follows_the_layout_and_says_why(source, converted):
+    from mlx_oss.loading import is_apple_silicon
+
+    hf = mlx_oss.load(source)
+    assert hf.backend == ("mlx" if is_apple_silicon() else "numpy")
+    assert hf.backend_reason.startswith("auto: ")
+    assert mlx_oss.load(source, backend="numpy").backend_reason == "as asked"
+
+
+def test_a_layout_the_backend_cannot_read_is_refused_by_name(source, converted):
+    need_backend("mlx")
+    mlx_dir, numpy_dir = converted(source, MLX), converted(source, NUMPY)
+    with pytest.raises(mlx_oss.CheckpointError, match="is in the mlx layout, which the numpy backend does not read"):
+        mlx_oss.load(mlx_dir, backend="numpy")
+    with pytest.raises(mlx_oss.CheckpointError, match="is in the numpy layout, which the mlx backend does not read"):
+        mlx_oss.load(numpy_dir, backend="mlx")
+
+
+def test_a_converted_directory_missing_a_tensor_is_refused_by_name(source, converted, tmp_path):
+    need_backend("mlx")
+    broken = Path(shutil.copytree(converted(source, MLX), tmp_path / "broken"))
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.experts.up_proj.scales"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(mlx_oss.CheckpointError, match="tensor 'model.layers.1.mlp.experts.up_proj.scales' is missing"):
+        mlx_oss.load(broken, backend="mlx")

@@ -5,7 +5,8 @@ MLX directory load into the same arrays (the snapshot repacked on the way). Expe
 `mx.gather_qmm`; attention through `mx.fast.scaled_dot_product_attention` with its `sinks`. Activations are
 float32, as in the reference; weight matrices stay as stored (BF16, or 8-bit with the lossy option), so the
 model takes no more memory than its files, and MLX widens a BF16 operand exactly where it meets a float32 one.
-Norms, sinks and biases are widened at load. A forward pass is built lazily and evaluated once.
+Norms, sinks and biases are widened at load. The layers of a forward pass are built lazily and evaluated once;
+the unembedding follows block by block (see `_unembed`).
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ class MlxModel:
             x = x + self._moe(layer, rms_norm(x, layer.post_attention_norm, c.rms_norm_eps))
         if last_only:
             x = x[-1:]
-        logits = self._unembed(rms_norm(x, self.final_norm, c.rms_norm_eps))
-        mx.eval(logits, *cache.arrays())
+        x = rms_norm(x, self.final_norm, c.rms_norm_eps)
+        mx.eval(x, *cache.arrays())
         cache.advance(tokens.size)
-        return np.asarray(logits)
+        return self._unembed(x)
 
     def _attention(self, layer: Layer, h: mx.array, start: int, cache) -> mx.array:
         c = self.config
@@ -165,10 +166,13 @@ class MlxModel:
         y = experts(h, chosen, layer.gate_proj, layer.up_proj, layer.down_proj, c.swiglu_alpha, c.swiglu_limit)
         return (y * weights[..., None]).sum(axis=-2)
 
-    def _unembed(self, x: mx.array) -> mx.array:
+    def _unembed(self, x: mx.array) -> np.ndarray:
+        """Logits as float32 NumPy. A BF16 unembedding is widened a block of rows at a time, each block evaluated
+        on its own: in one lazy graph MLX would widen every block before multiplying any (2.2 GB for gpt-oss)."""
         if self.unembed.scales is not None:
-            return self.unembed(x)
+            return np.asarray(self.unembed(x))
         w = self.unembed.weight
-        return mx.concatenate(
-            [x @ w[v0 : v0 + VOCAB_CHUNK].astype(mx.float32).T for v0 in range(0, w.shape[0], VOCAB_CHUNK)], axis=-1
-        )
+        logits = np.empty((x.shape[0], w.shape[0]), np.float32)
+        for v0 in range(0, w.shape[0], VOCAB_CHUNK):
+            logits[:, v0 : v0 + VOCAB_CHUNK] = x @ w[v0 : v0 + VOCAB_CHUNK].T
+        return logits
