@@ -75,6 +75,7 @@ class PrivateMemoryPeak:
 class BenchResult:
     model: str
     backend: str
+    backend_reason: str
     threads: int
     prompt_tokens: int
     gen_tokens: int
@@ -125,6 +126,7 @@ def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int
     return BenchResult(
         model=str(model_dir),
         backend=model.backend,
+        backend_reason=model.backend_reason,
         threads=thread_count(),
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
@@ -144,7 +146,7 @@ def format_result(r: BenchResult) -> str:
     return "\n".join(
         [
             f"model           {r.model}",
-            f"backend         {r.backend} ({r.threads} threads)",
+            f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads)",
             f"load            {r.load_s:.2f} s",
             f"time to first   {r.ttft_s:.2f} s  ({r.prompt_tokens}-token prompt)",
             f"prefill         {r.prefill_tok_s:.2f} tokens/s",
