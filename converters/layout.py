@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_oss.atomic import atomic_directory, ensure_free_space
+from mlx_oss.cancel import CancelToken
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.errors import MlxOssError
 from mlx_oss.layouts import HF, MLX, MLX_MXFP4, NUMPY, Q8, mlx_specs, numpy_specs, q8_specs, quantizable
@@ -72,10 +73,12 @@ def convert(
     q8: bool = False,
     shard_bytes: int = SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    cancel: CancelToken | None = None,
 ) -> Path:
     """Write `source` (a Hugging Face gpt-oss directory) in `target` layout to `destination` (which must not
-    exist). Returns `destination`."""
+    exist). Returns `destination`. `cancel` stops it within one written piece (64 MB), leaving no destination."""
     destination = Path(destination)
+    on_bytes = _cancellable(on_bytes, cancel, destination)
     checkpoint = Checkpoint(source)
     specs = [_releasing(spec, checkpoint) for spec in plan(checkpoint, target, q8)]
     extra = copied_files(checkpoint.directory)
@@ -83,12 +86,21 @@ def convert(
     with atomic_directory(destination) as tmp:
         for path in extra:
             shutil.copy2(path, tmp / path.name)
-            if on_bytes:
-                on_bytes(path.stat().st_size)
+            on_bytes(path.stat().st_size)
         config = output_config(checkpoint, target, q8)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_shards(tmp, specs, shard_bytes, on_bytes=on_bytes, metadata={"format": "mlx" if target == MLX else "pt"})
     return destination
+
+
+def _cancellable(on_bytes, cancel: CancelToken | None, destination: Path) -> Callable[[int], None]:
+    def report(count: int) -> None:
+        if cancel is not None and cancel.cancelled:
+            raise MlxOssError(f"conversion to {destination} cancelled; nothing was written")
+        if on_bytes:
+            on_bytes(count)
+
+    return report
 
 
 def _releasing(spec: TensorSpec, checkpoint: Checkpoint) -> TensorSpec:

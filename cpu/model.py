@@ -16,7 +16,7 @@ import numpy as np
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
 from mlx_oss.layouts import NUMPY
-from mlx_oss.loading import checked_tokens
+from mlx_oss.loading import Model, checked_tokens
 from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
@@ -58,7 +58,7 @@ class LayerWeights:
     experts: ExpertWeights
 
 
-class NumpyModel:
+class NumpyModel(Model):
     backend = "numpy"
 
     def __init__(self, checkpoint: Checkpoint):
@@ -111,10 +111,6 @@ class NumpyModel:
     def new_cache(self) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-
-    def logits(self, token_ids) -> np.ndarray:
-        """Logits `[len(token_ids), vocab_size]` (float32) of a fresh full-sequence pass."""
-        return self.forward(token_ids)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits.

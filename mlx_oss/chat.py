@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import math
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,14 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from .cli import run
+from .cli import format_count, run
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
+from .layouts import parameter_count
 from .loading import BACKENDS
 
 PROG = "python -m mlx_oss.chat"
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMMANDS = """commands:
   /reset                   start a new conversation
   /effort low|medium|high  set the reasoning effort
@@ -41,35 +39,6 @@ STOP_NOTES = {
     "tool_call": "the model called a tool; this chat has none",
 }
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
-
-
-def resolve_model(arg: str) -> Path:
-    """The model directory `arg` names: an existing directory for now (hub names come with the model store)."""
-    path = Path(arg).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise MlxOssError(f"{arg}: not a directory; --model takes a model directory")
-    if HUB_NAME.fullmatch(arg) and not path.parent.is_dir():  # "models/x" with a local models/ is a path
-        raise MlxOssError(f"{arg} is not on disk; download it first with: python -m mlx_oss.models download {arg}")
-    raise MlxOssError(f"{arg}: no such model directory")
-
-
-def parameter_count(config) -> int:
-    """Weights of the checkpoint layout, counting an MXFP4 byte as two values and leaving out block scales."""
-    from .layouts import expected_tensors
-
-    total = 0
-    for name, want in expected_tensors(config).items():
-        if name.endswith("_scales"):
-            continue
-        values = math.prod(want.shape)
-        total += values * 2 if name.endswith("_blocks") else values
-    return total
-
-
-def format_count(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def format_stats(done: Done) -> str:
@@ -182,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.max_tokens)
     conversation = Conversation(reasoning_effort=args.reasoning, instructions=args.system)
-    path = resolve_model(args.model)
     interactive = sys.stdin.isatty()
+    path = model_directory(args.model, args.backend, interactive)
     if interactive:
         print(f"loading {path} ...", flush=True)
     from .loading import load
@@ -198,6 +167,25 @@ def main(argv: list[str] | None = None) -> int:
         "/help lists the commands, /quit leaves, Ctrl-C stops an answer."
     )
     return chat_loop(session)
+
+
+def model_directory(arg: str, backend: str, interactive: bool) -> Path:
+    """The directory `--model` names; a hub model not on this computer is offered for download in a terminal."""
+    from .store import ModelStore, is_hub_name, resolve_model
+
+    try:
+        return resolve_model(arg, backend)
+    except MlxOssError:
+        if not (interactive and is_hub_name(arg) and not Path(arg).parent.is_dir()):
+            raise
+    answer = input(f"{arg} is not on this computer. Download it from the hub now? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise MlxOssError(f"{arg} is not on this computer; get it with: python -m mlx_oss.models download {arg}")
+    from .models import download_with_progress
+
+    store = ModelStore()
+    download_with_progress(arg, store)
+    return store.resolve(arg, backend)
 
 
 def answer_piped(session: ChatSession, text: str) -> int:

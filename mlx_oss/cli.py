@@ -26,7 +26,8 @@ def run(main: Callable[[], int | None], prog: str) -> None:
 
 
 class Progress:
-    """A progress line on stderr for long work: bytes done of a total, redrawn at most every 1 %."""
+    """A progress line on stderr for long work: bytes done of a total, redrawn at most every 1 %
+    (on a terminal, in place; elsewhere one line every 10 %)."""
 
     def __init__(self, label: str, total: int, stream=None):
         self.label, self.total, self.done = label, max(total, 1), 0
@@ -34,14 +35,20 @@ class Progress:
         self._shown = -1
 
     def add(self, count: int) -> None:
-        self.done += count
+        self.set(self.done + count)
+
+    def set(self, done: int, note: str = "") -> None:
+        """Show `done` bytes; `note` (a rate, a file name) follows the figures."""
+        self.done = done
         percent = int(100 * self.done / self.total)
         if percent != self._shown:
             self._shown = percent
             end = "\n" if self.done >= self.total else ""
             lead = "\r" if self.stream.isatty() else ""
             if lead or percent % 10 == 0 or end:
-                self.stream.write(f"{lead}{self.label}: {percent:3d}% ({_gb(self.done)} of {_gb(self.total)}){end}")
+                note = f", {note}" if note else ""
+                line = f"{self.label}: {percent:3d}% ({_gb(self.done)} of {_gb(self.total)}{note})"
+                self.stream.write(f"{lead}{line}\x1b[K{end}" if lead else f"{line}{end}")
                 if not lead and not end:
                     self.stream.write("\n")
                 self.stream.flush()
@@ -49,3 +56,8 @@ class Progress:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def format_count(n: int) -> str:
+    """A parameter count as people say it: 20.9B, 52.3M."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cancel import CancelToken
 from .errors import MlxOssError
 from .harmony import (
     CALL,
@@ -71,20 +72,6 @@ class SamplingParams:
             raise MlxOssError(f"top-p must be in (0, 1], not {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MlxOssError(f"max tokens must be at least 1, not {self.max_tokens}")
-
-
-class CancelToken:
-    """Set from any thread to stop a generation; the engine stops before its next decode step."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ checkpoint through little memory, and the MLX backend can build its arrays from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -246,3 +247,14 @@ def q8_specs(spec: TensorSpec) -> list[TensorSpec]:
         TensorSpec(f"{base}.{part_name}", dtype, shape, part(i, dtype))
         for i, (part_name, (shape, dtype)) in enumerate(q8_shapes(spec.shape).items())
     ]
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Weights of the Hugging Face layout, counting an MXFP4 byte as two values and leaving out block scales."""
+    total = 0
+    for name, want in expected_tensors(config).items():
+        if name.endswith("_scales"):
+            continue
+        values = math.prod(want.shape)
+        total += values * 2 if name.endswith("_blocks") else values
+    return total

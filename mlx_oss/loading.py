@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -14,18 +13,25 @@ from .errors import CheckpointError, MlxOssError
 BACKENDS = ("auto", "mlx", "numpy")
 
 
-class Model(Protocol):
+class Model:
     """What every backend offers. Logits are float32 NumPy arrays `[tokens, vocab_size]`."""
 
     backend: str
-    backend_reason: str
+    backend_reason: str = ""
     config: ModelConfig
 
-    def new_cache(self): ...
+    def new_cache(self):
+        """An empty cache with `.length` and `.truncate(n) -> kept length`."""
+        raise NotImplementedError
 
-    def forward(self, token_ids, cache=None, last_only: bool = False) -> np.ndarray: ...
+    def forward(self, token_ids, cache=None, last_only: bool = False) -> np.ndarray:
+        """Run `token_ids` after whatever `cache` holds, extending it; return their logits
+        (`[1, vocab_size]` with `last_only`)."""
+        raise NotImplementedError
 
-    def logits(self, token_ids) -> np.ndarray: ...
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits `[len(token_ids), vocab_size]` of a fresh full-sequence pass."""
+        return self.forward(token_ids)
 
 
 def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:

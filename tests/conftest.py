@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ import pytest
 from mlx_oss.converters.synthetic import SynthOptions, preset_config, write_synthetic
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never touch the developer's hub cache, token or the network; set before anything imports huggingface_hub,
+# which reads these once.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mlx-oss-test-hf-home-")
+os.environ["MLX_OSS_MODELS"] = os.path.join(os.environ["HF_HOME"], "store")
+for _name in ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_XET"):
+    os.environ[_name] = "1"
+for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,14 @@ import pexpect
 import pytest
 from harmony_helpers import ScriptedModel, harmony_tokens
 
-from mlx_oss.chat import (
-    ChatSession,
-    ChatSettings,
-    Display,
-    format_count,
-    parameter_count,
-    resolve_model,
-    run_command,
-)
+from mlx_oss.chat import ChatSession, ChatSettings, Display, run_command
+from mlx_oss.cli import format_count
 from mlx_oss.config import ModelConfig
 from mlx_oss.engine import CancelToken, Done, Engine, GenerationStats, SamplingParams
 from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import AnswerDelta, Conversation, Message, ReasoningDelta, encoding, render_prompt
+from mlx_oss.layouts import parameter_count
+from mlx_oss.store import resolve_model
 
 CHAT = [sys.executable, "-m", "mlx_oss.chat"]
 
@@ -55,14 +50,15 @@ def test_piped_question_is_answered_and_the_chat_exits(tiny):
     [
         (
             "openai/gpt-oss-20b",
-            "openai/gpt-oss-20b is not on disk; download it first with: "
+            "openai/gpt-oss-20b is not on this computer; get it with: "
             "python -m mlx_oss.models download openai/gpt-oss-20b",
         ),
         ("/no/such/dir", "/no/such/dir: no such model directory"),
     ],
 )
-def test_a_missing_model_is_one_clear_line(model, message):
-    out = subprocess.run([*CHAT, "--model", model], input="", capture_output=True, text=True, timeout=60)
+def test_a_missing_model_is_one_clear_line(model, message, tmp_path):
+    env = {**os.environ, "MLX_OSS_MODELS": str(tmp_path)}  # an empty store
+    out = subprocess.run([*CHAT, "--model", model], input="", capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1
     assert out.stderr == f"python -m mlx_oss.chat: error: {message}\n"
 
@@ -129,12 +125,16 @@ def test_interactive_chat_leaves_on_ctrl_d(tiny):
 
 
 def test_resolve_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_OSS_MODELS", str(tmp_path / "store"))
     assert resolve_model(str(tmp_path)) == tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     with pytest.raises(MlxOssError, match="^models/typo: no such model directory$"):
         resolve_model("models/typo")
-    with pytest.raises(MlxOssError, match="^openai/gpt-oss-120b is not on disk"):
+    with pytest.raises(
+        MlxOssError,
+        match=r"^openai/gpt-oss-120b is not on this computer; get it with: python -m mlx_oss.models download ",
+    ):
         resolve_model("openai/gpt-oss-120b")
     (tmp_path / "file").write_text("x")
     with pytest.raises(MlxOssError, match="not a directory"):

@@ -260,3 +260,19 @@ def test_a_converted_directory_missing_a_tensor_is_refused_by_name(source, conve
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(mlx_oss.CheckpointError, match="tensor 'model.layers.1.mlp.experts.up_proj.scales' is missing"):
         mlx_oss.load(broken, backend="mlx")
+
+
+def test_cancel_stops_a_conversion_and_leaves_nothing(synthetic_checkpoint, tmp_path):
+    from mlx_oss.cancel import CancelToken
+
+    source = synthetic_checkpoint(preset="tiny")
+    cancel, written = CancelToken(), []
+
+    def progress(count):
+        written.append(count)
+        if sum(written) > 5_000_000:
+            cancel.cancel()
+
+    with pytest.raises(mlx_oss.MlxOssError, match="cancelled; nothing was written"):
+        convert(source, tmp_path / "out", NUMPY, on_bytes=progress, cancel=cancel)
+    assert os.listdir(tmp_path) == []

@@ -19,7 +19,7 @@ import numpy as np
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
 from mlx_oss.layouts import Q8, mlx_specs
-from mlx_oss.loading import checked_tokens
+from mlx_oss.loading import Model, checked_tokens
 from mlx_oss.rope import yarn_frequencies
 from mlx_oss.safetensors_io import TensorSpec
 
@@ -57,7 +57,7 @@ def _to_mlx(spec: TensorSpec, widen: bool) -> mx.array:
     return array
 
 
-class MlxModel:
+class MlxModel(Model):
     backend = "mlx"
 
     def __init__(self, checkpoint: Checkpoint):
@@ -117,10 +117,6 @@ class MlxModel:
     def new_cache(self) -> KVCache:
         c = self.config
         return KVCache([c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)])
-
-    def logits(self, token_ids) -> np.ndarray:
-        """Logits `[len(token_ids), vocab_size]` (float32) of a fresh full-sequence pass."""
-        return self.forward(token_ids)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits (float32 NumPy).

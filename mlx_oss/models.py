@@ -1,0 +1,173 @@
+"""`python -m mlx_oss.models`: the models on this computer: list, download, convert, delete, info.
+
+Models live in the model store (`mlx_oss.store`): the Hugging Face hub cache, or `MLX_OSS_MODELS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cancel import CancelToken
+from .cli import Progress, format_count, run
+from .errors import MlxOssError
+from .layouts import HF, MLX, NUMPY, parameter_count
+from .store import DEFAULT_MODEL, ModelStore, StoredModel
+
+PROG = "python -m mlx_oss.models"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def download_with_progress(name: str, store: ModelStore, revision: str = "main") -> Path:
+    """Download `name` with a progress line on stderr; Ctrl-C stops it and keeps what arrived."""
+    from .hub import DownloadProgress, download
+
+    progress: Progress | None = None
+
+    def show(p: DownloadProgress) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(f"downloading {name}", p.total_bytes)
+        progress.set(p.done_bytes, f"{p.bytes_per_s / 1e6:.1f} MB/s")
+
+    try:
+        path = download(name, store, revision, on_progress=show, cancel=CancelToken())
+    except KeyboardInterrupt:
+        raise MlxOssError(f"download of {name} interrupted; run the same command to resume") from None
+    print(f"{name} is in {path}")
+    return path
+
+
+def loads_with(model: StoredModel) -> str:
+    """What `--backend auto` would run for this model, and from which layout."""
+    from .loading import choose_backend, is_apple_silicon
+
+    preferred = MLX if is_apple_silicon() else NUMPY
+    layout = preferred if preferred in model.layouts else HF if HF in model.layouts else next(iter(model.layouts))
+    backend, _ = choose_backend("auto", layout)
+    return f"{backend} ({layout} layout)"
+
+
+def list_models(store: ModelStore) -> int:
+    models = store.list()
+    if not models:
+        print(f"no models in {store.root}; get one with: {PROG} download {DEFAULT_MODEL}")
+        return 0
+    rows = [("NAME", "LAYOUTS", "SIZE", "LOADS WITH")]
+    for m in models:
+        if not m.layouts:
+            rows.append((m.name, "-", "-", f"partial download: {PROG} download {m.name} resumes it"))
+            continue
+        size = sum(m.size(layout) for layout in m.layouts)
+        rows.append((m.name, ", ".join(m.layouts), _gb(size), loads_with(m)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    print(f"(store: {store.root})")
+    return 0
+
+
+def info(store: ModelStore, name: str) -> int:
+    from .config import ModelConfig
+
+    model = store.get(name)
+    if not model.layouts:
+        raise MlxOssError(f"{name} is not on this computer; get it with: {PROG} download {name}")
+    directory = next(iter(model.layouts.values()))
+    config = ModelConfig.from_file(directory / "config.json")
+    print(f"{name}")
+    print(f"  revision      {model.revision or '-'}")
+    print(
+        f"  model         {format_count(parameter_count(config))} parameters, {config.num_hidden_layers} layers, "
+        f"{config.num_local_experts} experts ({config.num_experts_per_tok} per token), "
+        f"context {config.max_position_embeddings}"
+    )
+    for layout, path in model.layouts.items():
+        print(f"  {layout:<13} {_gb(model.size(layout)):>8}  {path}")
+    print(f"  loads with    {loads_with(model)}")
+    return 0
+
+
+def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
+    from .converters.layout import convert as convert_layout
+    from .converters.layout import copied_files, plan, total_bytes
+
+    model = store.get(name)
+    if HF not in model.layouts:
+        raise MlxOssError(f"{name} is not downloaded; first run: {PROG} download {name}")
+    if target in model.layouts:
+        raise MlxOssError(
+            f"{name} already has the {target} layout; delete it first with: {PROG} delete {name} --layout {target}"
+        )
+    from .checkpoint import Checkpoint
+
+    source = model.layouts[HF]
+    size = total_bytes(plan(Checkpoint(source), target, q8), copied_files(source))
+    progress = Progress(f"converting {name} to the {target} layout", size)
+    destination = convert_layout(source, store.converted(name, target), target, q8, on_bytes=progress.add)
+    print(f"{name}: {target} layout in {destination}")
+    return 0
+
+
+def delete(store: ModelStore, name: str, layout: str | None, yes: bool) -> int:
+    model = store.get(name)
+    what = f"the {layout} layout of {name}" if layout in (MLX, NUMPY) else f"{name} (every layout)"
+    if layout in (MLX, NUMPY) and layout in model.layouts:
+        size = model.size(layout)
+    else:
+        size = sum(model.size(x) for x in model.layouts)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise MlxOssError(f"deleting {what} needs --yes when not run from a terminal")
+        answer = input(f"Delete {what} ({_gb(size)})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    for path in store.delete(name, layout):
+        print(f"deleted {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="models on this computer, their layouts and sizes")
+    sub = commands.add_parser("download", help="download a model from the hub (resumes an interrupted download)")
+    sub.add_argument("name", help=f"hub name, e.g. {DEFAULT_MODEL}")
+    sub.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    sub = commands.add_parser("convert", help="convert a downloaded model to the MLX or NumPy layout")
+    sub.add_argument("name")
+    sub.add_argument("--to", choices=(MLX, NUMPY), required=True)
+    sub.add_argument("--q8", action="store_true", help="LOSSY 8-bit attention and embeddings (MLX layout only)")
+    sub = commands.add_parser("delete", help="delete a model, or one of its converted layouts")
+    sub.add_argument("name")
+    sub.add_argument("--layout", choices=(HF, MLX, NUMPY), help="only this layout (hf: the whole model)")
+    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub = commands.add_parser("info", help="what a model is, where its files are, which backend would run it")
+    sub.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = ModelStore()
+    if args.command == "list":
+        return list_models(store)
+    if args.command == "download":
+        download_with_progress(args.name, store, args.revision)
+        return 0
+    if args.command == "convert":
+        return convert(store, args.name, args.to, args.q8)
+    if args.command == "delete":
+        return delete(store, args.name, args.layout, args.yes)
+    return info(store, args.name)
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), PROG)

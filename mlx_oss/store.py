@@ -1,0 +1,165 @@
+"""The model store: where models live on this computer, found by their hub name.
+
+Downloads go where the Hugging Face tools put them, so a model fetched by mlx-lm or transformers is found here
+too and the other way round: the hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`),
+one `models--ORG--NAME` folder per repository. `MLX_OSS_MODELS` moves the store elsewhere. Converted layouts live
+beside their source, in `models--ORG--NAME/mlx-oss/{mlx,numpy}` (the hub's cache tools ignore that folder and
+delete it with the repository). A download counts as present once it was verified: `mlx-oss/verified.json`
+names its revision and files. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MlxOssError
+from .layouts import HF, MLX, NUMPY
+
+STORE_ENV = "MLX_OSS_MODELS"
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+OURS = "mlx-oss"  # our folder inside a repository's cache folder
+VERIFIED = "verified.json"
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+
+
+def default_root() -> Path:
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV]).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "huggingface" / "hub"
+
+
+def is_hub_name(text: str) -> bool:
+    return bool(HUB_NAME.fullmatch(text)) and ".." not in text
+
+
+@dataclass
+class StoredModel:
+    """A repository in the store: its verified download (if any) and the layouts converted from it."""
+
+    name: str
+    folder: Path
+    revision: str | None = None
+    files: dict[str, int] = field(default_factory=dict)  # verified download: path in repo -> size
+    layouts: dict[str, Path] = field(default_factory=dict)  # "hf" / "mlx" / "numpy" -> directory
+
+    @property
+    def downloaded(self) -> bool:
+        return HF in self.layouts
+
+    @property
+    def partial(self) -> bool:
+        """Bytes of an unfinished download lie in the cache (a new `download` resumes them)."""
+        blobs = self.folder / "blobs"
+        return blobs.is_dir() and any(p.suffix == ".incomplete" for p in blobs.iterdir())
+
+    def size(self, layout: str) -> int:
+        directory = self.layouts[layout]
+        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())  # follows the hub's symlinks
+
+
+class ModelStore:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def folder(self, name: str) -> Path:
+        if not is_hub_name(name):
+            raise MlxOssError(f"{name!r} is not a hub model name (ORG/NAME, for example {DEFAULT_MODEL})")
+        org, model = name.split("/")
+        return self.root / f"models--{org}--{model}"
+
+    def converted(self, name: str, layout: str) -> Path:
+        return self.folder(name) / OURS / layout
+
+    def get(self, name: str) -> StoredModel:
+        """What the store holds of `name` (possibly nothing: then `layouts` is empty)."""
+        folder = self.folder(name)
+        model = StoredModel(name, folder)
+        record = folder / OURS / VERIFIED
+        if record.is_file():
+            try:
+                data = json.loads(record.read_text(encoding="utf-8"))
+                model.revision, model.files = data["revision"], dict(data["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                model.revision = None  # an unreadable record: as if never verified
+            snapshot = folder / "snapshots" / str(model.revision)
+            if model.revision and all((snapshot / f).is_file() for f in model.files):
+                model.layouts[HF] = snapshot
+        for layout in (MLX, NUMPY):
+            if (folder / OURS / layout / "config.json").is_file():
+                model.layouts[layout] = folder / OURS / layout
+        return model
+
+    def list(self) -> list[StoredModel]:
+        """Every repository in the store that holds something of a model (partial downloads included)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.root.glob("models--*--*")):
+            _, org, model = folder.name.split("--", 2)
+            stored = self.get(f"{org}/{model}")
+            if stored.layouts or stored.partial:
+                found.append(stored)
+        return found
+
+    def record_download(self, name: str, revision: str, files: dict[str, int]) -> None:
+        """Mark `name` at `revision` as downloaded and verified (written last, atomically)."""
+        ours = self.folder(name) / OURS
+        ours.mkdir(parents=True, exist_ok=True)
+        temporary = ours / f".{VERIFIED}.tmp"
+        temporary.write_text(json.dumps({"revision": revision, "files": files}, indent=2) + "\n")
+        os.replace(temporary, ours / VERIFIED)
+
+    def delete(self, name: str, layout: str | None = None) -> list[Path]:
+        """Remove one converted layout, or (`layout` None) the whole repository folder. Returns what went."""
+        model = self.get(name)
+        if layout in (MLX, NUMPY):
+            if layout not in model.layouts:
+                raise MlxOssError(f"{name} has no {layout} layout in {self.root}")
+            shutil.rmtree(model.layouts[layout])
+            return [model.layouts[layout]]
+        if layout not in (None, HF):
+            raise MlxOssError(f"unknown layout {layout!r}; choose hf, mlx or numpy")
+        if not model.folder.exists():
+            raise MlxOssError(f"{name} is not in the store ({self.root})")
+        shutil.rmtree(model.folder)
+        return [model.folder]
+
+    def resolve(self, name: str, backend: str = "auto") -> Path:
+        """The directory to load for `name` on `backend`: the converted layout that backend reads fastest if
+        there is one, else the downloaded checkpoint. Raises with the command that would get the model."""
+        from .loading import is_apple_silicon
+
+        model = self.get(name)
+        preferred = backend if backend != "auto" else (MLX if is_apple_silicon() else NUMPY)
+        for layout in (preferred, HF):
+            if layout in model.layouts:
+                return model.layouts[layout]
+        if model.layouts:  # only a layout the backend does not read
+            other = next(iter(model.layouts))
+            return model.layouts[other]
+        hint = " (a download was interrupted: run it again to resume)" if model.partial else ""
+        raise MlxOssError(
+            f"{name} is not on this computer{hint}; get it with: python -m mlx_oss.models download {name}"
+        )
+
+
+def resolve_model(arg: str, backend: str = "auto", store: ModelStore | None = None) -> Path:
+    """The model directory `arg` names: a directory on disk, or a hub name (ORG/NAME) looked up in the store."""
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MlxOssError(f"{arg}: not a directory; give a model directory or a hub name such as {DEFAULT_MODEL}")
+    if is_hub_name(arg) and not path.parent.is_dir():  # "models/x" with a local models/ folder is a path
+        return (store or ModelStore()).resolve(arg, backend)
+    raise MlxOssError(f"{arg}: no such model directory")

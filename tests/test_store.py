@@ -1,0 +1,309 @@
+"""The model store and downloads, against a real HTTP server on 127.0.0.1 standing in for the hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakehub import FakeHub
+
+import mlx_oss
+from mlx_oss import hub
+from mlx_oss.cancel import CancelToken
+from mlx_oss.engine import Engine, SamplingParams
+from mlx_oss.errors import MlxOssError
+from mlx_oss.harmony import Conversation, Message, render_prompt
+from mlx_oss.hub import DownloadCancelled, HubError, download
+from mlx_oss.store import ModelStore, resolve_model
+
+NAME = "openai/gpt-oss-tiny"
+BIG = "model-00000-of-00002.safetensors"  # the embedding's shard: the largest file
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model as the hub holds gpt-oss: shards and index at the top, tokenizer and chat template files,
+    and the `original/` and `metal/` copies that must not be fetched."""
+    from mlx_oss.converters.synthetic import SynthOptions, preset_config, write_synthetic
+
+    folder = tmp_path_factory.mktemp("hub") / "repo"
+    write_synthetic(folder, preset_config("tiny"), SynthOptions(shard_bytes=26_000_000))
+    (folder / "tokenizer.json").write_text('{"model": "stand-in"}')
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    (folder / "original").mkdir()
+    shutil.copy(folder / "config.json", folder / "original" / "config.json")
+    (folder / "original" / "model.safetensors").write_bytes(os.urandom(1_000_000))
+    (folder / "metal").mkdir()
+    (folder / "metal" / "model.bin").write_bytes(os.urandom(1_000_000))
+    assert (folder / BIG).stat().st_size > 20_000_000
+    return folder
+
+
+@pytest.fixture
+def fake_hub(repo, monkeypatch):
+    with FakeHub() as server:
+        server.add_repo(NAME, repo)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(hub, "RETRY_DELAY_S", 0.0)
+        yield server
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> ModelStore:
+    monkeypatch.setenv("MLX_OSS_MODELS", str(tmp_path / "store"))
+    return ModelStore()
+
+
+def fetched(server: FakeHub) -> list[str]:
+    return [r.path for r in server.requests if r.method == "GET" and "/resolve/" in r.path]
+
+
+def greedy_tokens(model_dir: Path, count: int = 4) -> list[int]:
+    engine = Engine(mlx_oss.load(model_dir, backend="numpy"))
+    prompt = render_prompt(Conversation([Message.user("Hello")], current_date="2026-11-25"))
+    *_, done = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=count))
+    return done.tokens
+
+
+def test_download_loads_and_generates_like_the_source(fake_hub, store, repo):
+    seen = []
+    path = download(NAME, store, on_progress=seen.append)
+    assert path == store.folder(NAME) / "snapshots" / fake_hub.repo(NAME).commit
+    names = sorted(p.name for p in path.iterdir())
+    assert "tokenizer.json" in names and "chat_template.jinja" in names and BIG in names
+    assert not (path / "original").exists() and not (path / "metal").exists()
+    assert not any("/original/" in p or "/metal/" in p for p in fetched(fake_hub))
+    assert (path / BIG).is_symlink()  # the hub cache's own layout: snapshot links into blobs/
+    total = sum(p.stat().st_size for p in path.iterdir())
+    assert seen and seen[-1].done_bytes == seen[-1].total_bytes == total and seen[-1].bytes_per_s > 0
+    assert store.get(NAME).downloaded
+    assert resolve_model(NAME) == path
+    assert greedy_tokens(path) == greedy_tokens(repo)
+
+    fake_hub.reset_stats()
+    assert download(NAME, store) == path  # already here: one metadata request, no file
+    assert fetched(fake_hub) == [] and len(fake_hub.requests) == 1
+
+
+def test_a_dropped_connection_is_resumed_within_the_run(fake_hub, store):
+    size = (fake_hub.repo(NAME).folder / BIG).stat().st_size
+    cut = size // 3
+    fake_hub.cut(NAME, BIG, at_byte=cut, times=1)
+    path = download(NAME, store)
+    first, second = [r for r in fake_hub.requests if r.path.endswith(BIG) and r.method == "GET"]
+    assert first.range is None and first.body_bytes == cut
+    kept = int(second.range.removeprefix("bytes=").removesuffix("-"))  # what arrived before the drop
+    assert 0 < kept <= cut and second.body_bytes == size - kept  # only the rest was asked for
+    assert (path / BIG).read_bytes() == (fake_hub.repo(NAME).folder / BIG).read_bytes()
+
+
+def test_an_interrupted_download_resumes_in_the_next_run(fake_hub, store, monkeypatch):
+    monkeypatch.setattr(hub, "RETRIES", 1)
+    size = (fake_hub.repo(NAME).folder / BIG).stat().st_size
+    fake_hub.cut(NAME, BIG, at_byte=size // 2, times=None)
+    with pytest.raises(HubError, match=f"{BIG}: the connection dropped mid-file .*run the download again to resume"):
+        download(NAME, store)
+    assert not store.get(NAME).downloaded and store.get(NAME).partial
+    kept = (store.folder(NAME) / "blobs" / f"{fake_hub.repo(NAME).files[BIG].sha256}.incomplete").stat().st_size
+    assert 0 < kept <= size // 2
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    path = download(NAME, store)
+    assert fake_hub.bytes_sent(NAME, BIG) == size - kept  # fewer bytes the second time
+    assert (path / BIG).read_bytes() == (fake_hub.repo(NAME).folder / BIG).read_bytes()
+
+
+def test_cancel_keeps_what_arrived_for_the_next_run(fake_hub, store):
+    cancel = CancelToken()
+    fake_hub.throttle(0.002)
+
+    def stop_midway(p):
+        if p.done_bytes > 5_000_000:
+            cancel.cancel()
+
+    with pytest.raises(DownloadCancelled, match="run it again to resume"):
+        download(NAME, store, on_progress=stop_midway, cancel=cancel)
+    sent = sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files)
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    download(NAME, store)
+    total = sum(f.size for f in fake_hub.repo(NAME).files.values() if hub.wanted(f.path))
+    again = sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files)
+    assert again < total and again + sent >= total
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (dict(path_glob="/api/models/*", status=404), "no such model on the hub"),
+        (dict(path_glob="/api/models/*", status=500), "the hub answered 500 Internal Server Error"),
+        (dict(path_glob=f"*/resolve/*/{BIG}", status=500, methods={"GET"}), f"{BIG}: the hub answered 500"),
+        (dict(path_glob=f"*/resolve/*/{BIG}", status=404, methods={"GET"}), "lists this file but does not serve"),
+    ],
+)
+def test_hub_errors_are_named(fault, message, fake_hub, store):
+    fake_hub.fail(**fault)
+    with pytest.raises(HubError, match=message):
+        download(NAME, store)
+    assert not store.get(NAME).downloaded
+
+
+def test_a_corrupted_file_is_detected_and_removed(fake_hub, store, tmp_path):
+    served = fake_hub.repo(NAME).folder / BIG
+    original = served.read_bytes()
+    try:
+        corrupted = bytearray(original)
+        corrupted[len(corrupted) // 2] ^= 0xFF  # same size, one byte flipped in transit
+        served.write_bytes(bytes(corrupted))
+        with pytest.raises(HubError, match=f"{BIG} arrived corrupted .*it was removed: run the download again"):
+            download(NAME, store)
+    finally:
+        served.write_bytes(original)
+    blobs = store.folder(NAME) / "blobs"
+    assert not any(p.name.startswith(fake_hub.repo(NAME).files[BIG].sha256) for p in blobs.iterdir())
+    assert not store.get(NAME).downloaded
+    download(NAME, store)
+    assert store.get(NAME).downloaded
+
+
+def test_not_enough_disk_space_is_refused_before_the_first_byte(fake_hub, store, monkeypatch):
+    import mlx_oss.atomic
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(mlx_oss.atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000_000))
+    with pytest.raises(MlxOssError, match=r"not enough free disk space: need 0\.05 GB, 0\.01 GB free"):
+        download(NAME, store)
+    assert fetched(fake_hub) == []
+
+
+def test_an_unreachable_hub_is_one_clear_message(store, monkeypatch):
+    with FakeHub() as server:
+        url = server.url
+    monkeypatch.setenv("HF_ENDPOINT", url)  # nothing listens there any more
+    with pytest.raises(HubError, match=f"cannot reach the hub at {url} .*models already on this computer need none"):
+        download(NAME, store)
+
+
+def test_offline_a_downloaded_model_loads_without_the_hub(fake_hub, store, monkeypatch):
+    path = download(NAME, store)
+    fake_hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download(NAME, store) == path
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    chat = [sys.executable, "-m", "mlx_oss.chat", "--model", NAME, "--max-tokens", "3", "--temperature", "0"]
+    out = subprocess.run(chat, input="Hi\n", capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "3 tokens" in out.stderr
+    with pytest.raises(HubError, match="not on this computer and HF_HUB_OFFLINE is set"):
+        download("openai/other", store)
+
+
+def run_models(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_oss.models", *args], capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def test_models_command_line(fake_hub, store):
+    out = run_models("list")
+    assert out.returncode == 0 and "no models in" in out.stdout and "download openai/gpt-oss-20b" in out.stdout
+
+    out = run_models("download", NAME)
+    assert out.returncode == 0, out.stderr
+    total = sum(f.size for f in fake_hub.repo(NAME).files.values() if hub.wanted(f.path))
+    assert f"downloading {NAME}: 100% ({total / 1e6:.1f} MB of {total / 1e6:.1f} MB, " in out.stderr
+    assert out.stderr.rstrip().endswith("MB/s)")
+    assert f"{NAME} is in {store.folder(NAME)}" in out.stdout
+
+    out = run_models("convert", NAME, "--to", "numpy")
+    assert out.returncode == 0, out.stderr
+    assert (store.converted(NAME, "numpy") / "config.json").is_file()
+    assert resolve_model(NAME, "numpy") == store.converted(NAME, "numpy")  # the layout the backend reads fastest
+    assert resolve_model(NAME, "mlx") == store.get(NAME).layouts["hf"]
+
+    out = run_models("list")
+    assert out.returncode == 0
+    row = next(line for line in out.stdout.splitlines() if line.startswith(NAME))
+    assert "hf, numpy" in row and "GB" in row
+
+    out = run_models("info", NAME)
+    assert out.returncode == 0 and "parameters, 4 layers, 8 experts (4 per token)" in out.stdout
+    assert str(store.converted(NAME, "numpy")) in out.stdout
+
+    out = run_models("delete", NAME, "--layout", "numpy", stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "needs --yes" in out.stderr
+    assert store.converted(NAME, "numpy").exists()
+    out = run_models("delete", NAME, "--layout", "numpy", "--yes")
+    assert out.returncode == 0 and not store.converted(NAME, "numpy").exists() and store.get(NAME).downloaded
+    out = run_models("delete", NAME, "--yes")
+    assert out.returncode == 0 and not store.folder(NAME).exists()
+
+    out = run_models("info", "openai/nothing")
+    assert (
+        out.returncode == 1 and "is not on this computer; get it with" in out.stderr and "Traceback" not in out.stderr
+    )
+    out = run_models("download", "openai/nothing")
+    assert out.returncode == 1 and out.stderr.strip().endswith(
+        "no such model on the hub (" + fake_hub.url + "), or it is private or gated"
+    )
+
+
+def test_ctrl_c_stops_a_download_and_the_same_command_resumes(fake_hub, store):
+    fake_hub.throttle(0.004)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_oss.models", "download", NAME], stderr=subprocess.PIPE, text=True
+    )
+    while "%" not in (line := proc.stderr.readline()) or " 0%" in line:
+        assert line, "the download ended before it showed progress"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"download of {NAME} interrupted; run the same command to resume" in err and "Traceback" not in err
+    first = sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files)
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    out = run_models("download", NAME)
+    assert out.returncode == 0, out.stderr
+    total = sum(f.size for f in fake_hub.repo(NAME).files.values() if hub.wanted(f.path))
+    assert sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files) < total <= first + total
+    assert json.loads((store.folder(NAME) / "mlx-oss" / "verified.json").read_text())["revision"] == (
+        fake_hub.repo(NAME).commit
+    )
+    np.testing.assert_array_equal(
+        mlx_oss.load(resolve_model(NAME)).logits([1, 2, 3]), mlx_oss.load(fake_hub.repo(NAME).folder).logits([1, 2, 3])
+    )
+
+
+def test_chat_offers_to_download_a_missing_model(fake_hub, store):
+    import pexpect
+
+    chat = [sys.executable, "-m", "mlx_oss.chat", "--model", NAME, "--max-tokens", "2"]
+    child = pexpect.spawn(chat[0], chat[1:], env=dict(os.environ), encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(f"{NAME} is not on this computer. Download it from the hub now? [y/N] ")
+        child.sendline("y")
+        child.expect(f"downloading {NAME}: 100%")
+        child.expect(r"mlx-oss chat: \S+ \(")
+        child.expect_exact(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and store.get(NAME).downloaded
+
+    child = pexpect.spawn(chat[0], [*chat[1:4], "openai/absent"], env=dict(os.environ), encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact("Download it from the hub now? [y/N] ")
+        child.sendline("n")
+        child.expect_exact("openai/absent is not on this computer; get it with: python -m mlx_oss.models download")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 1
