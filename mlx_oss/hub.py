@@ -138,16 +138,22 @@ def hub_error(error: Exception, name: str, path: str | None = None) -> MlxOssErr
     return HubError(f"{what}: {type(error).__name__}: {error}")
 
 
-def _is_network_error(error: BaseException) -> bool:
-    import httpx2
+def _http():
+    """The HTTP library under huggingface_hub: `httpx2` since 2.0, `httpx` before."""
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return http
 
-    return isinstance(error, httpx2.TransportError | OSError)
+
+def _is_network_error(error: BaseException) -> bool:
+    return isinstance(error, _http().TransportError | OSError)
 
 
 def _is_dropped_transfer(error: BaseException) -> bool:
-    import httpx2
-
-    return isinstance(error, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.ReadTimeout)
+    http = _http()
+    return isinstance(error, http.RemoteProtocolError | http.ReadError | http.ReadTimeout)
 
 
 class _Transfer:

@@ -28,14 +28,12 @@ DEFAULT_MODEL = "openai/gpt-oss-20b"
 
 
 def default_root() -> Path:
+    """`MLX_OSS_MODELS`, else the hub cache huggingface_hub itself uses (`HF_HUB_CACHE`, `HF_HOME`, ...)."""
     if os.environ.get(STORE_ENV):
         return Path(os.environ[STORE_ENV]).expanduser()
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "huggingface" / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def is_hub_name(text: str) -> bool:

@@ -171,7 +171,7 @@ class RequestRecord:
     query: dict[str, list[str]]
     range: str | None
     status: int
-    body_bytes: int  # body bytes actually written (file bytes for /resolve)
+    body_bytes: int  # body bytes the answer carries (file bytes for /resolve, a cut included)
 
 
 @dataclass
@@ -252,11 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        sent = 0
-        if self.command != "HEAD" and body:
+        sent = len(body) if self.command != "HEAD" else 0
+        self._record(status, sent)  # before the body: a client that has the answer finds it recorded
+        if sent:
             self.wfile.write(body)
-            sent = len(body)
-        self._record(status, sent)
 
     def _send_json(self, payload, status: int = 200, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
@@ -375,12 +374,9 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        sent = 0
-        try:
-            if self.command == "GET":
-                sent = self._stream(repo, entry, start, stop)
-        finally:
-            self._record(status, sent)
+        self._record(status, stop - start if self.command == "GET" else 0)  # what this answer carries
+        if self.command == "GET":
+            self._stream(repo, entry, start, stop)
         if stop <= end:  # injected cut: Content-Length promised more than we sent => drop the connection
             self.wfile.flush()
             self.close_connection = True
@@ -394,10 +390,10 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = f.read(min(_CHUNK_SIZE, stop - start - sent))
                 if not chunk:
                     break
+                with self.state.lock:  # counted before it leaves, so a client that has it finds it counted
+                    self.state.bytes_sent[(repo.repo_id, entry.path)] += len(chunk)
                 self.wfile.write(chunk)
                 sent += len(chunk)
-                with self.state.lock:
-                    self.state.bytes_sent[(repo.repo_id, entry.path)] += len(chunk)
                 if self.state.seconds_per_chunk:
                     time.sleep(self.state.seconds_per_chunk)
         return sent

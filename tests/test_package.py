@@ -12,6 +12,7 @@ HEAVY = ["torch", "transformers", "mlx", "PySide6", "huggingface_hub"]
 def test_import_is_light():
     code = (
         "import sys, mlx_oss, mlx_oss.cpu, mlx_oss.converters.synthetic, mlx_oss.converters.layout, mlx_oss.engine\n"
+        "import mlx_oss.store, mlx_oss.hub, mlx_oss.models, mlx_oss.chat\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
