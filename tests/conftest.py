@@ -11,6 +11,7 @@ import pytest
 from mlx_oss.converters.synthetic import SynthOptions, preset_config, write_synthetic
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no screen needed
 # Never touch the developer's hub cache, token or the network; set before anything imports huggingface_hub,
 # which reads these once.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mlx-oss-test-hf-home-")

@@ -1,0 +1,193 @@
+"""The chat: messages rendered as Markdown, the reasoning in a section that folds away, and the input bar."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+STATE_NOTES = {
+    "stopped": "stopped",
+    "interrupted": "cut off (the app was closed or crashed while answering)",
+    "failed": "failed",
+}
+
+
+def _text_label(markdown: bool) -> QLabel:
+    label = QLabel()
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.MarkdownText if markdown else Qt.TextFormat.PlainText)
+    label.setTextInteractionFlags(
+        Qt.TextInteractionFlag.TextSelectableByMouse | Qt.TextInteractionFlag.LinksAccessibleByMouse
+    )
+    label.setOpenExternalLinks(False)
+    label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    return label
+
+
+class MessageView(QFrame):
+    """One message. An assistant message has a folding reasoning section above its answer and a Copy button."""
+
+    def __init__(self, role: str, content: str = "", reasoning: str = "", state: str = "done", show_reasoning=False):
+        super().__init__()
+        self.role = role
+        self.content, self.reasoning_text, self.state = content, reasoning, state
+        self.setObjectName("userMessage" if role == "user" else "assistantMessage")
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        layout = QVBoxLayout(self)
+        header = QHBoxLayout()
+        self.author = QLabel("<b>You</b>" if role == "user" else "<b>gpt-oss</b>")
+        header.addWidget(self.author)
+        header.addStretch()
+        self.note = QLabel()
+        self.note.setStyleSheet("color: gray;")
+        header.addWidget(self.note)
+        self.copy_button = QToolButton(text="Copy")
+        self.copy_button.setToolTip("Copy the answer as Markdown")
+        self.copy_button.clicked.connect(self.copy)
+        header.addWidget(self.copy_button)
+        layout.addLayout(header)
+
+        self.reasoning_toggle = QToolButton(text="Reasoning")
+        self.reasoning_toggle.setCheckable(True)
+        self.reasoning_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.reasoning_toggle.toggled.connect(self._fold)
+        self.reasoning_label = _text_label(markdown=False)
+        self.reasoning_label.setStyleSheet("color: #666; font-style: italic; padding-left: 12px;")
+        layout.addWidget(self.reasoning_toggle)
+        layout.addWidget(self.reasoning_label)
+        self.answer_label = _text_label(markdown=True)
+        layout.addWidget(self.answer_label)
+        self.reasoning_toggle.setChecked(show_reasoning)
+        self._fold(show_reasoning)
+        self.refresh()
+
+    def _fold(self, open_: bool) -> None:
+        self.reasoning_toggle.setArrowType(Qt.ArrowType.DownArrow if open_ else Qt.ArrowType.RightArrow)
+        self.reasoning_label.setVisible(open_ and bool(self.reasoning_text))
+
+    def refresh(self) -> None:
+        has_reasoning = self.role == "assistant" and bool(self.reasoning_text)
+        self.reasoning_toggle.setVisible(has_reasoning)
+        self.reasoning_label.setText(self.reasoning_text)
+        self.reasoning_label.setVisible(has_reasoning and self.reasoning_toggle.isChecked())
+        self.answer_label.setText(self.content or ("…" if self.state == "streaming" else ""))
+        self.copy_button.setVisible(self.role == "assistant" and self.state != "streaming" and bool(self.content))
+        self.note.setText(STATE_NOTES.get(self.state, ""))
+
+    def copy(self) -> None:
+        QGuiApplication.clipboard().setText(self.content)
+
+
+class ChatView(QWidget):
+    """Messages in a scrolling column above the input bar. Streamed text is shown at most every 50 ms."""
+
+    send_requested = Signal(str)
+    stop_requested = Signal()
+    regenerate_requested = Signal()
+
+    def __init__(self):
+        super().__init__()
+        layout = QVBoxLayout(self)
+        self.banner = QLabel()
+        self.banner.setWordWrap(True)
+        self.banner.setObjectName("banner")
+        self.banner.setStyleSheet("background: #fff4d6; border: 1px solid #e0c070; padding: 8px;")
+        self.banner.hide()
+        layout.addWidget(self.banner)
+
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.column = QWidget()
+        self.column_layout = QVBoxLayout(self.column)
+        self.column_layout.addStretch()
+        self.scroll.setWidget(self.column)
+        layout.addWidget(self.scroll, 1)
+
+        bar = QHBoxLayout()
+        self.input = QPlainTextEdit()
+        self.input.setPlaceholderText("Message gpt-oss (Ctrl+Enter sends)")
+        self.input.setMaximumHeight(90)
+        bar.addWidget(self.input, 1)
+        buttons = QVBoxLayout()
+        self.send_button = QPushButton("Send")
+        self.stop_button = QPushButton("Stop")
+        self.regenerate_button = QPushButton("Regenerate")
+        for button in (self.send_button, self.stop_button, self.regenerate_button):
+            buttons.addWidget(button)
+        bar.addLayout(buttons)
+        layout.addLayout(bar)
+        self.send_button.clicked.connect(self._send)
+        self.stop_button.clicked.connect(self.stop_requested)
+        self.regenerate_button.clicked.connect(self.regenerate_requested)
+        QShortcut(QKeySequence("Ctrl+Return"), self.input, activated=self._send)
+
+        self.show_reasoning = True
+        self.messages: list[MessageView] = []
+        self._dirty: MessageView | None = None
+        self._timer = QTimer(self, interval=50, singleShot=True)
+        self._timer.timeout.connect(self._flush)
+        self.set_busy(False)
+
+    def _send(self) -> None:
+        text = self.input.toPlainText().strip()
+        if text and self.send_button.isEnabled():
+            self.input.clear()
+            self.send_requested.emit(text)
+
+    def set_busy(self, busy: bool, can_send: bool = True) -> None:
+        self.send_button.setEnabled(not busy and can_send)
+        self.stop_button.setEnabled(busy)
+        self.regenerate_button.setEnabled(not busy and can_send and any(m.role == "assistant" for m in self.messages))
+
+    def show_banner(self, text: str | None) -> None:
+        self.banner.setText(text or "")
+        self.banner.setVisible(bool(text))
+
+    def clear(self) -> None:
+        for view in self.messages:
+            view.deleteLater()
+        self.messages = []
+
+    def add(self, role: str, content: str = "", reasoning: str = "", state: str = "done") -> MessageView:
+        view = MessageView(role, content, reasoning, state, show_reasoning=self.show_reasoning)
+        self.column_layout.insertWidget(self.column_layout.count() - 1, view)
+        self.messages.append(view)
+        QTimer.singleShot(0, self, self._scroll_to_end)  # dropped if this view is gone by then
+        return view
+
+    def remove_last(self) -> None:
+        self.messages.pop().deleteLater()
+
+    def stream(self, view: MessageView, content: str = "", reasoning: str = "") -> None:
+        view.content += content
+        view.reasoning_text += reasoning
+        self._dirty = view
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def finish(self, view: MessageView, state: str) -> None:
+        view.state = state
+        self._flush()
+        view.refresh()
+
+    def _flush(self) -> None:
+        if self._dirty is not None:
+            self._dirty.refresh()
+            self._dirty = None
+            self._scroll_to_end()
+
+    def _scroll_to_end(self) -> None:
+        bar = self.scroll.verticalScrollBar()
+        bar.setValue(bar.maximum())

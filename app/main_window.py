@@ -1,0 +1,383 @@
+"""The main window: conversations on the left; chat, models and settings on the right; figures in the status bar.
+
+The window owns the conversation file and is the only writer to it. The model lives on `ModelHost`'s thread and
+speaks through signals; every streamed piece is written to the file as it arrives, then shown (at most every
+50 ms). Settings apply from the next message: a changed model, backend or context reloads the model first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QApplication,
+    QFileDialog,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QPushButton,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from mlx_oss.cancel import CancelToken
+from mlx_oss.engine import Done
+from mlx_oss.errors import MlxOssError
+from mlx_oss.harmony import Conversation, Message, encoding
+from mlx_oss.store import ModelStore, resolve_model
+
+from .chat_view import ChatView, MessageView
+from .models_view import ModelsView
+from .settings import AppSettings, data_dir
+from .settings_view import SettingsView
+from .storage import DEFAULT_TITLE, ConversationStore
+from .workers import ModelHost
+
+TITLE_LENGTH = 48
+
+
+def conversation_for(messages, settings: AppSettings) -> Conversation:
+    """What the model sees: the finished turns (reasoning included; harmony drops what the format says to)."""
+    turns: list[Message] = []
+    for m in messages:
+        if m.role == "user":
+            turns.append(Message.user(m.content))
+        elif m.state in ("done", "stopped", "interrupted") and m.content:
+            if m.reasoning:
+                turns.append(Message.reasoning(m.reasoning))
+            turns.append(Message.answer(m.content))
+    return Conversation(
+        turns,
+        reasoning_effort=settings.reasoning_effort,
+        instructions=settings.system_prompt or None,
+        current_date=datetime.date.today().isoformat(),
+    )
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, store: ModelStore | None = None, database: Path | None = None):
+        super().__init__()
+        self.setWindowTitle("mlx-oss")
+        self.resize(1100, 720)
+        self.settings = AppSettings.load()
+        self.store = store or ModelStore()
+        self.conversations = ConversationStore(database or data_dir() / "conversations.db")
+        # openai-harmony holds the GIL for ~0.15 s while it reads the vocabulary: do it before the window shows,
+        # not on the model's thread while the user waits for an answer.
+        encoding()
+        self.host = ModelHost()
+        QApplication.instance().aboutToQuit.connect(self.shut_down)
+        self.loaded_key: tuple | None = None  # (model, backend, context) the engine holds
+        self.loading = False
+        self.pending = False  # a generation waits for the model to load
+        self.current: int | None = None
+        self.streaming: tuple[int, MessageView] | None = None
+        self.cancel: CancelToken | None = None
+
+        self.search = QLineEdit(placeholderText="Search conversations")
+        self.list = QListWidget()
+        self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.new_button = QPushButton("New chat")
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.addWidget(self.new_button)
+        side_layout.addWidget(self.search)
+        side_layout.addWidget(self.list, 1)
+
+        self.chat = ChatView()
+        self.models = ModelsView(self.store)
+        self.settings_view = SettingsView(self.settings, [m.name for m in self.store.list()])
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.chat, "Chat")
+        self.tabs.addTab(self.models, "Models")
+        self.tabs.addTab(self.settings_view, "Settings")
+        splitter = QSplitter()
+        splitter.addWidget(side)
+        splitter.addWidget(self.tabs)
+        splitter.setSizes([260, 840])
+        self.setCentralWidget(splitter)
+
+        self.model_label, self.speed_label, self.context_label = QLabel(), QLabel(), QLabel()
+        for label in (self.model_label, self.speed_label, self.context_label):
+            self.statusBar().addPermanentWidget(label)
+
+        self.new_button.clicked.connect(self.new_conversation)
+        self.search.textChanged.connect(self.refresh_list)
+        self.list.currentItemChanged.connect(self._conversation_chosen)
+        self.list.customContextMenuRequested.connect(self._list_menu)
+        self.chat.send_requested.connect(self.send)
+        self.chat.stop_requested.connect(self.stop)
+        self.chat.regenerate_requested.connect(self.regenerate)
+        self.models.use_requested.connect(self.use_model)
+        self.models.changed.connect(self._store_changed)
+        self.settings_view.saved.connect(self._settings_saved)
+        self.host.loaded.connect(self._loaded)
+        self.host.load_failed.connect(self._load_failed)
+        self.host.reasoning.connect(self._reasoning)
+        self.host.answer.connect(self._answer)
+        self.host.finished.connect(self._finished)
+        self.host.failed.connect(self._failed)
+
+        self.chat.show_banner(self.conversations.notice)
+        self.refresh_list()
+        if self.list.count():
+            self.list.setCurrentRow(0)
+        self.check_model()
+
+    # -- model -----------------------------------------------------------------------------------------------
+
+    def check_model(self) -> bool:
+        """Say in the window, not in a crash, when the chosen model is not there; lead to the Models tab."""
+        try:
+            resolve_model(self.settings.model, self.settings.backend, self.store)
+        except MlxOssError as e:
+            self.model_label.setText("no model")
+            if not self.conversations.notice:
+                self.chat.show_banner(
+                    f"{e}. Open Models to download it (about 13 GB for gpt-oss-20b), or choose another model in "
+                    "Settings."
+                )
+            self.tabs.setCurrentWidget(self.models)
+            self.chat.set_busy(False, can_send=False)
+            return False
+        self.model_label.setText(self.settings.model)
+        self.chat.set_busy(self.streaming is not None, can_send=True)
+        return True
+
+    def _wanted_key(self) -> tuple:
+        return (self.settings.model, self.settings.backend, self.settings.context_length)
+
+    def _loaded(self, description: str) -> None:
+        self.loading = False
+        self.model_label.setText(description)
+        if self.pending:
+            self.pending = False
+            self._generate()
+
+    def _load_failed(self, message: str) -> None:
+        self.loading = self.pending = False
+        self.loaded_key = None
+        self.chat.show_banner(f"The model could not be loaded: {message}")
+        self.model_label.setText("no model")
+        if self.streaming is not None:
+            self._end_stream("failed")
+
+    # -- conversations ---------------------------------------------------------------------------------------
+
+    def refresh_list(self) -> None:
+        self.list.blockSignals(True)
+        self.list.clear()
+        for summary in self.conversations.list(self.search.text().strip()):
+            item = QListWidgetItem(summary.title)
+            item.setData(Qt.ItemDataRole.UserRole, summary.id)
+            self.list.addItem(item)
+            if summary.id == self.current:
+                self.list.setCurrentItem(item)
+        self.list.blockSignals(False)
+
+    def new_conversation(self) -> None:
+        if self.streaming is None:
+            self.open_conversation(self.conversations.new())
+            self.refresh_list()
+
+    def _conversation_chosen(self, item: QListWidgetItem | None) -> None:
+        if item is not None and self.streaming is None:
+            self.open_conversation(item.data(Qt.ItemDataRole.UserRole))
+
+    def open_conversation(self, conversation: int | None) -> None:
+        self.current = conversation
+        self.chat.clear()
+        if conversation is not None:
+            for m in self.conversations.messages(conversation):
+                self.chat.add(m.role, m.content, m.reasoning, m.state)
+        if self.check_model():
+            self.tabs.setCurrentWidget(self.chat)
+
+    def rename_conversation(self, conversation: int, title: str) -> None:
+        self.conversations.rename(conversation, title)
+        self.refresh_list()
+
+    def delete_conversation(self, conversation: int) -> None:
+        self.conversations.delete(conversation)
+        if conversation == self.current:
+            self.open_conversation(None)
+        self.refresh_list()
+
+    def export_conversation(self, conversation: int, path: Path) -> None:
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            text = json.dumps(self.conversations.export_json(conversation), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = self.conversations.export_markdown(conversation)
+        path.write_text(text, encoding="utf-8")
+
+    def _list_menu(self, position) -> None:
+        item = self.list.itemAt(position)
+        if item is None or self.streaming is not None:
+            return
+        conversation = item.data(Qt.ItemDataRole.UserRole)
+        menu = QMenu(self)
+        rename = menu.addAction("Rename…")
+        export_md = menu.addAction("Export as Markdown…")
+        export_json = menu.addAction("Export as JSON…")
+        delete = menu.addAction("Delete…")
+        chosen = menu.exec(self.list.mapToGlobal(position))
+        if chosen is rename:
+            title, ok = QInputDialog.getText(self, "Rename", "Title:", text=item.text())
+            if ok:
+                self.rename_conversation(conversation, title)
+        elif chosen in (export_md, export_json):
+            suffix = ".md" if chosen is export_md else ".json"
+            path, _ = QFileDialog.getSaveFileName(self, "Export", str(Path.home() / f"{item.text()}{suffix}"))
+            if path:
+                self.export_conversation(conversation, Path(path))
+        elif chosen is delete:
+            answer = QMessageBox.question(self, "Delete", f"Delete the conversation “{item.text()}”?")
+            if answer == QMessageBox.StandardButton.Yes:
+                self.delete_conversation(conversation)
+
+    # -- chatting --------------------------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        if self.streaming is not None or not self.check_model():
+            return
+        if self.current is None:
+            self.current = self.conversations.new()
+        if self.conversations.title(self.current) == DEFAULT_TITLE:
+            title = " ".join(text.split())
+            self.conversations.rename(self.current, title[:TITLE_LENGTH] + ("…" if len(title) > TITLE_LENGTH else ""))
+        self.conversations.add(self.current, "user", text)
+        self.chat.add("user", text)
+        self.refresh_list()
+        self._start_answer()
+
+    def regenerate(self) -> None:
+        if self.streaming is not None or self.current is None:
+            return
+        messages = self.conversations.messages(self.current)
+        if not messages or messages[-1].role != "assistant":
+            return
+        self.conversations.delete_message(messages[-1].id)
+        self.chat.remove_last()
+        self._start_answer()
+
+    def stop(self) -> None:
+        if self.cancel is not None:
+            self.cancel.cancel()
+        if self.pending:  # still loading: the answer never started
+            self.pending = False
+            self._end_stream("stopped")
+
+    def _start_answer(self) -> None:
+        message = self.conversations.add(self.current, "assistant", state="streaming")
+        self.streaming = (message, self.chat.add("assistant", state="streaming"))
+        self.chat.set_busy(True)
+        self.list.setEnabled(False)
+        self.new_button.setEnabled(False)
+        if self.loaded_key != self._wanted_key():
+            self.loaded_key = self._wanted_key()
+            self.loading = self.pending = True
+            self.model_label.setText(f"loading {self.settings.model}…")
+            self.host.load_requested.emit(*self.loaded_key)
+        elif self.loading:
+            self.pending = True
+        else:
+            self._generate()
+
+    def _generate(self) -> None:
+        history = [m for m in self.conversations.messages(self.current) if m.state != "streaming"]
+        self.cancel = CancelToken()
+        self.host.generate_requested.emit(
+            conversation_for(history, self.settings), self.settings.sampling(), self.cancel
+        )
+
+    def _reasoning(self, text: str) -> None:
+        if self.streaming is not None:
+            self.conversations.append(self.streaming[0], reasoning=text)
+            self.chat.stream(self.streaming[1], reasoning=text)
+
+    def _answer(self, text: str) -> None:
+        if self.streaming is not None:
+            self.conversations.append(self.streaming[0], content=text)
+            self.chat.stream(self.streaming[1], content=text)
+
+    def _finished(self, done: Done) -> None:
+        s = done.stats
+        stats = {
+            "stop_reason": done.stop_reason,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
+            "time_to_first_token_s": round(s.time_to_first_token_s, 3),
+        }
+        self.speed_label.setText(f"{s.decode_tokens_per_s:.1f} tokens/s")
+        used = s.prompt_tokens + s.generated_tokens
+        self.context_label.setText(f"context {used} of {self.settings.context_length} tokens")
+        if done.stop_reason == "context_limit":
+            self.chat.show_banner("The context is full: start a new chat, or raise the context length in Settings.")
+        self._end_stream("stopped" if done.stop_reason == "cancelled" else "done", stats)
+
+    def _failed(self, message: str) -> None:
+        self.chat.show_banner(message)
+        self._end_stream("failed")
+
+    def _end_stream(self, state: str, stats: dict | None = None) -> None:
+        message, view = self.streaming
+        self.conversations.finish(message, state, stats)
+        self.chat.finish(view, state)
+        self.streaming = None
+        self.cancel = None
+        self.list.setEnabled(True)
+        self.new_button.setEnabled(True)
+        self.chat.set_busy(False, can_send=True)
+        self.refresh_list()
+
+    # -- models and settings ---------------------------------------------------------------------------------
+
+    def use_model(self, name: str) -> None:
+        self.settings.model = name
+        self.settings.save()
+        self._settings_saved(self.settings)
+
+    def _store_changed(self) -> None:
+        self.settings_view.show_settings(self.settings, [m.name for m in self.store.list()])
+        if self.check_model() and not self.conversations.notice:
+            self.chat.show_banner(None)
+
+    def _settings_saved(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.settings_view.show_settings(settings, [m.name for m in self.store.list()])
+        if self.check_model():
+            self.chat.show_banner(None)
+            self.tabs.setCurrentWidget(self.chat)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self.shut_down()
+        super().closeEvent(event)
+
+    def shut_down(self) -> None:
+        """Stop the work threads and close the file; what streamed so far is on disk already."""
+        if self.host is None:
+            return
+        if self.cancel is not None:
+            self.cancel.cancel()
+        if self.streaming is not None:
+            self.conversations.finish(self.streaming[0], "stopped")
+            self.streaming = None
+        if self.models.task is not None:
+            self.models.task.cancel.cancel()
+            self.models.task.thread.wait()
+        self.host.blockSignals(True)
+        self.host.stop()
+        self.host = None
+        self.conversations.close()

@@ -1,0 +1,220 @@
+"""The model manager: what the model store holds, and downloads, conversions and deletions with progress.
+
+Built on the same pieces as `python -m mlx_oss.models` (`ModelStore`, `hub.download`, the layout converter); the
+work runs in a `Task` off the GUI thread, one at a time, with Cancel. A cancelled or failed download keeps what
+arrived; starting it again resumes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from mlx_oss.layouts import MLX, NUMPY
+from mlx_oss.store import DEFAULT_MODEL, ModelStore
+
+from .workers import Task
+
+COLUMNS = ("Model", "Layouts", "Size on disk", "Status")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class ModelsView(QWidget):
+    use_requested = Signal(str)  # a model name to chat with
+    changed = Signal()  # the store's contents changed
+
+    def __init__(self, store: ModelStore):
+        super().__init__()
+        self.store = store
+        self.task: Task | None = None
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel(f"Models on this computer (in {store.root})"))
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.itemSelectionChanged.connect(self._update_buttons)
+        layout.addWidget(self.table, 1)
+
+        actions = QHBoxLayout()
+        self.use_button = QPushButton("Chat with it")
+        self.convert_mlx_button = QPushButton("Convert to MLX")
+        self.convert_numpy_button = QPushButton("Convert to NumPy")
+        self.delete_button = QPushButton("Delete…")
+        for button in (self.use_button, self.convert_mlx_button, self.convert_numpy_button, self.delete_button):
+            actions.addWidget(button)
+        actions.addStretch()
+        layout.addLayout(actions)
+        self.use_button.clicked.connect(lambda: self.use_requested.emit(self.selected()))
+        self.convert_mlx_button.clicked.connect(lambda: self.convert(self.selected(), MLX))
+        self.convert_numpy_button.clicked.connect(lambda: self.convert(self.selected(), NUMPY))
+        self.delete_button.clicked.connect(lambda: self.delete(self.selected()))
+
+        fetch = QHBoxLayout()
+        fetch.addWidget(QLabel("Download from the hub:"))
+        self.name_edit = QLineEdit(DEFAULT_MODEL)
+        fetch.addWidget(self.name_edit, 1)
+        self.download_button = QPushButton("Download")
+        self.download_button.clicked.connect(lambda: self.download(self.name_edit.text().strip()))
+        fetch.addWidget(self.download_button)
+        layout.addLayout(fetch)
+
+        work = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.status = QLabel()
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        work.addWidget(self.progress, 1)
+        work.addWidget(self.status, 2)
+        work.addWidget(self.cancel_button)
+        layout.addLayout(work)
+        self.refresh()
+        self._set_working(False)
+
+    # -- table ---------------------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        selected = self.selected()
+        models = self.store.list()
+        self.table.setRowCount(len(models))
+        for row, m in enumerate(models):
+            size = sum(m.size(layout) for layout in m.layouts)
+            status = "ready" if m.downloaded else "partial download: Download resumes it" if m.partial else ""
+            for column, text in enumerate((m.name, ", ".join(m.layouts) or "-", _gb(size) if size else "-", status)):
+                self.table.setItem(row, column, QTableWidgetItem(text))
+            if m.name == selected:
+                self.table.selectRow(row)
+        self._update_buttons()
+
+    def selected(self) -> str:
+        rows = self.table.selectionModel().selectedRows()
+        return self.table.item(rows[0].row(), 0).text() if rows else ""
+
+    def select(self, name: str) -> None:
+        for row in range(self.table.rowCount()):
+            if self.table.item(row, 0).text() == name:
+                self.table.selectRow(row)
+
+    def _update_buttons(self) -> None:
+        name = self.selected()
+        model = self.store.get(name) if name else None
+        idle = self.task is None
+        ready = bool(model and model.downloaded)
+        self.use_button.setEnabled(bool(model and model.layouts))
+        self.convert_mlx_button.setEnabled(idle and ready and MLX not in model.layouts)
+        self.convert_numpy_button.setEnabled(idle and ready and NUMPY not in model.layouts)
+        self.delete_button.setEnabled(idle and model is not None)
+        self.download_button.setEnabled(idle)
+
+    # -- work ----------------------------------------------------------------------------------------------------
+
+    def download(self, name: str) -> None:
+        from mlx_oss import hub
+
+        def work(report, cancel) -> str:
+            path = hub.download(
+                name,
+                self.store,
+                on_progress=lambda p: report(p.done_bytes, p.total_bytes, f"{p.bytes_per_s / 1e6:.1f} MB/s"),
+                cancel=cancel,
+            )
+            return f"{name} downloaded to {path}"
+
+        self._start(f"Downloading {name}", work)
+
+    def convert(self, name: str, target: str) -> None:
+        from mlx_oss.converters.layout import convert
+
+        source = self.store.get(name).layouts["hf"]
+
+        def work(report, cancel) -> str:
+            from mlx_oss.checkpoint import Checkpoint
+            from mlx_oss.converters.layout import copied_files, plan, total_bytes
+
+            total = total_bytes(plan(Checkpoint(source), target), copied_files(source))
+            done = 0
+            started = time.monotonic()
+
+            def on_bytes(count: int) -> None:
+                nonlocal done
+                done += count
+                report(done, total, f"{done / max(time.monotonic() - started, 1e-6) / 1e6:.0f} MB/s")
+
+            convert(source, self.store.converted(name, target), target, on_bytes=on_bytes, cancel=cancel)
+            return f"{name} converted to the {target} layout"
+
+        self._start(f"Converting {name} to {target}", work)
+
+    def delete(self, name: str) -> None:
+        model = self.store.get(name)
+        size = sum(model.size(layout) for layout in model.layouts)
+        answer = QMessageBox.question(
+            self,
+            "Delete model",
+            f"Delete {name} and every layout of it ({_gb(size)}) from this computer?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        self.store.delete(name)
+        self.status.setText(f"{name} deleted")
+        self.refresh()
+        self.changed.emit()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel.cancel()
+            self.status.setText("cancelling…")
+
+    def _start(self, label: str, work) -> None:
+        self.task = Task(work)
+        self.task_label = label
+        # bound methods of this widget: Qt queues the calls onto the GUI thread (a bare lambda would run them on
+        # the worker's thread)
+        self.task.progress.connect(self._progress)
+        self.task.succeeded.connect(self._finished)
+        self.task.failed.connect(self._finished)
+        self.progress.setValue(0)
+        self.status.setText(f"{label}…")
+        self._set_working(True)
+        self.task.start()
+
+    def _progress(self, done: int, total: int, note: str) -> None:
+        self.progress.setValue(int(1000 * done / max(total, 1)))
+        self.status.setText(f"{self.task_label}: {_gb(done)} of {_gb(total)}, {note}")
+
+    def _finished(self, message: str) -> None:
+        self.task.thread.wait()
+        self.task = None
+        self.status.setText(message)
+        self._set_working(False)
+        self.refresh()
+        self.changed.emit()
+
+    def _set_working(self, working: bool) -> None:
+        self.cancel_button.setEnabled(working)
+        self.progress.setVisible(working)
+        self._update_buttons()

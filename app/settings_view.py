@@ -1,0 +1,98 @@
+"""Settings: model, backend, reasoning effort, sampling, context and system prompt; saved, used from the next
+message on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from mlx_oss.harmony import REASONING_EFFORTS
+from mlx_oss.loading import BACKENDS
+
+from .settings import AppSettings
+
+
+class SettingsView(QWidget):
+    saved = Signal(object)  # AppSettings
+
+    def __init__(self, settings: AppSettings, model_names: list[str]):
+        super().__init__()
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.model = QComboBox(editable=True)
+        self.model.setToolTip("a model in the store (see Models) or the path of a model directory")
+        self.backend = QComboBox()
+        self.backend.addItems(BACKENDS)
+        self.effort = QComboBox()
+        self.effort.addItems(REASONING_EFFORTS)
+        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=10.0, singleStep=0.1, decimals=2)
+        self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, decimals=2)
+        self.max_tokens = QSpinBox(minimum=0, maximum=1_000_000, singleStep=256, specialValueText="no limit")
+        self.context = QSpinBox(minimum=256, maximum=131072, singleStep=1024, suffix=" tokens")
+        self.system_prompt = QPlainTextEdit()
+        self.system_prompt.setPlaceholderText("Instructions for the model, e.g. “Answer briefly, in French.”")
+        form.addRow("Model", self.model)
+        form.addRow("Backend", self.backend)
+        form.addRow("Reasoning effort", self.effort)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Top-p", self.top_p)
+        form.addRow("Max tokens per answer", self.max_tokens)
+        form.addRow("Context length", self.context)
+        form.addRow("System prompt", self.system_prompt)
+        layout.addLayout(form)
+        self.save_button = QPushButton("Save")
+        self.save_button.clicked.connect(self.save)
+        self.message = QLabel()
+        layout.addWidget(self.save_button)
+        layout.addWidget(self.message)
+        layout.addStretch()
+        self.show_settings(settings, model_names)
+
+    def show_settings(self, settings: AppSettings, model_names: list[str]) -> None:
+        self.settings = settings
+        self.model.clear()
+        self.model.addItems(sorted(set(model_names) | {settings.model}))
+        self.model.setCurrentText(settings.model)
+        self.backend.setCurrentText(settings.backend)
+        self.effort.setCurrentText(settings.reasoning_effort)
+        self.temperature.setValue(settings.temperature)
+        self.top_p.setValue(settings.top_p)
+        self.max_tokens.setValue(settings.max_tokens)
+        self.context.setValue(settings.context_length)
+        self.system_prompt.setPlainText(settings.system_prompt)
+
+    def current(self) -> AppSettings:
+        return dataclasses.replace(
+            self.settings,
+            model=self.model.currentText().strip(),
+            backend=self.backend.currentText(),
+            reasoning_effort=self.effort.currentText(),
+            temperature=round(self.temperature.value(), 4),
+            top_p=round(self.top_p.value(), 4),
+            max_tokens=self.max_tokens.value(),
+            context_length=self.context.value(),
+            system_prompt=self.system_prompt.toPlainText().strip(),
+        )
+
+    def save(self) -> None:
+        settings = self.current()
+        problems = settings.problems() + ([] if settings.model else ["choose a model"])
+        if problems:
+            self.message.setText("Not saved: " + "; ".join(problems))
+            return
+        settings.save()
+        self.settings = settings
+        self.message.setText("Saved; used from the next message on.")
+        self.saved.emit(settings)
