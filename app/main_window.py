@@ -377,6 +377,7 @@ class MainWindow(QMainWindow):
         if self.models.task is not None:
             self.models.task.cancel.cancel()
             self.models.task.thread.wait()
+        self.settings_view.server.stop()
         self.host.blockSignals(True)
         self.host.stop()
         self.host = None

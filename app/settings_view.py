@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 from mlx_oss.harmony import REASONING_EFFORTS
 from mlx_oss.loading import BACKENDS
 
+from .server_control import ServerControl
 from .settings import AppSettings
 
 
@@ -57,11 +58,14 @@ class SettingsView(QWidget):
         self.message = QLabel()
         layout.addWidget(self.save_button)
         layout.addWidget(self.message)
+        self.server = ServerControl()
+        layout.addWidget(self.server)
         layout.addStretch()
         self.show_settings(settings, model_names)
 
     def show_settings(self, settings: AppSettings, model_names: list[str]) -> None:
         self.settings = settings
+        self.server.configure(settings.model, settings.backend)
         self.model.clear()
         self.model.addItems(sorted(set(model_names) | {settings.model}))
         self.model.setCurrentText(settings.model)

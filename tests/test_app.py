@@ -281,3 +281,26 @@ def test_the_screenshot_script_renders_three_windows(tmp_path):
     for name in ("chat.png", "models.png", "settings.png"):
         image = QImage(str(tmp_path / name))
         assert image.width() >= 1000 and image.height() >= 700, name
+
+
+def test_the_server_starts_and_stops_from_the_app(qtbot, app_dir, tiny_checkpoint):
+    import httpx
+    import openai
+    from test_server import free_port
+
+    window = open_window(qtbot)
+    server = window.settings_view.server
+    server.port.setValue(free_port())
+    server.toggle.setChecked(True)
+    qtbot.waitUntil(lambda: server.running, timeout=TIMEOUT_MS)
+    assert server.status.text() == f"serving {tiny_checkpoint} at {server.url}"
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    (model,) = client.models.list().data
+    reply = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+    server.toggle.setChecked(False)
+    qtbot.waitUntil(lambda: server.process is None, timeout=TIMEOUT_MS)
+    assert server.status.text() == "off"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/models", timeout=2)
+    close(window)

@@ -1,0 +1,422 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1.
+
+Most tests run `python -m mlx_oss.serve` as a subprocess on the tiny synthetic model. Random weights never call a
+tool, so the tool-call round trips run the same server (uvicorn, real sockets) in-process on a model that plays
+a script of harmony tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from harmony_helpers import ScriptedModel, harmony_tokens
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import mlx_oss  # noqa: E402
+from mlx_oss.engine import AnswerDelta, Engine  # noqa: E402
+from mlx_oss.harmony import render_prompt  # noqa: E402
+from mlx_oss.openai_api import parse_chat  # noqa: E402
+from mlx_oss.server import Server  # noqa: E402
+
+CONTEXT = 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlx_oss.serve", "--model", str(model_dir), "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url, proc)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    proc, url = start_server(tiny_checkpoint, "--context", str(CONTEXT))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(served) -> str:
+    return httpx.get(f"{served}/v1/models").json()["data"][0]["id"]
+
+
+def engine_answer(tiny_checkpoint, body: dict) -> tuple[str, list[int]]:
+    """What the engine itself answers, greedily, to the conversation a request describes."""
+    request = parse_chat(body, body["model"])
+    prompt = render_prompt(request.conversation)
+    engine = Engine(mlx_oss.load(tiny_checkpoint, backend="numpy"))
+    events = list(engine.generate(prompt, request.sampling))
+    return "".join(e.text for e in events if isinstance(e, AnswerDelta)), prompt
+
+
+def test_a_plain_chat_is_the_engines_own_greedy_answer(client, model_id, tiny_checkpoint):
+    assert [m.id for m in client.models.list()] == [model_id]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    reply = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=12)
+    expected, prompt = engine_answer(
+        tiny_checkpoint, {"model": model_id, "messages": messages, "temperature": 0, "max_tokens": 12}
+    )
+    choice = reply.choices[0]
+    assert choice.message.content == expected != "" and choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 12
+    assert reply.model == model_id and reply.object == "chat.completion"
+
+
+def test_a_streamed_chat_equals_the_plain_one(client, model_id):
+    messages = [{"role": "user", "content": "Stream this"}]
+    plain = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=10)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id,
+            messages=messages,
+            temperature=0,
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+
+
+def test_the_next_turn_reuses_the_cached_prefix(client, model_id):
+    first = [{"role": "user", "content": "Remember the number 7."}]
+    reply = client.chat.completions.create(model=model_id, messages=first, temperature=0, max_tokens=6)
+    second = [
+        *first,
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "Which number?"},
+    ]
+    again = client.chat.completions.create(model=model_id, messages=second, temperature=0, max_tokens=6)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert reply.usage.prompt_tokens - 3 <= cached < again.usage.prompt_tokens  # all but the assistant header
+
+
+def test_stop_sequences_end_the_answer_before_them(client, model_id):
+    messages = [{"role": "user", "content": "Say something long"}]
+    full = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=20)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=20, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model=model_id, messages=messages, temperature=0, max_tokens=20, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[: text.find(stop)]
+
+
+def test_the_responses_api(client, model_id):
+    chat = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=8
+    )
+    response = client.responses.create(model=model_id, input="Hello", temperature=0, max_output_tokens=8)
+    assert response.output_text == chat.choices[0].message.content
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 8 and response.usage.input_tokens == chat.usage.prompt_tokens
+    stream = client.responses.create(model=model_id, input="Hello", temperature=0, max_output_tokens=8, stream=True)
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.output_item.done" in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == response.output_text
+
+
+def test_a_client_that_leaves_cancels_its_generation(client, model_id):
+    stream = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Go on forever"}], temperature=0, stream=True
+    )  # no max_tokens: only the context (1024 tokens) would end it
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()
+    started = time.monotonic()
+    quick = client.with_options(timeout=30).chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Next"}], max_tokens=2
+    )
+    assert quick.usage.completion_tokens == 2
+    assert time.monotonic() - started < 30
+
+
+def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
+    def ask(i: int):
+        return client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": f"Request {i}"}], temperature=0, max_tokens=4
+        )
+
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(ask, range(6)))
+    assert all(r.usage.completion_tokens == 4 for r in replies)
+    assert len({r.id for r in replies}) == 6
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment", "param"),
+    [
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist", "model"),
+        ("{not json", 400, "not valid JSON", None),
+        ({"model": None, "messages": [{"role": "user", "content": "hi"}]}, 400, "'model' is required", "model"),
+        (
+            {"messages": [{"role": "tool", "tool_call_id": "x", "content": "{}"}]},
+            400,
+            "which no earlier",
+            "messages[0]",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]},
+            400,
+            "must come before the conversation",
+            "messages[1]",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            400,
+            "must be a user or tool message",
+            "messages",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            },
+            400,
+            "must be a JSON schema of type object",
+            "tools[0].function",
+        ),
+        ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "context holds 1024 tokens", "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "'temperature'", "temperature"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors_and_the_server_goes_on(served, model_id, body, status, fragment, param):
+    if isinstance(body, dict):
+        body = json.dumps({"model": model_id} | body)
+    reply = httpx.post(f"{served}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"] and error["param"] == param
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    ok = httpx.post(
+        f"{served}/v1/chat/completions",
+        json={"model": model_id, "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+
+
+def test_the_api_key_is_checked_on_every_request(tiny_checkpoint):
+    proc, url = start_server(tiny_checkpoint, "--api-key", "s3cret")
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="Incorrect or missing API key"):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert len(right.models.list().data) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--host", "0.0.0.0"],
+            "--host 0.0.0.0 lets other computers reach the model: add --allow-remote and --api-key",
+        ),
+        (
+            ["--host", "0.0.0.0", "--allow-remote"],
+            "--host 0.0.0.0 with --allow-remote needs --api-key (or MLX_OSS_API_KEY)",
+        ),
+    ],
+)
+def test_listening_beyond_this_computer_needs_a_flag_and_a_key(tiny_checkpoint, flags, message):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_OSS_API_KEY"}
+    cmd = [sys.executable, "-m", "mlx_oss.serve", "--model", str(tiny_checkpoint), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and out.stderr == f"python -m mlx_oss.serve: error: {message}\n"
+
+
+# -- tool calls, on a scripted model ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scripted():
+    """(model, url): the real server app under uvicorn on 127.0.0.1, in this process, on a scripted model."""
+    model = ScriptedModel(step_delay=0.0)
+    server = Server(Engine(model), "scripted", max_waiting=1)
+    port = free_port()
+    runner = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url)
+    yield model, url
+    runner.should_exit = True
+    thread.join(timeout=30)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = (
+    "<|channel|>analysis<|message|>I need the weather.<|end|><|start|>assistant<|channel|>commentary "
+    'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+)
+
+
+def expect(model: ScriptedModel, body: dict, text: str, stop: int) -> None:
+    model.expect(render_prompt(parse_chat(body, "scripted").conversation), [*harmony_tokens(text), stop])
+
+
+def test_a_tool_call_round_trip(scripted):
+    model, url = scripted
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    expect(model, {"model": "scripted", "messages": messages, "tools": [WEATHER]}, CALL, 200012)
+    reply = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER], temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.reasoning_content == "I need the weather."  # apart, never in the answer
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call.model_dump()],
+            "reasoning_content": "I need the weather.",
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'},
+    ]
+    expect(
+        model,
+        {"model": "scripted", "messages": messages, "tools": [WEATHER]},
+        "<|channel|>final<|message|>It is 21 °C in Paris.",
+        200002,
+    )
+    stream = client.chat.completions.create(
+        model="scripted", messages=messages, tools=[WEATHER], temperature=0, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is 21 °C in Paris."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_streamed_tool_call(scripted):
+    model, url = scripted
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    expect(model, {"model": "scripted", "messages": messages, "tools": [WEATHER]}, CALL, 200012)
+    chunks = [
+        c
+        for c in client.chat.completions.create(
+            model="scripted", messages=messages, tools=[WEATHER], temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert reasoning == "I need the weather." and not any(c.choices[0].delta.content for c in chunks)
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in calls] == [
+        (0, "get_weather", '{"city": "Paris"}')
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_function_call_round_trip_in_the_responses_api(scripted):
+    model, url = scripted
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    tool = {"type": "function", **WEATHER["function"]}
+    chat_view = {
+        "model": "scripted",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER],
+    }
+    expect(model, chat_view, CALL, 200012)  # the same conversation, so the same prompt
+    response = client.responses.create(model="scripted", input="Weather in Paris?", tools=[tool], temperature=0)
+    kinds = [item.type for item in response.output]
+    assert kinds == ["reasoning", "function_call"]
+    call = response.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    follow_up = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 21}'},
+    ]
+    chat_view["messages"] += [
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": '{"celsius": 21}'},
+    ]
+    expect(model, chat_view, "<|channel|>final<|message|>21 °C.", 200002)
+    answer = client.responses.create(model="scripted", input=follow_up, tools=[tool], temperature=0)
+    assert answer.output_text == "21 °C." and answer.status == "completed"
+
+
+def test_a_full_queue_is_told_to_come_back(scripted):
+    model, url = scripted
+    model.step_delay = 0.05
+    model.expect([0] * 10_000, [])  # plays nothing: each answer runs until max_tokens
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60), range(4)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) >= 2 and 429 in codes  # one running, one waiting, the rest refused
+    busy = next(r for r in replies if r.status_code == 429).json()["error"]
+    assert busy["type"] == "rate_limit_error" and "busy" in busy["message"]
+    assert np.all([r.json()["usage"]["completion_tokens"] == 40 for r in replies if r.status_code == 200])
