@@ -1,4 +1,4 @@
-"""`python -m mlx_oss.app`: the desktop app."""
+"""`python -m mlx_oss.app`: the desktop app. `--self-check` proves the installation works and exits."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         from PySide6.QtWidgets import QApplication
     except ImportError:
@@ -15,14 +16,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if "--self-check" in argv:
+        from .self_check import self_check
+
+        return self_check()
+    from PySide6.QtGui import QIcon
+
     from .main_window import MainWindow
 
-    app = QApplication(sys.argv[:1] + list(argv or []))
+    app = QApplication(sys.argv[:1] + argv)
     app.setApplicationName("mlx-oss")
+    app.setApplicationDisplayName("mlx-oss")
+    app.setWindowIcon(QIcon(str(icon_path())))
     window = MainWindow()
     window.show()
     return app.exec()
 
 
+def icon_path():
+    from pathlib import Path
+
+    return Path(__file__).with_name("icon.png")
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

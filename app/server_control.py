@@ -51,19 +51,12 @@ class ServerControl(QGroupBox):
         self.process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         self.process.readyReadStandardOutput.connect(self._read)
         self.process.finished.connect(self._finished)
-        args = [
-            "-m",
-            "mlx_oss.serve",
-            "--model",
-            self.model,
-            "--backend",
-            self.backend,
-            "--port",
-            str(self.port.value()),
-        ]
+        args = ["--model", self.model, "--backend", self.backend, "--port", str(self.port.value())]
+        # a bundled app is one executable that serves when asked (see packaging/launcher.py)
+        command = ["--serve"] if getattr(sys, "frozen", False) else ["-m", "mlx_oss.serve"]
         self.status.setText(f"starting {self.model}…")
         self.port.setEnabled(False)
-        self.process.start(sys.executable, args)
+        self.process.start(sys.executable, command + args)
 
     def stop(self) -> None:
         if self.process is None:

@@ -304,3 +304,14 @@ def test_the_server_starts_and_stops_from_the_app(qtbot, app_dir, tiny_checkpoin
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/models", timeout=2)
     close(window)
+
+
+def test_self_check_reports_one_line_and_touches_nothing_of_the_users(app_dir):
+    before = sorted(app_dir.rglob("*")) if app_dir.exists() else []
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_oss.app", "--self-check"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("mlx-oss self-check: ok: Qt ") and out.stdout.count("\n") == 1
+    assert "5 tokens generated on numpy" in out.stdout
+    assert (sorted(app_dir.rglob("*")) if app_dir.exists() else []) == before
