@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return self_check()
     from PySide6.QtGui import QIcon
+    from PySide6.QtWidgets import QMessageBox
+
+    from mlx_oss.errors import MlxOssError
 
     from .main_window import MainWindow
 
@@ -28,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     app.setApplicationName("mlx-oss")
     app.setApplicationDisplayName("mlx-oss")
     app.setWindowIcon(QIcon(str(icon_path())))
-    window = MainWindow()
+    try:
+        window = MainWindow()
+    except MlxOssError as e:  # e.g. the conversation file is locked by another running mlx-oss
+        QMessageBox.critical(None, "mlx-oss", str(e))
+        return 1
     window.show()
     return app.exec()
 

@@ -75,10 +75,12 @@ class MainWindow(QMainWindow):
         # openai-harmony holds the GIL for ~0.15 s while it reads the vocabulary: do it before the window shows,
         # not on the model's thread while the user waits for an answer.
         encoding()
-        self.host = ModelHost()
+        self.host = ModelHost(self.store)
         QApplication.instance().aboutToQuit.connect(self.shut_down)
         self.loaded_key: tuple | None = None  # (model, backend, context) the engine holds
         self.loading = False
+        self.load_number = 0  # of the latest load request: answers to earlier ones are stale
+        self.model_ok = False
         self.pending = False  # a generation waits for the model to load
         self.current: int | None = None
         self.streaming: tuple[int, MessageView] | None = None
@@ -148,23 +150,30 @@ class MainWindow(QMainWindow):
                     "Settings."
                 )
             self.tabs.setCurrentWidget(self.models)
-            self.chat.set_busy(False, can_send=False)
+            self.model_ok = False
+            self.chat.set_busy(self.streaming is not None, can_send=False)
             return False
-        self.model_label.setText(self.settings.model)
+        if self.loaded_key != self._wanted_key():
+            self.model_label.setText(self.settings.model)
+        self.model_ok = True
         self.chat.set_busy(self.streaming is not None, can_send=True)
         return True
 
     def _wanted_key(self) -> tuple:
         return (self.settings.model, self.settings.backend, self.settings.context_length)
 
-    def _loaded(self, description: str) -> None:
+    def _loaded(self, number: int, description: str) -> None:
+        if number != self.load_number:
+            return
         self.loading = False
         self.model_label.setText(description)
         if self.pending:
             self.pending = False
             self._generate()
 
-    def _load_failed(self, message: str) -> None:
+    def _load_failed(self, number: int, message: str) -> None:
+        if number != self.load_number:
+            return
         self.loading = self.pending = False
         self.loaded_key = None
         self.chat.show_banner(f"The model could not be loaded: {message}")
@@ -287,8 +296,9 @@ class MainWindow(QMainWindow):
         if self.loaded_key != self._wanted_key():
             self.loaded_key = self._wanted_key()
             self.loading = self.pending = True
+            self.load_number += 1
             self.model_label.setText(f"loading {self.settings.model}…")
-            self.host.load_requested.emit(*self.loaded_key)
+            self.host.load_requested.emit(self.load_number, *self.loaded_key)
         elif self.loading:
             self.pending = True
         else:
@@ -312,6 +322,8 @@ class MainWindow(QMainWindow):
             self.chat.stream(self.streaming[1], content=text)
 
     def _finished(self, done: Done) -> None:
+        if self.streaming is None:  # a late answer to a request that was stopped or closed
+            return
         s = done.stats
         stats = {
             "stop_reason": done.stop_reason,
@@ -328,6 +340,8 @@ class MainWindow(QMainWindow):
         self._end_stream("stopped" if done.stop_reason == "cancelled" else "done", stats)
 
     def _failed(self, message: str) -> None:
+        if self.streaming is None:
+            return
         self.chat.show_banner(message)
         self._end_stream("failed")
 
@@ -339,7 +353,7 @@ class MainWindow(QMainWindow):
         self.cancel = None
         self.list.setEnabled(True)
         self.new_button.setEnabled(True)
-        self.chat.set_busy(False, can_send=True)
+        self.chat.set_busy(False, can_send=self.model_ok)
         self.refresh_list()
 
     # -- models and settings ---------------------------------------------------------------------------------
@@ -350,7 +364,7 @@ class MainWindow(QMainWindow):
         self._settings_saved(self.settings)
 
     def _store_changed(self) -> None:
-        self.settings_view.show_settings(self.settings, [m.name for m in self.store.list()])
+        self.settings_view.update_models([m.name for m in self.store.list()])
         if self.check_model() and not self.conversations.notice:
             self.chat.show_banner(None)
 

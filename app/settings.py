@@ -74,13 +74,21 @@ class AppSettings:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return defaults
-        values = {}
+        if not isinstance(raw, dict):
+            return defaults
+        settings = defaults
         for f in dataclasses.fields(cls):
-            value = raw.get(f.name) if isinstance(raw, dict) else None
-            if isinstance(value, type(getattr(defaults, f.name))) or (f.type == "float" and type(value) is int):
-                values[f.name] = value
-        settings = cls(**values)
-        return settings if not settings.problems() else defaults
+            value = raw.get(f.name)
+            kind = type(getattr(defaults, f.name))
+            if isinstance(value, bool) or value is None:
+                continue
+            if kind is float and isinstance(value, int):
+                value = float(value)
+            if isinstance(value, kind):
+                candidate = dataclasses.replace(settings, **{f.name: value})
+                if not candidate.problems():  # a bad value falls back to the default, the others stay
+                    settings = candidate
+        return settings
 
     def save(self, path: Path | None = None) -> None:
         path = path or config_dir() / "settings.json"

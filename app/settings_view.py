@@ -77,6 +77,13 @@ class SettingsView(QWidget):
         self.context.setValue(settings.context_length)
         self.system_prompt.setPlainText(settings.system_prompt)
 
+    def update_models(self, model_names: list[str]) -> None:
+        """New choices for the model box (after a download or a deletion), leaving the rest of the form as typed."""
+        typed = self.model.currentText()
+        self.model.clear()
+        self.model.addItems(sorted(set(model_names) | {self.settings.model}))
+        self.model.setCurrentText(typed)
+
     def current(self) -> AppSettings:
         return dataclasses.replace(
             self.settings,

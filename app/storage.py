@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_oss.errors import MlxOssError
+
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -35,6 +37,15 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
 STATES = ("done", "streaming", "stopped", "interrupted", "failed")
+NOT_A_DATABASE, CORRUPT = 26, 11  # SQLite's result codes for a file that is not (or no longer) a database
+
+
+def _damaged(error: sqlite3.DatabaseError) -> bool:
+    """A file to set aside, as opposed to one that is busy, read-only or on a full disk (left alone)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in (NOT_A_DATABASE, CORRUPT)
+
+
 DEFAULT_TITLE = "New chat"
 
 
@@ -56,18 +67,23 @@ class ConversationSummary:
 
 
 class ConversationStore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         """Open (or create) the database at `path`. `notice` says what was done about a damaged file, if any."""
         self.path = Path(path)
+        self.busy_timeout = busy_timeout  # seconds to wait for another process that holds the file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.notice: str | None = None
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
+            if not _damaged(e):
+                raise MlxOssError(
+                    f"cannot open the conversations in {self.path}: {e} (is mlx-oss already running?)"
+                ) from None
             aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            for suffix in ("", "-wal", "-shm"):  # the journal files belong to the damaged file: they go along
+                if Path(f"{self.path}{suffix}").exists():
+                    Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
             self.notice = (
                 f"The conversation file could not be read ({e}); it was set aside as {aside.name} "
                 "and a new one started."
@@ -75,7 +91,7 @@ class ConversationStore:
             self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

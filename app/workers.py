@@ -27,18 +27,19 @@ def _message(error: BaseException) -> str:
 class ModelHost(QObject):
     """Owns the loaded model and its engine, on a thread of its own; one request at a time."""
 
-    load_requested = Signal(str, str, int)  # model, backend, context length
+    load_requested = Signal(int, str, str, int)  # request number, model, backend, context length
     generate_requested = Signal(object, object, object)  # Conversation, SamplingParams, CancelToken
 
-    loaded = Signal(str)  # a one-line description of what was loaded
-    load_failed = Signal(str)
+    loaded = Signal(int, str)  # request number, a one-line description of what was loaded
+    load_failed = Signal(int, str)
     reasoning = Signal(str)
     answer = Signal(str)
     finished = Signal(object)  # Done
     failed = Signal(str)
 
-    def __init__(self):
+    def __init__(self, store=None):
         super().__init__()
+        self.store = store  # where hub names are looked up (the window's model store)
         self.engine: Engine | None = None
         self.thread = QThread()
         self.thread.setObjectName("model")
@@ -51,8 +52,8 @@ class ModelHost(QObject):
         self.thread.quit()
         self.thread.wait()
 
-    @Slot(str, str, int)
-    def _load(self, model: str, backend: str, context_length: int) -> None:
+    @Slot(int, str, str, int)
+    def _load(self, number: int, model: str, backend: str, context_length: int) -> None:
         from mlx_oss.cli import format_count
         from mlx_oss.layouts import parameter_count
         from mlx_oss.loading import load
@@ -60,14 +61,14 @@ class ModelHost(QObject):
 
         self.engine = None
         try:
-            path = resolve_model(model, backend)
+            path = resolve_model(model, backend, self.store)
             loaded = load(path, backend=backend)
             self.engine = Engine(loaded, context_length=context_length)
         except BaseException as e:  # noqa: BLE001 - every failure becomes a message in the window
-            self.load_failed.emit(_message(e))
+            self.load_failed.emit(number, _message(e))
             return
         size = format_count(parameter_count(loaded.config))
-        self.loaded.emit(f"{model} ({size} parameters, {loaded.backend} backend)")
+        self.loaded.emit(number, f"{model} ({size} parameters, {loaded.backend} backend)")
 
     @Slot(object, object, object)
     def _generate(self, conversation: Conversation, sampling: SamplingParams, cancel: CancelToken) -> None:

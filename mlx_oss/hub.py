@@ -148,7 +148,7 @@ def _http():
 
 
 def _is_network_error(error: BaseException) -> bool:
-    return isinstance(error, _http().TransportError | OSError)
+    return isinstance(error, _http().TransportError)
 
 
 def _is_dropped_transfer(error: BaseException) -> bool:
@@ -239,7 +239,19 @@ def _hasher(f: RemoteFile):
 
 
 def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transfer, cancel: CancelToken) -> None:
-    """Download `f` into `blobs/<etag>`, resuming its `.incomplete` file; verify size and checksum on the way."""
+    """Download `f` into `blobs/<etag>` under the hub cache's own lock for that blob (so huggingface_hub's tools
+    and a second mlx-oss never write the same file at once)."""
+    from huggingface_hub.utils import WeakFileLock
+
+    lock = blobs.parent.parent / ".locks" / blobs.parent.name / f"{f.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if not ((blobs / f.etag).is_file() and (blobs / f.etag).stat().st_size == f.size):
+            _transfer(name, commit, f, blobs, transfer, cancel)
+
+
+def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transfer, cancel: CancelToken) -> None:
+    """Fetch `f`, resuming its `.incomplete` file; verify size and checksum on the way."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -252,6 +264,8 @@ def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transf
     url = hf_hub_url(name, f.path, revision=commit, endpoint=endpoint())
     failures = 0
     while (have := partial.stat().st_size) < f.size:
+        if cancel.cancelled:
+            raise DownloadCancelled(f"download of {name} cancelled; run it again to resume")
         headers = build_hf_headers() | {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -267,17 +281,18 @@ def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transf
                         if cancel.cancelled:
                             raise DownloadCancelled(f"download of {name} cancelled; run it again to resume")
                         chunk = chunk[: f.size - out.tell()]
-                        out.write(chunk)
+                        _write(out, chunk, partial)
                         hasher.update(chunk)
                         transfer.add(f.path, len(chunk))
                         failures = 0
-        except DownloadCancelled:
+        except (DownloadCancelled, HubError):
             raise
         except Exception as e:
             if not _is_network_error(e) or failures >= RETRIES:
                 raise hub_error(e, name, f.path) from None
             failures += 1
-            time.sleep(min(RETRY_DELAY_S * 2 ** (failures - 1), 8))
+            if cancel.wait(min(RETRY_DELAY_S * 2 ** (failures - 1), 8)):
+                raise DownloadCancelled(f"download of {name} cancelled; run it again to resume") from None
     digest = hasher.hexdigest()
     expected = f.sha256 or f.blob_id
     if expected and digest != expected:
@@ -287,6 +302,19 @@ def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transf
             "it was removed: run the download again"
         )
     os.replace(partial, blobs / f.etag)
+
+
+def _write(out, chunk: bytes, partial: Path) -> None:
+    """Append `chunk`; on a local failure (a full disk) cut the file back to what was checksummed, and say so."""
+    start = out.tell()
+    try:
+        out.write(chunk)
+        out.flush()
+    except OSError as e:
+        out.truncate(start)
+        raise HubError(
+            f"cannot write {partial}: {e.strerror or e}; free some space and run the download again"
+        ) from None
 
 
 def _link(target: Path, blob: Path) -> None:

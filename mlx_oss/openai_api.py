@@ -99,8 +99,8 @@ def _positive_int(body: dict, *names: str) -> int | None:
 
 def sampling(body: dict, max_names: tuple[str, ...]) -> SamplingParams:
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer, not {seed!r}", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ApiError(400, f"'seed' must be an integer of 0 or more, not {seed!r}", "seed")
     return SamplingParams(
         temperature=_number(body, "temperature", 0, 2, 1.0),
         top_p=_number(body, "top_p", 1e-9, 1, 1.0),
@@ -138,15 +138,34 @@ def apply_tool_choice(choice: Any, tools: list[Tool], instructions: str | None) 
         if not tools:
             raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice")
         ask = "Call one of the functions before you answer."
-    elif isinstance(choice, dict) and isinstance(
-        name := (choice.get("function") or {}).get("name", choice.get("name")), str
-    ):
+    elif isinstance(choice, dict) and isinstance(name := _chosen_name(choice), str):
         if name not in {t.name for t in tools}:
             raise ApiError(400, f"tool_choice names '{name}', which is not among the tools", "tool_choice")
         ask = f"Call the function {name} before you answer."
     else:
         raise ApiError(400, f"'tool_choice' must be none, auto, required or a function, not {choice!r}", "tool_choice")
     return tools, f"{instructions}\n\n{ask}" if instructions else ask
+
+
+def _chosen_name(choice: dict) -> Any:
+    """The function a `tool_choice` object names: chat's `{"function": {"name"}}` or responses' `{"name"}`."""
+    function = choice.get("function")
+    return function.get("name") if isinstance(function, dict) else choice.get("name")
+
+
+def _list(body: dict, name: str, param: str | None = None) -> list:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(400, f"'{param or name}' must be a list", param or name)
+    return value
+
+
+def _id(value: Any, param: str) -> str:
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ApiError(400, f"'{param}' must be a string", param)
+    return str(value)
 
 
 def _text(content: Any, param: str) -> str:
@@ -194,7 +213,7 @@ def parse_chat(body: Any, served: str) -> Request:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", "n")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
@@ -220,11 +239,11 @@ def parse_chat(body: Any, served: str) -> Request:
             text = _text(m.get("content"), f"{where}.content")
             if text:
                 messages.append(Message.answer(text))
-            for j, call in enumerate(m.get("tool_calls") or []):
+            for j, call in enumerate(_list(m, "tool_calls", f"{where}.tool_calls")):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                     raise ApiError(400, f"'{where}.tool_calls[{j}]' needs a function name", where)
-                calls[str(call.get("id"))] = function["name"]
+                calls[_id(call.get("id"), f"{where}.tool_calls[{j}].id")] = function["name"]
                 arguments = function.get("arguments")
                 messages.append(
                     Message.tool_call(
@@ -232,7 +251,7 @@ def parse_chat(body: Any, served: str) -> Request:
                     )
                 )
         elif role == "tool":
-            call_id = m.get("tool_call_id")
+            call_id = _id(m.get("tool_call_id"), f"{where}.tool_call_id")
             if call_id not in calls:
                 raise ApiError(
                     400, f"'{where}' answers tool_call_id {call_id!r}, which no earlier assistant message made", where
@@ -246,7 +265,7 @@ def parse_chat(body: Any, served: str) -> Request:
             )
     _check_order(messages, "messages")
     tools = []
-    for i, t in enumerate(body.get("tools") or []):
+    for i, t in enumerate(_list(body, "tools")):
         function = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(function, dict):
             raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
@@ -292,6 +311,12 @@ def tool_call_json(index: int, call_id: str, name: str, arguments: str) -> dict:
 def parse_responses(body: Any, served: str) -> Request:
     body = _object(body)
     check_model(body, served)
+    if body.get("previous_response_id") is not None:
+        raise ApiError(
+            400,
+            "previous_response_id is not supported (responses are not stored): send the whole conversation in 'input'",
+            "previous_response_id",
+        )
     raw = body.get("input")
     items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
     if not isinstance(items, list) or not items:
@@ -321,16 +346,17 @@ def parse_responses(body: Any, served: str) -> Request:
             else:
                 raise ApiError(400, f"'{where}.role' must be system, developer, user or assistant, not {role!r}", where)
         elif kind == "reasoning":
-            text = "".join(part.get("text", "") for part in item.get("content") or [] if isinstance(part, dict))
+            parts = _list(item, "content", f"{where}.content")
+            text = "".join(str(part.get("text", "")) for part in parts if isinstance(part, dict))
             if text:
                 messages.append(Message.reasoning(text))
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
                 raise ApiError(400, f"'{where}' needs a function name", where)
-            calls[str(item.get("call_id"))] = item["name"]
+            calls[_id(item.get("call_id"), f"{where}.call_id")] = item["name"]
             messages.append(Message.tool_call(FUNCTIONS + item["name"], str(item.get("arguments", ""))))
         elif kind == "function_call_output":
-            call_id = item.get("call_id")
+            call_id = _id(item.get("call_id"), f"{where}.call_id")
             if call_id not in calls:
                 raise ApiError(
                     400, f"'{where}' answers call_id {call_id!r}, which no earlier function_call made", where
@@ -345,7 +371,7 @@ def parse_responses(body: Any, served: str) -> Request:
             raise ApiError(400, f"'{where}.type' {kind!r} is not supported", where)
     _check_order(messages, "input")
     tools = []
-    for i, t in enumerate(body.get("tools") or []):
+    for i, t in enumerate(_list(body, "tools")):
         if not isinstance(t, dict) or t.get("type") != "function":
             raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
         tools.append(tool(t.get("name"), t.get("description"), t.get("parameters"), f"tools[{i}]"))

@@ -9,6 +9,7 @@ conversation prefills only what is new.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import queue
 import threading
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
+from .errors import MlxOssError
 from .harmony import render_prompt
 from .openai_api import (
     FINISH,
@@ -178,7 +180,7 @@ class Server:
         return Starlette(
             routes=routes,
             middleware=[Middleware(_Guard, server=self)],
-            exception_handlers={ApiError: _error, 404: _not_found, 405: _not_allowed},
+            exception_handlers={ApiError: _error, 404: _not_found, 405: _not_allowed, Exception: _unexpected},
         )
 
     async def _start(self, request: HttpRequest, parse) -> tuple[Request, list[int], Job]:
@@ -287,8 +289,8 @@ class Server:
                 s = turn.done.stats
                 yield chunk({}, usage=chat_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens))
             yield sse("[DONE]")
-        except ApiError as e:
-            yield sse(e.body())
+        except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it, in OpenAI's shape
+            yield sse(_as_api_error(e).body())
         finally:
             job.cancel.cancel()  # the client left, or we are done: either way nothing more to generate
 
@@ -326,8 +328,9 @@ class Server:
             for event in stream.close():
                 yield event
             yield stream.event("response.completed", response=self._response(response_id, turn, parsed, stream.items))
-        except ApiError as e:
-            yield stream.event("error", message=e.message, code=e.code, param=e.param)
+        except Exception as e:  # noqa: BLE001
+            error = _as_api_error(e)
+            yield stream.event("error", message=error.message, code=error.code, param=error.param)
         finally:
             job.cancel.cancel()
 
@@ -461,6 +464,19 @@ async def _error(request: HttpRequest, exc: ApiError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _as_api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, MlxOssError | ValueError):
+        return ApiError(400, str(error))
+    return ApiError(500, f"the generation failed: {type(error).__name__}: {error}", code="server_error")
+
+
+async def _unexpected(request: HttpRequest, exc: Exception) -> Response:
+    error = _as_api_error(exc)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 async def _not_found(request: HttpRequest, exc) -> Response:
     return JSONResponse(ApiError(404, f"no route {request.url.path}").body(), status_code=404)
 
@@ -470,19 +486,35 @@ async def _not_allowed(request: HttpRequest, exc) -> Response:
 
 
 class _Guard:
-    """Checks the API key on every request but `/health` (when there is a key), answering in OpenAI's shape."""
+    """Checks every request before it reaches the endpoints, answering refusals in OpenAI's shape."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.server.api_key and scope["path"] != "/health":
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if given != f"Bearer {self.server.api_key}":
-                error = ApiError(
-                    401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-                )
-                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+        if scope["type"] == "http":
+            error = self.check(scope)
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def check(self, scope) -> ApiError | None:
+        headers = dict(scope.get("headers") or [])
+        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
+            # a web page may send text/plain to 127.0.0.1 unasked; JSON needs the browser's permission first
+            return ApiError(415, "send the request body as application/json")
+        if self.server.api_key:
+            if scope["path"] == "/health":
+                return None
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.server.api_key}".encode()):
+                return ApiError(
+                    401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                )
+            return None
+        host = headers.get(b"host", b"").decode("latin-1").rsplit(":", 1)[0].strip("[]")
+        if host not in ("localhost", "::1") and not host.startswith("127."):
+            # without a key, only requests addressed to this computer are answered (no DNS rebinding)
+            return ApiError(403, f"requests for host {host!r} are refused; use 127.0.0.1, or serve with --api-key")
+        return None

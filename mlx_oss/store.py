@@ -4,8 +4,9 @@ Downloads go where the Hugging Face tools put them, so a model fetched by mlx-lm
 too and the other way round: the hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`),
 one `models--ORG--NAME` folder per repository. `MLX_OSS_MODELS` moves the store elsewhere. Converted layouts live
 beside their source, in `models--ORG--NAME/mlx-oss/{mlx,numpy}` (the hub's cache tools ignore that folder and
-delete it with the repository). A download counts as present once it was verified: `mlx-oss/verified.json`
-names its revision and files. Nothing here touches the network.
+delete it with the repository). Our downloads count as present once verified (`mlx-oss/verified.json` names
+their revision and files); one made by another Hugging Face tool counts once the `refs/main` snapshot holds its
+config and every shard. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class ModelStore:
             snapshot = folder / "snapshots" / str(model.revision)
             if model.revision and all((snapshot / f).is_file() for f in model.files):
                 model.layouts[HF] = snapshot
+        if HF not in model.layouts and (snapshot := _complete_snapshot(folder)) is not None:
+            model.layouts[HF] = snapshot  # fetched by another Hugging Face tool, which checked the sizes
         for layout in (MLX, NUMPY):
             if (folder / OURS / layout / "config.json").is_file():
                 model.layouts[layout] = folder / OURS / layout
@@ -149,6 +152,21 @@ class ModelStore:
         raise MlxOssError(
             f"{name} is not on this computer{hint}; get it with: python -m mlx_oss.models download {name}"
         )
+
+
+def _complete_snapshot(folder: Path) -> Path | None:
+    """The snapshot `refs/main` points at, if its config and every shard its index lists are there."""
+    try:
+        snapshot = folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
+        index = snapshot / "model.safetensors.index.json"
+        if index.is_file():
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        else:
+            shards = {"model.safetensors"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    complete = (snapshot / "config.json").is_file() and all((snapshot / shard).is_file() for shard in shards)
+    return snapshot if complete else None
 
 
 def resolve_model(arg: str, backend: str = "auto", store: ModelStore | None = None) -> Path:

@@ -4,6 +4,7 @@ It serves model repos from local folders over real HTTP on 127.0.0.1 and answers
 ``huggingface_hub`` (2.x) makes for ``HfApi.model_info`` and ``hf_hub_download``, which mlx-oss's downloader uses:
 
     GET  /api/models/{repo_id}[/revision/{rev}][?blobs=true]        -> model info JSON (``sha``, ``siblings``)
+    GET  /api/models/{repo_id}/tree/{rev}[/{path}][?recursive=true]  -> tree listing JSON (for snapshot_download)
     HEAD /{repo_id}/resolve/{rev}/{filename}                         -> file metadata in headers
     GET  /{repo_id}/resolve/{rev}/{filename}   (honours ``Range``)    -> file bytes (200, or 206 + Content-Range)
 
@@ -125,6 +126,10 @@ class Repo:
     def resolve_revision(self, revision: str) -> str | None:
         return self.commit if revision in ("main", self.commit) else None
 
+    def folders(self) -> list[str]:
+        parents = {str(parent) for f in self.files for parent in Path(f).parents if str(parent) != "."}
+        return sorted(p.replace(os.sep, "/") for p in parents)
+
     def model_info(self, with_metadata: bool) -> dict:
         return {
             "_id": self.commit[:24],
@@ -139,6 +144,23 @@ class Repo:
             "tags": [],
             "siblings": [f.sibling(with_metadata) for f in self.files.values()],
         }
+
+    def tree(self, path: str, recursive: bool) -> list[dict] | None:
+        """Tree listing under `path` ('' = root), or None if `path` is not a folder of the repo."""
+        prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+        if prefix and prefix.rstrip("/") not in self.folders():
+            return None
+
+        def wanted(p: str) -> bool:
+            return p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])
+
+        entries: list[dict] = [
+            {"type": "directory", "oid": hashlib.sha1(f"{self.commit}:{d}".encode()).hexdigest(), "size": 0, "path": d}
+            for d in self.folders()
+            if wanted(d)
+        ]
+        entries += [f.tree_entry() for p, f in self.files.items() if wanted(p)]
+        return entries
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -311,16 +333,30 @@ class _Handler(BaseHTTPRequestHandler):
         return self._find_repo(unquote(self._raw_path.lstrip("/").split("/resolve/", 1)[0]))
 
     def _handle_api(self, rest: str) -> None:
-        # rest = "{repo_id}" | "{repo_id}/revision/{rev}"
-        repo_part, _, revision = rest.partition("/revision/")
+        # rest = "{repo_id}" | "{repo_id}/revision/{rev}" | "{repo_id}/tree/{rev}[/{path}]"
+        kind, revision, sub_path = "info", "main", ""
+        if "/tree/" in rest:
+            repo_part, tail = rest.split("/tree/", 1)
+            revision, _, sub_path = tail.partition("/")
+            kind = "tree"
+        elif "/revision/" in rest:
+            repo_part, revision = rest.split("/revision/", 1)
+        else:
+            repo_part = rest
         repo = self._find_repo(unquote(repo_part))
         if repo is None:
             return self._send_error(404, "RepoNotFound", "Repository not found")
-        commit = repo.resolve_revision(unquote(revision or "main"))
+        commit = repo.resolve_revision(unquote(revision))
         if commit is None:
             return self._send_error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
-        with_metadata = self._query.get("blobs", ["false"])[0].lower() == "true"
-        self._send_json(repo.model_info(with_metadata))
+        if kind == "info":
+            with_metadata = self._query.get("blobs", ["false"])[0].lower() == "true"
+            return self._send_json(repo.model_info(with_metadata))
+        recursive = self._query.get("recursive", ["false"])[0].lower() == "true"
+        entries = repo.tree(unquote(sub_path), recursive)
+        if entries is None:
+            return self._send_error(404, "EntryNotFound", f"{unquote(sub_path)} does not exist on {revision}")
+        self._send_json(entries)
 
     def _handle_resolve(self) -> None:
         repo_part, tail = self._raw_path.lstrip("/").split("/resolve/", 1)

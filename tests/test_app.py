@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QMessageBox  # noqa: E402
 from mlx_oss.app.main_window import MainWindow  # noqa: E402
 from mlx_oss.app.settings import AppSettings  # noqa: E402
 from mlx_oss.app.storage import ConversationStore  # noqa: E402
+from mlx_oss.errors import MlxOssError  # noqa: E402
 from mlx_oss.store import ModelStore  # noqa: E402
 
 TIMEOUT_MS = 60_000
@@ -315,3 +316,31 @@ def test_self_check_reports_one_line_and_touches_nothing_of_the_users(app_dir):
     assert out.stdout.startswith("mlx-oss self-check: ok: Qt ") and out.stdout.count("\n") == 1
     assert "5 tokens generated on numpy" in out.stdout
     assert (sorted(app_dir.rglob("*")) if app_dir.exists() else []) == before
+
+
+def test_a_busy_database_is_left_alone_not_set_aside(app_dir):
+    store = ConversationStore(app_dir / "conversations.db")
+    store.add(store.new("Keep me"), "user", "important")
+    store.close()
+    holder = sqlite3.connect(app_dir / "conversations.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another program holds the file
+    try:
+        with pytest.raises(
+            MlxOssError,
+            match=r"cannot open the conversations in .*: database is locked \(is mlx-oss already running\?\)",
+        ):
+            ConversationStore(app_dir / "conversations.db", busy_timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not list(app_dir.glob("*.damaged-*"))
+    assert [s.title for s in ConversationStore(app_dir / "conversations.db").list()] == ["Keep me"]
+
+
+def test_a_bad_setting_falls_back_alone(app_dir):
+    (app_dir / "settings.json").write_text(
+        json.dumps({"backend": "quantum", "system_prompt": "Keep me", "max_tokens": True, "temperature": 0})
+    )
+    settings = AppSettings.load()
+    assert settings.backend == "auto" and settings.max_tokens == 0  # the bad values: defaults
+    assert settings.system_prompt == "Keep me" and settings.temperature == 0.0  # the good ones: kept

@@ -229,6 +229,20 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
         ),
         ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "context holds 1024 tokens", "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "'temperature'", "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "'seed' must be an integer", "seed"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": 5}, 400, "'tools' must be a list", "tools"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": [1], "content": "x"}]},
+            400,
+            "must be a string",
+            "messages[1].tool_call_id",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": {"function": "f"}},
+            400,
+            "'tool_choice' must be",
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_and_the_server_goes_on(served, model_id, body, status, fragment, param):
@@ -245,6 +259,18 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_goes_on(served, mo
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_requests_a_web_page_could_forge_are_refused(served, model_id):
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    plain = httpx.post(f"{served}/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]["message"]
+    rebound = httpx.get(f"{served}/v1/models", headers={"host": "attacker.example:8080"})
+    assert rebound.status_code == 403 and "attacker.example" in rebound.json()["error"]["message"]
+    responses = httpx.post(
+        f"{served}/v1/responses", json={"model": model_id, "input": "hi", "previous_response_id": "resp_1"}
+    )
+    assert responses.status_code == 400 and responses.json()["error"]["param"] == "previous_response_id"
 
 
 def test_the_api_key_is_checked_on_every_request(tiny_checkpoint):

@@ -307,3 +307,19 @@ def test_chat_offers_to_download_a_missing_model(fake_hub, store):
     finally:
         child.close()
     assert child.exitstatus == 1
+
+
+def test_a_model_fetched_by_huggingface_hub_itself_is_found(fake_hub, store, monkeypatch):
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        NAME, cache_dir=store.root, endpoint=fake_hub.url, allow_patterns=["*.json", "*.safetensors"]
+    )
+    stored = store.get(NAME)
+    assert stored.downloaded and stored.layouts["hf"] == Path(path)
+    assert resolve_model(NAME) == Path(path)
+    fetched_before = len(fetched(fake_hub))
+    missing = {f for f in fake_hub.repo(NAME).files if hub.wanted(f) and not (Path(path) / f).exists()}
+    assert download(NAME, store) == Path(path)  # only what that tool left out is fetched
+    assert {p.rsplit("/", 1)[1] for p in fetched(fake_hub)[fetched_before:]} == missing
+    assert store.get(NAME).revision == fake_hub.repo(NAME).commit  # and now it is verified
