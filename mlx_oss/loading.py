@@ -46,7 +46,7 @@ def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
 
 def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
     """The backend to run and why. `auto` follows a converted directory's layout; for a Hugging Face one it is
-    MLX on Apple silicon (Metal) and NumPy elsewhere, where MLX's CPU path is far slower than the NumPy one."""
+    MLX on Apple silicon (Metal) and NumPy elsewhere: the CPU backend meant to be tuned for machines without a GPU."""
     if requested not in BACKENDS:
         raise MlxOssError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
