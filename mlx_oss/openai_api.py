@@ -292,12 +292,13 @@ def parse_chat(body: Any, served: str) -> Request:
 FINISH = {"stop": "stop", "tool_call": "tool_calls", "length": "length", "context_limit": "length", "cancelled": "stop"}
 
 
-def chat_usage(prompt: int, completion: int, cached: int) -> dict:
+def chat_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
     }
 
 
@@ -401,7 +402,6 @@ def parse_responses(body: Any, served: str) -> Request:
 
 
 def response_usage(prompt: int, completion: int, cached: int, reasoning_tokens: int) -> dict:
-    """Token counts; reasoning tokens are not counted apart (0): the engine does not track channels per token."""
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": cached},

@@ -119,6 +119,7 @@ class Turn:
     """What one generation produced, as events arrive (after stop sequences)."""
 
     reasoning: str = ""
+    reasoning_tokens: int = 0  # generated tokens that carried reasoning (one delta each)
     answer: str = ""
     calls: list[tuple[str, str, str]] = field(default_factory=list)  # (call id, function name, arguments)
     done: Done | None = None
@@ -138,6 +139,7 @@ async def events(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[tuple
             raise item
         if isinstance(item, ReasoningDelta):
             turn.reasoning += item.text
+            turn.reasoning_tokens += 1
             yield "reasoning", item.text
         elif isinstance(item, AnswerDelta):
             text = stops.feed(item.text)
@@ -256,7 +258,7 @@ class Server:
                 "created": created,
                 "model": self.model_id,
                 "choices": [{"index": 0, "message": message, "finish_reason": turn.finish_reason, "logprobs": None}],
-                "usage": chat_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens),
+                "usage": chat_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens, turn.reasoning_tokens),
             }
         )
 
@@ -287,7 +289,8 @@ class Server:
             yield chunk({}, turn.finish_reason)
             if parsed.include_usage:
                 s = turn.done.stats
-                yield chunk({}, usage=chat_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens))
+                usage = chat_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens, turn.reasoning_tokens)
+                yield chunk({}, usage=usage)
             yield sse("[DONE]")
         except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it, in OpenAI's shape
             yield sse(_as_api_error(e).body())
@@ -312,7 +315,7 @@ class Server:
             self.model_id,
             "incomplete" if incomplete else "completed",
             items if items is not None else output_items(turn),
-            response_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens, reasoning_tokens=0),
+            response_usage(s.prompt_tokens, s.generated_tokens, s.reused_tokens, turn.reasoning_tokens),
             parsed.extras,
             incomplete,
         )

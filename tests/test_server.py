@@ -353,6 +353,7 @@ def test_a_tool_call_round_trip(scripted):
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert choice.message.reasoning_content == "I need the weather."  # apart, never in the answer
+    assert reply.usage.completion_tokens_details.reasoning_tokens == len(harmony_tokens("I need the weather."))
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
 
