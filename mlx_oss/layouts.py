@@ -29,11 +29,10 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 HF, MLX, NUMPY = "hf", "mlx", "numpy"
-LAYOUTS = (HF, MLX, NUMPY)
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
 Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias
-ROWS_PER_CHUNK = 4096  # rows of a BF16 matrix copied or quantized at once
+ROWS_PER_CHUNK = 4096  # rows of a matrix widened or quantized at once
 
 # The markers of each layout: a tensor name that only it has.
 _MARKERS = {
@@ -44,7 +43,7 @@ _MARKERS = {
 
 @dataclass(frozen=True)
 class Expected:
-    shape: tuple[int, ...] | None  # None: checked by the quantized tensor's own rule
+    shape: tuple[int, ...]
     dtypes: tuple[str, ...]
 
 
@@ -56,13 +55,14 @@ def detect_layout(names: Iterable[str]) -> str:
     return HF
 
 
-def _per_layer(config: ModelConfig) -> Iterator[tuple[int, str]]:
+def _layer_prefixes(config: ModelConfig) -> Iterator[str]:
     for i in range(config.num_hidden_layers):
-        yield i, f"model.layers.{i}."
+        yield f"model.layers.{i}."
 
 
 def expected_tensors(config: ModelConfig, layout: str = HF) -> dict[str, Expected]:
-    """Every tensor of `layout` with its shape and the dtypes accepted (8-bit MLX tensors: see `quantized`)."""
+    """Every tensor of `layout` with its shape and the dtypes accepted (the lossy 8-bit MLX tensors replace some
+    of these: see `quantizable` and `q8_shapes`)."""
     c = config
     fl = FLOAT_DTYPES
     f32 = ("F32",)
@@ -75,7 +75,7 @@ def expected_tensors(config: ModelConfig, layout: str = HF) -> dict[str, Expecte
     if not c.tie_word_embeddings:
         out["lm_head.weight"] = Expected((c.vocab_size, H), fl)
     small = f32 if layout == NUMPY else fl
-    for _, p in _per_layer(c):
+    for p in _layer_prefixes(c):
         out |= {
             p + "input_layernorm.weight": Expected((H,), small),
             p + "post_attention_layernorm.weight": Expected((H,), small),
@@ -114,7 +114,7 @@ def expected_tensors(config: ModelConfig, layout: str = HF) -> dict[str, Expecte
 def quantizable(config: ModelConfig) -> list[str]:
     """The matrices the lossy 8-bit MLX option stores quantized: attention projections and embeddings."""
     names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-    for _, p in _per_layer(config):
+    for p in _layer_prefixes(config):
         names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
     return names
 
@@ -234,12 +234,14 @@ def q8_specs(spec: TensorSpec) -> list[TensorSpec]:
     def part(index: int, dtype: str):
         def chunks():
             for chunk in spec.chunks():
-                if spec.dtype == "BF16":
-                    matrix = mx.array(np.ascontiguousarray(chunk)).view(mx.bfloat16)
-                else:
-                    matrix = mx.array(as_float32(chunk, spec.dtype)).astype(mx.bfloat16)
-                piece = mx.quantize(matrix, group_size=Q8["group_size"], bits=Q8["bits"])[index]
-                yield np.array(piece if dtype == "U32" else piece.astype(mx.bfloat16).view(mx.uint16))
+                for r0 in range(0, chunk.shape[0], ROWS_PER_CHUNK):  # rows are quantized independently
+                    rows = chunk[r0 : r0 + ROWS_PER_CHUNK]
+                    if spec.dtype == "BF16":
+                        matrix = mx.array(np.ascontiguousarray(rows)).view(mx.bfloat16)
+                    else:
+                        matrix = mx.array(as_float32(rows, spec.dtype)).astype(mx.bfloat16)
+                    piece = mx.quantize(matrix, group_size=Q8["group_size"], bits=Q8["bits"])[index]
+                    yield np.array(piece if dtype == "U32" else piece.astype(mx.bfloat16).view(mx.uint16))
 
         return chunks
 
