@@ -209,11 +209,9 @@ def download(
     transfer = _Transfer(name, total, sum(have.values()), on_progress)
     for f in files:
         if cancel.cancelled:
-            raise DownloadCancelled(f"download of {name} cancelled; run it again to resume")
-        blob = blobs / f.etag
-        if not (blob.is_file() and blob.stat().st_size == f.size):
-            _fetch(name, commit, f, blobs, transfer, cancel)
-        _link(snapshot / f.path, blob)
+            raise _cancelled(name)
+        _fetch(name, commit, f, blobs, transfer, cancel)
+        _link(snapshot / f.path, blobs / f.etag)
     transfer.add("", 0, force=True)
     refs = folder / "refs"
     refs.mkdir(exist_ok=True)
@@ -223,10 +221,18 @@ def download(
     return snapshot
 
 
+def _cancelled(name: str) -> DownloadCancelled:
+    return DownloadCancelled(f"download of {name} cancelled; run it again to resume")
+
+
+def _complete(blobs: Path, f: RemoteFile) -> bool:
+    blob = blobs / f.etag
+    return blob.is_file() and blob.stat().st_size == f.size
+
+
 def _present(blobs: Path, f: RemoteFile) -> int:
     """Bytes of `f` already here: a finished blob, or what an earlier run left in its `.incomplete` file."""
-    blob = blobs / f.etag
-    if blob.is_file() and blob.stat().st_size == f.size:
+    if _complete(blobs, f):
         return f.size
     partial = blobs / f"{f.etag}.incomplete"
     return min(partial.stat().st_size, f.size) if partial.is_file() else 0
@@ -239,14 +245,14 @@ def _hasher(f: RemoteFile):
 
 
 def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transfer, cancel: CancelToken) -> None:
-    """Download `f` into `blobs/<etag>` under the hub cache's own lock for that blob (so huggingface_hub's tools
-    and a second mlx-oss never write the same file at once)."""
+    """Download `f` into `blobs/<etag>` unless it is there, under the hub cache's own lock for that blob (so
+    huggingface_hub's tools and a second mlx-oss never write the same file at once)."""
     from huggingface_hub.utils import WeakFileLock
 
     lock = blobs.parent.parent / ".locks" / blobs.parent.name / f"{f.etag}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(lock):
-        if not ((blobs / f.etag).is_file() and (blobs / f.etag).stat().st_size == f.size):
+        if not _complete(blobs, f):  # checked under the lock: another process may just have finished it
             _transfer(name, commit, f, blobs, transfer, cancel)
 
 
@@ -265,7 +271,7 @@ def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Tra
     failures = 0
     while (have := partial.stat().st_size) < f.size:
         if cancel.cancelled:
-            raise DownloadCancelled(f"download of {name} cancelled; run it again to resume")
+            raise _cancelled(name)
         headers = build_hf_headers() | {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -279,7 +285,7 @@ def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Tra
                 with open(partial, "ab") as out:
                     for chunk in r.iter_bytes(CHUNK_BYTES):
                         if cancel.cancelled:
-                            raise DownloadCancelled(f"download of {name} cancelled; run it again to resume")
+                            raise _cancelled(name)
                         chunk = chunk[: f.size - out.tell()]
                         _write(out, chunk, partial)
                         hasher.update(chunk)
@@ -292,7 +298,7 @@ def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Tra
                 raise hub_error(e, name, f.path) from None
             failures += 1
             if cancel.wait(min(RETRY_DELAY_S * 2 ** (failures - 1), 8)):
-                raise DownloadCancelled(f"download of {name} cancelled; run it again to resume") from None
+                raise _cancelled(name) from None
     digest = hasher.hexdigest()
     expected = f.sha256 or f.blob_id
     if expected and digest != expected:

@@ -332,6 +332,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_for_resolve(self) -> Repo | None:
         return self._find_repo(unquote(self._raw_path.lstrip("/").split("/resolve/", 1)[0]))
 
+    def _repo_at(self, repo_part: str, revision: str) -> tuple[Repo, str] | None:
+        """The repo and the commit `revision` names, or None once a 404 has been sent."""
+        repo = self._find_repo(unquote(repo_part))
+        if repo is None:
+            self._send_error(404, "RepoNotFound", "Repository not found")
+            return None
+        commit = repo.resolve_revision(unquote(revision))
+        if commit is None:
+            self._send_error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
+            return None
+        return repo, commit
+
     def _handle_api(self, rest: str) -> None:
         # rest = "{repo_id}" | "{repo_id}/revision/{rev}" | "{repo_id}/tree/{rev}[/{path}]"
         kind, revision, sub_path = "info", "main", ""
@@ -343,12 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
             repo_part, revision = rest.split("/revision/", 1)
         else:
             repo_part = rest
-        repo = self._find_repo(unquote(repo_part))
-        if repo is None:
-            return self._send_error(404, "RepoNotFound", "Repository not found")
-        commit = repo.resolve_revision(unquote(revision))
-        if commit is None:
-            return self._send_error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
+        found = self._repo_at(repo_part, revision)
+        if found is None:
+            return
+        repo, commit = found
         if kind == "info":
             with_metadata = self._query.get("blobs", ["false"])[0].lower() == "true"
             return self._send_json(repo.model_info(with_metadata))
@@ -361,12 +371,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle_resolve(self) -> None:
         repo_part, tail = self._raw_path.lstrip("/").split("/resolve/", 1)
         revision, _, filename = tail.partition("/")
-        repo = self._find_repo(unquote(repo_part))
-        if repo is None:
-            return self._send_error(404, "RepoNotFound", "Repository not found")
-        commit = repo.resolve_revision(unquote(revision))
-        if commit is None:
-            return self._send_error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
+        found = self._repo_at(repo_part, revision)
+        if found is None:
+            return
+        repo, commit = found
         entry = repo.files.get(unquote(filename))
         if entry is None:
             return self._send_error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})

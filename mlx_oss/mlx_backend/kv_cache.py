@@ -48,10 +48,10 @@ class LayerCache:
             first = max(self.start, length + 1 - self.window)
         keys = self.keys[..., first - self.start : needed, :]
         values = self.values[..., first - self.start : needed, :]
-        self._trim(length + T)
+        self._trim()
         return keys, values, first
 
-    def _trim(self, length: int) -> None:
+    def _trim(self) -> None:
         if self.window is None:
             return
         keep = self.window - 1 + self.rewind
@@ -101,6 +101,3 @@ class KVCache:
 
     def arrays(self) -> list[mx.array]:
         return [a for layer in self.layers if layer.keys is not None for a in (layer.keys, layer.values)]
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays())

@@ -85,10 +85,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: flo
 
 def visibility(q_start: int, length: int, k_start: int, keys: int, window: int | None) -> mx.array | None:
     """Which keys each query sees: key j at most query i and, on sliding layers, i - j < window."""
+    if length == 1 and (window is None or q_start - k_start < window):
+        return None  # a decode step is given only the keys it sees
     q_pos = mx.arange(q_start, q_start + length)[:, None]
     k_pos = mx.arange(k_start, k_start + keys)[None, :]
-    if length == 1 and (window is None or q_start - k_start < window):
-        return None
     visible = k_pos <= q_pos
     if window is not None:
         visible = visible & (q_pos - k_pos < window)

@@ -87,8 +87,7 @@ class MlxModel(Model):
             return ExpertLinear(tensor(prefix + ".weight"), tensor(prefix + ".scales"), tensor(prefix + ".bias"))
 
         self.embed = linear("model.embed_tokens.weight", bias=False)
-        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self.unembed = linear(head, bias=False)
+        self.unembed = self.embed if c.tie_word_embeddings else linear("lm_head.weight", bias=False)
         self.final_norm = tensor("model.norm.weight")
         self.layers = []
         for i in range(c.num_hidden_layers):
