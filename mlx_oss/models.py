@@ -44,10 +44,9 @@ def download_with_progress(name: str, store: ModelStore, revision: str = "main")
 
 def loads_with(model: StoredModel) -> str:
     """What `--backend auto` would run for this model, and from which layout."""
-    from .loading import choose_backend, is_apple_silicon
+    from .loading import choose_backend
 
-    preferred = MLX if is_apple_silicon() else NUMPY
-    layout = preferred if preferred in model.layouts else HF if HF in model.layouts else next(iter(model.layouts))
+    layout = model.layout_for("auto")
     backend, _ = choose_backend("auto", layout)
     return f"{backend} ({layout} layout)"
 
@@ -94,7 +93,6 @@ def info(store: ModelStore, name: str) -> int:
 
 def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
     from .converters.layout import convert as convert_layout
-    from .converters.layout import copied_files, plan, total_bytes
 
     model = store.get(name)
     if HF not in model.layouts:
@@ -103,12 +101,14 @@ def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
         raise MlxOssError(
             f"{name} already has the {target} layout; delete it first with: {PROG} delete {name} --layout {target}"
         )
-    from .checkpoint import Checkpoint
+    progress = Progress(f"converting {name} to the {target} layout", 0)
 
-    source = model.layouts[HF]
-    size = total_bytes(plan(Checkpoint(source), target, q8), copied_files(source))
-    progress = Progress(f"converting {name} to the {target} layout", size)
-    destination = convert_layout(source, store.converted(name, target), target, q8, on_bytes=progress.add)
+    def start(total: int) -> None:
+        progress.total = total
+
+    destination = convert_layout(
+        model.layouts[HF], store.converted(name, target), target, q8, on_bytes=progress.add, on_start=start
+    )
     print(f"{name}: {target} layout in {destination}")
     return 0
 

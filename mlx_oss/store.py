@@ -61,6 +61,17 @@ class StoredModel:
         blobs = self.folder / "blobs"
         return blobs.is_dir() and any(p.suffix == ".incomplete" for p in blobs.iterdir())
 
+    def layout_for(self, backend: str = "auto") -> str | None:
+        """The layout to load on `backend`: the converted one it reads fastest, else the download, else whatever
+        is there (the loader then says which backend reads it); None when nothing is."""
+        from .loading import is_apple_silicon
+
+        preferred = backend if backend != "auto" else (MLX if is_apple_silicon() else NUMPY)
+        for layout in (preferred, HF, *self.layouts):
+            if layout in self.layouts:
+                return layout
+        return None
+
     def size(self, layout: str) -> int:
         directory = self.layouts[layout]
         return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())  # follows the hub's symlinks
@@ -138,16 +149,10 @@ class ModelStore:
     def resolve(self, name: str, backend: str = "auto") -> Path:
         """The directory to load for `name` on `backend`: the converted layout that backend reads fastest if
         there is one, else the downloaded checkpoint. Raises with the command that would get the model."""
-        from .loading import is_apple_silicon
-
         model = self.get(name)
-        preferred = backend if backend != "auto" else (MLX if is_apple_silicon() else NUMPY)
-        for layout in (preferred, HF):
-            if layout in model.layouts:
-                return model.layouts[layout]
-        if model.layouts:  # only a layout the backend does not read
-            other = next(iter(model.layouts))
-            return model.layouts[other]
+        layout = model.layout_for(backend)
+        if layout is not None:
+            return model.layouts[layout]
         hint = " (a download was interrupted: run it again to resume)" if model.partial else ""
         raise MlxOssError(
             f"{name} is not on this computer{hint}; get it with: python -m mlx_oss.models download {name}"
