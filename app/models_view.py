@@ -25,16 +25,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from mlx_oss.cli import format_bytes
 from mlx_oss.layouts import MLX, NUMPY
 from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
 from .workers import Task
 
 COLUMNS = ("Model", "Layouts", "Size on disk", "Status")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 class ModelsView(QWidget):
@@ -102,7 +99,9 @@ class ModelsView(QWidget):
         for row, m in enumerate(models):
             size = sum(m.size(layout) for layout in m.layouts)
             status = "ready" if m.downloaded else "partial download: Download resumes it" if m.partial else ""
-            for column, text in enumerate((m.name, ", ".join(m.layouts) or "-", _gb(size) if size else "-", status)):
+            for column, text in enumerate(
+                (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", status)
+            ):
                 self.table.setItem(row, column, QTableWidgetItem(text))
             if m.name == selected:
                 self.table.selectRow(row)
@@ -150,19 +149,20 @@ class ModelsView(QWidget):
         source = self.store.get(name).layouts["hf"]
 
         def work(report, cancel) -> str:
-            from mlx_oss.checkpoint import Checkpoint
-            from mlx_oss.converters.layout import copied_files, plan, total_bytes
-
-            total = total_bytes(plan(Checkpoint(source), target), copied_files(source))
-            done = 0
+            total = done = 0
             started = time.monotonic()
+
+            def on_start(size: int) -> None:
+                nonlocal total
+                total = size
 
             def on_bytes(count: int) -> None:
                 nonlocal done
                 done += count
                 report(done, total, f"{done / max(time.monotonic() - started, 1e-6) / 1e6:.0f} MB/s")
 
-            convert(source, self.store.converted(name, target), target, on_bytes=on_bytes, cancel=cancel)
+            target_dir = self.store.converted(name, target)
+            convert(source, target_dir, target, on_bytes=on_bytes, cancel=cancel, on_start=on_start)
             return f"{name} converted to the {target} layout"
 
         self._start(f"Converting {name} to {target}", work)
@@ -173,7 +173,7 @@ class ModelsView(QWidget):
         answer = QMessageBox.question(
             self,
             "Delete model",
-            f"Delete {name} and every layout of it ({_gb(size)}) from this computer?",
+            f"Delete {name} and every layout of it ({format_bytes(size)}) from this computer?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
             QMessageBox.StandardButton.No,
         )
@@ -204,7 +204,7 @@ class ModelsView(QWidget):
 
     def _progress(self, done: int, total: int, note: str) -> None:
         self.progress.setValue(int(1000 * done / max(total, 1)))
-        self.status.setText(f"{self.task_label}: {_gb(done)} of {_gb(total)}, {note}")
+        self.status.setText(f"{self.task_label}: {format_bytes(done)} of {format_bytes(total)}, {note}")
 
     def _finished(self, message: str) -> None:
         self.task.thread.wait()

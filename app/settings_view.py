@@ -66,8 +66,7 @@ class SettingsView(QWidget):
     def show_settings(self, settings: AppSettings, model_names: list[str]) -> None:
         self.settings = settings
         self.server.configure(settings.model, settings.backend)
-        self.model.clear()
-        self.model.addItems(sorted(set(model_names) | {settings.model}))
+        self.update_models(model_names)
         self.model.setCurrentText(settings.model)
         self.backend.setCurrentText(settings.backend)
         self.effort.setCurrentText(settings.reasoning_effort)

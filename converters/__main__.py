@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.cli import Progress, run
 
 from . import layout
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--q8",
                 action="store_true",
                 help="LOSSY: store attention projections and embeddings in 8 bits (MLX affine, group 64); "
-                "about 1.3 GB smaller for gpt-oss-20b, logits no longer exactly the checkpoint's",
+                "1.7 GB smaller for gpt-oss-20b (13.76 -> 12.08 GB), logits no longer exactly the checkpoint's",
             )
         sub.add_argument("--shard-size", type=_size, default=5_000_000_000, metavar="BYTES", help="largest shard")
     return parser
@@ -99,13 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(args: argparse.Namespace) -> int:
     q8 = getattr(args, "q8", False)
-    checkpoint = Checkpoint(args.source)
-    specs = layout.plan(checkpoint, args.command, q8)
-    size = layout.total_bytes(specs, layout.copied_files(checkpoint.directory))
-    progress = Progress(f"converting to {args.destination}", size)
-    layout.convert(args.source, args.destination, args.command, q8, args.shard_size, on_bytes=progress.add)
+    progress = Progress(f"converting to {args.destination}", 0)
+
+    def start(total: int) -> None:
+        progress.total = total
+
+    layout.convert(
+        args.source, args.destination, args.command, q8, args.shard_size, on_bytes=progress.add, on_start=start
+    )
     lossy = " (8-bit attention and embeddings: lossy)" if q8 else ""
-    print(f"wrote the {args.command} layout of {args.source} to {args.destination} ({size / 1e9:.2f} GB){lossy}")
+    print(
+        f"wrote the {args.command} layout of {args.source} to {args.destination} ({progress.total / 1e9:.2f} GB){lossy}"
+    )
     return 0
 
 

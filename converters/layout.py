@@ -74,15 +74,20 @@ def convert(
     shard_bytes: int = SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
     cancel: CancelToken | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Path:
     """Write `source` (a Hugging Face gpt-oss directory) in `target` layout to `destination` (which must not
-    exist). Returns `destination`. `cancel` stops it within one written piece (64 MB), leaving no destination."""
+    exist). Returns `destination`. `on_start` hears the bytes to write before the first one, `on_bytes` each
+    piece written; `cancel` stops it within one piece (64 MB), leaving no destination."""
     destination = Path(destination)
     on_bytes = _cancellable(on_bytes, cancel, destination)
     checkpoint = Checkpoint(source)
     specs = [_releasing(spec, checkpoint) for spec in plan(checkpoint, target, q8)]
     extra = copied_files(checkpoint.directory)
-    ensure_free_space(destination.parent, total_bytes(specs, extra))
+    total = sum(s.nbytes for s in specs) + sum(p.stat().st_size for p in extra)
+    ensure_free_space(destination.parent, total)
+    if on_start:
+        on_start(total)
     with atomic_directory(destination) as tmp:
         for path in extra:
             shutil.copy2(path, tmp / path.name)
@@ -112,7 +117,3 @@ def _releasing(spec: TensorSpec, checkpoint: Checkpoint) -> TensorSpec:
         checkpoint.release()
 
     return dataclasses.replace(spec, chunks=chunks)
-
-
-def total_bytes(specs: list[TensorSpec], extra: list[Path]) -> int:
-    return sum(s.nbytes for s in specs) + sum(p.stat().st_size for p in extra)

@@ -47,14 +47,15 @@ class Progress:
             lead = "\r" if self.stream.isatty() else ""
             if lead or percent % 10 == 0 or end:
                 note = f", {note}" if note else ""
-                line = f"{self.label}: {percent:3d}% ({_gb(self.done)} of {_gb(self.total)}{note})"
+                line = f"{self.label}: {percent:3d}% ({format_bytes(self.done)} of {format_bytes(self.total)}{note})"
                 self.stream.write(f"{lead}{line}\x1b[K{end}" if lead else f"{line}{end}")
                 if not lead and not end:
                     self.stream.write("\n")
                 self.stream.flush()
 
 
-def _gb(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes as people read them: 13.76 GB, 51.8 MB."""
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
