@@ -76,7 +76,7 @@ def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarra
     return gate / (1.0 + np.exp(-np.float32(alpha) * gate)) * (up + 1.0)
 
 
-def mxfp4_linear(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray, bias: np.ndarray, rows: int) -> np.ndarray:
+def mxfp4_linear(x, blocks, scales, bias, rows: int) -> np.ndarray:
     """`x @ W.T + bias` for one expert's MXFP4 weight `W [out, in]`, decoding `rows` rows at a time.
 
     Only a slice of the weight is ever float32, so an expert costs a few MB of scratch, not its
@@ -84,9 +84,11 @@ def mxfp4_linear(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray, bias: np
     """
     out_features = blocks.shape[0]
     y = np.empty((x.shape[0], out_features), dtype=np.float32)
+    scratch = np.empty((min(rows, out_features), blocks.shape[1] * 32), dtype=np.float32)
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
-        w = dequantize(blocks[r0:r1], scales[r0:r1])
+        w = scratch[: r1 - r0]
+        dequantize(blocks[r0:r1], scales[r0:r1], w)
         np.matmul(x, w.T, out=y[:, r0:r1])
     y += bias
     return y

@@ -1,10 +1,13 @@
 """gpt-oss in NumPy: the model of `gpt_oss/torch/model.py`, float32 over memory-mapped weights.
 
-Memory: attention, router and norm weights are widened to float32 once (about 2.5 GB for 20b), or mapped as
-they are from the converter's NumPy layout, which stores them fused and in float32;
-the MXFP4 experts stay packed in the memory-mapped checkpoint and only the experts that tokens
-choose are decoded, a few rows at a time; the embedding and unembedding stay in their stored
-dtype and are widened row block by row block as they are used.
+Memory: the MXFP4 experts stay packed in the memory-mapped checkpoint and only the experts that tokens
+choose are read; the embedding and unembedding stay in their stored dtype. Attention weights are mapped
+as they are from the converter's NumPy layout (fused, float32). From a BF16 checkpoint they stay mapped
+when the compiled kernels (`kernels`) are there to multiply BF16 directly, and are widened to float32
+once (about 2.5 GB for 20b) when not.
+
+Speed: with the kernels, a token's few expert rows and BF16 rows are multiplied where they lie, packed;
+many tokens (a prompt) decode each weight block to float32 once and hand it to BLAS.
 """
 
 from __future__ import annotations
@@ -20,19 +23,18 @@ from mlx_oss.loading import Model, checked_tokens
 from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
+from . import kernels
+from .dense import Dense
 from .kv_cache import KVCache
 from .layers import attention, clamped_swiglu, mxfp4_linear, rms_norm, route
 
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight
-VOCAB_CHUNK = 16384  # unembedding rows widened at once
 
 
 @dataclass
 class AttentionWeights:
-    qkv: np.ndarray  # [q_size + 2 * kv_size, hidden]: q, k and v projections stacked
-    qkv_bias: np.ndarray
-    out: np.ndarray  # [hidden, q_size]
-    out_bias: np.ndarray
+    qkv: list[Dense]  # q, k and v projections, fused into one in the NumPy layout
+    out: Dense
     sinks: np.ndarray  # [heads]
 
 
@@ -65,35 +67,49 @@ class NumpyModel(Model):
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         c = self.config
+        self.kernels = kernels.available()
+        if self.kernels:
+            kernels.warm_up()
+        self.kernel_description = kernels.description()
+        self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
         self.embed = checkpoint.raw("model.embed_tokens.weight")
         self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self.unembed = checkpoint.raw(head)
-        self.unembed_dtype = checkpoint.info(head).dtype
+        self.unembed = self._dense(head, None, widen=False)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]
+        for name in self.mapped:
+            checkpoint.prefault(name)
+
+    def _dense(self, weight: str, bias: str | None, widen: bool = True) -> Dense:
+        """A checkpoint matrix: float32 as mapped; BF16 mapped for the kernels, else widened once if `widen`."""
+        ck = self.checkpoint
+        stored = ck.info(weight).dtype
+        packed = stored == "BF16" and (self.kernels or not widen)
+        if packed or stored == "F32":
+            w = ck.raw(weight)
+            self.mapped.append(weight)
+        else:
+            w = ck.float32(weight)
+        return Dense(w, "BF16" if packed else "F32", ck.float32(bias) if bias else None, self.kernels)
 
     def _load_layer(self, i: int) -> LayerWeights:
         ck = self.checkpoint
         p = f"model.layers.{i}."
         f32 = ck.float32
+        experts = p + "mlp.experts."
+        self.mapped += [experts + f"{m}_proj_{part}" for m in ("gate_up", "down") for part in ("blocks", "scales")]
 
-        def attn(name: str) -> np.ndarray:
-            return f32(p + f"self_attn.{name}")
+        def attn(name: str) -> Dense:
+            return self._dense(p + f"self_attn.{name}.weight", p + f"self_attn.{name}.bias")
 
-        if ck.layout == NUMPY:  # fused and float32 on disk: mapped, not copied
-            qkv, qkv_bias = attn("qkv_proj.weight"), attn("qkv_proj.bias")
-        else:
-            qkv = np.concatenate([attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight")])
-            qkv_bias = np.concatenate([attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias")])
+        projections = ["qkv_proj"] if ck.layout == NUMPY else ["q_proj", "k_proj", "v_proj"]
         return LayerWeights(
             input_norm=f32(p + "input_layernorm.weight"),
             attention=AttentionWeights(
-                qkv=qkv,
-                qkv_bias=qkv_bias,
-                out=attn("o_proj.weight"),
-                out_bias=attn("o_proj.bias"),
-                sinks=attn("sinks"),
+                qkv=[attn(name) for name in projections],
+                out=attn("o_proj"),
+                sinks=f32(p + "self_attn.sinks"),
             ),
             post_attention_norm=f32(p + "post_attention_layernorm.weight"),
             router=f32(p + "mlp.router.weight"),
@@ -129,13 +145,13 @@ class NumpyModel(Model):
             cache.advance(tokens.size)
         if last_only:
             x = x[-1:]
-        return self._unembed(rms_norm(x, self.final_norm, c.rms_norm_eps))
+        return self.unembed(rms_norm(x, self.final_norm, c.rms_norm_eps))
 
     def _attention(self, i, layer, h, cos, sin, start, cache) -> np.ndarray:
         c = self.config
         w = layer.attention
         T = h.shape[0]
-        qkv = h @ w.qkv.T + w.qkv_bias
+        qkv = np.concatenate([proj(h) for proj in w.qkv], axis=1) if len(w.qkv) > 1 else w.qkv[0](h)
         q = apply_rope(qkv[:, : c.q_size].reshape(T, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_key_value_heads, c.head_dim), cos, sin)
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
@@ -143,28 +159,47 @@ class NumpyModel(Model):
             k, v = cache.append(i, k, v)
         window = c.sliding_window if c.is_sliding(i) else None
         mixed = attention(q, k, v, w.sinks, start, window)
-        return mixed @ w.out.T + w.out_bias
+        return w.out(mixed)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
-        """Each token's top-k experts, weighted; every chosen expert runs once on all its tokens."""
+        """Each token's top-k experts, weighted. Work is per (token, expert) pair, grouped by expert.
+
+        With the kernels, pairs whose expert no other token chose (all of them while decoding) go through
+        the packed weights together in one call; an expert with several tokens decodes each block once for
+        all of them. Plain NumPy decodes a chosen expert to float32 a block of rows at a time, for BLAS.
+        """
         c = self.config
         ex = layer.experts
         chosen, weights = route(h @ layer.router.T + layer.router_bias, c.num_experts_per_tok)
-        out = np.zeros_like(h)
+        pair_expert = chosen.reshape(-1)
+        pair_token = np.repeat(np.arange(h.shape[0]), c.num_experts_per_tok)
+        y = np.empty((pair_expert.size, c.hidden_size), dtype=np.float32)
+        counts = np.bincount(pair_expert, minlength=c.num_local_experts)
+        alone = counts[pair_expert] == 1 if self.kernels else np.zeros(pair_expert.size, dtype=bool)
+        if alone.any():
+            y[alone] = self._experts_alone(ex, pair_expert[alone], h[pair_token[alone]])
+        for e in np.unique(pair_expert[~alone]):
+            pairs = np.nonzero(pair_expert == e)[0]
+            y[pairs] = self._expert(ex, e, h[pair_token[pairs]])
+        y *= weights.reshape(-1, 1)
+        return y.reshape(h.shape[0], c.num_experts_per_tok, c.hidden_size).sum(axis=1)
+
+    def _experts_alone(self, ex: ExpertWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Pair p through expert `experts[p]` with input `x[p]`, by the kernels on the packed weights."""
+        c = self.config
+        gate_up = kernels.mxfp4_matvec(ex.gate_up_blocks, ex.gate_up_scales, experts, x)
+        act = clamped_swiglu(gate_up + ex.gate_up_bias[experts], c.swiglu_alpha, c.swiglu_limit)
+        return kernels.mxfp4_matvec(ex.down_blocks, ex.down_scales, experts, act) + ex.down_bias[experts]
+
+    def _expert(self, ex: ExpertWeights, e: int, x: np.ndarray) -> np.ndarray:
+        """Expert `e` on the rows of `x`."""
+        c = self.config
+        if self.kernels:
+            gate_up = kernels.mxfp4_matmul(ex.gate_up_blocks[e], ex.gate_up_scales[e], x) + ex.gate_up_bias[e]
+            act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
+            return kernels.mxfp4_matmul(ex.down_blocks[e], ex.down_scales[e], act) + ex.down_bias[e]
         up_rows = max(1, DECODE_SCRATCH_BYTES // (4 * c.hidden_size))
         down_rows = max(1, DECODE_SCRATCH_BYTES // (4 * c.intermediate_size))
-        for e in np.unique(chosen):
-            tokens, slot = np.nonzero(chosen == e)
-            gate_up = mxfp4_linear(h[tokens], ex.gate_up_blocks[e], ex.gate_up_scales[e], ex.gate_up_bias[e], up_rows)
-            act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
-            y = mxfp4_linear(act, ex.down_blocks[e], ex.down_scales[e], ex.down_bias[e], down_rows)
-            out[tokens] += y * weights[tokens, slot][:, None]
-        return out
-
-    def _unembed(self, x: np.ndarray) -> np.ndarray:
-        vocab = self.config.vocab_size
-        logits = np.empty((x.shape[0], vocab), dtype=np.float32)
-        for v0 in range(0, vocab, VOCAB_CHUNK):
-            v1 = min(vocab, v0 + VOCAB_CHUNK)
-            np.matmul(x, as_float32(self.unembed[v0:v1], self.unembed_dtype).T, out=logits[:, v0:v1])
-        return logits
+        gate_up = mxfp4_linear(x, ex.gate_up_blocks[e], ex.gate_up_scales[e], ex.gate_up_bias[e], up_rows)
+        act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
+        return mxfp4_linear(act, ex.down_blocks[e], ex.down_scales[e], ex.down_bias[e], down_rows)

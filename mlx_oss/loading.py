@@ -82,6 +82,7 @@ def load(path: str | Path, backend: str = "auto") -> Model:
         from .cpu import NumpyModel
 
         model = NumpyModel(checkpoint)
+        reason = f"{reason}; {model.kernel_description}"
     else:
         model = _load_mlx(checkpoint)
     model.backend_reason = reason

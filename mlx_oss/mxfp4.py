@@ -21,29 +21,30 @@ BYTE_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(2
 # two little-endian bytes (a uint16) -> their four values, in order: one lookup decodes four elements.
 _WORDS = np.arange(65536)
 WORD_QUADS = np.concatenate([BYTE_PAIRS[_WORDS & 0xFF], BYTE_PAIRS[_WORDS >> 8]], axis=1)
+_QUAD_ITEMS = WORD_QUADS.view(np.complex128).reshape(-1)  # each row of four float32 as one 16-byte item
 # E8M0 scale byte -> 2**(byte - 127) as float32 (255 is NaN in the spec; it overflows to inf here).
 with np.errstate(over="ignore"):
     SCALE_VALUES = np.ldexp(np.float64(1.0), np.arange(256) - 127).astype(np.float32)
 
 
 def dequantize(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode MXFP4 `blocks [..., G, 16]` and `scales [..., G]` to float32 `[..., G * 32]`.
+    """Decode MXFP4 `blocks [..., G, 16]` and `scales [..., G]` to float32 `[..., G * 32]` (into `out` if given).
 
-    Two bytes at a time through a 65536-entry table of four values, with `np.take`: about 3x faster than indexing
-    the byte table with the blocks (1.8 against 6.5 ns a value on this project's 2-core test machine).
+    Two bytes at a time through a 65536-entry table of four values, each entry moved as one 16-byte item by
+    `np.take` in `wrap` mode (which skips the bounds check a uint16 index cannot fail): about 0.7 ns a value on
+    this project's 2-core test machine, against 6.5 for indexing the byte table with the blocks.
     """
     *lead, groups, width = blocks.shape
-    pairs = np.ascontiguousarray(blocks).view(np.uint16) if sys.byteorder == "little" else None
-    if pairs is not None:
-        values = np.take(WORD_QUADS, pairs, axis=0).reshape(*lead, groups, 2 * width)
+    if out is None:
+        out = np.empty((*lead, groups * 2 * width), dtype=np.float32)
+    if sys.byteorder == "little" and out.flags.c_contiguous:
+        pairs = np.ascontiguousarray(blocks).view(np.uint16).reshape(-1)
+        np.take(_QUAD_ITEMS, pairs, out=out.reshape(-1).view(np.complex128), mode="wrap")
     else:
-        values = np.take(BYTE_PAIRS, blocks, axis=0).reshape(*lead, groups, 2 * width)
+        out[...] = np.take(BYTE_PAIRS, blocks, axis=0).reshape(out.shape)
+    values = out.reshape(*lead, groups, 2 * width)
     values *= SCALE_VALUES[scales][..., None]
-    values = values.reshape(*lead, groups * 2 * width)
-    if out is not None:
-        out[...] = values
-        return out
-    return values
+    return out
 
 
 def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

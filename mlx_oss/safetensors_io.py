@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,24 @@ class SafetensorsFile:
         count = info.nbytes // DTYPES[info.dtype].itemsize
         return np.frombuffer(self._map, DTYPES[info.dtype], count, info.begin).reshape(info.shape)
 
+    def prefault(self, name: str) -> bool:
+        """Map the tensor's pages into this process now, so that its first use takes no page faults.
+
+        Reading a page-cached model through a fresh map costs a fault per few pages: a 20b decode step ran
+        at a third of its speed until every expert had been touched once. Needs Linux 5.14 or later
+        (MADV_POPULATE_READ); elsewhere it only asks the system to read ahead, and returns False.
+        """
+        info = self.tensors[name]
+        self.array(name)
+        start = info.begin - info.begin % mmap.PAGESIZE
+        try:
+            self._map.madvise(MADV_POPULATE_READ, start, info.end - start)
+            return True
+        except (OSError, ValueError, TypeError):
+            if hasattr(mmap, "MADV_WILLNEED"):
+                self._map.madvise(mmap.MADV_WILLNEED, start, info.end - start)
+            return False
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as a fresh writable array read from the file (BF16 as uint16 bits).
 
@@ -135,6 +154,10 @@ class SafetensorsFile:
         """Drop the mapped pages from this process's resident memory (they stay in the OS's page cache)."""
         if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
+
+
+# Linux's value, not yet named by Python's mmap module on every version this project supports
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -9,11 +9,11 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ $# -gt 0 ]; then
-    "${pip[@]}" -e .
+    "${pip[@]}" -e '.[fast]'
     exec .venv/bin/python -m mlx_oss.chat --model "$1" "${@:2}"
 fi
 if [ "$(uname -s)" = Darwin ] || [ -n "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
-    "${pip[@]}" -e '.[app]'
+    "${pip[@]}" -e '.[app,fast]'
     # Qt needs a few system libraries (on Linux: libxcb-cursor0, libegl1); say so instead of failing obscurely.
     if .venv/bin/python -c "from PySide6.QtWidgets import QApplication; QApplication([])" >/dev/null 2>&1; then
         exec .venv/bin/python -m mlx_oss.app
@@ -21,7 +21,7 @@ if [ "$(uname -s)" = Darwin ] || [ -n "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
     echo "The desktop app cannot open a window here (Qt's platform libraries are missing; on Debian/Ubuntu:" \
         "sudo apt-get install libxcb-cursor0 libegl1). Starting the terminal chat instead." >&2
 else
-    "${pip[@]}" -e .
+    "${pip[@]}" -e '.[fast]'
 fi
 model=models/tiny
 if [ ! -e "$model" ]; then

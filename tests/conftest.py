@@ -78,7 +78,11 @@ def need_backend(backend: str) -> None:
         pytest.importorskip("mlx.core", reason="MLX does not install on this platform")
 
 
-@pytest.fixture(params=["numpy", "mlx"])
-def backend(request) -> str:
+@pytest.fixture(params=["numpy", "numpy-plain", "mlx"])
+def backend(request, monkeypatch) -> str:
+    """A backend to load models with; `numpy-plain` is the NumPy backend with its compiled kernels off."""
+    if request.param == "numpy-plain":
+        monkeypatch.setenv("MLX_OSS_KERNELS", "off")
+        return "numpy"
     need_backend(request.param)
     return request.param

@@ -1,0 +1,343 @@
+"""The numba side of `kernels`: LLVM IR for one row's dot product, parallel loops over rows.
+
+Imported only once `kernels` has chosen an instruction set (`kernels.ISA`); see that module.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
+
+from .kernels import CACHE, ISA
+
+F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
+BF16_LANES = 16
+UNROLL = 4  # independent sums per row
+TOKENS = 8  # inputs a prompt's expert rows are multiplied with per pass (one register each)
+# A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
+# input it reads again for every row (TOKENS x 512 values, 16 KB) stays in the core's L1 cache.
+ROW_CHUNK = 16
+GROUP_CHUNK = 16
+SCALE_TABLE = "mlx_oss_e8m0_scale_values"
+PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
+
+
+def _vector(element, values):
+    return ir.Constant(ir.VectorType(element, len(values)), [ir.Constant(element, v) for v in values])
+
+
+def _splat(builder, value, lanes: int):
+    vector = builder.insert_element(ir.Constant(ir.VectorType(value.type, lanes), None), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+
+def _pointer(context, builder, array_type, array, offset, element):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [offset]), element.as_pointer())
+
+
+def _load(builder, pointer, offset, vector_type):
+    return builder.load(builder.bitcast(builder.gep(pointer, [offset]), vector_type.as_pointer()), align=1)
+
+
+def _function(builder, name, result, *arguments):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
+
+
+def _accumulate(builder, count, lanes: int, step):
+    """Sum over `range(count)` of `step(builder, index, acc) -> acc`, with independent accumulators.
+
+    One accumulator would chain every iteration on the latency of the last addition; four cover it.
+    Returns the vector sum.
+    """
+    zero = _vector(F32, [0.0] * lanes)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+    width = ir.Constant(count.type, UNROLL)
+    with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
+        base = builder.mul(loop.index, width)
+        for j, acc in enumerate(accs):
+            index = builder.add(base, ir.Constant(count.type, j))
+            builder.store(step(builder, index, builder.load(acc)), accs[j])
+    tail_start = builder.mul(builder.udiv(count, width), width)
+    with cgutils.for_range(builder, builder.sub(count, tail_start)) as loop:
+        index = builder.add(tail_start, loop.index)
+        builder.store(step(builder, index, builder.load(accs[0])), accs[0])
+    total = builder.load(accs[0])
+    for acc in accs[1:]:
+        total = builder.fadd(total, builder.load(acc))
+    return total
+
+
+def _prefetch(builder, pointer):
+    """Ask for the cache line at `pointer`: the hardware prefetcher alone left a core's stream below its share."""
+    i8p = ir.IntType(8).as_pointer()
+    prefetch = _function(builder, "llvm.prefetch.p0", ir.VoidType(), i8p, I32, I32, I32)
+    read, keep, data = ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)
+    builder.call(prefetch, [builder.bitcast(pointer, i8p), read, keep, data])
+
+
+def _horizontal_sum(builder, vector):
+    """The sum of a vector's lanes, halving it each step (a tree, not a chain of dependent additions)."""
+    lanes = vector.type.count
+    while lanes > 1:
+        lanes //= 2
+        low = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(I32, lanes), list(range(lanes))))
+        high = builder.shuffle_vector(
+            vector, vector, ir.Constant(ir.VectorType(I32, lanes), list(range(lanes, 2 * lanes)))
+        )
+        vector = builder.fadd(low, high)
+    return builder.extract_element(vector, ir.Constant(I32, 0))
+
+
+def _e2m1(builder, nibbles):
+    """E2M1 values of the low four bits of each lane of `nibbles` (`<LANES x i32>`)."""
+    vf = ir.VectorType(F32, LANES)
+    vi = ir.VectorType(I32, LANES)
+    if LANES == 16:  # vpermps reads the low four bits of each index: the full signed table
+        permute = _function(builder, "llvm.x86.avx512.permvar.sf.512", vf, vf, vi)
+        return builder.call(permute, [_vector(F32, [float(v) for v in FP4_VALUES]), nibbles])
+    permute = _function(builder, "llvm.x86.avx2.permps", vf, vf, vi)  # low three bits: the magnitude
+    magnitude = builder.call(permute, [_vector(F32, [float(v) for v in FP4_VALUES[:8]]), nibbles])
+    sign = builder.and_(builder.shl(nibbles, _vector(I32, [28] * LANES)), _vector(I32, [0x80000000] * LANES))
+    return builder.bitcast(builder.or_(builder.bitcast(magnitude, vi), sign), vf)
+
+
+def _blocks(builder, block_pointer, g):
+    """Yield (lane offset within the block, low-nibble values, high-nibble values) for block `g`."""
+    vi = ir.VectorType(I32, LANES)
+    for half in range(0, 16, LANES):
+        offset = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, half))
+        nibbles = builder.zext(_load(builder, block_pointer, offset, ir.VectorType(I8, LANES)), vi)
+        high = builder.lshr(nibbles, _vector(I32, [4] * LANES))
+        yield offset, _e2m1(builder, nibbles), _e2m1(builder, high)
+
+
+def _scale(builder, scale_pointer, g):
+    """The E8M0 scale of block `g` as a float32, from `mxfp4.SCALE_VALUES` (a load, not a register shuffle)."""
+    table_type = ir.ArrayType(F32, len(SCALE_VALUES))
+    try:
+        table = builder.module.get_global(SCALE_TABLE)
+    except KeyError:
+        table = ir.GlobalVariable(builder.module, table_type, SCALE_TABLE)
+        table.linkage = "internal"
+        table.global_constant = True
+        table.initializer = ir.Constant(table_type, [ir.Constant(F32, float(v)) for v in SCALE_VALUES])
+    exponent = builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)
+    return builder.load(builder.gep(table, [ir.Constant(I32, 0), exponent]))
+
+
+@intrinsic
+def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even, x_odd, groups):
+    """One MXFP4 row (`groups` blocks from `blocks[block_offset:]`) dotted with x split into even and odd elements."""
+
+    def codegen(context, builder, signature, args):
+        b_arr, b_off, s_arr, s_off, xe_arr, xo_arr, count = args
+        bt, _, st, _, xet, xot, _ = signature.args
+        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+        sp = _pointer(context, builder, st, s_arr, s_off, I8)
+        xep = _pointer(context, builder, xet, xe_arr, ir.Constant(I32, 0), F32)
+        xop = _pointer(context, builder, xot, xo_arr, ir.Constant(I32, 0), F32)
+        vf = ir.VectorType(F32, LANES)
+        fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
+
+        def step(builder, g, acc):
+            ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
+            _prefetch(builder, builder.gep(bp, [ahead]))
+            block = None
+            for offset, low, high in _blocks(builder, bp, g):
+                xe = _load(builder, xep, offset, vf)
+                part = builder.call(fma, [high, _load(builder, xop, offset, vf), builder.fmul(low, xe)])
+                block = part if block is None else builder.fadd(block, part)
+            return builder.call(fma, [block, _splat(builder, _scale(builder, sp, g), LANES), acc])
+
+        return _horizontal_sum(builder, _accumulate(builder, count, LANES, step))
+
+    return types.float32(blocks, block_offset, scales, scale_offset, x_even, x_odd, groups), codegen
+
+
+@intrinsic
+def _mxfp4_row_dot_tokens(
+    typingctx,
+    blocks,
+    block_offset,
+    scales,
+    scale_offset,
+    x_even,
+    x_odd,
+    x_offset,
+    x_stride,
+    out,
+    out_offset,
+    out_stride,
+    groups,
+):
+    """One MXFP4 row dotted with `TOKENS` inputs at once: each block is decoded once and used `TOKENS` times.
+
+    Input t starts at `x_even[x_offset + t * x_stride]` (likewise `x_odd`); its result is added to
+    `out[out_offset + t * out_stride]`.
+    """
+
+    def codegen(context, builder, signature, args):
+        b_arr, b_off, s_arr, s_off, xe_arr, xo_arr, x_off, x_step, o_arr, o_off, o_step, count = args
+        bt, _, st, _, xet, xot, _, _, ot, _, _, _ = signature.args
+        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+        sp = _pointer(context, builder, st, s_arr, s_off, I8)
+        xeps = [
+            _pointer(
+                context, builder, xet, xe_arr, builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))), F32
+            )
+            for t in range(TOKENS)
+        ]
+        xops = [
+            _pointer(
+                context, builder, xot, xo_arr, builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))), F32
+            )
+            for t in range(TOKENS)
+        ]
+        vf = ir.VectorType(F32, LANES)
+        fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
+        accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(TOKENS)]
+        with cgutils.for_range(builder, count) as loop:
+            g = loop.index
+            ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
+            _prefetch(builder, builder.gep(bp, [ahead]))
+            scale = _splat(builder, _scale(builder, sp, g), LANES)
+            for offset, low, high in _blocks(builder, bp, g):
+                low, high = builder.fmul(low, scale), builder.fmul(high, scale)
+                for t, acc in enumerate(accs):
+                    total = builder.call(fma, [low, _load(builder, xeps[t], offset, vf), builder.load(acc)])
+                    builder.store(builder.call(fma, [high, _load(builder, xops[t], offset, vf), total]), acc)
+        op = _pointer(context, builder, ot, o_arr, o_off, F32)
+        for t, acc in enumerate(accs):
+            target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, t))])
+            builder.store(builder.fadd(builder.load(target), _horizontal_sum(builder, builder.load(acc))), target)
+        return context.get_dummy_value()
+
+    sig = types.none(
+        blocks,
+        block_offset,
+        scales,
+        scale_offset,
+        x_even,
+        x_odd,
+        x_offset,
+        x_stride,
+        out,
+        out_offset,
+        out_stride,
+        groups,
+    )
+    return sig, codegen
+
+
+@intrinsic
+def _bf16_row_dot(typingctx, weights, weight_offset, x, count):
+    """`count` (a multiple of 16) BF16 weights from `weights[weight_offset:]` dotted with float32 `x`."""
+
+    def codegen(context, builder, signature, args):
+        w_arr, w_off, x_arr, n = args
+        wt, _, xt, _ = signature.args
+        wp = _pointer(context, builder, wt, w_arr, w_off, I16)
+        xp = _pointer(context, builder, xt, x_arr, ir.Constant(I32, 0), F32)
+        vf = ir.VectorType(F32, BF16_LANES)
+        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
+
+        def step(builder, i, acc):
+            offset = builder.mul(i, ir.Constant(n.type, BF16_LANES))
+            _prefetch(builder, builder.gep(wp, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
+            halves = _load(builder, wp, offset, ir.VectorType(I16, BF16_LANES))
+            bits = builder.zext(halves, ir.VectorType(I32, BF16_LANES))
+            w = builder.bitcast(builder.shl(bits, _vector(I32, [16] * BF16_LANES)), vf)
+            return builder.call(fma, [w, _load(builder, xp, offset, vf), acc])
+
+        steps = builder.udiv(n, ir.Constant(n.type, BF16_LANES))
+        return _horizontal_sum(builder, _accumulate(builder, steps, BF16_LANES, step))
+
+    return types.float32(weights, weight_offset, x, count), codegen
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
+    """`out[p] = W[experts[p]] @ x[p]` for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]`.
+
+    `x_even`/`x_odd` `[n, G*16]` hold each x's even and odd elements (`kernels.deinterleave`).
+    """
+    _, rows, groups, _ = blocks.shape
+    flat_blocks = blocks.reshape(-1)
+    flat_scales = scales.reshape(-1)
+    for r in prange(rows):
+        for p in range(experts.size):
+            row = experts[p] * rows + r
+            out[p, r] = _mxfp4_row_dot(
+                flat_blocks, row * groups * 16, flat_scales, row * groups, x_even[p], x_odd[p], groups
+            )
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def mxfp4_matmul(blocks, scales, x_even, x_odd, out):
+    """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and many inputs.
+
+    `x_even`/`x_odd` `[T, G*16]` with T a multiple of `TOKENS` (`kernels.deinterleave`, padded); `out [T, R]`.
+    """
+    rows, groups, _ = blocks.shape
+    tokens = x_even.shape[0]
+    flat_blocks = blocks.reshape(-1)
+    flat_scales = scales.reshape(-1)
+    flat_even = x_even.reshape(-1)
+    flat_odd = x_odd.reshape(-1)
+    flat_out = out.reshape(-1)
+    flat_out[:] = 0
+    width = groups * 16
+    for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        for t in range(0, tokens, TOKENS):
+            for g in range(0, groups, GROUP_CHUNK):
+                count = min(GROUP_CHUNK, groups - g)
+                for r in range(chunk * ROW_CHUNK, min(rows, chunk * ROW_CHUNK + ROW_CHUNK)):
+                    _mxfp4_row_dot_tokens(
+                        flat_blocks,
+                        (r * groups + g) * 16,
+                        flat_scales,
+                        r * groups + g,
+                        flat_even,
+                        flat_odd,
+                        t * width + g * 16,
+                        width,
+                        flat_out,
+                        t * rows + r,
+                        rows,
+                        count,
+                    )
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def bf16_matvec(weights, x, out):
+    """`out = x @ W.T` for BF16 bits `weights [R, C]` (C a multiple of 16) and a few float32 rows `x [T, C]`."""
+    rows, cols = weights.shape
+    flat = weights.reshape(-1)
+    for r in prange(rows):
+        for t in range(x.shape[0]):
+            out[t, r] = _bf16_row_dot(flat, r * cols, x[t], cols)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel for the array types the model passes."""
+    blocks = _read_only(np.zeros((1, 1, 1, 16), np.uint8))
+    scales = _read_only(np.full((1, 1, 1), 127, np.uint8))
+    xs = np.zeros((1, 16), np.float32)
+    mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), xs, xs, np.empty((1, 1), np.float32))
+    padded = np.zeros((TOKENS, 16), np.float32)
+    mxfp4_matmul(blocks[0], scales[0], padded, padded, np.empty((TOKENS, 1), np.float32))
+    bf16_matvec(_read_only(np.zeros((1, 16), np.uint16)), xs, np.empty((1, 1), np.float32))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """Checkpoint weights are read-only maps, a distinct array type to numba."""
+    array.flags.writeable = False
+    return array

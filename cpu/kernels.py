@@ -1,0 +1,108 @@
+"""Compiled matrix-vector kernels for the NumPy backend, through numba (the optional `fast` extra).
+
+Plain NumPy must expand MXFP4 weights to float32 before BLAS can use them, which costs more than
+reading them. These kernels multiply the packed weights directly: each block's 16 bytes are widened
+to 32-bit lanes and turned into E2M1 values by a register permute with a 16-entry table
+(AVX-512 `vpermps`; on AVX2 an 8-entry magnitude table plus the sign bit), then multiplied into
+float32 sums with the block's E8M0 scale. BF16 weights are widened in registers the same way. All
+arithmetic is float32, as in the plain path, so results agree with it to rounding.
+
+The permute is written in LLVM IR through numba intrinsics because numba's loops would promote the
+nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
+numba, use the plain NumPy path; `MLX_OSS_KERNELS=off` forces it (and `=avx2` the AVX2 kernels).
+
+Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+DISABLE_VARIABLE = "MLX_OSS_KERNELS"
+
+
+def _switched_off() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "").lower() in ("0", "off", "no", "false")
+
+
+def _instruction_set() -> tuple[str | None, str]:
+    """The vector extension the kernels are built for, or None with the reason they are not used."""
+    # numba's OpenMP threads spin ~300k rounds after each kernel by default, fighting BLAS's threads for the
+    # cores whenever the two alternate (a prompt's expert decode, then its matmul): 8 ms instead of 0.7 ms a
+    # round on 2 cores. A short spin keeps back-to-back kernels quick. Only read if OpenMP is not loaded yet.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    try:
+        import llvmlite.binding as llvm
+        import numba  # noqa: F401
+    except ImportError:
+        return None, "numba is not installed (pip install 'mlx-oss[fast]')"
+    features = llvm.get_host_cpu_features()
+    if os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2":  # the AVX2 kernels on a larger CPU, for tests
+        features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
+    if features.get("avx512f") and features.get("avx512bw"):
+        return "avx512", "numba kernels for AVX-512"
+    if features.get("avx2") and features.get("fma"):
+        return "avx2", "numba kernels for AVX2"
+    return None, "no AVX2 or AVX-512 on this CPU"
+
+
+ISA, DESCRIPTION = _instruction_set()
+# numba's on-disk cache is keyed by the CPU, not by the kernels' width, so a forced ISA must not share it
+CACHE = os.environ.get(DISABLE_VARIABLE, "").lower() != "avx2"
+
+if ISA is not None:  # after ISA is set: the numba module reads it
+    from . import _numba_kernels as _compiled
+
+
+def available() -> bool:
+    """Whether models loaded now use the kernels (read at each load, so a test can switch them off)."""
+    return ISA is not None and not _switched_off()
+
+
+def description() -> str:
+    if _switched_off():
+        return f"plain NumPy (compiled kernels switched off by {DISABLE_VARIABLE})"
+    return DESCRIPTION if ISA is not None else f"plain NumPy ({DESCRIPTION})"
+
+
+def warm_up() -> None:
+    """Compile the kernels now (or load them from numba's cache), not at the first token."""
+    _compiled.warm_up()
+
+
+def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Row p of the result is `W[experts[p]] @ x[p]`, for MXFP4 `blocks [E, R, G, 16]` and `scales [E, R, G]`.
+
+    For pairs whose expert has no other input: every weight row is read once per pair.
+    """
+    out = np.empty((experts.size, blocks.shape[1]), dtype=np.float32)
+    _compiled.mxfp4_matvec(blocks, scales, np.ascontiguousarray(experts, dtype=np.int64), *_deinterleave(x), out)
+    return out
+
+
+def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x @ W.T` for one MXFP4 matrix (`blocks [R, G, 16]`, `scales [R, G]`) and several rows of `x`.
+
+    Each weight block is decoded once for every `TOKENS` rows of x (x is padded with zeros to a multiple).
+    """
+    tokens = x.shape[0]
+    padded = np.zeros((-(-tokens // _compiled.TOKENS) * _compiled.TOKENS, x.shape[1]), dtype=np.float32)
+    padded[:tokens] = x
+    out = np.empty((padded.shape[0], blocks.shape[0]), dtype=np.float32)
+    _compiled.mxfp4_matmul(blocks, scales, *_deinterleave(padded), out)
+    return out[:tokens]
+
+
+def bf16_matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x @ W.T` for BF16 bits `weights [R, C]` (C a multiple of 16) and a few rows of x, reading W once."""
+    out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
+    _compiled.bf16_matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
+
+
+def _deinterleave(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split `x [..., G*32]` into the elements the low and the high nibbles multiply: `[..., G*16]` each."""
+    pairs = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 2)
+    return np.ascontiguousarray(pairs[..., 0]), np.ascontiguousarray(pairs[..., 1])
