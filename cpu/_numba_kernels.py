@@ -263,6 +263,50 @@ def _bf16_row_dot(typingctx, weights, weight_offset, x, count):
     return types.float32(weights, weight_offset, x, count), codegen
 
 
+@intrinsic
+def _f32_dot(typingctx, a, a_offset, b, b_offset, count):
+    """`a[a_offset:][:count] . b[b_offset:][:count]` for `count` a multiple of 16."""
+
+    def codegen(context, builder, signature, args):
+        a_arr, a_off, b_arr, b_off, n = args
+        at, _, bt, _, _ = signature.args
+        ap = _pointer(context, builder, at, a_arr, a_off, F32)
+        bp = _pointer(context, builder, bt, b_arr, b_off, F32)
+        vf = ir.VectorType(F32, BF16_LANES)
+        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
+
+        def step(builder, i, acc):
+            offset = builder.mul(i, ir.Constant(n.type, BF16_LANES))
+            return builder.call(fma, [_load(builder, ap, offset, vf), _load(builder, bp, offset, vf), acc])
+
+        steps = builder.udiv(n, ir.Constant(n.type, BF16_LANES))
+        return _horizontal_sum(builder, _accumulate(builder, steps, BF16_LANES, step))
+
+    return types.float32(a, a_offset, b, b_offset, count), codegen
+
+
+@intrinsic
+def _f32_axpy(typingctx, y, y_offset, x, x_offset, alpha, count):
+    """`y[y_offset:][:count] += alpha * x[x_offset:][:count]` for `count` a multiple of 16."""
+
+    def codegen(context, builder, signature, args):
+        y_arr, y_off, x_arr, x_off, a, n = args
+        yt, _, xt, _, _, _ = signature.args
+        yp = _pointer(context, builder, yt, y_arr, y_off, F32)
+        xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+        vf = ir.VectorType(F32, BF16_LANES)
+        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
+        scale = _splat(builder, a, BF16_LANES)
+        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, BF16_LANES))) as loop:
+            offset = builder.mul(loop.index, ir.Constant(n.type, BF16_LANES))
+            target = builder.bitcast(builder.gep(yp, [offset]), vf.as_pointer())
+            total = builder.call(fma, [scale, _load(builder, xp, offset, vf), builder.load(target, align=1)])
+            builder.store(total, target, align=1)
+        return context.get_dummy_value()
+
+    return types.none(y, y_offset, x, x_offset, alpha, count), codegen
+
+
 @numba.njit(parallel=True, cache=CACHE)
 def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
     """`out[p] = W[experts[p]] @ x[p]` for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]`.
@@ -332,6 +376,13 @@ def warm_up() -> None:
     scales = _read_only(np.full((1, 1, 1), 127, np.uint8))
     xs = np.zeros((1, 16), np.float32)
     mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), xs, xs, np.empty((1, 1), np.float32))
+    q, cached, scores = (
+        np.zeros((1, 2, 4), np.float32),
+        np.zeros((1, 4, 1), np.float32),
+        np.zeros((1, 2, 1), np.float32),
+    )
+    attention_scores(q, cached, 0, np.float32(1), scores)
+    attention_mix(scores, cached, 0, np.empty_like(q))
     padded = np.zeros((TOKENS, 16), np.float32)
     mxfp4_matmul(blocks[0], scales[0], padded, padded, np.empty((TOKENS, 1), np.float32))
     bf16_matvec(_read_only(np.zeros((1, 16), np.uint16)), xs, np.empty((1, 1), np.float32))
@@ -341,3 +392,52 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     """Checkpoint weights are read-only maps, a distinct array type to numba."""
     array.flags.writeable = False
     return array
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def attention_scores(q, k, first, scale, out):
+    """`out[t, h, j] = scale * q[t, h] . k[h's kv head, :, first + j]` for keys `k [KV, D, capacity]`.
+
+    Positions run last, so each product is a sweep along them, 16 at a time; one (query, kv head) a task.
+    """
+    tokens, heads, dim = q.shape
+    kv_heads, _, capacity = k.shape
+    group = heads // kv_heads
+    count = out.shape[2]
+    body = count - count % 16
+    flat_k = k.reshape(-1)
+    flat_out = out.reshape(-1)
+    for task in prange(tokens * kv_heads):
+        t = task // kv_heads
+        kv = task - t * kv_heads
+        for g in range(group):
+            h = kv * group + g
+            row = (t * heads + h) * count
+            flat_out[row : row + count] = 0
+            for d in range(dim):
+                qd = np.float32(q[t, h, d] * scale)
+                keys = (kv * dim + d) * capacity + first
+                _f32_axpy(flat_out, row, flat_k, keys, qd, body)
+                for j in range(body, count):
+                    flat_out[row + j] += qd * flat_k[keys + j]
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def attention_mix(weights, v, first, out):
+    """`out[t, h, d] = weights[t, h] . v[h's kv head, d, first:]` for values `v [KV, D, capacity]`."""
+    tokens, heads, count = weights.shape
+    kv_heads, dim, capacity = v.shape
+    group = heads // kv_heads
+    body = count - count % 16
+    flat_w = weights.reshape(-1)
+    flat_v = v.reshape(-1)
+    for task in prange(tokens * heads):
+        t = task // heads
+        h = task - t * heads
+        row = task * count
+        for d in range(dim):
+            values = ((h // group) * dim + d) * capacity + first
+            total = _f32_dot(flat_w, row, flat_v, values, body)
+            for j in range(body, count):
+                total += flat_w[row + j] * flat_v[values + j]
+            out[t, h, d] = total

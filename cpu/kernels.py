@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 DISABLE_VARIABLE = "MLX_OSS_KERNELS"
+ATTENTION_TOKENS = 8  # queries up to which attention runs in the kernels (decoding); a prompt's goes to BLAS
 
 
 def _switched_off() -> bool:
@@ -100,6 +101,36 @@ def bf16_matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
     _compiled.bf16_matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)
     return out
+
+
+def attention(q, keys, values, length: int, sinks, q_start: int, window: int | None) -> np.ndarray:
+    """`layers.attention` for a few queries (decoding), without BLAS, whose threads would spin on after each
+    call and take the cores from the kernels around it at long contexts.
+
+    `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers of which the first `length`
+    positions count (a slice of them would have strides numba cannot vectorize over). The products run in the
+    kernels; the softmax in NumPy, whose `exp` is vectorized where numba's is a call per element.
+    """
+    tokens, heads, dim = q.shape
+    positions = np.arange(q_start, q_start + tokens)
+    first = max(0, q_start - window + 1) if window else 0
+    last = min(length, q_start + tokens)
+    scores = np.empty((tokens, heads, last - first), dtype=np.float32)
+    _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
+    key_positions = np.arange(first, last)
+    hidden = key_positions[None, :] > positions[:, None]
+    if window:
+        hidden |= positions[:, None] - key_positions[None, :] >= window
+    if hidden.any():
+        scores[np.broadcast_to(hidden[:, None, :], scores.shape)] = -np.inf
+    sink = sinks.astype(np.float32)[None, :]
+    peak = np.maximum(scores.max(axis=-1), sink)
+    weights = np.exp(scores - peak[..., None])
+    denominator = weights.sum(axis=-1) + np.exp(sink - peak)
+    out = np.empty(q.shape, dtype=np.float32)
+    _compiled.attention_mix(weights, values, first, out)
+    out /= denominator[..., None]
+    return out.reshape(tokens, heads * dim)
 
 
 def _deinterleave(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

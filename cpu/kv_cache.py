@@ -6,7 +6,10 @@ import numpy as np
 
 
 class KVCache:
-    """Per-layer key/value buffers `[capacity, kv_heads, head_dim]`, grown by doubling.
+    """Per-layer keys and values, each `[kv_heads, head_dim, capacity]`, grown by doubling.
+
+    Stored transposed (positions last) so that a query's scores, and its weighted sum of values, run along
+    positions, contiguously.
 
     Every layer keeps all positions, sliding ones included, so the cache can be cut back to any
     common prefix (`truncate`) and extended again with the same results as a fresh prefill.
@@ -14,21 +17,37 @@ class KVCache:
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
         self.length = 0
-        self._k = [np.empty((capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
-        self._v = [np.empty((capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
+        self._k = [np.empty((kv_heads, head_dim, capacity), np.float32) for _ in range(num_layers)]
+        self._v = [np.empty((kv_heads, head_dim, capacity), np.float32) for _ in range(num_layers)]
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store new keys/values at positions `length ..` and return all keys/values so far."""
+        """Store new keys/values `[T, kv_heads, head_dim]` at positions `length ..`; return all so far,
+        transposed: `[kv_heads, head_dim, positions]`."""
         end = self.length + k.shape[0]
-        if end > self._k[layer].shape[0]:
-            capacity = max(end, 2 * self._k[layer].shape[0])
+        if end > self._k[layer].shape[-1]:
+            capacity = max(end + end // 4, 2 * self._k[layer].shape[-1])  # room to decode on without a copy
             for buffers in (self._k, self._v):
-                grown = np.empty((capacity, *buffers[layer].shape[1:]), np.float32)
-                grown[: self.length] = buffers[layer][: self.length]
+                grown = np.empty((*buffers[layer].shape[:2], capacity), np.float32)
+                grown[..., : self.length] = buffers[layer][..., : self.length]
                 buffers[layer] = grown
-        self._k[layer][self.length : end] = k
-        self._v[layer][self.length : end] = v
-        return self._k[layer][:end], self._v[layer][:end]
+        self._k[layer][..., self.length : end] = k.transpose(1, 2, 0)
+        self._v[layer][..., self.length : end] = v.transpose(1, 2, 0)
+        return self._k[layer][..., :end], self._v[layer][..., :end]
+
+    def buffers(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's whole key and value buffers (C-contiguous, positions up to their capacity)."""
+        return self._k[layer], self._v[layer]
+
+    def fill_random(self, count: int, seed: int = 0) -> None:
+        """Append `count` positions of random keys and values to every layer, as if tokens had been read.
+
+        For benchmarks: a long context in seconds, where a NumPy prefill of it would take minutes.
+        """
+        rng = np.random.default_rng(seed)
+        for layer, v in enumerate(self._v):
+            shape = (count, *v.shape[:2])
+            self.append(layer, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
+        self.advance(count)
 
     def advance(self, count: int) -> None:
         """Mark `count` appended positions as part of the cache (after every layer stored them)."""

@@ -24,13 +24,14 @@ def attention(
 ) -> np.ndarray:
     """Causal grouped-query attention with one learned sink logit per head.
 
-    q `[T, H, D]` holds queries at positions `q_start .. q_start+T-1`; k and v `[S, KV, D]` hold keys
-    at positions `0 .. S-1`. Query head h reads kv head h // (H // KV). Key j is visible to query i
+    q `[T, H, D]` holds queries at positions `q_start .. q_start+T-1`; keys `k` and values `v`, both
+    `[KV, D, S]` (positions last, as the cache stores them), are those of positions `0 .. S-1`. Query head h
+    reads kv head h // (H // KV). Key j is visible to query i
     iff j <= i and, on sliding layers, i - j < window. The sink joins the softmax's denominator as
     `exp(sink)` and contributes no value. Returns `[T, H * D]`.
     """
     T, H, D = q.shape
-    S, KV, _ = k.shape
+    KV, _, S = v.shape
     group = H // KV
     scale = np.float32(1.0 / np.sqrt(D))
     out = np.empty((T, KV, group, D), dtype=np.float32)
@@ -46,12 +47,12 @@ def attention(
         if window is not None:
             visible &= q_pos[:, None] - k_pos[None, :] < window
         # scores [KV, group, t, s]
-        scores = np.einsum("tkgd,skd->kgts", qg[t0:t1], k[k_lo:k_hi], optimize=True) * scale
+        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], k[..., k_lo:k_hi], optimize=True) * scale
         scores = np.where(visible, scores, -np.inf)
         peak = np.maximum(scores.max(axis=-1), sink)
         weights = np.exp(scores - peak[..., None])
         denom = weights.sum(axis=-1) + np.exp(sink - peak)
-        mixed = np.einsum("kgts,skd->tkgd", weights, v[k_lo:k_hi], optimize=True)
+        mixed = np.einsum("kgts,kds->tkgd", weights, v[..., k_lo:k_hi], optimize=True)
         out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
     return out.reshape(T, H * D)
 

@@ -157,8 +157,14 @@ class NumpyModel(Model):
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
         if cache is not None:
             k, v = cache.append(i, k, v)
+        else:
+            k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
-        mixed = attention(q, k, v, w.sinks, start, window)
+        if self.kernels and T <= kernels.ATTENTION_TOKENS:
+            keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
+            mixed = kernels.attention(q, keys, values, k.shape[-1], w.sinks, start, window)
+        else:
+            mixed = attention(q, k, v, w.sinks, start, window)
         return w.out(mixed)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:

@@ -79,11 +79,14 @@ class BenchResult:
     threads: int
     prompt_tokens: int
     gen_tokens: int
+    context_tokens: int
     load_s: float
     ttft_s: float
     prefill_tok_s: float
     decode_tok_s: float
     decode_step_s: float
+    decode_context_tok_s: float | None  # decoding after `context_tokens` positions in the cache
+    decode_context_step_s: float | None
     load_rss_bytes: int
     peak_rss_bytes: int
     private_bytes: int
@@ -101,7 +104,11 @@ def thread_count() -> int:
     return os.cpu_count() or 1
 
 
-def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, seed: int = 0) -> BenchResult:
+def benchmark(
+    model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, context_tokens: int = 0, seed: int = 0
+) -> BenchResult:
+    """Load, prefill `prompt_tokens`, decode `gen_tokens`; then, with `context_tokens`, fill the cache with random
+    keys and values up to that many positions and decode `gen_tokens` again."""
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
@@ -114,15 +121,13 @@ def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int
         start = time.perf_counter()
         logits = model.forward(prompt, cache, last_only=True)
         ttft_s = time.perf_counter() - start
-
-        steps = []
         token = int(logits[0].argmax())
-        for _ in range(gen_tokens):
-            start = time.perf_counter()
-            logits = model.forward([token], cache, last_only=True)
-            steps.append(time.perf_counter() - start)
-            token = int(logits[0].argmax())
-    decode_s = sum(steps)
+        _decode_steps(model, cache, token, 1)  # untimed: the first step may still compile or fault pages in
+        short = _decode_steps(model, cache, token, gen_tokens)
+        long = []
+        if context_tokens > cache.length:
+            cache.fill_random(context_tokens - cache.length, seed)
+            long = _decode_steps(model, cache, token, gen_tokens)
     return BenchResult(
         model=str(model_dir),
         backend=model.backend,
@@ -130,15 +135,29 @@ def benchmark(model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int
         threads=thread_count(),
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
+        context_tokens=context_tokens if long else 0,
         load_s=round(load_s, 3),
         ttft_s=round(ttft_s, 3),
         prefill_tok_s=round(prompt_tokens / ttft_s, 3),
-        decode_tok_s=round(len(steps) / decode_s, 3) if steps else 0.0,
-        decode_step_s=round(decode_s / len(steps), 3) if steps else 0.0,
+        decode_tok_s=round(len(short) / sum(short), 3) if short else 0.0,
+        decode_step_s=round(sum(short) / len(short), 3) if short else 0.0,
+        decode_context_tok_s=round(len(long) / sum(long), 3) if long else None,
+        decode_context_step_s=round(sum(long) / len(long), 3) if long else None,
         load_rss_bytes=load_rss,
         peak_rss_bytes=peak_rss_bytes(),
         private_bytes=private.peak,
     )
+
+
+def _decode_steps(model, cache, token: int, count: int) -> list[float]:
+    """Greedy-decode `count` tokens after `token`; the seconds each step took."""
+    steps = []
+    for _ in range(count):
+        start = time.perf_counter()
+        logits = model.forward([token], cache, last_only=True)
+        steps.append(time.perf_counter() - start)
+        token = int(logits[0].argmax())
+    return steps
 
 
 def format_result(r: BenchResult) -> str:
@@ -151,6 +170,14 @@ def format_result(r: BenchResult) -> str:
             f"time to first   {r.ttft_s:.2f} s  ({r.prompt_tokens}-token prompt)",
             f"prefill         {r.prefill_tok_s:.2f} tokens/s",
             f"decode          {r.decode_tok_s:.2f} tokens/s  ({r.decode_step_s:.3f} s/token over {r.gen_tokens})",
+            *(
+                [
+                    f"decode at {r.context_tokens:<5} {r.decode_context_tok_s:.2f} tokens/s  "
+                    f"({r.decode_context_step_s:.3f} s/token; {r.decode_context_tok_s / r.decode_tok_s:.0%} of short)"
+                ]
+                if r.decode_context_tok_s
+                else []
+            ),
             f"RSS after load  {r.load_rss_bytes / gib:.2f} GiB",
             f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB  (memory-mapped weights count once touched)",
             f"peak private    {r.private_bytes / gib:.2f} GiB",
@@ -162,14 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--gen-tokens", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128, as pp128)")
+    parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded, at each context (default 8)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=4096,
+        help="also decode with this many positions in the cache, filled with random keys and values "
+        "(default 4096; 0 skips it)",
+    )
+    parser.add_argument(
+        "--no-kernels", action="store_true", help="NumPy backend: plain NumPy, without the compiled kernels"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    if args.prompt_tokens < 1 or args.gen_tokens < 0:
-        parser.error("--prompt-tokens must be at least 1 and --gen-tokens at least 0")
-    result = benchmark(args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.seed)
+    if args.prompt_tokens < 1 or args.gen_tokens < 0 or args.context < 0:
+        parser.error("--prompt-tokens must be at least 1, --gen-tokens and --context at least 0")
+    if args.no_kernels:
+        os.environ["MLX_OSS_KERNELS"] = "off"
+    result = benchmark(args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.context, args.seed)
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     return 0
 
