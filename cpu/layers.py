@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_oss.mxfp4 import dequantize
+from mlx_oss.mxfp4 import SCALE_VALUES, decode_unscaled, dequantize
 
+FEW_TOKENS = 4  # up to this many rows of x, `mxfp4_linear` scales per block dot product, not per value
 QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
 
 
@@ -80,16 +81,24 @@ def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarra
 def mxfp4_linear(x, blocks, scales, bias, rows: int) -> np.ndarray:
     """`x @ W.T + bias` for one expert's MXFP4 weight `W [out, in]`, decoding `rows` rows at a time.
 
-    Only a slice of the weight is ever float32, so an expert costs a few MB of scratch, not its
-    full decoded size.
+    Only a slice of the weight is ever float32, so an expert costs a few MB of scratch, not its full
+    decoded size. For a few rows of x (decoding) the blocks' scales are applied to each block's dot
+    product instead of to each of its 32 values.
     """
-    out_features = blocks.shape[0]
-    y = np.empty((x.shape[0], out_features), dtype=np.float32)
-    scratch = np.empty((min(rows, out_features), blocks.shape[1] * 32), dtype=np.float32)
+    out_features, groups = scales.shape
+    tokens = x.shape[0]
+    y = np.empty((tokens, out_features), dtype=np.float32)
+    scratch = np.empty((min(rows, out_features), groups * 32), dtype=np.float32)
+    x_blocks = x.reshape(tokens, groups, 32)
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         w = scratch[: r1 - r0]
-        dequantize(blocks[r0:r1], scales[r0:r1], w)
-        np.matmul(x, w.T, out=y[:, r0:r1])
+        if tokens <= FEW_TOKENS:
+            decode_unscaled(blocks[r0:r1], w)
+            dots = np.einsum("rgj,tgj->trg", w.reshape(r1 - r0, groups, 32), x_blocks)
+            y[:, r0:r1] = np.einsum("trg,rg->tr", dots, SCALE_VALUES[scales[r0:r1]])
+        else:
+            dequantize(blocks[r0:r1], scales[r0:r1], w)
+            np.matmul(x, w.T, out=y[:, r0:r1])
     y += bias
     return y

@@ -1,17 +1,18 @@
 """gpt-oss in NumPy: the model of `gpt_oss/torch/model.py`, float32 over memory-mapped weights.
 
-Memory: the MXFP4 experts stay packed in the memory-mapped checkpoint and only the experts that tokens
-choose are read; the embedding and unembedding stay in their stored dtype. Attention weights are mapped
-as they are from the converter's NumPy layout (fused, float32). From a BF16 checkpoint they stay mapped
-when the compiled kernels (`kernels`) are there to multiply BF16 directly, and are widened to float32
-once (about 2.5 GB for 20b) when not.
+Memory: every weight stays in the memory-mapped checkpoint as stored (MXFP4 experts, BF16 or float32
+matrices), so the process owns little beyond its KV cache; the pages every token reads are mapped in at
+load (`Checkpoint.prefault`), which a page-cached 20b takes about a second to do.
 
-Speed: with the kernels, a token's few expert rows and BF16 rows are multiplied where they lie, packed;
-many tokens (a prompt) decode each weight block to float32 once and hand it to BLAS.
+Speed: with the compiled kernels (`kernels`), packed weights are multiplied where they lie; an expert chosen
+by several tokens of a prompt decodes each block once for all of them. Plain NumPy decodes a few expert rows
+at a time to float32 for BLAS (experts in parallel threads while decoding) and widens BF16 in blocks.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from mlx_oss.safetensors_io import as_float32
 from . import kernels
 from .dense import Dense
 from .kv_cache import KVCache
-from .layers import attention, clamped_swiglu, mxfp4_linear, rms_norm, route
+from .layers import FEW_TOKENS, attention, clamped_swiglu, mxfp4_linear, rms_norm, route
 
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight
 
@@ -71,21 +72,22 @@ class NumpyModel(Model):
         if self.kernels:
             kernels.warm_up()
         self.kernel_description = kernels.description()
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mlx-oss-experts")
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
         self.embed = checkpoint.raw("model.embed_tokens.weight")
         self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self.unembed = self._dense(head, None, widen=False)
+        self.unembed = self._dense(head, None)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]
         for name in self.mapped:
             checkpoint.prefault(name)
 
-    def _dense(self, weight: str, bias: str | None, widen: bool = True) -> Dense:
-        """A checkpoint matrix: float32 as mapped; BF16 mapped for the kernels, else widened once if `widen`."""
+    def _dense(self, weight: str, bias: str | None) -> Dense:
+        """A checkpoint matrix, mapped as stored when float32 or BF16 (which `Dense` widens as it goes)."""
         ck = self.checkpoint
         stored = ck.info(weight).dtype
-        packed = stored == "BF16" and (self.kernels or not widen)
+        packed = stored == "BF16"
         if packed or stored == "F32":
             w = ck.raw(weight)
             self.mapped.append(weight)
@@ -184,9 +186,14 @@ class NumpyModel(Model):
         alone = counts[pair_expert] == 1 if self.kernels else np.zeros(pair_expert.size, dtype=bool)
         if alone.any():
             y[alone] = self._experts_alone(ex, pair_expert[alone], h[pair_token[alone]])
-        for e in np.unique(pair_expert[~alone]):
-            pairs = np.nonzero(pair_expert == e)[0]
-            y[pairs] = self._expert(ex, e, h[pair_token[pairs]])
+        groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
+        # A few tokens per expert: decoding the weights is the work, and NumPy frees the GIL for it, so experts
+        # run on all cores. Many: BLAS, already on all cores, does most of it.
+        run = self._pool.map if counts.max() <= FEW_TOKENS else map
+        for (_, pairs), out in zip(
+            groups, run(lambda g: self._expert(ex, g[0], h[pair_token[g[1]]]), groups), strict=True
+        ):
+            y[pairs] = out
         y *= weights.reshape(-1, 1)
         return y.reshape(h.shape[0], c.num_experts_per_tok, c.hidden_size).sum(axis=1)
 

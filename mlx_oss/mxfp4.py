@@ -28,10 +28,18 @@ with np.errstate(over="ignore"):
 
 
 def dequantize(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode MXFP4 `blocks [..., G, 16]` and `scales [..., G]` to float32 `[..., G * 32]` (into `out` if given).
+    """Decode MXFP4 `blocks [..., G, 16]` and `scales [..., G]` to float32 `[..., G * 32]` (into `out` if given)."""
+    out = decode_unscaled(blocks, out)
+    values = out.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
+    values *= SCALE_VALUES[scales][..., None]
+    return out
+
+
+def decode_unscaled(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The E2M1 values of `blocks [..., G, 16]` as float32 `[..., G * 32]`, without their blocks' scales.
 
     Two bytes at a time through a 65536-entry table of four values, each entry moved as one 16-byte item by
-    `np.take` in `wrap` mode (which skips the bounds check a uint16 index cannot fail): about 0.7 ns a value on
+    `np.take` in `wrap` mode (which skips the bounds check a uint16 index cannot fail): about 0.5 ns a value on
     this project's 2-core test machine, against 6.5 for indexing the byte table with the blocks.
     """
     *lead, groups, width = blocks.shape
@@ -42,8 +50,6 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = 
         np.take(_QUAD_ITEMS, pairs, out=out.reshape(-1).view(np.complex128), mode="wrap")
     else:
         out[...] = np.take(BYTE_PAIRS, blocks, axis=0).reshape(out.shape)
-    values = out.reshape(*lead, groups, 2 * width)
-    values *= SCALE_VALUES[scales][..., None]
     return out
 
 

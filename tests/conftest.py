@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -70,6 +71,32 @@ def converted(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@contextlib.contextmanager
+def kernels_switched_off():
+    """Models loaded inside use the plain NumPy path (the switch is read at load)."""
+    old = os.environ.get("MLX_OSS_KERNELS")
+    os.environ["MLX_OSS_KERNELS"] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MLX_OSS_KERNELS"]
+        else:
+            os.environ["MLX_OSS_KERNELS"] = old
+
+
+def load_variant(path, variant: str):
+    """Load `path` on a backend variant: "numpy" (with the compiled kernels where they exist), "numpy-plain"
+    or "mlx"."""
+    import mlx_oss
+
+    if variant == "numpy-plain":
+        with kernels_switched_off():
+            return mlx_oss.load(path, backend="numpy")
+    need_backend(variant)
+    return mlx_oss.load(path, backend=variant)
 
 
 def need_backend(backend: str) -> None:

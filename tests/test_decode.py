@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import need_backend
+from conftest import load_variant, need_backend
 
 import mlx_oss
 
 SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
 
 
-@pytest.fixture(scope="module", params=["numpy", "mlx"])
+@pytest.fixture(scope="module", params=["numpy", "numpy-plain", "mlx"])
 def model(request, synthetic_checkpoint):
-    need_backend(request.param)
-    return mlx_oss.load(synthetic_checkpoint(**SHAPE), backend=request.param)
+    return load_variant(synthetic_checkpoint(**SHAPE), request.param)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,25 @@ def test_truncate_then_extend_equals_fresh_prefill(model):
     reused = model.forward(new_tail, cache)
     fresh = model.logits(np.concatenate([shared, new_tail]))[len(shared) :]
     np.testing.assert_allclose(reused, fresh, rtol=1e-4, atol=1e-4 * np.abs(fresh).max())
+
+
+def test_truncate_then_extend_past_the_spare_room(model):
+    """A long prompt after a step back must grow buffers from the kept length (MLX once crashed here)."""
+    first, then = tokens(300, 11), tokens(600, 10)
+    cache = model.new_cache()
+    model.forward(first, cache)
+    assert cache.truncate(100) == 100
+    out = model.forward(then, cache, last_only=True)
+    np.testing.assert_allclose(out[0], model.logits(np.concatenate([first[:100], then]))[-1], rtol=1e-4, atol=1e-3)
+
+
+def test_random_fill_extends_the_cache_for_benchmarks(model):
+    cache = model.new_cache()
+    model.forward(tokens(3), cache)
+    cache.fill_random(500)
+    assert cache.length == 503
+    logits = model.forward(tokens(2), cache)
+    assert cache.length == 505 and logits.shape == (2, 500) and np.isfinite(logits).all()
 
 
 def test_cache_grows_past_its_initial_capacity(model):

@@ -30,6 +30,8 @@ def test_bench_prints_its_figures(tiny_checkpoint, backend):
         "5",
         "--gen-tokens",
         "2",
+        "--context",
+        "300",
         "--backend",
         backend,
         "--json",
@@ -37,10 +39,16 @@ def test_bench_prints_its_figures(tiny_checkpoint, backend):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result["backend"] == backend and result["prompt_tokens"] == 5 and result["gen_tokens"] == 2
-    for key in ["load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "private_bytes"]:
+    assert result["context_tokens"] == 300
+    keys = ["load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_context_tok_s", "peak_rss_bytes"]
+    for key in [*keys, "private_bytes", "threads"]:
         assert result[key] > 0, key
+    if backend == "numpy":
+        from mlx_oss.cpu import kernels
+
+        assert ("numba kernels" if kernels.available() else "plain NumPy") in result["backend_reason"]
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True).stdout
-    assert "decode" in table and "tokens/s" in table and "peak RSS" in table
+    assert "decode at 300" in table and "tokens/s" in table and "peak RSS" in table
 
 
 def test_bench_error_is_one_line(tmp_path):

@@ -33,7 +33,7 @@ class LayerCache:
         needed = self.stored + T
         if self.keys is None or needed > self.keys.shape[2]:
             capacity = (needed + self.step - 1) // self.step * self.step
-            grow = (1, k.shape[1], capacity - (0 if self.keys is None else self.keys.shape[2]), k.shape[3])
+            grow = (1, k.shape[1], capacity - (0 if self.keys is None else self.stored), k.shape[3])
             extra_k, extra_v = mx.zeros(grow, k.dtype), mx.zeros(grow, v.dtype)
             if self.keys is None:
                 self.keys, self.values = extra_k, extra_v

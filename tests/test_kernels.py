@@ -1,0 +1,113 @@
+"""The compiled kernels (`cpu/kernels.py`) against the plain NumPy functions they replace, which the reference
+tests check against transformers; and the whole model on the AVX2 kernels against transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_oss.cpu import kernels
+from mlx_oss.cpu.layers import attention
+from mlx_oss.mxfp4 import dequantize
+from mlx_oss.safetensors_io import bf16_to_f32
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernels: {kernels.DESCRIPTION}")
+TESTS = Path(__file__).parent
+
+
+def read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # as the checkpoint's maps are
+    return array
+
+
+def mxfp4_weights(rng, experts: int, rows: int, groups: int):
+    blocks = rng.integers(0, 256, (experts, rows, groups, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (experts, rows, groups), dtype=np.uint8)
+    scales[0, 0, 0] = 0  # the smallest E8M0 scale, 2**-127: a subnormal float32
+    scales[-1, -1, -1] = 160
+    blocks[0, 0, 0] = np.arange(16) * 17  # every nibble, low and high
+    return read_only(blocks), read_only(scales)
+
+
+def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_the_instruction_set_can_be_forced_for_tests():
+    forced = os.environ.get("MLX_OSS_KERNELS")
+    assert ("avx2" if forced == "avx2" else kernels.ISA) == kernels.ISA
+    assert kernels.ISA in ("avx2", "avx512")
+
+
+@pytest.mark.parametrize("groups", [1, 3, 90])
+def test_matvec_equals_decoding_then_multiplying(groups):
+    rng = np.random.default_rng(groups)
+    blocks, scales = mxfp4_weights(rng, 5, 24, groups)
+    experts = np.array([4, 0, 4, 2])
+    x = rng.standard_normal((4, groups * 32)).astype(np.float32)
+    expected = np.stack([dequantize(blocks[e], scales[e]) @ x[p] for p, e in enumerate(experts)])
+    assert_close(kernels.mxfp4_matvec(blocks, scales, experts, x), expected)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 40])
+def test_matmul_equals_decoding_then_multiplying(tokens):
+    rng = np.random.default_rng(tokens)
+    blocks, scales = mxfp4_weights(rng, 1, 37, 20)  # rows and groups that are not multiples of the tiles
+    x = rng.standard_normal((tokens, 20 * 32)).astype(np.float32)
+    assert_close(kernels.mxfp4_matmul(blocks[0], scales[0], x), x @ dequantize(blocks[0], scales[0]).T)
+
+
+def test_bf16_matvec_equals_widening_then_multiplying():
+    rng = np.random.default_rng(3)
+    weights = read_only(rng.integers(0, 1 << 16, (50, 160), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
+    x = rng.standard_normal((3, 160)).astype(np.float32)
+    assert_close(kernels.bf16_matvec(weights, x), x @ bf16_to_f32(weights).T)
+
+
+@pytest.mark.parametrize("window", [None, 4, 64])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_attention_equals_the_numpy_attention(window, queries):
+    rng = np.random.default_rng(queries)
+    kv_heads, group, dim, length, capacity = 2, 4, 16, 37, 50
+    q = rng.standard_normal((queries, kv_heads * group, dim)).astype(np.float32)
+    keys = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
+    values = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
+    sinks = rng.standard_normal(kv_heads * group).astype(np.float32)
+    start = length - queries
+    expected = attention(q, keys[..., :length], values[..., :length], sinks, start, window)
+    assert_close(kernels.attention(q, keys, values, length, sinks, start, window), expected)
+
+
+@pytest.mark.skipif(os.environ.get("MLX_OSS_KERNELS") == "avx2", reason="already the AVX2 run")
+def test_avx2_kernels_match_transformers():
+    """This machine may have AVX-512; most laptops have only AVX2. Run the kernel tests and the reference test
+    of the tiny preset with the AVX2 kernels forced, in a fresh interpreter (the width is chosen at import)."""
+    env = {**os.environ, "MLX_OSS_KERNELS": "avx2"}
+    selection = [
+        str(TESTS / "test_kernels.py"),
+        str(TESTS / "test_reference.py") + "::test_tiny_preset_matches_transformers",
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *selection,
+            "-k",
+            "not plain and not mlx and not avx2_kernels",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=TESTS.parent,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
