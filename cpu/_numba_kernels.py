@@ -150,6 +150,7 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even
         def step(builder, g, acc):
             ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
             _prefetch(builder, builder.gep(bp, [ahead]))
+            _prefetch(builder, builder.gep(sp, [builder.add(g, ir.Constant(g.type, PREFETCH_BYTES // 16))]))
             block = None
             for offset, low, high in _blocks(builder, bp, g):
                 xe = _load(builder, xep, offset, vf)
@@ -370,6 +371,16 @@ def bf16_matvec(weights, x, out):
             out[t, r] = _bf16_row_dot(flat, r * cols, x[t], cols)
 
 
+@numba.njit(parallel=True, cache=CACHE)
+def f32_matvec(weights, x, out):
+    """`out = x @ W.T` for float32 `weights [R, C]` (C a multiple of 16) and a few rows `x [T, C]`."""
+    rows, cols = weights.shape
+    flat = weights.reshape(-1)
+    for r in prange(rows):
+        for t in range(x.shape[0]):
+            out[t, r] = _f32_dot(flat, r * cols, x[t], 0, cols)
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types the model passes."""
     blocks = _read_only(np.zeros((1, 1, 1, 16), np.uint8))
@@ -386,6 +397,7 @@ def warm_up() -> None:
     padded = np.zeros((TOKENS, 16), np.float32)
     mxfp4_matmul(blocks[0], scales[0], padded, padded, np.empty((TOKENS, 1), np.float32))
     bf16_matvec(_read_only(np.zeros((1, 16), np.uint16)), xs, np.empty((1, 1), np.float32))
+    f32_matvec(_read_only(np.zeros((1, 16), np.float32)), xs, np.empty((1, 1), np.float32))
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import kernels
 
-MATVEC_TOKENS = 8  # up to this many rows of x, the kernels multiply BF16 weights in place
+MATVEC_TOKENS = 8  # up to this many rows of x, the kernels multiply the weights (not BLAS)
 WIDEN_BYTES = 4 << 20  # float32 bytes of BF16 weight widened at once for BLAS: a block that stays in cache
 
 
@@ -21,10 +21,10 @@ class Dense:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out_features, in_features = self.weight.shape
-        if self.dtype == "F32":
+        if self.kernels and x.shape[0] <= MATVEC_TOKENS and in_features % 16 == 0:
+            y = kernels.matvec(self.weight, x)
+        elif self.dtype == "F32":
             y = x @ self.weight.T
-        elif self.kernels and x.shape[0] <= MATVEC_TOKENS and in_features % 16 == 0:
-            y = kernels.bf16_matvec(self.weight, x)
         else:
             y = np.empty((x.shape[0], out_features), dtype=np.float32)
             rows = max(1, WIDEN_BYTES // (4 * in_features))

@@ -96,10 +96,13 @@ def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.nd
     return out[:tokens]
 
 
-def bf16_matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """`x @ W.T` for BF16 bits `weights [R, C]` (C a multiple of 16) and a few rows of x, reading W once."""
+def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x @ W.T` for float32 or BF16-bits (uint16) `weights [R, C]` (C a multiple of 16) and a few rows of x,
+    reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
+    kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    _compiled.bf16_matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)
+    kernel = _compiled.bf16_matvec if weights.dtype == np.uint16 else _compiled.f32_matvec
+    kernel(weights, np.ascontiguousarray(x, dtype=np.float32), out)
     return out
 
 

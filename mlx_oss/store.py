@@ -64,9 +64,11 @@ class StoredModel:
     def layout_for(self, backend: str = "auto") -> str | None:
         """The layout to load on `backend`: the converted one it reads fastest, else the download, else whatever
         is there (the loader then says which backend reads it); None when nothing is."""
-        from .loading import is_apple_silicon
+        from .loading import is_apple_silicon, numpy_reads_fastest
 
         preferred = backend if backend != "auto" else (MLX if is_apple_silicon() else NUMPY)
+        if preferred == NUMPY:
+            preferred = numpy_reads_fastest()
         for layout in (preferred, HF, *self.layouts):
             if layout in self.layouts:
                 return layout

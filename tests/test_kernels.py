@@ -62,11 +62,13 @@ def test_matmul_equals_decoding_then_multiplying(tokens):
     assert_close(kernels.mxfp4_matmul(blocks[0], scales[0], x), x @ dequantize(blocks[0], scales[0]).T)
 
 
-def test_bf16_matvec_equals_widening_then_multiplying():
+def test_matvec_equals_widening_then_multiplying():
     rng = np.random.default_rng(3)
     weights = read_only(rng.integers(0, 1 << 16, (50, 160), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
     x = rng.standard_normal((3, 160)).astype(np.float32)
-    assert_close(kernels.bf16_matvec(weights, x), x @ bf16_to_f32(weights).T)
+    assert_close(kernels.matvec(weights, x), x @ bf16_to_f32(weights).T)
+    wide = read_only(bf16_to_f32(weights) * np.float32(1.001))
+    assert_close(kernels.matvec(wide, x), x @ wide.T)
 
 
 @pytest.mark.parametrize("window", [None, 4, 64])
