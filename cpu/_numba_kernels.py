@@ -20,6 +20,7 @@ F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
 BF16_LANES = 16
 UNROLL = 4  # independent sums per row
+MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
 TOKENS = 8  # inputs a prompt's expert rows are multiplied with per pass (one register each)
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
 # input it reads again for every row (TOKENS x 512 values, 16 KB) stays in the core's L1 cache.
@@ -317,8 +318,11 @@ def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
     _, rows, groups, _ = blocks.shape
     flat_blocks = blocks.reshape(-1)
     flat_scales = scales.reshape(-1)
-    for r in prange(rows):
-        for p in range(experts.size):
+    chunks = (rows + MATVEC_ROWS - 1) // MATVEC_ROWS
+    for task in prange(experts.size * chunks):
+        p = task // chunks
+        first = (task - p * chunks) * MATVEC_ROWS
+        for r in range(first, min(rows, first + MATVEC_ROWS)):
             row = experts[p] * rows + r
             out[p, r] = _mxfp4_row_dot(
                 flat_blocks, row * groups * 16, flat_scales, row * groups, x_even[p], x_odd[p], groups
