@@ -18,7 +18,7 @@ from .kernels import CACHE, ISA
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
-BF16_LANES = 16
+DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
 TOKENS = 8  # inputs a prompt's expert rows are multiplied with per pass (one register each)
@@ -191,18 +191,9 @@ def _mxfp4_row_dot_tokens(
         bt, _, st, _, xet, xot, _, _, ot, _, _, _ = signature.args
         bp = _pointer(context, builder, bt, b_arr, b_off, I8)
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
-        xeps = [
-            _pointer(
-                context, builder, xet, xe_arr, builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))), F32
-            )
-            for t in range(TOKENS)
-        ]
-        xops = [
-            _pointer(
-                context, builder, xot, xo_arr, builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))), F32
-            )
-            for t in range(TOKENS)
-        ]
+        starts = [builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))) for t in range(TOKENS)]
+        xeps = [_pointer(context, builder, xet, xe_arr, start, F32) for start in starts]
+        xops = [_pointer(context, builder, xot, xo_arr, start, F32) for start in starts]
         vf = ir.VectorType(F32, LANES)
         fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
         accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(TOKENS)]
@@ -222,67 +213,37 @@ def _mxfp4_row_dot_tokens(
             builder.store(builder.fadd(builder.load(target), _horizontal_sum(builder, builder.load(acc))), target)
         return context.get_dummy_value()
 
-    sig = types.none(
-        blocks,
-        block_offset,
-        scales,
-        scale_offset,
-        x_even,
-        x_odd,
-        x_offset,
-        x_stride,
-        out,
-        out_offset,
-        out_stride,
-        groups,
-    )
-    return sig, codegen
+    arguments = (blocks, block_offset, scales, scale_offset, x_even, x_odd, x_offset, x_stride, out, out_offset)
+    return types.none(*arguments, out_stride, groups), codegen
 
 
 @intrinsic
-def _bf16_row_dot(typingctx, weights, weight_offset, x, count):
-    """`count` (a multiple of 16) BF16 weights from `weights[weight_offset:]` dotted with float32 `x`."""
-
-    def codegen(context, builder, signature, args):
-        w_arr, w_off, x_arr, n = args
-        wt, _, xt, _ = signature.args
-        wp = _pointer(context, builder, wt, w_arr, w_off, I16)
-        xp = _pointer(context, builder, xt, x_arr, ir.Constant(I32, 0), F32)
-        vf = ir.VectorType(F32, BF16_LANES)
-        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
-
-        def step(builder, i, acc):
-            offset = builder.mul(i, ir.Constant(n.type, BF16_LANES))
-            _prefetch(builder, builder.gep(wp, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
-            halves = _load(builder, wp, offset, ir.VectorType(I16, BF16_LANES))
-            bits = builder.zext(halves, ir.VectorType(I32, BF16_LANES))
-            w = builder.bitcast(builder.shl(bits, _vector(I32, [16] * BF16_LANES)), vf)
-            return builder.call(fma, [w, _load(builder, xp, offset, vf), acc])
-
-        steps = builder.udiv(n, ir.Constant(n.type, BF16_LANES))
-        return _horizontal_sum(builder, _accumulate(builder, steps, BF16_LANES, step))
-
-    return types.float32(weights, weight_offset, x, count), codegen
-
-
-@intrinsic
-def _f32_dot(typingctx, a, a_offset, b, b_offset, count):
-    """`a[a_offset:][:count] . b[b_offset:][:count]` for `count` a multiple of 16."""
+def _dot(typingctx, a, a_offset, b, b_offset, count):
+    """`a[a_offset:][:count] . b[b_offset:][:count]`, float32 `b`, for `count` a multiple of 16. `a` is float32 or
+    BF16 bits (uint16), widened in registers."""
 
     def codegen(context, builder, signature, args):
         a_arr, a_off, b_arr, b_off, n = args
         at, _, bt, _, _ = signature.args
-        ap = _pointer(context, builder, at, a_arr, a_off, F32)
+        bf16 = at.dtype == types.uint16
+        ap = _pointer(context, builder, at, a_arr, a_off, I16 if bf16 else F32)
         bp = _pointer(context, builder, bt, b_arr, b_off, F32)
-        vf = ir.VectorType(F32, BF16_LANES)
-        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
+        vf = ir.VectorType(F32, DOT_LANES)
+        fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
 
         def step(builder, i, acc):
-            offset = builder.mul(i, ir.Constant(n.type, BF16_LANES))
-            return builder.call(fma, [_load(builder, ap, offset, vf), _load(builder, bp, offset, vf), acc])
+            offset = builder.mul(i, ir.Constant(n.type, DOT_LANES))
+            _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
+            if bf16:
+                halves = _load(builder, ap, offset, ir.VectorType(I16, DOT_LANES))
+                bits = builder.zext(halves, ir.VectorType(I32, DOT_LANES))
+                w = builder.bitcast(builder.shl(bits, _vector(I32, [16] * DOT_LANES)), vf)
+            else:
+                w = _load(builder, ap, offset, vf)
+            return builder.call(fma, [w, _load(builder, bp, offset, vf), acc])
 
-        steps = builder.udiv(n, ir.Constant(n.type, BF16_LANES))
-        return _horizontal_sum(builder, _accumulate(builder, steps, BF16_LANES, step))
+        steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
+        return _horizontal_sum(builder, _accumulate(builder, steps, DOT_LANES, step))
 
     return types.float32(a, a_offset, b, b_offset, count), codegen
 
@@ -296,11 +257,11 @@ def _f32_axpy(typingctx, y, y_offset, x, x_offset, alpha, count):
         yt, _, xt, _, _, _ = signature.args
         yp = _pointer(context, builder, yt, y_arr, y_off, F32)
         xp = _pointer(context, builder, xt, x_arr, x_off, F32)
-        vf = ir.VectorType(F32, BF16_LANES)
-        fma = _function(builder, f"llvm.fma.v{BF16_LANES}f32", vf, vf, vf, vf)
-        scale = _splat(builder, a, BF16_LANES)
-        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, BF16_LANES))) as loop:
-            offset = builder.mul(loop.index, ir.Constant(n.type, BF16_LANES))
+        vf = ir.VectorType(F32, DOT_LANES)
+        fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
+        scale = _splat(builder, a, DOT_LANES)
+        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, DOT_LANES))) as loop:
+            offset = builder.mul(loop.index, ir.Constant(n.type, DOT_LANES))
             target = builder.bitcast(builder.gep(yp, [offset]), vf.as_pointer())
             total = builder.call(fma, [scale, _load(builder, xp, offset, vf), builder.load(target, align=1)])
             builder.store(total, target, align=1)
@@ -366,23 +327,13 @@ def mxfp4_matmul(blocks, scales, x_even, x_odd, out):
 
 
 @numba.njit(parallel=True, cache=CACHE)
-def bf16_matvec(weights, x, out):
-    """`out = x @ W.T` for BF16 bits `weights [R, C]` (C a multiple of 16) and a few float32 rows `x [T, C]`."""
+def matvec(weights, x, out):
+    """`out = x @ W.T` for float32 or BF16-bits `weights [R, C]` (C a multiple of 16) and a few rows `x [T, C]`."""
     rows, cols = weights.shape
     flat = weights.reshape(-1)
     for r in prange(rows):
         for t in range(x.shape[0]):
-            out[t, r] = _bf16_row_dot(flat, r * cols, x[t], cols)
-
-
-@numba.njit(parallel=True, cache=CACHE)
-def f32_matvec(weights, x, out):
-    """`out = x @ W.T` for float32 `weights [R, C]` (C a multiple of 16) and a few rows `x [T, C]`."""
-    rows, cols = weights.shape
-    flat = weights.reshape(-1)
-    for r in prange(rows):
-        for t in range(x.shape[0]):
-            out[t, r] = _f32_dot(flat, r * cols, x[t], 0, cols)
+            out[t, r] = _dot(flat, r * cols, x[t], 0, cols)
 
 
 def warm_up() -> None:
@@ -400,8 +351,8 @@ def warm_up() -> None:
     attention_mix(scores, cached, 0, np.empty_like(q))
     padded = np.zeros((TOKENS, 16), np.float32)
     mxfp4_matmul(blocks[0], scales[0], padded, padded, np.empty((TOKENS, 1), np.float32))
-    bf16_matvec(_read_only(np.zeros((1, 16), np.uint16)), xs, np.empty((1, 1), np.float32))
-    f32_matvec(_read_only(np.zeros((1, 16), np.float32)), xs, np.empty((1, 1), np.float32))
+    for dtype in (np.uint16, np.float32):
+        matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -453,7 +404,7 @@ def attention_mix(weights, v, first, out):
         row = task * count
         for d in range(dim):
             values = ((h // group) * dim + d) * capacity + first
-            total = _f32_dot(flat_w, row, flat_v, values, body)
+            total = _dot(flat_v, values, flat_w, row, body)
             for j in range(body, count):
                 total += flat_w[row + j] * flat_v[values + j]
             out[t, h, d] = total

@@ -101,8 +101,7 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
     kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    kernel = _compiled.bf16_matvec if weights.dtype == np.uint16 else _compiled.f32_matvec
-    kernel(weights, np.ascontiguousarray(x, dtype=np.float32), out)
+    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)
     return out
 
 
