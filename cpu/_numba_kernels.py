@@ -408,3 +408,7 @@ def attention_mix(weights, v, first, out):
             for j in range(body, count):
                 total += flat_w[row + j] * flat_v[values + j]
             out[t, h, d] = total
+
+
+if __name__ == "__main__":  # `kernels.warm_up` compiles into numba's cache in a child process
+    warm_up()

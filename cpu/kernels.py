@@ -17,6 +17,9 @@ Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 import numpy as np
 
@@ -69,7 +72,14 @@ def description() -> str:
 
 
 def warm_up() -> None:
-    """Compile the kernels now (or load them from numba's cache), not at the first token."""
+    """Compile the kernels now (or load them from numba's on-disk cache), not at the first token.
+
+    Compiling holds the GIL for seconds. Off the main thread (the app's and the server's model threads) that would
+    freeze the window or the event loop on the first load after an install, so a child process compiles into the
+    cache first and this process only loads from it.
+    """
+    if threading.current_thread() is not threading.main_thread() and CACHE:
+        subprocess.run([sys.executable, "-m", "mlx_oss.cpu._numba_kernels"], check=False, capture_output=True)
     _compiled.warm_up()
 
 

@@ -56,8 +56,7 @@ class LayerWeights:
     input_norm: np.ndarray
     attention: AttentionWeights
     post_attention_norm: np.ndarray
-    router: np.ndarray  # [E, hidden]
-    router_bias: np.ndarray
+    router: Dense  # [E, hidden]
     experts: ExpertWeights
 
 
@@ -114,8 +113,7 @@ class NumpyModel(Model):
                 sinks=f32(p + "self_attn.sinks"),
             ),
             post_attention_norm=f32(p + "post_attention_layernorm.weight"),
-            router=f32(p + "mlp.router.weight"),
-            router_bias=f32(p + "mlp.router.bias"),
+            router=self._dense(p + "mlp.router.weight", p + "mlp.router.bias"),
             experts=ExpertWeights(
                 gate_up_blocks=ck.raw(p + "mlp.experts.gate_up_proj_blocks"),
                 gate_up_scales=ck.raw(p + "mlp.experts.gate_up_proj_scales"),
@@ -178,7 +176,7 @@ class NumpyModel(Model):
         """
         c = self.config
         ex = layer.experts
-        chosen, weights = route(h @ layer.router.T + layer.router_bias, c.num_experts_per_tok)
+        chosen, weights = route(layer.router(h), c.num_experts_per_tok)
         pair_expert = chosen.reshape(-1)
         pair_token = np.repeat(np.arange(h.shape[0]), c.num_experts_per_tok)
         y = np.empty((pair_expert.size, c.hidden_size), dtype=np.float32)
