@@ -115,12 +115,12 @@ class NumpyModel(Model):
             post_attention_norm=f32(p + "post_attention_layernorm.weight"),
             router=self._dense(p + "mlp.router.weight", p + "mlp.router.bias"),
             experts=ExpertWeights(
-                gate_up_blocks=ck.raw(p + "mlp.experts.gate_up_proj_blocks"),
-                gate_up_scales=ck.raw(p + "mlp.experts.gate_up_proj_scales"),
-                gate_up_bias=f32(p + "mlp.experts.gate_up_proj_bias"),
-                down_blocks=ck.raw(p + "mlp.experts.down_proj_blocks"),
-                down_scales=ck.raw(p + "mlp.experts.down_proj_scales"),
-                down_bias=f32(p + "mlp.experts.down_proj_bias"),
+                gate_up_blocks=ck.raw(experts + "gate_up_proj_blocks"),
+                gate_up_scales=ck.raw(experts + "gate_up_proj_scales"),
+                gate_up_bias=f32(experts + "gate_up_proj_bias"),
+                down_blocks=ck.raw(experts + "down_proj_blocks"),
+                down_scales=ck.raw(experts + "down_proj_scales"),
+                down_bias=f32(experts + "down_proj_bias"),
             ),
         )
 
