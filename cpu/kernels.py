@@ -38,10 +38,13 @@ def _instruction_set() -> tuple[str | None, str]:
     # round on 2 cores. A short spin keeps back-to-back kernels quick. Only read if OpenMP is not loaded yet.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
+        import llvmlite
         import llvmlite.binding as llvm
-        import numba  # noqa: F401
+        import numba
     except ImportError:
         return None, "numba is not installed (pip install 'mlx-oss[fast]')"
+    if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
+        return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')"
     features = llvm.get_host_cpu_features()
     if os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2":  # the AVX2 kernels on a larger CPU, for tests
         features = {"avx2": features.get("avx2"), "fma": features.get("fma")}

@@ -68,9 +68,13 @@ class NumpyModel(Model):
         self.config: ModelConfig = checkpoint.config
         c = self.config
         self.kernels = kernels.available()
-        if self.kernels:
-            kernels.warm_up()
         self.kernel_description = kernels.description()
+        if self.kernels:
+            try:
+                kernels.warm_up()
+            except Exception as e:  # a numba or LLVM that cannot build them: run, slower, without
+                self.kernels = False
+                self.kernel_description = f"plain NumPy (the compiled kernels failed to build: {e})"
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mlx-oss-experts")
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
         self.embed = checkpoint.raw("model.embed_tokens.weight")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_variant
 
+import mlx_oss
 from mlx_oss.cpu import kernels
 from mlx_oss.cpu.layers import attention
 from mlx_oss.mxfp4 import dequantize
@@ -113,3 +115,16 @@ def test_avx2_kernels_match_transformers():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
+
+
+def test_a_kernel_build_failure_falls_back_to_plain_numpy(synthetic_checkpoint, monkeypatch):
+    path = synthetic_checkpoint(num_hidden_layers=2, vocab_size=300)
+
+    def broken():
+        raise RuntimeError("LLVM ERROR: cannot select")
+
+    expected = load_variant(path, "numpy-plain").logits([1, 2, 3])
+    monkeypatch.setattr(kernels, "warm_up", broken)
+    model = mlx_oss.load(path, backend="numpy")
+    assert not model.kernels and "kernels failed to build: LLVM ERROR: cannot select" in model.backend_reason
+    np.testing.assert_array_equal(model.logits([1, 2, 3]), expected)
