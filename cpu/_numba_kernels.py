@@ -84,6 +84,13 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [builder.bitcast(pointer, i8p), read, keep, data])
 
 
+def _prefetch_ahead(builder, block_pointer, scale_pointer, g):
+    """While reading MXFP4 block `g` of a row, ask for the blocks and scales `PREFETCH_BYTES` of blocks ahead."""
+    ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
+    _prefetch(builder, builder.gep(block_pointer, [ahead]))
+    _prefetch(builder, builder.gep(scale_pointer, [builder.add(g, ir.Constant(g.type, PREFETCH_BYTES // 16))]))
+
+
 def _horizontal_sum(builder, vector):
     """The sum of a vector's lanes, halving it each step (a tree, not a chain of dependent additions)."""
     lanes = vector.type.count
@@ -149,9 +156,7 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even
         fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
 
         def step(builder, g, acc):
-            ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
-            _prefetch(builder, builder.gep(bp, [ahead]))
-            _prefetch(builder, builder.gep(sp, [builder.add(g, ir.Constant(g.type, PREFETCH_BYTES // 16))]))
+            _prefetch_ahead(builder, bp, sp, g)
             block = None
             for offset, low, high in _blocks(builder, bp, g):
                 xe = _load(builder, xep, offset, vf)
@@ -199,8 +204,7 @@ def _mxfp4_row_dot_tokens(
         accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(TOKENS)]
         with cgutils.for_range(builder, count) as loop:
             g = loop.index
-            ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
-            _prefetch(builder, builder.gep(bp, [ahead]))
+            _prefetch_ahead(builder, bp, sp, g)
             scale = _splat(builder, _scale(builder, sp, g), LANES)
             for offset, low, high in _blocks(builder, bp, g):
                 low, high = builder.fmul(low, scale), builder.fmul(high, scale)

@@ -8,22 +8,20 @@ import numpy as np
 
 from . import kernels
 
-MATVEC_TOKENS = 8  # up to this many rows of x, the kernels multiply the weights (not BLAS)
 WIDEN_BYTES = 4 << 20  # float32 bytes of BF16 weight widened at once for BLAS: a block that stays in cache
 
 
 @dataclass
 class Dense:
     weight: np.ndarray  # [out, in]: float32, or BF16 bits as uint16
-    dtype: str  # "F32" or "BF16"
     bias: np.ndarray | None
     kernels: bool  # whether the compiled kernels may be used
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out_features, in_features = self.weight.shape
-        if self.kernels and x.shape[0] <= MATVEC_TOKENS and in_features % 16 == 0:
+        if self.kernels and x.shape[0] <= kernels.FEW_TOKENS and in_features % 16 == 0:
             y = kernels.matvec(self.weight, x)
-        elif self.dtype == "F32":
+        elif self.weight.dtype == np.float32:
             y = x @ self.weight.T
         else:
             y = np.empty((x.shape[0], out_features), dtype=np.float32)

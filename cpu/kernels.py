@@ -23,12 +23,20 @@ import threading
 
 import numpy as np
 
+from .layers import softmax_with_sink, visible_keys
+
 DISABLE_VARIABLE = "MLX_OSS_KERNELS"
-ATTENTION_TOKENS = 8  # queries up to which attention runs in the kernels (decoding); a prompt's goes to BLAS
+FEW_TOKENS = 8  # up to this many rows (decoding), matrices and attention run in the kernels; a prompt's in BLAS
 
 
 def _switched_off() -> bool:
     return os.environ.get(DISABLE_VARIABLE, "").lower() in ("0", "off", "no", "false")
+
+
+# The AVX2 kernels on a larger CPU, for tests. numba's on-disk cache is keyed by the CPU, not by the kernels'
+# width, so a forced build must not share it.
+FORCED_AVX2 = os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2"
+CACHE = not FORCED_AVX2
 
 
 def _instruction_set() -> tuple[str | None, str]:
@@ -46,7 +54,7 @@ def _instruction_set() -> tuple[str | None, str]:
     if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
         return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')"
     features = llvm.get_host_cpu_features()
-    if os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2":  # the AVX2 kernels on a larger CPU, for tests
+    if FORCED_AVX2:
         features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
     if features.get("avx512f") and features.get("avx512bw"):
         return "avx512", "numba kernels for AVX-512"
@@ -56,8 +64,6 @@ def _instruction_set() -> tuple[str | None, str]:
 
 
 ISA, DESCRIPTION = _instruction_set()
-# numba's on-disk cache is keyed by the CPU, not by the kernels' width, so a forced ISA must not share it
-CACHE = os.environ.get(DISABLE_VARIABLE, "").lower() != "avx2"
 
 if ISA is not None:  # after ISA is set: the numba module reads it
     from . import _numba_kernels as _compiled
@@ -118,30 +124,19 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def attention(q, keys, values, length: int, sinks, q_start: int, window: int | None) -> np.ndarray:
+def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.ndarray:
     """`layers.attention` for a few queries (decoding), without BLAS, whose threads would spin on after each
     call and take the cores from the kernels around it at long contexts.
 
-    `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers of which the first `length`
-    positions count (a slice of them would have strides numba cannot vectorize over). The products run in the
+    `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers holding at least the positions
+    up to the last query's (a slice of them would have strides numba cannot vectorize over). The products run in the
     kernels; the softmax in NumPy, whose `exp` is vectorized where numba's is a call per element.
     """
     tokens, heads, dim = q.shape
-    positions = np.arange(q_start, q_start + tokens)
-    first = max(0, q_start - window + 1) if window else 0
-    last = min(length, q_start + tokens)
-    scores = np.empty((tokens, heads, last - first), dtype=np.float32)
+    first, visible = visible_keys(q_start, tokens, window)
+    scores = np.empty((tokens, heads, visible.shape[1]), dtype=np.float32)
     _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
-    key_positions = np.arange(first, last)
-    hidden = key_positions[None, :] > positions[:, None]
-    if window:
-        hidden |= positions[:, None] - key_positions[None, :] >= window
-    if hidden.any():
-        scores[np.broadcast_to(hidden[:, None, :], scores.shape)] = -np.inf
-    sink = sinks.astype(np.float32)[None, :]
-    peak = np.maximum(scores.max(axis=-1), sink)
-    weights = np.exp(scores - peak[..., None])
-    denominator = weights.sum(axis=-1) + np.exp(sink - peak)
+    weights, denominator = softmax_with_sink(np.where(visible[:, None, :], scores, -np.inf), sinks[None, :])
     out = np.empty(q.shape, dtype=np.float32)
     _compiled.attention_mix(weights, values, first, out)
     out /= denominator[..., None]

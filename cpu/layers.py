@@ -40,22 +40,35 @@ def attention(
     sink = sinks.astype(np.float32).reshape(KV, group, 1)
     for t0 in range(0, T, QUERY_CHUNK):
         t1 = min(T, t0 + QUERY_CHUNK)
-        q_pos = np.arange(q_start + t0, q_start + t1)
-        k_lo = 0 if window is None else max(0, q_start + t0 - window + 1)
-        k_hi = q_start + t1  # keys past the last query are never visible
-        k_pos = np.arange(k_lo, k_hi)
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            visible &= q_pos[:, None] - k_pos[None, :] < window
+        k_lo, visible = visible_keys(q_start + t0, t1 - t0, window)
+        k_hi = q_start + t1
         # scores [KV, group, t, s]
         scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], k[..., k_lo:k_hi], optimize=True) * scale
-        scores = np.where(visible, scores, -np.inf)
-        peak = np.maximum(scores.max(axis=-1), sink)
-        weights = np.exp(scores - peak[..., None])
-        denom = weights.sum(axis=-1) + np.exp(sink - peak)
+        weights, denom = softmax_with_sink(np.where(visible, scores, -np.inf), sink)
         mixed = np.einsum("kgts,kds->tkgd", weights, v[..., k_lo:k_hi], optimize=True)
         out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
     return out.reshape(T, H * D)
+
+
+def visible_keys(q_start: int, queries: int, window: int | None) -> tuple[int, np.ndarray]:
+    """The first key any of `queries` queries from position `q_start` on can see, and which keys from there to
+    the last query's position each sees (`[queries, keys]`): key j is visible to query i iff j <= i and, on
+    sliding layers, i - j < window."""
+    first = 0 if window is None else max(0, q_start - window + 1)
+    q_pos = np.arange(q_start, q_start + queries)
+    k_pos = np.arange(first, q_start + queries)  # keys past the last query are never visible
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+    return first, visible
+
+
+def softmax_with_sink(scores: np.ndarray, sink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A softmax over the last axis whose denominator also holds `exp(sink)` (`sink` broadcast to
+    `scores.shape[:-1]`): the unnormalised weights and the denominator."""
+    peak = np.maximum(scores.max(axis=-1), sink)
+    weights = np.exp(scores - peak[..., None])
+    return weights, weights.sum(axis=-1) + np.exp(sink - peak)
 
 
 def route(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -89,14 +89,12 @@ class NumpyModel(Model):
     def _dense(self, weight: str, bias: str | None) -> Dense:
         """A checkpoint matrix, mapped as stored when float32 or BF16 (which `Dense` widens as it goes)."""
         ck = self.checkpoint
-        stored = ck.info(weight).dtype
-        packed = stored == "BF16"
-        if packed or stored == "F32":
+        if ck.info(weight).dtype in ("BF16", "F32"):
             w = ck.raw(weight)
             self.mapped.append(weight)
         else:
             w = ck.float32(weight)
-        return Dense(w, "BF16" if packed else "F32", ck.float32(bias) if bias else None, self.kernels)
+        return Dense(w, ck.float32(bias) if bias else None, self.kernels)
 
     def _load_layer(self, i: int) -> LayerWeights:
         ck = self.checkpoint
@@ -164,9 +162,9 @@ class NumpyModel(Model):
         else:
             k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
-        if self.kernels and T <= kernels.ATTENTION_TOKENS:
+        if self.kernels and T <= kernels.FEW_TOKENS:
             keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
-            mixed = kernels.attention(q, keys, values, k.shape[-1], w.sinks, start, window)
+            mixed = kernels.attention(q, keys, values, w.sinks, start, window)
         else:
             mixed = attention(q, k, v, w.sinks, start, window)
         return w.out(mixed)
@@ -189,9 +187,9 @@ class NumpyModel(Model):
         if alone.any():
             y[alone] = self._experts_alone(ex, pair_expert[alone], h[pair_token[alone]])
         groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
-        # A few tokens per expert: decoding the weights is the work, and NumPy frees the GIL for it, so experts
-        # run on all cores. Many: BLAS, already on all cores, does most of it.
-        run = self._pool.map if counts.max() <= FEW_TOKENS else map
+        # Plain NumPy with a few tokens per expert: decoding the weights is the work, and NumPy frees the GIL for
+        # it, so experts run on all cores. With many, BLAS is already on all cores; so are the kernels.
+        run = self._pool.map if not self.kernels and counts.max() <= FEW_TOKENS else map
         for (_, pairs), out in zip(
             groups, run(lambda g: self._expert(ex, g[0], h[pair_token[g[1]]]), groups), strict=True
         ):

@@ -104,9 +104,9 @@ class Checkpoint:
             return self.raw(name)
         return as_float32(self.files[self.locations[name]].read(name), self.info(name).dtype)
 
-    def prefault(self, name: str) -> bool:
+    def prefault(self, name: str) -> None:
         """Map a tensor's pages now (see `SafetensorsFile.prefault`)."""
-        return self.files[self.locations[name]].prefault(name)
+        self.files[self.locations[name]].prefault(name)
 
     def release(self) -> None:
         """Drop every mapped page from the process's resident memory (after copying weights elsewhere)."""

@@ -115,29 +115,29 @@ class SafetensorsFile:
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array (BF16 as uint16 bits)."""
         info = self.tensors[name]
+        count = info.nbytes // DTYPES[info.dtype].itemsize
+        return np.frombuffer(self._mapped(), DTYPES[info.dtype], count, info.begin).reshape(info.shape)
+
+    def _mapped(self) -> mmap.mmap:
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        count = info.nbytes // DTYPES[info.dtype].itemsize
-        return np.frombuffer(self._map, DTYPES[info.dtype], count, info.begin).reshape(info.shape)
+        return self._map
 
-    def prefault(self, name: str) -> bool:
+    def prefault(self, name: str) -> None:
         """Map the tensor's pages into this process now, so that its first use takes no page faults.
 
         Reading a page-cached model through a fresh map costs a fault per few pages: a 20b decode step ran
         at a third of its speed until every expert had been touched once. Needs Linux 5.14 or later
-        (MADV_POPULATE_READ); elsewhere it only asks the system to read ahead, and returns False.
+        (MADV_POPULATE_READ); elsewhere it only asks the system to read ahead.
         """
         info = self.tensors[name]
-        self.array(name)
         start = info.begin - info.begin % mmap.PAGESIZE
         try:
-            self._map.madvise(MADV_POPULATE_READ, start, info.end - start)
-            return True
+            self._mapped().madvise(MADV_POPULATE_READ, start, info.end - start)
         except (OSError, ValueError, TypeError):
             if hasattr(mmap, "MADV_WILLNEED"):
                 self._map.madvise(mmap.MADV_WILLNEED, start, info.end - start)
-            return False
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a fresh writable array read from the file (BF16 as uint16 bits).
