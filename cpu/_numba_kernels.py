@@ -28,6 +28,12 @@ ROW_CHUNK = 16
 GROUP_CHUNK = 16
 SCALE_TABLE = "mlx_oss_e8m0_scale_values"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
+# Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
+# positions the weights are walked in so that a group's stay in L1 (8 heads x 4 KB), and how many positions ahead
+# each key or value row asks for memory (it reads one 64-byte line of a row at a time, 64 rows in turn).
+HEAD_TILE = 8 if ISA == "avx512" else 4  # accumulators that fit the registers with room to spare
+POSITION_CHUNK = 1024
+AHEAD_POSITIONS = 256
 
 
 def _vector(element, values):
@@ -252,26 +258,76 @@ def _dot(typingctx, a, a_offset, b, b_offset, count):
     return types.float32(a, a_offset, b, b_offset, count), codegen
 
 
-@intrinsic
-def _f32_axpy(typingctx, y, y_offset, x, x_offset, alpha, count):
-    """`y[y_offset:][:count] += alpha * x[x_offset:][:count]` for `count` a multiple of 16."""
+def _scores_intrinsic(heads: int):
+    @intrinsic
+    def scores_tile(typingctx, k, k_offset, k_stride, q, q_offset, dim, scale, out, out_offset, out_stride):
+        """Scores of `heads` consecutive query heads (`q[q_offset + i * dim:][:dim]`) against 16 keys, whose
+        dimension d is `k[k_offset + d * k_stride:][:16]`: `out[out_offset + i * out_stride:][:16]`."""
 
-    def codegen(context, builder, signature, args):
-        y_arr, y_off, x_arr, x_off, a, n = args
-        yt, _, xt, _, _, _ = signature.args
-        yp = _pointer(context, builder, yt, y_arr, y_off, F32)
-        xp = _pointer(context, builder, xt, x_arr, x_off, F32)
-        vf = ir.VectorType(F32, DOT_LANES)
-        fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
-        scale = _splat(builder, a, DOT_LANES)
-        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, DOT_LANES))) as loop:
-            offset = builder.mul(loop.index, ir.Constant(n.type, DOT_LANES))
-            target = builder.bitcast(builder.gep(yp, [offset]), vf.as_pointer())
-            total = builder.call(fma, [scale, _load(builder, xp, offset, vf), builder.load(target, align=1)])
-            builder.store(total, target, align=1)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            k_arr, k_off, k_step, q_arr, q_off, n, a, o_arr, o_off, o_step = args
+            kt, _, _, qt, _, _, _, ot, _, _ = signature.args
+            kp = _pointer(context, builder, kt, k_arr, k_off, F32)
+            qp = _pointer(context, builder, qt, q_arr, q_off, F32)
+            op = _pointer(context, builder, ot, o_arr, o_off, F32)
+            vf = ir.VectorType(F32, DOT_LANES)
+            fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
+            accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * DOT_LANES)) for _ in range(heads)]
+            with cgutils.for_range(builder, n) as loop:
+                row = builder.mul(loop.index, k_step)
+                _prefetch(builder, builder.gep(kp, [builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))]))
+                keys = _load(builder, kp, row, vf)
+                for i, acc in enumerate(accs):
+                    index = builder.add(builder.mul(n, ir.Constant(n.type, i)), loop.index)
+                    query = _splat(builder, builder.load(builder.gep(qp, [index])), DOT_LANES)
+                    builder.store(builder.call(fma, [query, keys, builder.load(acc)]), acc)
+            for i, acc in enumerate(accs):
+                target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, i))])
+                scaled = builder.fmul(builder.load(acc), _splat(builder, a, DOT_LANES))
+                builder.store(scaled, builder.bitcast(target, vf.as_pointer()), align=1)
+            return context.get_dummy_value()
 
-    return types.none(y, y_offset, x, x_offset, alpha, count), codegen
+        arguments = (k, k_offset, k_stride, q, q_offset, dim, scale, out, out_offset, out_stride)
+        return types.none(*arguments), codegen
+
+    return scores_tile
+
+
+def _mix_intrinsic(heads: int):
+    @intrinsic
+    def mix_tile(typingctx, v, v_offset, w, w_offset, w_stride, out, out_offset, out_stride, blocks):
+        """Adds to `out[out_offset + i * out_stride]` the dot product of `v[v_offset:][:16 * blocks]` with the
+        weights of `heads` consecutive heads, `w[w_offset + i * w_stride:][:16 * blocks]`."""
+
+        def codegen(context, builder, signature, args):
+            v_arr, v_off, w_arr, w_off, w_step, o_arr, o_off, o_step, n = args
+            vt, _, wt, _, _, ot, _, _, _ = signature.args
+            vp = _pointer(context, builder, vt, v_arr, v_off, F32)
+            wp = _pointer(context, builder, wt, w_arr, w_off, F32)
+            op = _pointer(context, builder, ot, o_arr, o_off, F32)
+            vf = ir.VectorType(F32, DOT_LANES)
+            fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
+            accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * DOT_LANES)) for _ in range(heads)]
+            with cgutils.for_range(builder, n) as loop:
+                offset = builder.mul(loop.index, ir.Constant(n.type, DOT_LANES))
+                _prefetch(builder, builder.gep(vp, [builder.add(offset, ir.Constant(n.type, AHEAD_POSITIONS))]))
+                values = _load(builder, vp, offset, vf)
+                for i, acc in enumerate(accs):
+                    row = builder.add(builder.mul(w_step, ir.Constant(w_step.type, i)), offset)
+                    builder.store(builder.call(fma, [_load(builder, wp, row, vf), values, builder.load(acc)]), acc)
+            for i, acc in enumerate(accs):
+                target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, i))])
+                builder.store(builder.fadd(builder.load(target), _horizontal_sum(builder, builder.load(acc))), target)
+            return context.get_dummy_value()
+
+        arguments = (v, v_offset, w, w_offset, w_stride, out, out_offset, out_stride)
+        return types.none(*arguments, blocks), codegen
+
+    return mix_tile
+
+
+_scores_tile, _scores_head = _scores_intrinsic(HEAD_TILE), _scores_intrinsic(1)
+_mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE), _mix_intrinsic(1)
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -369,49 +425,72 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def attention_scores(q, k, first, scale, out):
     """`out[t, h, j] = scale * q[t, h] . k[h's kv head, :, first + j]` for keys `k [KV, D, capacity]`.
 
-    Positions run last, so each product is a sweep along them, 16 at a time; one (query, kv head) a task.
+    One (query, kv head) a task. It walks the positions 16 at a time, each key block read once (from memory, for
+    the first tile of heads) and multiplied into the scores of `HEAD_TILE` heads at once, held in registers.
     """
     tokens, heads, dim = q.shape
     kv_heads, _, capacity = k.shape
     group = heads // kv_heads
     count = out.shape[2]
     body = count - count % 16
+    flat_q = q.reshape(-1)
     flat_k = k.reshape(-1)
     flat_out = out.reshape(-1)
     for task in prange(tokens * kv_heads):
         t = task // kv_heads
         kv = task - t * kv_heads
-        for g in range(group):
-            h = kv * group + g
-            row = (t * heads + h) * count
-            flat_out[row : row + count] = 0
-            for d in range(dim):
-                qd = np.float32(q[t, h, d] * scale)
-                keys = (kv * dim + d) * capacity + first
-                _f32_axpy(flat_out, row, flat_k, keys, qd, body)
-                for j in range(body, count):
-                    flat_out[row + j] += qd * flat_k[keys + j]
+        heads_end = (kv + 1) * group
+        tiles_end = kv * group + group - group % HEAD_TILE
+        for j in range(0, body, 16):
+            keys = kv * dim * capacity + first + j
+            for h in range(kv * group, tiles_end, HEAD_TILE):
+                row = (t * heads + h) * count + j
+                _scores_tile(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, flat_out, row, count)
+            for h in range(tiles_end, heads_end):
+                row = (t * heads + h) * count + j
+                _scores_head(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, flat_out, row, count)
+        for h in range(kv * group, heads_end):
+            for j in range(body, count):
+                total = np.float32(0)
+                for d in range(dim):
+                    total += q[t, h, d] * k[kv, d, first + j]
+                out[t, h, j] = total * scale
 
 
 @numba.njit(parallel=True, cache=CACHE)
 def attention_mix(weights, v, first, out):
-    """`out[t, h, d] = weights[t, h] . v[h's kv head, d, first:]` for values `v [KV, D, capacity]`."""
+    """`out[t, h, d] = weights[t, h] . v[h's kv head, d, first:]` for values `v [KV, D, capacity]`.
+
+    One (query, kv head) a task. It walks the positions `POSITION_CHUNK` at a time, so that the group's weights
+    stay in L1 while each value row is read once and dotted with `HEAD_TILE` heads' weights at once.
+    """
     tokens, heads, count = weights.shape
     kv_heads, dim, capacity = v.shape
     group = heads // kv_heads
     body = count - count % 16
     flat_w = weights.reshape(-1)
     flat_v = v.reshape(-1)
-    for task in prange(tokens * heads):
-        t = task // heads
-        h = task - t * heads
-        row = task * count
-        for d in range(dim):
-            values = ((h // group) * dim + d) * capacity + first
-            total = _dot(flat_v, values, flat_w, row, body)
-            for j in range(body, count):
-                total += flat_w[row + j] * flat_v[values + j]
-            out[t, h, d] = total
+    flat_out = out.reshape(-1)
+    for task in prange(tokens * kv_heads):
+        t = task // kv_heads
+        kv = task - t * kv_heads
+        heads_end = (kv + 1) * group
+        tiles_end = kv * group + group - group % HEAD_TILE
+        out[t, kv * group : heads_end] = 0
+        for start in range(0, body, POSITION_CHUNK):
+            blocks = min(POSITION_CHUNK, body - start) // 16
+            for d in range(dim):
+                values = (kv * dim + d) * capacity + first + start
+                for h in range(kv * group, tiles_end, HEAD_TILE):
+                    row = (t * heads + h) * count + start
+                    _mix_tile(flat_v, values, flat_w, row, count, flat_out, (t * heads + h) * dim + d, dim, blocks)
+                for h in range(tiles_end, heads_end):
+                    row = (t * heads + h) * count + start
+                    _mix_head(flat_v, values, flat_w, row, count, flat_out, (t * heads + h) * dim + d, dim, blocks)
+        for h in range(kv * group, heads_end):
+            for d in range(dim):
+                for j in range(body, count):
+                    out[t, h, d] += weights[t, h, j] * v[kv, d, first + j]
 
 
 if __name__ == "__main__":  # `kernels.warm_up` compiles into numba's cache in a child process

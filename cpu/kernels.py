@@ -136,7 +136,9 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
     first, visible = visible_keys(q_start, tokens, window)
     scores = np.empty((tokens, heads, visible.shape[1]), dtype=np.float32)
     _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
-    weights, denominator = softmax_with_sink(np.where(visible[:, None, :], scores, -np.inf), sinks[None, :])
+    if not visible.all():  # a single query sees every key from `first` on
+        scores[~np.broadcast_to(visible[:, None, :], scores.shape)] = -np.inf
+    weights, denominator = softmax_with_sink(scores, sinks[None, :])
     out = np.empty(q.shape, dtype=np.float32)
     _compiled.attention_mix(weights, values, first, out)
     out /= denominator[..., None]

@@ -65,9 +65,10 @@ def visible_keys(q_start: int, queries: int, window: int | None) -> tuple[int, n
 
 def softmax_with_sink(scores: np.ndarray, sink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A softmax over the last axis whose denominator also holds `exp(sink)` (`sink` broadcast to
-    `scores.shape[:-1]`): the unnormalised weights and the denominator."""
+    `scores.shape[:-1]`): the unnormalised weights, computed in place of `scores`, and the denominator."""
     peak = np.maximum(scores.max(axis=-1), sink)
-    weights = np.exp(scores - peak[..., None])
+    weights = np.subtract(scores, peak[..., None], out=scores)
+    np.exp(weights, out=weights)
     return weights, weights.sum(axis=-1) + np.exp(sink - peak)
 
 

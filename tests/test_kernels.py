@@ -75,9 +75,15 @@ def test_matvec_equals_widening_then_multiplying():
 
 @pytest.mark.parametrize("window", [None, 4, 64])
 @pytest.mark.parametrize("queries", [1, 3])
-def test_attention_equals_the_numpy_attention(window, queries):
+@pytest.mark.parametrize("long", [False, True])
+def test_attention_equals_the_numpy_attention(window, queries, long):
+    """Short: fewer heads than a tile, one at a time. Long: a tile of heads plus one, over several chunks of
+    positions and a tail shorter than a 16-position block."""
+    from mlx_oss.cpu import _numba_kernels as compiled
+
+    group, length = (compiled.HEAD_TILE + 1, 2 * compiled.POSITION_CHUNK + 7) if long else (4, 37)
     rng = np.random.default_rng(queries)
-    kv_heads, group, dim, length, capacity = 2, 4, 16, 37, 50
+    kv_heads, dim, capacity = 2, 16, length + 13
     q = rng.standard_normal((queries, kv_heads * group, dim)).astype(np.float32)
     keys = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
     values = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
