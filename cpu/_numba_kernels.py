@@ -22,6 +22,8 @@ DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
 TOKENS = 8  # inputs a prompt's expert rows are multiplied with per pass (one register each)
+# while at least this many are left (twice the accumulators, half the decoding per product; AVX2 has 16 registers)
+WIDE_TOKENS = 16 if ISA == "avx512" else TOKENS
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
 # input it reads again for every row (TOKENS x 512 values, 16 KB) stays in the core's L1 cache.
 ROW_CHUNK = 16
@@ -175,56 +177,56 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even
     return types.float32(blocks, block_offset, scales, scale_offset, x_even, x_odd, groups), codegen
 
 
-@intrinsic
-def _mxfp4_row_dot_tokens(
-    typingctx,
-    blocks,
-    block_offset,
-    scales,
-    scale_offset,
-    x_even,
-    x_odd,
-    x_offset,
-    x_stride,
-    out,
-    out_offset,
-    out_stride,
-    groups,
-):
-    """One MXFP4 row dotted with `TOKENS` inputs at once: each block is decoded once and used `TOKENS` times.
+def _row_dot_tokens_intrinsic(tokens: int):
+    @intrinsic
+    def row_dot_tokens(
+        typingctx, blocks, block_offset, scales, scale_offset, x, x_offset, x_stride, sums, sums_offset, groups
+    ):
+        """One MXFP4 row dotted with `tokens` inputs at once: each block is decoded once and used `tokens` times.
 
-    Input t starts at `x_even[x_offset + t * x_stride]` (likewise `x_odd`); its result is added to
-    `out[out_offset + t * out_stride]`.
-    """
+        `x` is laid out by block, then input (`kernels.passes_by_block`): input t's even elements of block g are
+        `x[x_offset + g * x_stride + 32 * t:][:16]`, its odd ones the next 16. Each input's lanes of partial sums
+        are added to `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row.
+        """
 
-    def codegen(context, builder, signature, args):
-        b_arr, b_off, s_arr, s_off, xe_arr, xo_arr, x_off, x_step, o_arr, o_off, o_step, count = args
-        bt, _, st, _, xet, xot, _, _, ot, _, _, _ = signature.args
-        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
-        sp = _pointer(context, builder, st, s_arr, s_off, I8)
-        starts = [builder.add(x_off, builder.mul(x_step, ir.Constant(x_step.type, t))) for t in range(TOKENS)]
-        xeps = [_pointer(context, builder, xet, xe_arr, start, F32) for start in starts]
-        xops = [_pointer(context, builder, xot, xo_arr, start, F32) for start in starts]
-        vf = ir.VectorType(F32, LANES)
-        fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
-        accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(TOKENS)]
-        with cgutils.for_range(builder, count) as loop:
-            g = loop.index
-            _prefetch_ahead(builder, bp, sp, g)
-            scale = _splat(builder, _scale(builder, sp, g), LANES)
-            for offset, low, high in _blocks(builder, bp, g):
-                low, high = builder.fmul(low, scale), builder.fmul(high, scale)
-                for t, acc in enumerate(accs):
-                    total = builder.call(fma, [low, _load(builder, xeps[t], offset, vf), builder.load(acc)])
-                    builder.store(builder.call(fma, [high, _load(builder, xops[t], offset, vf), total]), acc)
-        op = _pointer(context, builder, ot, o_arr, o_off, F32)
-        for t, acc in enumerate(accs):
-            target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, t))])
-            builder.store(builder.fadd(builder.load(target), _horizontal_sum(builder, builder.load(acc))), target)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            b_arr, b_off, s_arr, s_off, x_arr, x_off, x_step, o_arr, o_off, count = args
+            bt, _, st, _, xt, _, _, ot, _, _ = signature.args
+            bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+            sp = _pointer(context, builder, st, s_arr, s_off, I8)
+            xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+            op = _pointer(context, builder, ot, o_arr, o_off, F32)
+            vf = ir.VectorType(F32, LANES)
+            fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
+            targets = [
+                builder.bitcast(builder.gep(op, [ir.Constant(I32, t * LANES)]), vf.as_pointer()) for t in range(tokens)
+            ]
+            accs = [cgutils.alloca_once_value(builder, builder.load(target, align=4)) for target in targets]
+            with cgutils.for_range(builder, count) as loop:
+                g = loop.index
+                _prefetch_ahead(builder, bp, sp, g)
+                scale = _splat(builder, _scale(builder, sp, g), LANES)
+                block_x = builder.gep(xp, [builder.mul(g, x_step)])
+                for offset, low, high in _blocks(builder, bp, g):
+                    half = builder.sub(offset, builder.mul(g, ir.Constant(g.type, 16)))
+                    low, high = builder.fmul(low, scale), builder.fmul(high, scale)
+                    for t, acc in enumerate(accs):
+                        even = builder.add(half, ir.Constant(half.type, 32 * t))
+                        odd = builder.add(even, ir.Constant(half.type, 16))
+                        total = builder.call(fma, [low, _load(builder, block_x, even, vf), builder.load(acc)])
+                        builder.store(builder.call(fma, [high, _load(builder, block_x, odd, vf), total]), acc)
+            for target, acc in zip(targets, accs, strict=True):
+                builder.store(builder.load(acc), target, align=4)
+            return context.get_dummy_value()
 
-    arguments = (blocks, block_offset, scales, scale_offset, x_even, x_odd, x_offset, x_stride, out, out_offset)
-    return types.none(*arguments, out_stride, groups), codegen
+        arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, x_stride, sums, sums_offset, groups)
+        return types.none(*arguments), codegen
+
+    return row_dot_tokens
+
+
+_row_dot_tokens = _row_dot_tokens_intrinsic(TOKENS)
+_row_dot_wide = _row_dot_tokens_intrinsic(WIDE_TOKENS)
 
 
 @intrinsic
@@ -351,39 +353,45 @@ def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
 
 
 @numba.njit(parallel=True, cache=CACHE)
-def mxfp4_matmul(blocks, scales, x_even, x_odd, out):
-    """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and many inputs.
+def mxfp4_matmul(blocks, scales, x, out):
+    """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and T inputs (`out [T, R]`).
 
-    `x_even`/`x_odd` `[T, G*16]` with T a multiple of `TOKENS` (`kernels.deinterleave`, padded); `out [T, R]`.
+    The inputs go through in passes of `pass_tokens` at a time, T a multiple of `TOKENS`; `x` holds them laid
+    out pass by pass, each pass by block (`kernels.passes_by_block`).
     """
     rows, groups, _ = blocks.shape
-    tokens = x_even.shape[0]
+    tokens = out.shape[0]
     flat_blocks = blocks.reshape(-1)
     flat_scales = scales.reshape(-1)
-    flat_even = x_even.reshape(-1)
-    flat_odd = x_odd.reshape(-1)
-    flat_out = out.reshape(-1)
-    flat_out[:] = 0
-    width = groups * 16
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for t in range(0, tokens, TOKENS):
+        first = chunk * ROW_CHUNK
+        last = min(rows, first + ROW_CHUNK)
+        sums = np.empty((ROW_CHUNK, WIDE_TOKENS, LANES), dtype=np.float32)
+        flat_sums = sums.reshape(-1)
+        t = 0
+        while t < tokens:
+            step = pass_tokens(tokens - t)
+            stride = step * 32
+            sums[:] = 0
             for g in range(0, groups, GROUP_CHUNK):
                 count = min(GROUP_CHUNK, groups - g)
-                for r in range(chunk * ROW_CHUNK, min(rows, chunk * ROW_CHUNK + ROW_CHUNK)):
-                    _mxfp4_row_dot_tokens(
-                        flat_blocks,
-                        (r * groups + g) * 16,
-                        flat_scales,
-                        r * groups + g,
-                        flat_even,
-                        flat_odd,
-                        t * width + g * 16,
-                        width,
-                        flat_out,
-                        t * rows + r,
-                        rows,
-                        count,
-                    )
+                inputs = (t * groups + g * step) * 32
+                for r in range(first, last):
+                    b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * WIDE_TOKENS * LANES
+                    if step == WIDE_TOKENS:
+                        _row_dot_wide(flat_blocks, b, flat_scales, s, x, inputs, stride, flat_sums, o, count)
+                    else:
+                        _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, stride, flat_sums, o, count)
+            for r in range(first, last):
+                for u in range(step):
+                    out[t + u, r] = sums[r - first, u].sum()
+            t += step
+
+
+@numba.njit(cache=CACHE)
+def pass_tokens(remaining):
+    """How many of the `remaining` inputs (a multiple of `TOKENS`) `mxfp4_matmul`'s next pass takes."""
+    return WIDE_TOKENS if remaining >= WIDE_TOKENS else TOKENS
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -409,8 +417,7 @@ def warm_up() -> None:
     )
     attention_scores(q, cached, 0, np.float32(1), scores)
     attention_mix(scores, cached, 0, np.empty_like(q))
-    padded = np.zeros((TOKENS, 16), np.float32)
-    mxfp4_matmul(blocks[0], scales[0], padded, padded, np.empty((TOKENS, 1), np.float32))
+    mxfp4_matmul(blocks[0], scales[0], np.zeros(TOKENS * 32, np.float32), np.empty((TOKENS, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))
 

@@ -105,14 +105,35 @@ def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x:
 def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
     """`x @ W.T` for one MXFP4 matrix (`blocks [R, G, 16]`, `scales [R, G]`) and several rows of `x`.
 
-    Each weight block is decoded once for every `TOKENS` rows of x (x is padded with zeros to a multiple).
+    Each weight block is decoded once for every pass of 8 or 16 rows of x (x is padded with zeros to a multiple
+    of 8).
     """
     tokens = x.shape[0]
     padded = np.zeros((-(-tokens // _compiled.TOKENS) * _compiled.TOKENS, x.shape[1]), dtype=np.float32)
     padded[:tokens] = x
     out = np.empty((padded.shape[0], blocks.shape[0]), dtype=np.float32)
-    _compiled.mxfp4_matmul(blocks, scales, *_deinterleave(padded), out)
+    _compiled.mxfp4_matmul(blocks, scales, passes_by_block(padded), out)
     return out[:tokens]
+
+
+def passes_by_block(x: np.ndarray) -> np.ndarray:
+    """x `[T, G*32]` (T a multiple of 8) flattened the way `mxfp4_matmul` reads it: pass after pass, each
+    `[G, pass, 32]`, a row's 32 elements of a block as its 16 even then its 16 odd ones. A pass's inputs for one
+    block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows,
+    4 KB, put them in the same L1 sets).
+    """
+    tokens, width = x.shape
+    groups = width // 32
+    pairs = np.asarray(x, dtype=np.float32).reshape(tokens, groups, 16, 2)
+    out = _aligned_empty(tokens * width)
+    t = 0
+    while t < tokens:
+        step = _compiled.pass_tokens(tokens - t)
+        out[t * width : (t + step) * width].reshape(groups, step, 2, 16)[...] = pairs[t : t + step].transpose(
+            1, 0, 3, 2
+        )
+        t += step
+    return out
 
 
 def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -120,7 +141,7 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
     kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)
+    _compiled.matvec(weights, _aligned_copy(x), out)
     return out
 
 
@@ -148,4 +169,23 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
 def _deinterleave(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split `x [..., G*32]` into the elements the low and the high nibbles multiply: `[..., G*16]` each."""
     pairs = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 2)
-    return np.ascontiguousarray(pairs[..., 0]), np.ascontiguousarray(pairs[..., 1])
+    return _aligned_copy(pairs[..., 0]), _aligned_copy(pairs[..., 1])
+
+
+def _aligned_copy(x: np.ndarray) -> np.ndarray:
+    """`x` as a C-contiguous float32 array in `_aligned_empty` memory."""
+    out = _aligned_empty(x.size).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def _aligned_empty(size: int) -> np.ndarray:
+    """`size` float32 whose data starts on a 64-byte cache line.
+
+    The kernels read inputs 64 bytes at a time; from rows that start mid-line (NumPy aligns to 16 bytes) every
+    such load touches two lines, which halved the speed of `mxfp4_matmul`. Row lengths here are multiples of 16
+    floats, so every row then starts on a line too.
+    """
+    buffer = np.empty(size * 4 + 64, dtype=np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start : start + size * 4].view(np.float32)
