@@ -107,8 +107,11 @@ def thread_count() -> int:
 def benchmark(
     model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, context_tokens: int = 0, seed: int = 0
 ) -> BenchResult:
-    """Load, prefill `prompt_tokens`, decode `gen_tokens`; then, with `context_tokens`, fill the cache with random
-    keys and values up to that many positions and decode `gen_tokens` again."""
+    """Load, prefill `prompt_tokens`, decode `gen_tokens`; with `context_tokens`, also decode `gen_tokens` after a
+    second cache filled with that many positions of random keys and values.
+
+    The steps at the two lengths alternate, so that a machine that slows down for a while (a shared VM does) slows
+    both alike rather than skewing their ratio."""
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
@@ -121,13 +124,19 @@ def benchmark(
         start = time.perf_counter()
         logits = model.forward(prompt, cache, last_only=True)
         ttft_s = time.perf_counter() - start
-        token = int(logits[0].argmax())
-        _decode_steps(model, cache, token, 1)  # untimed: the first step may still compile or fault pages in
-        short = _decode_steps(model, cache, token, gen_tokens)
-        long = []
+        decoders = [_Decoder(model, cache, int(logits[0].argmax()))]
         if context_tokens > cache.length:
-            cache.fill_random(context_tokens - cache.length, seed)
-            long = _decode_steps(model, cache, token, gen_tokens)
+            long_cache = model.new_cache()
+            model.forward(prompt[:1], long_cache, last_only=True)  # an MLX cache takes its shapes from a token
+            long_cache.fill_random(context_tokens - long_cache.length, seed)
+            decoders.append(_Decoder(model, long_cache, decoders[0].token))
+        for decoder in decoders:
+            decoder.step()  # untimed: the first step may still compile or fault pages in
+            decoder.steps.clear()
+        for _ in range(gen_tokens):
+            for decoder in decoders:
+                decoder.step()
+        short, long = decoders[0].steps, decoders[1].steps if len(decoders) > 1 else []
     return BenchResult(
         model=str(model_dir),
         backend=model.backend,
@@ -149,15 +158,18 @@ def benchmark(
     )
 
 
-def _decode_steps(model, cache, token: int, count: int) -> list[float]:
-    """Greedy-decode `count` tokens after `token`; the seconds each step took."""
-    steps = []
-    for _ in range(count):
+class _Decoder:
+    """Greedy decoding after `token` in `cache`, one timed step at a time (`steps`: the seconds of each)."""
+
+    def __init__(self, model, cache, token: int):
+        self.model, self.cache, self.token = model, cache, token
+        self.steps: list[float] = []
+
+    def step(self) -> None:
         start = time.perf_counter()
-        logits = model.forward([token], cache, last_only=True)
-        steps.append(time.perf_counter() - start)
-        token = int(logits[0].argmax())
-    return steps
+        logits = self.model.forward([self.token], self.cache, last_only=True)
+        self.steps.append(time.perf_counter() - start)
+        self.token = int(logits[0].argmax())
 
 
 def format_result(r: BenchResult) -> str:
