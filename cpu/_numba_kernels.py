@@ -60,14 +60,24 @@ def _function(builder, name, result, *arguments):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
 
 
+def _fma(builder, lanes: int):
+    """The `<lanes x float>` type and LLVM's fused multiply-add over it."""
+    vf = ir.VectorType(F32, lanes)
+    return vf, _function(builder, f"llvm.fma.v{lanes}f32", vf, vf, vf, vf)
+
+
+def _zeros(builder, count: int, lanes: int) -> list:
+    """`count` vector accumulators, each `<lanes x float>` zeros (allocas that LLVM keeps in registers)."""
+    return [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * lanes)) for _ in range(count)]
+
+
 def _accumulate(builder, count, lanes: int, step):
     """Sum over `range(count)` of `step(builder, index, acc) -> acc`, with independent accumulators.
 
     One accumulator would chain every iteration on the latency of the last addition; four cover it.
     Returns the vector sum.
     """
-    zero = _vector(F32, [0.0] * lanes)
-    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+    accs = _zeros(builder, UNROLL, lanes)
     width = ir.Constant(count.type, UNROLL)
     with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
         base = builder.mul(loop.index, width)
@@ -160,8 +170,7 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
         xep = _pointer(context, builder, xet, xe_arr, ir.Constant(I32, 0), F32)
         xop = _pointer(context, builder, xot, xo_arr, ir.Constant(I32, 0), F32)
-        vf = ir.VectorType(F32, LANES)
-        fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
+        vf, fma = _fma(builder, LANES)
 
         def step(builder, g, acc):
             _prefetch_ahead(builder, bp, sp, g)
@@ -196,8 +205,7 @@ def _row_dot_tokens_intrinsic(tokens: int):
             sp = _pointer(context, builder, st, s_arr, s_off, I8)
             xp = _pointer(context, builder, xt, x_arr, x_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf = ir.VectorType(F32, LANES)
-            fma = _function(builder, f"llvm.fma.v{LANES}f32", vf, vf, vf, vf)
+            vf, fma = _fma(builder, LANES)
             targets = [
                 builder.bitcast(builder.gep(op, [ir.Constant(I32, t * LANES)]), vf.as_pointer()) for t in range(tokens)
             ]
@@ -240,8 +248,7 @@ def _dot(typingctx, a, a_offset, b, b_offset, count):
         bf16 = at.dtype == types.uint16
         ap = _pointer(context, builder, at, a_arr, a_off, I16 if bf16 else F32)
         bp = _pointer(context, builder, bt, b_arr, b_off, F32)
-        vf = ir.VectorType(F32, DOT_LANES)
-        fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
+        vf, fma = _fma(builder, DOT_LANES)
 
         def step(builder, i, acc):
             offset = builder.mul(i, ir.Constant(n.type, DOT_LANES))
@@ -272,9 +279,8 @@ def _scores_intrinsic(heads: int):
             kp = _pointer(context, builder, kt, k_arr, k_off, F32)
             qp = _pointer(context, builder, qt, q_arr, q_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf = ir.VectorType(F32, DOT_LANES)
-            fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
-            accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * DOT_LANES)) for _ in range(heads)]
+            vf, fma = _fma(builder, DOT_LANES)
+            accs = _zeros(builder, heads, DOT_LANES)
             with cgutils.for_range(builder, n) as loop:
                 row = builder.mul(loop.index, k_step)
                 _prefetch(builder, builder.gep(kp, [builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))]))
@@ -307,9 +313,8 @@ def _mix_intrinsic(heads: int):
             vp = _pointer(context, builder, vt, v_arr, v_off, F32)
             wp = _pointer(context, builder, wt, w_arr, w_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf = ir.VectorType(F32, DOT_LANES)
-            fma = _function(builder, f"llvm.fma.v{DOT_LANES}f32", vf, vf, vf, vf)
-            accs = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * DOT_LANES)) for _ in range(heads)]
+            vf, fma = _fma(builder, DOT_LANES)
+            accs = _zeros(builder, heads, DOT_LANES)
             with cgutils.for_range(builder, n) as loop:
                 offset = builder.mul(loop.index, ir.Constant(n.type, DOT_LANES))
                 _prefetch(builder, builder.gep(vp, [builder.add(offset, ir.Constant(n.type, AHEAD_POSITIONS))]))
