@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from .layers import softmax_with_sink, visible_keys
+from .layers import first_visible_key, softmax_with_sink, visible_keys
 
 DISABLE_VARIABLE = "MLX_OSS_KERNELS"
 FEW_TOKENS = 8  # up to this many rows (decoding), matrices and attention run in the kernels; a prompt's in BLAS
@@ -141,7 +141,7 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
     kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    _compiled.matvec(weights, _aligned_copy(x), out)
+    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)  # memory-bound: alignment no matter
     return out
 
 
@@ -154,10 +154,15 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
     kernels; the softmax in NumPy, whose `exp` is vectorized where numba's is a call per element.
     """
     tokens, heads, dim = q.shape
-    first, visible = visible_keys(q_start, tokens, window)
-    scores = np.empty((tokens, heads, visible.shape[1]), dtype=np.float32)
+    if tokens == 1:  # a single query sees every key from the first visible one to its own
+        first, visible = first_visible_key(q_start, window), None
+        count = q_start + 1 - first
+    else:
+        first, visible = visible_keys(q_start, tokens, window)
+        count = visible.shape[1]
+    scores = np.empty((tokens, heads, count), dtype=np.float32)
     _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
-    if not visible.all():  # a single query sees every key from `first` on
+    if visible is not None:
         scores[~np.broadcast_to(visible[:, None, :], scores.shape)] = -np.inf
     weights, denominator = softmax_with_sink(scores, sinks[None, :])
     out = np.empty(q.shape, dtype=np.float32)

@@ -11,7 +11,9 @@ QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long pro
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))
+    # np.mean's own sum and division, without its Python wrapper (called twice a layer for every token decoded)
+    mean_square = np.add.reduce(np.square(x), axis=-1, keepdims=True) / np.float32(x.shape[-1])
+    scale = 1.0 / np.sqrt(mean_square + np.float32(eps))
     return x * scale * weight
 
 
@@ -50,11 +52,16 @@ def attention(
     return out.reshape(T, H * D)
 
 
+def first_visible_key(q_start: int, window: int | None) -> int:
+    """The first key a query at position `q_start` (or any later one) can see."""
+    return 0 if window is None else max(0, q_start - window + 1)
+
+
 def visible_keys(q_start: int, queries: int, window: int | None) -> tuple[int, np.ndarray]:
     """The first key any of `queries` queries from position `q_start` on can see, and which keys from there to
     the last query's position each sees (`[queries, keys]`): key j is visible to query i iff j <= i and, on
     sliding layers, i - j < window."""
-    first = 0 if window is None else max(0, q_start - window + 1)
+    first = first_visible_key(q_start, window)
     q_pos = np.arange(q_start, q_start + queries)
     k_pos = np.arange(first, q_start + queries)  # keys past the last query are never visible
     visible = k_pos[None, :] <= q_pos[:, None]
@@ -88,8 +95,13 @@ def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarra
     +1 so that a zero projection passes the gate through.
     """
     gate = np.minimum(gate_up[:, 0::2], np.float32(limit))
-    up = np.clip(gate_up[:, 1::2], np.float32(-limit), np.float32(limit))
-    return gate / (1.0 + np.exp(-np.float32(alpha) * gate)) * (up + 1.0)
+    up = np.minimum(np.maximum(gate_up[:, 1::2], np.float32(-limit)), np.float32(limit))  # np.clip, minus its wrapper
+    out = np.exp(np.float32(-alpha) * gate)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    up += 1.0
+    out *= up
+    return out
 
 
 def mxfp4_linear(x, blocks, scales, bias, rows: int) -> np.ndarray:

@@ -184,9 +184,20 @@ class NumpyModel(Model):
         chosen, weights = route(layer.router(h), c.num_experts_per_tok)
         pair_expert = chosen.reshape(-1)
         pair_token = np.repeat(np.arange(h.shape[0]), c.num_experts_per_tok)
-        y = np.empty((pair_expert.size, c.hidden_size), dtype=np.float32)
         counts = np.bincount(pair_expert, minlength=c.num_local_experts)
         alone = counts[pair_expert] == 1 if self.kernels else np.zeros(pair_expert.size, dtype=bool)
+        if alone.all():  # decoding a token: no grouping to do
+            y = self._experts_alone(ex, pair_expert, h[pair_token])
+        else:
+            y = self._experts_grouped(ex, h, pair_expert, pair_token, alone)
+        y *= weights.reshape(-1, 1)
+        return y.reshape(h.shape[0], c.num_experts_per_tok, c.hidden_size).sum(axis=1)
+
+    def _experts_grouped(self, ex: ExpertWeights, h, pair_expert, pair_token, alone) -> np.ndarray:
+        """The output of every (token, expert) pair: the `alone` ones through `_experts_alone`, the rest grouped by
+        expert so that each expert's weights are read once for all its tokens."""
+        c = self.config
+        y = np.empty((pair_expert.size, c.hidden_size), dtype=np.float32)
         if alone.any():
             y[alone] = self._experts_alone(ex, pair_expert[alone], h[pair_token[alone]])
         groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
@@ -205,8 +216,7 @@ class NumpyModel(Model):
                 outputs = list(self._pool.map(expert, groups))
         for (_, pairs), out in zip(groups, outputs, strict=True):
             y[pairs] = out
-        y *= weights.reshape(-1, 1)
-        return y.reshape(h.shape[0], c.num_experts_per_tok, c.hidden_size).sum(axis=1)
+        return y
 
     def _experts_alone(self, ex: ExpertWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Pair p through expert `experts[p]` with input `x[p]`, by the kernels on the packed weights."""
