@@ -153,6 +153,7 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
     up to the last query's (a slice of them would have strides numba cannot vectorize over). The products run in the
     kernels; the softmax in NumPy, whose `exp` is vectorized where numba's is a call per element.
     """
+    q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape
     if tokens == 1:  # a single query sees every key from the first visible one to its own
         first, visible = first_visible_key(q_start, window), None
@@ -174,7 +175,8 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
 def _deinterleave(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split `x [..., G*32]` into the elements the low and the high nibbles multiply: `[..., G*16]` each."""
     pairs = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 2)
-    return _aligned_copy(pairs[..., 0]), _aligned_copy(pairs[..., 1])
+    halves = _aligned_copy(np.moveaxis(pairs, -1, 0))
+    return halves[0], halves[1]
 
 
 def _aligned_copy(x: np.ndarray) -> np.ndarray:

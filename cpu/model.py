@@ -144,8 +144,8 @@ class NumpyModel(Model):
         cos, sin = rope_tables(c.rope, c.head_dim, np.arange(start, start + tokens.size))
         x = as_float32(self.embed[tokens], self.embed_dtype)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, rms_norm(x, layer.input_norm, c.rms_norm_eps), cos, sin, start, cache)
-            x = x + self._moe(layer, rms_norm(x, layer.post_attention_norm, c.rms_norm_eps))
+            x += self._attention(i, layer, rms_norm(x, layer.input_norm, c.rms_norm_eps), cos, sin, start, cache)
+            x += self._moe(layer, rms_norm(x, layer.post_attention_norm, c.rms_norm_eps))
         if cache is not None:
             cache.advance(tokens.size)
         if last_only:
@@ -157,8 +157,9 @@ class NumpyModel(Model):
         w = layer.attention
         T = h.shape[0]
         qkv = np.concatenate([proj(h) for proj in w.qkv], axis=1) if len(w.qkv) > 1 else w.qkv[0](h)
-        q = apply_rope(qkv[:, : c.q_size].reshape(T, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(qkv[:, c.q_size : c.q_size + c.kv_size].reshape(T, c.num_key_value_heads, c.head_dim), cos, sin)
+        heads = c.num_attention_heads
+        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
         if cache is not None:
             k, v = cache.append(i, k, v)
@@ -222,8 +223,11 @@ class NumpyModel(Model):
         """Pair p through expert `experts[p]` with input `x[p]`, by the kernels on the packed weights."""
         c = self.config
         gate_up = kernels.mxfp4_matvec(ex.gate_up_blocks, ex.gate_up_scales, experts, x)
-        act = clamped_swiglu(gate_up + ex.gate_up_bias[experts], c.swiglu_alpha, c.swiglu_limit)
-        return kernels.mxfp4_matvec(ex.down_blocks, ex.down_scales, experts, act) + ex.down_bias[experts]
+        gate_up += ex.gate_up_bias[experts]
+        act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
+        out = kernels.mxfp4_matvec(ex.down_blocks, ex.down_scales, experts, act)
+        out += ex.down_bias[experts]
+        return out
 
     def _expert(self, ex: ExpertWeights, e: int, x: np.ndarray) -> np.ndarray:
         """Expert `e` on the rows of `x`."""
