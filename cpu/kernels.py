@@ -141,7 +141,7 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
     kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)  # memory-bound: alignment no matter
+    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)  # memory-bound: x unaligned is fine
     return out
 
 
