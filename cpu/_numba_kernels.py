@@ -433,6 +433,15 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
+@numba.njit(cache=CACHE)
+def _task_heads(task, kv_heads, group):
+    """A decoding-attention task's query and kv head, and the query heads it covers: those from `kv * group` to
+    `tiles_end` go `HEAD_TILE` at a time, the rest up to `heads_end` one by one."""
+    t = task // kv_heads
+    kv = task - t * kv_heads
+    return t, kv, kv * group + group - group % HEAD_TILE, (kv + 1) * group
+
+
 @numba.njit(parallel=True, cache=CACHE)
 def attention_scores(q, k, first, scale, out):
     """`out[t, h, j] = scale * q[t, h] . k[h's kv head, :, first + j]` for keys `k [KV, D, capacity]`.
@@ -449,10 +458,7 @@ def attention_scores(q, k, first, scale, out):
     flat_k = k.reshape(-1)
     flat_out = out.reshape(-1)
     for task in prange(tokens * kv_heads):
-        t = task // kv_heads
-        kv = task - t * kv_heads
-        heads_end = (kv + 1) * group
-        tiles_end = kv * group + group - group % HEAD_TILE
+        t, kv, tiles_end, heads_end = _task_heads(task, kv_heads, group)
         for j in range(0, body, 16):
             keys = kv * dim * capacity + first + j
             for h in range(kv * group, tiles_end, HEAD_TILE):
@@ -484,10 +490,7 @@ def attention_mix(weights, v, first, out):
     flat_v = v.reshape(-1)
     flat_out = out.reshape(-1)
     for task in prange(tokens * kv_heads):
-        t = task // kv_heads
-        kv = task - t * kv_heads
-        heads_end = (kv + 1) * group
-        tiles_end = kv * group + group - group % HEAD_TILE
+        t, kv, tiles_end, heads_end = _task_heads(task, kv_heads, group)
         out[t, kv * group : heads_end] = 0
         for start in range(0, body, POSITION_CHUNK):
             blocks = min(POSITION_CHUNK, body - start) // 16
