@@ -118,7 +118,10 @@ def test_a_killed_app_loses_only_the_unwritten_tokens(app_dir):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            rows = db_rows(app_dir) if (app_dir / "conversations.db").exists() else []
+            try:
+                rows = db_rows(app_dir) if (app_dir / "conversations.db").exists() else []
+            except sqlite3.OperationalError:  # the app has created the file but not yet its tables
+                rows = []
             if len(rows) == 2 and len(rows[1][1]) > 100:
                 break
             time.sleep(0.05)

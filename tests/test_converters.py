@@ -223,7 +223,10 @@ def test_not_enough_disk_space_is_refused_before_writing(source, tmp_path, monke
 @pytest.mark.parametrize("target", [NUMPY, MLX])
 def test_interrupted_conversion_leaves_nothing_and_the_source_intact(target, synthetic_checkpoint, tmp_path):
     """A real conversion process receives SIGINT halfway: no destination, no temporary folder, same source."""
-    source = synthetic_checkpoint(preset="tiny", num_hidden_layers=6, hidden_size=512, intermediate_size=512)
+    # A small vocabulary keeps the disk use down (0.3 GB); 24 layers of 32 experts keep the conversion long enough.
+    source = synthetic_checkpoint(
+        num_hidden_layers=24, num_local_experts=32, hidden_size=512, intermediate_size=512, vocab_size=2000
+    )
     before = tree_hash(source)
     destination = tmp_path / "out"
     proc = subprocess.Popen(
