@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TOKENS = 5
@@ -29,6 +30,7 @@ def self_check() -> int:
 
         import mlx_oss
         from mlx_oss.converters.synthetic import preset_config, write_synthetic
+        from mlx_oss.cpu import kernels
         from mlx_oss.engine import Engine, SamplingParams
         from mlx_oss.harmony import Conversation, Message, render_prompt
 
@@ -45,12 +47,22 @@ def self_check() -> int:
         window.close()
 
         prompt = render_prompt(Conversation([Message.user("Self-check")], current_date="2026-01-01"))
-        engine = Engine(mlx_oss.load(model_dir, backend="numpy"))
+        # Loaded off the main thread, as the app does: the compiled kernels then build in a child process,
+        # which in a bundle is the bundle's own executable (`-m`, see packaging/launcher.py).
+        with ThreadPoolExecutor(1) as loader:
+            model = loader.submit(mlx_oss.load, model_dir, backend="numpy").result()
+        engine = Engine(model)
         *_, done = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=TOKENS))
-    ok = window_ok and len(done.tokens) == TOKENS
+    # Kernels that are shipped must run, and build in a child process; a CPU without AVX2, or a build without
+    # numba, runs the plain path.
+    kernels_ok = not kernels.BROKEN and model.kernels == kernels.available()
+    kernels_ok = kernels_ok and (not model.kernels or kernels.compile_in_child().returncode == 0)
+    ok = window_ok and kernels_ok and len(done.tokens) == TOKENS
     print(
         f"mlx-oss self-check: {'ok' if ok else 'FAILED'}: Qt {qt_version} window "
         f"{'opened' if window_ok else 'did not find the model'}, harmony prompt of {len(prompt)} tokens, "
-        f"{len(done.tokens)} tokens generated on numpy, {time.perf_counter() - started:.1f} s"
+        f"{len(done.tokens)} tokens generated on numpy with {model.kernel_description}"
+        f"{'' if kernels_ok else ' (FAILED: the shipped kernels do not run, or not in a child process)'}, "
+        f"{time.perf_counter() - started:.1f} s"
     )
     return 0 if ok else 1

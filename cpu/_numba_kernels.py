@@ -506,7 +506,3 @@ def attention_mix(weights, v, first, out):
             for d in range(dim):
                 for j in range(body, count):
                     out[t, h, d] += weights[t, h, j] * v[kv, d, first + j]
-
-
-if __name__ == "__main__":  # `kernels.warm_up` compiles into numba's cache in a child process
-    warm_up()

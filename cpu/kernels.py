@@ -16,6 +16,7 @@ Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,8 +50,10 @@ def _instruction_set() -> tuple[str | None, str]:
         import llvmlite
         import llvmlite.binding as llvm
         import numba
-    except ImportError:
-        return None, "numba is not installed (pip install 'mlx-oss[fast]')"
+    except ImportError as e:
+        if importlib.util.find_spec("numba") is None:
+            return None, "numba is not installed (pip install 'mlx-oss[fast]')"
+        return None, f"numba is installed but does not import ({e})"
     if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
         return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')"
     features = llvm.get_host_cpu_features()
@@ -64,6 +67,7 @@ def _instruction_set() -> tuple[str | None, str]:
 
 
 ISA, DESCRIPTION = _instruction_set()
+BROKEN = DESCRIPTION.startswith("numba is installed but")  # a damaged install or app bundle, not this CPU
 
 if ISA is not None:  # after ISA is set: the numba module reads it
     from . import _numba_kernels as _compiled
@@ -88,8 +92,13 @@ def warm_up() -> None:
     cache first and this process only loads from it.
     """
     if threading.current_thread() is not threading.main_thread() and CACHE:
-        subprocess.run([sys.executable, "-m", "mlx_oss.cpu._numba_kernels"], check=False, capture_output=True)
+        compile_in_child()
     _compiled.warm_up()
+
+
+def compile_in_child() -> subprocess.CompletedProcess:
+    """Run `python -m mlx_oss.cpu`, which fills numba's cache (in an app bundle: its executable, `-m` alike)."""
+    return subprocess.run([sys.executable, "-m", "mlx_oss.cpu"], check=False, capture_output=True, text=True)
 
 
 def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x: np.ndarray) -> np.ndarray:

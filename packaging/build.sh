@@ -8,8 +8,8 @@ started=$(date +%s)
 venv=build/venv
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-extras="app,serve"
-[ "$(uname -s)" = Darwin ] && extras="app,serve,mlx"
+extras="app,serve,fast"  # fast: the NumPy backend's compiled kernels (numba; its marker limits it to x86-64)
+[ "$(uname -s)" = Darwin ] && extras="$extras,mlx"
 "${pip[@]}" "pyinstaller>=6.6" ".[$extras]"
 rm -rf dist/mlx-oss dist/mlx-oss.app
 "$venv/bin/pyinstaller" --noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller packaging/mlx-oss.spec

@@ -134,3 +134,16 @@ def test_a_kernel_build_failure_falls_back_to_plain_numpy(synthetic_checkpoint, 
     model = mlx_oss.load(path, backend="numpy")
     assert not model.kernels and "kernels failed to build: LLVM ERROR: cannot select" in model.backend_reason
     np.testing.assert_array_equal(model.logits([1, 2, 3]), expected)
+
+
+def test_python_m_mlx_oss_cpu_compiles_the_kernels_into_numbas_cache(tmp_path):
+    """What `kernels.warm_up` runs as a child process off the main thread (in a bundle through its launcher)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "mlx_oss.cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("compiled: numba kernels for AVX"), out.stdout + out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+    assert list(tmp_path.rglob("_numba_kernels.mxfp4_matvec-*.nbi"))  # the index a later load reads
+
+    env[kernels.DISABLE_VARIABLE] = "off"
+    out = subprocess.run([sys.executable, "-m", "mlx_oss.cpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "switched off by MLX_OSS_KERNELS" in out.stdout
