@@ -70,7 +70,14 @@ ISA, DESCRIPTION = _instruction_set()
 BROKEN = DESCRIPTION.startswith("numba is installed but")  # a damaged install or app bundle, not this CPU
 
 if ISA is not None:  # after ISA is set: the numba module reads it
-    from . import _numba_kernels as _compiled
+    try:
+        from . import _numba_kernels as _compiled
+    except RuntimeError as e:
+        if not str(e).startswith("cannot cache function"):
+            raise
+        # numba found no writable folder for its cache (a read-only install and home): compile in each process.
+        CACHE = False
+        from . import _numba_kernels as _compiled
 
 
 def available() -> bool:

