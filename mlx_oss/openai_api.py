@@ -66,11 +66,21 @@ def _object(body: Any) -> dict:
     return body
 
 
+def same_model(requested: str, served: str) -> bool:
+    """Whether a request's `model` names the served one: exactly, or as clients configured for other local servers
+    spell it (`gpt-oss-20b` or Ollama's `gpt-oss:20b` for `openai/gpt-oss-20b`), in any case."""
+
+    def plain(name: str) -> str:
+        return name.rsplit("/", 1)[-1].replace(":", "-").lower()
+
+    return requested == served or plain(requested) == plain(served)
+
+
 def check_model(body: dict, served: str) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: the name of the served model", "model")
-    if model != served:
+    if not same_model(model, served):
         raise ApiError(
             404, f"The model '{model}' does not exist; this server serves '{served}'", "model", "model_not_found"
         )

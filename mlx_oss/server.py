@@ -37,6 +37,7 @@ from .openai_api import (
     parse_responses,
     response_object,
     response_usage,
+    same_model,
     tool_call_json,
 )
 
@@ -226,7 +227,7 @@ class Server:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: HttpRequest) -> Response:
-        if request.path_params["model"] != self.model_id:
+        if not same_model(request.path_params["model"], self.model_id):
             raise ApiError(
                 404, f"The model '{request.path_params['model']}' does not exist", "model", "model_not_found"
             )

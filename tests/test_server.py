@@ -27,7 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import mlx_oss  # noqa: E402
 from mlx_oss.engine import AnswerDelta, Engine  # noqa: E402
 from mlx_oss.harmony import render_prompt  # noqa: E402
-from mlx_oss.openai_api import parse_chat  # noqa: E402
+from mlx_oss.openai_api import parse_chat, same_model  # noqa: E402
 from mlx_oss.server import Server  # noqa: E402
 
 CONTEXT = 1024
@@ -259,6 +259,17 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_goes_on(served, mo
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_the_model_answers_to_the_names_other_local_servers_give_it(client, model_id):
+    assert same_model("gpt-oss-20b", "openai/gpt-oss-20b") and same_model("gpt-oss:20b", "openai/gpt-oss-20b")
+    assert same_model("OpenAI/GPT-OSS-20B", "openai/gpt-oss-20b")
+    assert not same_model("gpt-oss-120b", "openai/gpt-oss-20b") and not same_model("gpt-4o", "openai/gpt-oss-20b")
+    reply = client.chat.completions.create(
+        model=model_id.upper(), messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    assert reply.usage.completion_tokens == 1
+    assert client.models.retrieve(model_id.upper()).id == model_id
 
 
 def test_requests_a_web_page_could_forge_are_refused(served, model_id):
