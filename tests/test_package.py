@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,17 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_openblas_threads_are_told_not_to_spin_unless_the_user_says_otherwise():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as NumPy loads it: `import mlx_oss` sets it first, keeping a user's."""
+    code = "import os, mlx_oss, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run(
+        [sys.executable, "-c", code], env=env | {"OPENBLAS_THREAD_TIMEOUT": "28"}, capture_output=True, text=True
+    )
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("16", "28")
 
 
 def test_bench_prints_its_figures(tiny_checkpoint, backend):
