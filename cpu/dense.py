@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from .workers import Workers
 
 WIDEN_BYTES = 4 << 20  # float32 bytes of BF16 weight widened at once for BLAS: a block that stays in cache
 
@@ -16,22 +17,39 @@ class Dense:
     weight: np.ndarray  # [out, in]: float32, or BF16 bits as uint16
     bias: np.ndarray | None
     kernels: bool  # whether the compiled kernels may be used
+    workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out_features, in_features = self.weight.shape
+        in_features = self.weight.shape[1]
         if self.kernels and x.shape[0] <= kernels.FEW_TOKENS and in_features % 16 == 0:
             y = kernels.matvec(self.weight, x)
         elif self.weight.dtype == np.float32:
             y = x @ self.weight.T
         else:
-            y = np.empty((x.shape[0], out_features), dtype=np.float32)
-            rows = max(1, WIDEN_BYTES // (4 * in_features))
+            y = self._widened(x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def _widened(self, x: np.ndarray) -> np.ndarray:
+        """`x @ W.T` for BF16 W, widened to float32 a cache-sized block of rows at a time; with `workers`, each
+        thread takes every n-th block (widening is a one-core ufunc that takes as long as the multiply)."""
+        out_features, in_features = self.weight.shape
+        y = np.empty((x.shape[0], out_features), dtype=np.float32)
+        rows = max(1, WIDEN_BYTES // (4 * in_features))
+        starts = range(0, out_features, rows)
+
+        def widen_and_multiply(share: range) -> None:
             scratch = np.empty((min(rows, out_features), in_features), dtype=np.uint32)
-            for r0 in range(0, out_features, rows):
+            for r0 in share:
                 r1 = min(out_features, r0 + rows)
                 block = scratch[: r1 - r0]
                 np.left_shift(self.weight[r0:r1], np.uint32(16), out=block, dtype=np.uint32)  # BF16 -> float32 bits
                 np.matmul(x, block.view(np.float32).T, out=y[:, r0:r1])
-        if self.bias is not None:
-            y += self.bias
+
+        if self.workers is None or len(starts) == 1:
+            widen_and_multiply(starts)
+        else:
+            n = self.workers.count
+            self.workers.map(widen_and_multiply, [starts[i::n] for i in range(n)])
         return y

@@ -12,12 +12,9 @@ blocks.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
@@ -30,6 +27,7 @@ from . import kernels
 from .dense import Dense
 from .kv_cache import KVCache
 from .layers import attention, clamped_swiglu, mxfp4_linear, rms_norm, route
+from .workers import Workers
 
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight
 
@@ -77,8 +75,7 @@ class NumpyModel(Model):
             except Exception as e:  # a numba or LLVM that cannot build them: run, slower, without
                 self.kernels = False
                 self.kernel_description = f"plain NumPy (the compiled kernels failed to build: {e})"
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mlx-oss-experts")
-        self._blas = ThreadpoolController()
+        self._workers = Workers()
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
         self.embed = checkpoint.raw("model.embed_tokens.weight")
         self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
@@ -97,7 +94,7 @@ class NumpyModel(Model):
             self.mapped.append(weight)
         else:
             w = ck.float32(weight)
-        return Dense(w, ck.float32(bias) if bias else None, self.kernels)
+        return Dense(w, ck.float32(bias) if bias else None, self.kernels, self._workers)
 
     def _load_layer(self, i: int) -> LayerWeights:
         ck = self.checkpoint
@@ -207,14 +204,9 @@ class NumpyModel(Model):
         def expert(group):
             return self._expert(ex, group[0], h[pair_token[group[1]]])
 
-        if self.kernels:  # they use every core within each call
-            outputs = map(expert, groups)
-        else:
-            # Plain NumPy: most of an expert's time is decoding its weights (`np.take`, the scale multiply), one
-            # core per call with the GIL released; so experts run in threads, each with a one-thread BLAS, which
-            # with its own threads on top would oversubscribe the cores (2.8 against 5 tokens/s of prompt).
-            with self._blas.limit(limits=1, user_api="blas"):
-                outputs = list(self._pool.map(expert, groups))
+        # Plain NumPy: most of an expert's time is decoding its weights (`np.take`, the scale multiply), on one core
+        # per call, so experts run in threads (BLAS's own threads on top had made a prompt 2.8, not 5 tokens/s).
+        outputs = map(expert, groups) if self.kernels else self._workers.map(expert, groups)  # kernels: all cores
         for (_, pairs), out in zip(groups, outputs, strict=True):
             y[pairs] = out
         return y

@@ -65,3 +65,21 @@ def test_truncated_yarn_rounds_the_ramp():
     rounded, _ = yarn_frequencies(RopeConfig(truncate=True), 64)
     assert not np.allclose(smooth, rounded)
     np.testing.assert_allclose(smooth[:8], rounded[:8])
+
+
+def test_a_bf16_layer_widened_in_threads_matches_torch(monkeypatch):
+    """The plain path's BF16 `Dense`: blocks of rows widened and multiplied, shared out over threads unevenly."""
+    from mlx_oss.cpu import dense
+    from mlx_oss.cpu.dense import Dense
+    from mlx_oss.cpu.workers import Workers
+
+    rng = np.random.default_rng(3)
+    weight = torch.from_numpy(rng.standard_normal((1000, 96)).astype(np.float32)).bfloat16()
+    bias = rng.standard_normal(1000).astype(np.float32)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    expected = torch.nn.functional.linear(torch.from_numpy(x), weight.float(), torch.from_numpy(bias)).numpy()
+    monkeypatch.setattr(dense, "WIDEN_BYTES", 96 * 4 * 70)  # 70 rows a block: 15 blocks, the last of 20 rows
+    bits = weight.view(torch.int16).numpy().view(np.uint16)
+    for workers in (None, Workers(2), Workers(3)):
+        got = Dense(bits, bias, kernels=False, workers=workers)(x)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
