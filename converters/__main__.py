@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest shard, e.g. 5GB (default) or 200MB",
     )
     synth.add_argument("--single-file", action="store_true", help="one model.safetensors, no index")
+    synth.add_argument(
+        "--unquantized",
+        action="store_true",
+        help="experts as BF16 matrices, as transformers saves a dequantized gpt-oss (what `mxfp4` converts)",
+    )
 
     for target, description in (
         (
@@ -81,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
             "Repack a Hugging Face gpt-oss checkpoint for the NumPy backend: fused q/k/v and float32 small "
             "tensors, memory-mapped as they are; experts and embeddings unchanged.",
         ),
+        (
+            "mxfp4",
+            "Quantize unquantized experts back to MXFP4: a gpt-oss checkpoint whose experts transformers saved "
+            "as BF16 matrices (a dequantized or fine-tuned model) becomes the published Hugging Face layout, which "
+            "every backend and converter reads. Lossless for weights that were MXFP4; others round to the "
+            "nearest MXFP4 value.",
+        ),
     ):
         sub = commands.add_parser(target, help=description.split(":")[0].lower(), description=description)
-        sub.add_argument("source", type=Path, help="Hugging Face gpt-oss model directory (only read)")
+        sub.add_argument("source", type=Path, help="gpt-oss model directory in the Hugging Face format (only read)")
         sub.add_argument("destination", type=Path, help="directory to create (must not exist)")
         if target == "mlx":
             sub.add_argument(
@@ -120,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         k: v
         for k, v in vars(args).items()
-        if k not in {"command", "out", "preset", "seed", "expert_bias_std", "shard_size", "single_file"}
+        if k not in {"command", "out", "preset", "seed", "expert_bias_std", "shard_size", "single_file", "unquantized"}
     }
     config = preset_config(args.preset, **overrides)
-    options = SynthOptions(args.seed, args.expert_bias_std, args.shard_size, args.single_file)
-    progress = Progress(f"writing {args.out}", total_bytes(config))
+    options = SynthOptions(args.seed, args.expert_bias_std, args.shard_size, args.single_file, args.unquantized)
+    progress = Progress(f"writing {args.out}", total_bytes(config, options))
     write_synthetic(args.out, config, options, on_bytes=progress.add)
     print(f"wrote a synthetic {args.preset} checkpoint to {args.out} ({progress.total / 1e9:.2f} GB)")
     return 0

@@ -16,17 +16,45 @@ from pathlib import Path
 from mlx_oss.atomic import atomic_directory, ensure_free_space
 from mlx_oss.cancel import CancelToken
 from mlx_oss.checkpoint import Checkpoint
+from mlx_oss.config import MXFP4_QUANTIZATION
 from mlx_oss.errors import MlxOssError
-from mlx_oss.layouts import HF, MLX, MLX_MXFP4, NUMPY, Q8, mlx_specs, numpy_specs, q8_specs, quantizable
+from mlx_oss.layouts import (
+    HF,
+    MLX,
+    MLX_MXFP4,
+    NUMPY,
+    Q8,
+    UNQUANTIZED,
+    mlx_specs,
+    mxfp4_specs,
+    numpy_specs,
+    q8_specs,
+    quantizable,
+)
 from mlx_oss.safetensors_io import INDEX_FILE, SHARD_BYTES, TensorSpec, write_shards
 
-TARGETS = (MLX, NUMPY)
+MXFP4 = "mxfp4"  # the command that quantizes an `unquantized` checkpoint's experts, writing the `hf` layout
+TARGETS = (MLX, NUMPY, MXFP4)
 
 
 def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSpec]:
     """The tensors `target` holds for `checkpoint`, as streams (nothing is read yet)."""
     if target not in TARGETS:
         raise MlxOssError(f"unknown layout {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == MXFP4:
+        if checkpoint.layout != UNQUANTIZED:
+            raise MlxOssError(
+                f"{checkpoint.directory}: its experts are MXFP4 already (the {checkpoint.layout} layout); "
+                "nothing to quantize"
+            )
+        if q8:
+            raise MlxOssError("8-bit storage (--q8) is an option of the MLX layout only")
+        return mxfp4_specs(checkpoint)
+    if checkpoint.layout == UNQUANTIZED:
+        raise MlxOssError(
+            f"{checkpoint.directory}: its experts are stored unquantized; quantize them first "
+            f"(python -m mlx_oss.converters mxfp4 {checkpoint.directory} DESTINATION), then convert the result"
+        )
     if checkpoint.layout != HF:
         raise MlxOssError(
             f"{checkpoint.directory}: already in the {checkpoint.layout} layout; convert from the Hugging Face "
@@ -50,6 +78,10 @@ def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSp
 def output_config(checkpoint: Checkpoint, target: str, q8: bool) -> dict:
     """The source's config.json as it was, with what loaders of the new layout need to know."""
     config = json.loads((checkpoint.directory / "config.json").read_text(encoding="utf-8"))
+    if target == MXFP4:  # the published layout, which says how its experts are stored
+        config["quantization_config"] = dict(MXFP4_QUANTIZATION)
+        config["mlx_oss"] = {"layout": HF, "experts": "quantized to MXFP4 from unquantized weights"}
+        return config
     if target == MLX:
         # mlx-lm reads the experts' packing from here; the 8-bit tensors it infers from their scales.
         config["quantization"] = dict(MLX_MXFP4)

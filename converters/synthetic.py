@@ -25,7 +25,8 @@ import numpy as np
 
 from mlx_oss.atomic import atomic_directory, ensure_free_space
 from mlx_oss.config import FULL, SLIDING, ModelConfig, RopeConfig
-from mlx_oss.layouts import expected_tensors
+from mlx_oss.layouts import UNQUANTIZED, expected_tensors
+from mlx_oss.mxfp4 import dequantize
 from mlx_oss.safetensors_io import SHARD_BYTES, TensorSpec, f32_to_bf16, write_shards
 
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -74,6 +75,9 @@ class SynthOptions:
     expert_bias_std: float = 0.1  # large values (several units) push the SwiGLU clamp into play
     shard_bytes: int = SHARD_BYTES
     single_file: bool = False
+    # experts as transformers saves a dequantized gpt-oss (the `unquantized` layout), with the values the MXFP4
+    # checkpoint of the same seed decodes to
+    unquantized: bool = False
 
 
 def preset_config(name: str, **overrides) -> ModelConfig:
@@ -102,7 +106,27 @@ class _Generator:
         return np.random.default_rng([self.options.seed, zlib.crc32(name.encode())])
 
     def specs(self) -> list[TensorSpec]:
-        return [self.spec(name, want.shape, want.dtypes[0]) for name, want in expected_tensors(self.config).items()]
+        if not self.options.unquantized:
+            return [self.spec(name, want.shape, want.dtypes[0]) for name, want in expected_tensors(self.config).items()]
+        quantized = expected_tensors(self.config)
+        return [
+            self.dequantized(name, quantized[name + "_blocks"].shape, want.shape)
+            if name + "_blocks" in quantized
+            else self.spec(name, want.shape, want.dtypes[0])
+            for name, want in expected_tensors(self.config, UNQUANTIZED).items()
+        ]
+
+    def dequantized(self, name: str, blocks_shape: tuple[int, ...], shape: tuple[int, ...]) -> TensorSpec:
+        """Expert matrix `name` `[E, in, out]` in BF16 (exact): the MXFP4 blocks and scales of the same seed,
+        decoded and transposed, one expert at a time."""
+
+        def chunks() -> Iterator[np.ndarray]:
+            blocks = np.concatenate(list(self.chunks(name + "_blocks", blocks_shape)))
+            scales = np.concatenate(list(self.chunks(name + "_scales", blocks_shape[:-1])))
+            for e in range(shape[0]):
+                yield f32_to_bf16(np.ascontiguousarray(dequantize(blocks[e], scales[e]).T))[None]
+
+        return TensorSpec(name, "BF16", shape, chunks)
 
     def spec(self, name: str, shape: tuple[int, ...], dtype: str) -> TensorSpec:
         return TensorSpec(name, dtype, shape, lambda: self.chunks(name, shape))
@@ -164,12 +188,15 @@ def write_synthetic(
     specs = _Generator(config, options).specs()
     total = sum(s.nbytes for s in specs)
     ensure_free_space(destination.parent, total)
+    hf_config = config.to_hf_dict()
+    if options.unquantized:
+        del hf_config["quantization_config"]  # as transformers saves a dequantized model
     with atomic_directory(destination) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         write_shards(tmp, specs, options.shard_bytes, options.single_file, on_bytes)
     return destination
 
 
-def total_bytes(config: ModelConfig) -> int:
-    return sum(s.nbytes for s in _Generator(config, SynthOptions()).specs())
+def total_bytes(config: ModelConfig, options: SynthOptions = SynthOptions()) -> int:
+    return sum(s.nbytes for s in _Generator(config, options).specs())

@@ -69,11 +69,6 @@ class Checkpoint:
             if base + ".scales" in self.locations:  # stored 8-bit by the lossy MLX option
                 for part, (shape, dtype) in q8_shapes(expected.pop(name).shape).items():
                     expected[f"{base}.{part}"] = Expected(shape, (dtype,))
-        if "model.layers.0.mlp.experts.gate_up_proj" in self.locations:
-            raise CheckpointError(
-                f"{self.directory}: expert weights are stored unquantized (mlp.experts.gate_up_proj); "
-                "only the MXFP4 layout of the published gpt-oss checkpoints is supported"
-            )
         for name, want in expected.items():
             if name not in self.locations:
                 raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")

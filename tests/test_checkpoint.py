@@ -125,10 +125,14 @@ def test_index_naming_a_tensor_its_shard_lacks(sharded):
         mlx_oss.load(sharded)
 
 
-def test_unquantized_experts_are_refused_by_name(single):
-    rewrite_with_torch(single, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 2)}))
-    with pytest.raises(CheckpointError, match="expert weights are stored unquantized"):
-        mlx_oss.load(single)
+def test_unquantized_experts_are_checked_and_refused_with_the_way_out(synthetic_checkpoint, tmp_path):
+    source = synthetic_checkpoint(num_hidden_layers=2, vocab_size=300, unquantized=True, single_file=True)
+    with pytest.raises(CheckpointError, match=r"stored unquantized .* python -m mlx_oss.converters mxfp4 "):
+        mlx_oss.load(source)
+    damaged = shutil.copytree(source, tmp_path / "damaged")
+    rewrite_with_torch(damaged, lambda t: t.update({"model.layers.1.mlp.experts.down_proj": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match="'model.layers.1.mlp.experts.down_proj' has shape \\[2, 2\\]"):
+        mlx_oss.load(damaged)
 
 
 def test_directory_problems(tmp_path):

@@ -286,3 +286,36 @@ def test_cancel_stops_a_conversion_and_leaves_nothing(synthetic_checkpoint, tmp_
     with pytest.raises(mlx_oss.MlxOssError, match="cancelled; nothing was written"):
         convert(source, tmp_path / "out", NUMPY, on_bytes=progress, cancel=cancel)
     assert os.listdir(tmp_path) == []
+
+
+def test_unquantized_experts_quantize_back_to_the_same_model(synthetic_checkpoint, tmp_path):
+    """A checkpoint as transformers saves a dequantized gpt-oss: transformers reads its BF16 experts, our CLI
+    quantizes them back to MXFP4, and the result is the MXFP4 model of the same seed, logit for logit."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from reference import assert_logits_match
+
+    source = synthetic_checkpoint(**SHAPE, seed=5, unquantized=True)
+    assert Checkpoint(source).layout == "unquantized"
+    out = run_cli("mxfp4", str(source), str(tmp_path / "m"))
+    assert out.returncode == 0 and "wrote the mxfp4 layout" in out.stdout, out.stderr
+    result = mlx_oss.load(tmp_path / "m", backend="numpy")
+    assert Checkpoint(tmp_path / "m").layout == "hf"
+    original = mlx_oss.load(synthetic_checkpoint(**SHAPE, seed=5), backend="numpy")
+    np.testing.assert_array_equal(result.logits(TOKENS), original.logits(TOKENS))
+    reference = GptOssForCausalLM.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = reference.eval()(torch.tensor(TOKENS)[None]).logits[0].numpy()
+    assert_logits_match(result.logits(TOKENS), theirs)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+
+
+def test_mxfp4_conversion_refuses_what_it_cannot_do(synthetic_checkpoint, source, tmp_path):
+    unquantized = synthetic_checkpoint(**SHAPE, seed=5, unquantized=True)
+    already = run_cli("mxfp4", str(source), str(tmp_path / "a"))
+    assert already.returncode == 1 and "experts are MXFP4 already (the hf layout)" in already.stderr
+    skipped = run_cli("numpy", str(unquantized), str(tmp_path / "b"))
+    assert skipped.returncode == 1 and "quantize them first (python -m mlx_oss.converters mxfp4" in skipped.stderr
+    assert "Traceback" not in already.stderr + skipped.stderr and os.listdir(tmp_path) == []

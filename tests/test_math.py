@@ -83,3 +83,26 @@ def test_a_bf16_layer_widened_in_threads_matches_torch(monkeypatch):
     for workers in (None, Workers(2), Workers(3)):
         got = Dense(bits, bias, kernels=False, workers=workers)(x)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_rounds_to_the_nearest_level_by_the_definition():
+    """Values that are not MXFP4 (a fine-tune's): the scale fits the block's peak into 6, each value goes to the
+    nearest E2M1 level, a tie to the smaller magnitude, and what rounds to zero is +0."""
+    rng = np.random.default_rng(7)
+    weights = rng.standard_normal((16, 64)).astype(np.float32)
+    weights[0, :32] = np.array([6, 0.25, -0.25, 0.75, -1.25, 2.5, -3.5, 5] * 4, dtype=np.float32)  # exact ties
+    weights[1, :32] = 0
+    blocks, scales = quantize(weights)
+    values = dequantize(blocks, scales).reshape(16, 2, 32)
+    w = weights.reshape(16, 2, 32)
+    scale = 2.0 ** (scales.astype(np.float64) - 127)
+    peak = np.abs(w).max(axis=-1)
+    assert np.all((peak <= 6 * scale) & ((peak > 3 * scale) | (peak == 0)))  # the smallest power of two that fits
+    levels = np.unique(np.abs(FP4_VALUES))
+    for index in np.ndindex(w.shape):
+        x = w[index] / scale[index[:2]]
+        distance = np.abs(levels - abs(x))
+        nearest = levels[np.flatnonzero(distance == distance.min())[0]]  # the smaller magnitude on a tie
+        assert values[index] == math.copysign(nearest, x if nearest else 1.0) * scale[index[:2]], (index, x)
+    assert values[0, 0, :8].tolist() == [6, 0, 0, 0.5, -1, 2, -3, 4]
+    assert not np.signbit(values[1, 0]).any() and not np.signbit(values[0, 0, 2])  # -0.25 rounds to +0
