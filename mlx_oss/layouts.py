@@ -37,6 +37,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
 Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias
 ROWS_PER_CHUNK = 4096  # rows of a matrix widened or quantized at once
+QUANTIZE_ROWS = 128  # an expert's output rows quantized to MXFP4 at once: temporaries in cache, 4x a whole expert
 
 # The markers of each layout: a tensor name that only it has.
 _MARKERS = {
@@ -259,7 +260,12 @@ def _quantized(base: str, matrix: np.ndarray, stored: str, blocks: Expected, sca
     kept: list[np.ndarray] = []
 
     def quantized(e: int) -> tuple[np.ndarray, np.ndarray]:
-        return quantize(as_float32(matrix[e], stored).T)
+        expert = matrix[e]  # [in, out]
+        parts = [
+            quantize(as_float32(np.ascontiguousarray(expert[:, r0 : r0 + QUANTIZE_ROWS].T), stored))
+            for r0 in range(0, expert.shape[1], QUANTIZE_ROWS)
+        ]
+        return np.concatenate([b for b, _ in parts]), np.concatenate([s for _, s in parts])
 
     def block_chunks():
         kept.clear()
