@@ -50,7 +50,7 @@ def _instruction_set() -> tuple[str | None, str]:
         import llvmlite
         import llvmlite.binding as llvm
         import numba
-    except ImportError as e:
+    except Exception as e:  # ImportError; also OSError (a library that will not load), RuntimeError (no JIT memory)
         if importlib.util.find_spec("numba") is None:
             return None, "numba is not installed (pip install 'mlx-oss[fast]')"
         return None, f"numba is installed but does not import ({e})"
@@ -103,9 +103,14 @@ def warm_up() -> None:
     _compiled.warm_up()
 
 
-def compile_in_child() -> subprocess.CompletedProcess:
-    """Run `python -m mlx_oss.cpu`, which fills numba's cache (in an app bundle: its executable, `-m` alike)."""
-    return subprocess.run([sys.executable, "-m", "mlx_oss.cpu"], check=False, capture_output=True, text=True)
+def compile_in_child(timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m mlx_oss.cpu`, which fills numba's cache (in an app bundle: its executable, `-m` alike).
+    A child that outlives `timeout` seconds is killed and counts as failed (returncode -1)."""
+    command = [sys.executable, "-m", "mlx_oss.cpu"]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(command, -1, e.stdout, e.stderr)
 
 
 def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x: np.ndarray) -> np.ndarray:

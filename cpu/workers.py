@@ -17,7 +17,7 @@ R = TypeVar("R")
 
 class Workers:
     def __init__(self, count: int | None = None):
-        self.count = count or os.cpu_count() or 1
+        self.count = count or usable_cores()
         self._pool = ThreadPoolExecutor(max_workers=self.count, thread_name_prefix="mlx-oss-numpy")
         self._blas = ThreadpoolController()
 
@@ -25,3 +25,10 @@ class Workers:
         """`[function(item) for item in items]`, in the threads, BLAS on one thread each."""
         with self._blas.limit(limits=1, user_api="blas"):
             return list(self._pool.map(function, items))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which container limits set), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1

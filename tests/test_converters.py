@@ -319,3 +319,16 @@ def test_mxfp4_conversion_refuses_what_it_cannot_do(synthetic_checkpoint, source
     skipped = run_cli("numpy", str(unquantized), str(tmp_path / "b"))
     assert skipped.returncode == 1 and "quantize them first (python -m mlx_oss.converters mxfp4" in skipped.stderr
     assert "Traceback" not in already.stderr + skipped.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_nan_in_unquantized_experts_is_named_not_quantized(synthetic_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = Path(shutil.copytree(synthetic_checkpoint(**SHAPE, unquantized=True, single_file=True), tmp_path / "s"))
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.2.mlp.experts.down_proj"][3, 5, 7] = float("nan")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = run_cli("mxfp4", str(source), str(tmp_path / "out"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "'model.layers.2.mlp.experts.down_proj', expert 3: holds NaN or infinite weights" in out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["s"]

@@ -87,7 +87,7 @@ def test_a_bf16_layer_widened_in_threads_matches_torch(monkeypatch):
 
 def test_quantize_rounds_to_the_nearest_level_by_the_definition():
     """Values that are not MXFP4 (a fine-tune's): the scale fits the block's peak into 6, each value goes to the
-    nearest E2M1 level, a tie to the smaller magnitude, and what rounds to zero is +0."""
+    nearest E2M1 level, a tie to the even one (the OCP spec's roundTiesToEven), and what rounds to zero is +0."""
     rng = np.random.default_rng(7)
     weights = rng.standard_normal((16, 64)).astype(np.float32)
     weights[0, :32] = np.array([6, 0.25, -0.25, 0.75, -1.25, 2.5, -3.5, 5] * 4, dtype=np.float32)  # exact ties
@@ -102,7 +102,9 @@ def test_quantize_rounds_to_the_nearest_level_by_the_definition():
     for index in np.ndindex(w.shape):
         x = w[index] / scale[index[:2]]
         distance = np.abs(levels - abs(x))
-        nearest = levels[np.flatnonzero(distance == distance.min())[0]]  # the smaller magnitude on a tie
+        tied = np.flatnonzero(distance == distance.min())
+        even = tied[tied % 2 == 0]  # a level's index is its code's, whose last bit is the mantissa
+        nearest = levels[tied[0] if tied.size == 1 else even[0]]
         assert values[index] == math.copysign(nearest, x if nearest else 1.0) * scale[index[:2]], (index, x)
-    assert values[0, 0, :8].tolist() == [6, 0, 0, 0.5, -1, 2, -3, 4]
+    assert values[0, 0, :8].tolist() == [6, 0, 0, 1, -1, 2, -4, 4]
     assert not np.signbit(values[1, 0]).any() and not np.signbit(values[0, 0, 2])  # -0.25 rounds to +0
