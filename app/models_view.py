@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from mlx_oss.cli import format_bytes
-from mlx_oss.layouts import MLX, NUMPY
+from mlx_oss.layouts import HF, MLX, MXFP4, NUMPY
 from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
 from .workers import Task
@@ -58,14 +58,23 @@ class ModelsView(QWidget):
         self.use_button = QPushButton("Chat with it")
         self.convert_mlx_button = QPushButton("Convert to MLX")
         self.convert_numpy_button = QPushButton("Convert to NumPy")
+        self.quantize_button = QPushButton("Quantize to MXFP4")
+        self.quantize_button.setToolTip("Needed to run a model whose experts are stored unquantized (a fine-tune)")
         self.delete_button = QPushButton("Delete…")
-        for button in (self.use_button, self.convert_mlx_button, self.convert_numpy_button, self.delete_button):
+        for button in (
+            self.use_button,
+            self.convert_mlx_button,
+            self.convert_numpy_button,
+            self.quantize_button,
+            self.delete_button,
+        ):
             actions.addWidget(button)
         actions.addStretch()
         layout.addLayout(actions)
         self.use_button.clicked.connect(lambda: self.use_requested.emit(self.selected()))
         self.convert_mlx_button.clicked.connect(lambda: self.convert(self.selected(), MLX))
         self.convert_numpy_button.clicked.connect(lambda: self.convert(self.selected(), NUMPY))
+        self.quantize_button.clicked.connect(lambda: self.convert(self.selected(), MXFP4))
         self.delete_button.clicked.connect(lambda: self.delete(self.selected()))
 
         fetch = QHBoxLayout()
@@ -99,6 +108,8 @@ class ModelsView(QWidget):
         for row, m in enumerate(models):
             size = sum(m.size(layout) for layout in m.layouts)
             status = "ready" if m.downloaded else "partial download: Download resumes it" if m.partial else ""
+            if m.needs_quantizing:
+                status = "experts unquantized: Quantize to MXFP4 to run it"
             for column, text in enumerate(
                 (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", status)
             ):
@@ -121,9 +132,11 @@ class ModelsView(QWidget):
         model = self.store.get(name) if name else None
         idle = self.task is None
         ready = bool(model and model.downloaded)
-        self.use_button.setEnabled(bool(model and model.layouts))
-        self.convert_mlx_button.setEnabled(idle and ready and MLX not in model.layouts)
-        self.convert_numpy_button.setEnabled(idle and ready and NUMPY not in model.layouts)
+        unquantized = ready and model.needs_quantizing  # nothing runs or converts it until it is quantized
+        self.use_button.setEnabled(bool(model and model.layouts) and not unquantized)
+        self.convert_mlx_button.setEnabled(idle and ready and not unquantized and MLX not in model.layouts)
+        self.convert_numpy_button.setEnabled(idle and ready and not unquantized and NUMPY not in model.layouts)
+        self.quantize_button.setEnabled(idle and unquantized)
         self.delete_button.setEnabled(idle and model is not None)
         self.download_button.setEnabled(idle)
 
@@ -146,7 +159,8 @@ class ModelsView(QWidget):
     def convert(self, name: str, target: str) -> None:
         from mlx_oss.converters.layout import convert
 
-        source = self.store.get(name).layouts["hf"]
+        model = self.store.get(name)
+        source = model.layouts[HF] if target == MXFP4 else model.source
 
         def work(report, cancel) -> str:
             total = done = 0

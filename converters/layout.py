@@ -22,6 +22,7 @@ from mlx_oss.layouts import (
     HF,
     MLX,
     MLX_MXFP4,
+    MXFP4,
     NUMPY,
     Q8,
     UNQUANTIZED,
@@ -33,7 +34,6 @@ from mlx_oss.layouts import (
 )
 from mlx_oss.safetensors_io import INDEX_FILE, SHARD_BYTES, TensorSpec, write_shards
 
-MXFP4 = "mxfp4"  # the command that quantizes an `unquantized` checkpoint's experts, writing the `hf` layout
 TARGETS = (MLX, NUMPY, MXFP4)
 
 

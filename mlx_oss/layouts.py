@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 HF, MLX, NUMPY, UNQUANTIZED = "hf", "mlx", "numpy", "unquantized"
+MXFP4 = "mxfp4"  # an `unquantized` checkpoint quantized into the `hf` layout: the converter's and its folder's name
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
 Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias

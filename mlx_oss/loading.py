@@ -83,8 +83,9 @@ def load(path: str | Path, backend: str = "auto") -> Model:
     if checkpoint.layout == UNQUANTIZED:
         raise CheckpointError(
             f"{checkpoint.directory}: its experts are stored unquantized (mlp.experts.gate_up_proj), as transformers "
-            "saves a dequantized or fine-tuned gpt-oss; quantize them back to MXFP4 once, then load the result: "
-            f"python -m mlx_oss.converters mxfp4 {checkpoint.directory} DESTINATION"
+            "saves a dequantized or fine-tuned gpt-oss; quantize them to MXFP4 once, then load the result: "
+            f"python -m mlx_oss.converters mxfp4 {checkpoint.directory} DESTINATION (a downloaded model: "
+            "python -m mlx_oss.models convert NAME --to mxfp4, or Quantize to MXFP4 in the app's Models tab)"
         )
     chosen, reason = choose_backend(backend, checkpoint.layout)
     if checkpoint.layout not in ("hf", chosen):

@@ -12,7 +12,7 @@ from pathlib import Path
 from .cancel import CancelToken
 from .cli import Progress, format_count, run
 from .errors import MlxOssError
-from .layouts import HF, MLX, NUMPY, parameter_count
+from .layouts import HF, MLX, MXFP4, NUMPY, parameter_count
 from .store import DEFAULT_MODEL, ModelStore, StoredModel
 
 PROG = "python -m mlx_oss.models"
@@ -46,6 +46,8 @@ def loads_with(model: StoredModel) -> str:
     """What `--backend auto` would run for this model, and from which layout."""
     from .loading import choose_backend
 
+    if model.needs_quantizing:
+        return f"nothing yet: its experts are unquantized; {PROG} convert {model.name} --to {MXFP4} makes it run"
     layout = model.layout_for("auto")
     backend, _ = choose_backend("auto", layout)
     return f"{backend} ({layout} layout)"
@@ -97,6 +99,8 @@ def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
     model = store.get(name)
     if HF not in model.layouts:
         raise MlxOssError(f"{name} is not downloaded; first run: {PROG} download {name}")
+    if target != MXFP4 and model.needs_quantizing:
+        raise MlxOssError(f"{name}'s experts are unquantized; first run: {PROG} convert {name} --to {MXFP4}")
     if target in model.layouts:
         raise MlxOssError(
             f"{name} already has the {target} layout; delete it first with: {PROG} delete {name} --layout {target}"
@@ -106,17 +110,17 @@ def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
     def start(total: int) -> None:
         progress.total = total
 
-    destination = convert_layout(
-        model.layouts[HF], store.converted(name, target), target, q8, on_bytes=progress.add, on_start=start
-    )
+    source = model.layouts[HF] if target == MXFP4 else model.source
+    destination = store.converted(name, target)
+    convert_layout(source, destination, target, q8, on_bytes=progress.add, on_start=start)
     print(f"{name}: {target} layout in {destination}")
     return 0
 
 
 def delete(store: ModelStore, name: str, layout: str | None, yes: bool) -> int:
     model = store.get(name)
-    what = f"the {layout} layout of {name}" if layout in (MLX, NUMPY) else f"{name} (every layout)"
-    if layout in (MLX, NUMPY) and layout in model.layouts:
+    what = f"the {layout} layout of {name}" if layout in (MLX, NUMPY, MXFP4) else f"{name} (every layout)"
+    if layout in (MLX, NUMPY, MXFP4) and layout in model.layouts:
         size = model.size(layout)
     else:
         size = sum(model.size(x) for x in model.layouts)
@@ -141,13 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("download", help="download a model from the hub (resumes an interrupted download)")
     sub.add_argument("name", help=f"hub name, e.g. {DEFAULT_MODEL}")
     sub.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
-    sub = commands.add_parser("convert", help="convert a downloaded model to the MLX or NumPy layout")
+    sub = commands.add_parser(
+        "convert", help="convert a downloaded model to the MLX or NumPy layout (mxfp4: quantize unquantized experts)"
+    )
     sub.add_argument("name")
-    sub.add_argument("--to", choices=(MLX, NUMPY), required=True)
+    sub.add_argument("--to", choices=(MLX, NUMPY, MXFP4), required=True)
     sub.add_argument("--q8", action="store_true", help="LOSSY 8-bit attention and embeddings (MLX layout only)")
     sub = commands.add_parser("delete", help="delete a model, or one of its converted layouts")
     sub.add_argument("name")
-    sub.add_argument("--layout", choices=(HF, MLX, NUMPY), help="only this layout (hf: the whole model)")
+    sub.add_argument("--layout", choices=(HF, MLX, NUMPY, MXFP4), help="only this layout (hf: the whole model)")
     sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub = commands.add_parser("info", help="what a model is, where its files are, which backend would run it")
     sub.add_argument("name")

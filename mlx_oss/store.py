@@ -3,7 +3,7 @@
 Downloads go where the Hugging Face tools put them, so a model fetched by mlx-lm or transformers is found here
 too and the other way round: the hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`),
 one `models--ORG--NAME` folder per repository. `MLX_OSS_MODELS` moves the store elsewhere. Converted layouts live
-beside their source, in `models--ORG--NAME/mlx-oss/{mlx,numpy}` (the hub's cache tools ignore that folder and
+beside their source, in `models--ORG--NAME/mlx-oss/{mlx,numpy,mxfp4}` (the hub's cache tools ignore that folder and
 delete it with the repository). Our downloads count as present once verified (`mlx-oss/verified.json` names
 their revision and files); one made by another Hugging Face tool counts once the `refs/main` snapshot holds its
 config and every shard. Nothing here touches the network.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MlxOssError
-from .layouts import HF, MLX, NUMPY
+from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED
 
 STORE_ENV = "MLX_OSS_MODELS"
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -49,7 +49,7 @@ class StoredModel:
     folder: Path
     revision: str | None = None
     files: dict[str, int] = field(default_factory=dict)  # verified download: path in repo -> size
-    layouts: dict[str, Path] = field(default_factory=dict)  # "hf" / "mlx" / "numpy" -> directory
+    layouts: dict[str, Path] = field(default_factory=dict)  # "hf" / "mlx" / "numpy" / "mxfp4" -> directory
 
     @property
     def downloaded(self) -> bool:
@@ -61,6 +61,23 @@ class StoredModel:
         blobs = self.folder / "blobs"
         return blobs.is_dir() and any(p.suffix == ".incomplete" for p in blobs.iterdir())
 
+    @property
+    def source(self) -> Path | None:
+        """What converters read: the download, or its MXFP4 quantization where its experts came unquantized."""
+        return self.layouts.get(MXFP4) or self.layouts.get(HF)
+
+    @property
+    def needs_quantizing(self) -> bool:
+        """The download's experts are unquantized (a fine-tune) and no MXFP4 copy of them exists yet."""
+        from .checkpoint import Checkpoint
+
+        if HF not in self.layouts or MXFP4 in self.layouts:
+            return False
+        try:
+            return Checkpoint(self.layouts[HF]).layout == UNQUANTIZED
+        except MlxOssError:  # a damaged download: loading it says what is wrong
+            return False
+
     def layout_for(self, backend: str = "auto") -> str | None:
         """The layout to load on `backend`: the converted one it reads fastest, else the download, else whatever
         is there (the loader then says which backend reads it); None when nothing is."""
@@ -70,6 +87,8 @@ class StoredModel:
         if preferred == NUMPY:
             preferred = numpy_reads_fastest()
         for layout in (preferred, HF, *self.layouts):
+            if layout == HF and MXFP4 in self.layouts:  # the download's experts are unquantized: never loaded
+                layout = MXFP4
             if layout in self.layouts:
                 return layout
         return None
@@ -108,7 +127,7 @@ class ModelStore:
                 model.layouts[HF] = snapshot
         if HF not in model.layouts and (snapshot := _complete_snapshot(folder)) is not None:
             model.layouts[HF] = snapshot  # fetched by another Hugging Face tool, which checked the sizes
-        for layout in (MLX, NUMPY):
+        for layout in (MLX, NUMPY, MXFP4):
             if (folder / OURS / layout / "config.json").is_file():
                 model.layouts[layout] = folder / OURS / layout
         return model
@@ -136,13 +155,13 @@ class ModelStore:
     def delete(self, name: str, layout: str | None = None) -> list[Path]:
         """Remove one converted layout, or (`layout` None) the whole repository folder. Returns what went."""
         model = self.get(name)
-        if layout in (MLX, NUMPY):
+        if layout in (MLX, NUMPY, MXFP4):
             if layout not in model.layouts:
                 raise MlxOssError(f"{name} has no {layout} layout in {self.root}")
             shutil.rmtree(model.layouts[layout])
             return [model.layouts[layout]]
         if layout not in (None, HF):
-            raise MlxOssError(f"unknown layout {layout!r}; choose hf, mlx or numpy")
+            raise MlxOssError(f"unknown layout {layout!r}; choose hf, mlx, numpy or mxfp4")
         if not model.folder.exists():
             raise MlxOssError(f"{name} is not in the store ({self.root})")
         shutil.rmtree(model.folder)

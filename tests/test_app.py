@@ -347,3 +347,31 @@ def test_a_bad_setting_falls_back_alone(app_dir):
     settings = AppSettings.load()
     assert settings.backend == "auto" and settings.max_tokens == 0  # the bad values: defaults
     assert settings.system_prompt == "Keep me" and settings.temperature == 0.0  # the good ones: kept
+
+
+def test_the_model_manager_quantizes_a_fine_tune_with_unquantized_experts(
+    qtbot, app_dir, synthetic_checkpoint, monkeypatch
+):
+    from fakehub import FakeHub
+
+    name = "someone/gpt-oss-tiny-finetune"
+    with FakeHub() as hub:
+        hub.add_repo(name, synthetic_checkpoint(num_hidden_layers=2, vocab_size=1000, unquantized=True))
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        window = open_window(qtbot)
+        models = window.models
+        models.name_edit.setText(name)
+        models.download_button.click()
+        qtbot.waitUntil(lambda: models.task is None, timeout=TIMEOUT_MS)
+    models.select(name)
+    assert "Quantize to MXFP4" in models.table.item(0, 3).text()
+    assert models.quantize_button.isEnabled() and not models.use_button.isEnabled()
+    assert not models.convert_numpy_button.isEnabled()
+    models.quantize_button.click()
+    qtbot.waitUntil(lambda: models.task is None, timeout=TIMEOUT_MS)
+    assert "converted to the mxfp4 layout" in models.status.text()
+    models.select(name)
+    assert models.table.item(0, 1).text() == "hf, mxfp4" and models.table.item(0, 3).text() == "ready"
+    assert models.use_button.isEnabled() and models.convert_numpy_button.isEnabled()
+    assert not models.quantize_button.isEnabled()
+    close(window)

@@ -330,3 +330,34 @@ def test_a_model_fetched_by_huggingface_hub_itself_is_found(fake_hub, store, mon
     assert download(NAME, store) == Path(path)  # only what that tool left out is fetched
     assert {p.rsplit("/", 1)[1] for p in fetched(fake_hub)[fetched_before:]} == missing
     assert store.get(NAME).revision == fake_hub.repo(NAME).commit  # and now it is verified
+
+
+def test_a_downloaded_fine_tune_with_unquantized_experts_is_quantized_in_the_store(store, synthetic_checkpoint):
+    """A hub repo whose experts transformers saved as BF16: nothing runs it until `convert --to mxfp4`, which then
+    stands in for the download everywhere (loading, further conversions)."""
+    shape = dict(vocab_size=1000, num_hidden_layers=2, seed=9)
+    name = "someone/gpt-oss-tiny-finetune"
+    with FakeHub() as server:
+        server.add_repo(name, synthetic_checkpoint(**shape, unquantized=True))
+        out = run_models("download", name, env={**os.environ, "HF_ENDPOINT": server.url})
+    assert out.returncode == 0, out.stderr
+    assert store.get(name).needs_quantizing
+    listed = run_models("list")
+    assert "nothing yet: its experts are unquantized; python -m mlx_oss.models convert" in listed.stdout
+    refused = run_models("convert", name, "--to", "numpy")
+    assert refused.returncode == 1
+    assert f"first run: python -m mlx_oss.models convert {name} --to mxfp4" in refused.stderr
+    with pytest.raises(MlxOssError, match="stored unquantized"):
+        mlx_oss.load(resolve_model(name))
+
+    out = run_models("convert", name, "--to", "mxfp4")
+    assert out.returncode == 0, out.stderr
+    model = store.get(name)
+    assert not model.needs_quantizing and resolve_model(name) == store.converted(name, "mxfp4")
+    out = run_models("convert", name, "--to", "numpy")  # from the quantized copy
+    assert out.returncode == 0, out.stderr
+    tokens = [1, 2, 3, 4, 5]
+    expected = mlx_oss.load(synthetic_checkpoint(**shape), backend="numpy").logits(tokens)
+    for layout in ("mxfp4", "numpy"):
+        got = mlx_oss.load(store.converted(name, layout), backend="numpy").logits(tokens)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
