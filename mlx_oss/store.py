@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MlxOssError
-from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED
+from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED, detect_layout
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 STORE_ENV = "MLX_OSS_MODELS"
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -68,14 +69,18 @@ class StoredModel:
 
     @property
     def needs_quantizing(self) -> bool:
-        """The download's experts are unquantized (a fine-tune) and no MXFP4 copy of them exists yet."""
-        from .checkpoint import Checkpoint
-
+        """The download's experts are unquantized (a fine-tune) and no MXFP4 copy of them exists yet. Told by the
+        tensor names alone (the index, or one file's header): the app asks as it draws its table."""
         if HF not in self.layouts or MXFP4 in self.layouts:
             return False
+        directory = self.layouts[HF]
         try:
-            return Checkpoint(self.layouts[HF]).layout == UNQUANTIZED
-        except MlxOssError:  # a damaged download: loading it says what is wrong
+            if (directory / INDEX_FILE).is_file():
+                names = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+            else:
+                names = SafetensorsFile(directory / SINGLE_FILE).tensors
+            return detect_layout(names) == UNQUANTIZED
+        except (OSError, ValueError, KeyError, TypeError, MlxOssError):  # damaged: loading it says what is wrong
             return False
 
     def layout_for(self, backend: str = "auto") -> str | None:
