@@ -7,6 +7,7 @@ through signals, so the event loop never waits on a model, a disk or the network
 
 from __future__ import annotations
 
+import gc
 import traceback
 from collections.abc import Callable
 
@@ -60,6 +61,11 @@ class ModelHost(QObject):
         from mlx_oss.store import resolve_model
 
         self.engine = None
+        # What exists now (Qt, the libraries) and what a load leaves (numba's typing tables, the model) lives as
+        # long as the app: frozen out of the collector, a full collection no longer walks it. Unfrozen, one walk
+        # of a few hundred thousand objects, triggered by a load's allocations, held the GIL and so the window
+        # for 160 ms.
+        gc.freeze()
         try:
             path = resolve_model(model, backend, self.store)
             loaded = load(path, backend=backend)
@@ -67,6 +73,8 @@ class ModelHost(QObject):
         except BaseException as e:  # noqa: BLE001 - every failure becomes a message in the window
             self.load_failed.emit(number, _message(e))
             return
+        finally:
+            gc.freeze()
         size = format_count(parameter_count(loaded.config))
         self.loaded.emit(number, f"{model} ({size} parameters, {loaded.backend} backend)")
 
