@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from mlx_oss.cli import format_bytes
-from mlx_oss.layouts import HF, MLX, MXFP4, NUMPY
+from mlx_oss.layouts import MLX, MXFP4, NUMPY
 from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
 from .workers import Task
@@ -159,8 +159,7 @@ class ModelsView(QWidget):
     def convert(self, name: str, target: str) -> None:
         from mlx_oss.converters.layout import convert
 
-        model = self.store.get(name)
-        source = model.layouts[HF] if target == MXFP4 else model.source
+        source = self.store.get(name).source_for(target)
 
         def work(report, cancel) -> str:
             total = done = 0

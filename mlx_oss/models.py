@@ -110,9 +110,8 @@ def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
     def start(total: int) -> None:
         progress.total = total
 
-    source = model.layouts[HF] if target == MXFP4 else model.source
     destination = store.converted(name, target)
-    convert_layout(source, destination, target, q8, on_bytes=progress.add, on_start=start)
+    convert_layout(model.source_for(target), destination, target, q8, on_bytes=progress.add, on_start=start)
     print(f"{name}: {target} layout in {destination}")
     return 0
 

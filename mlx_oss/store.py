@@ -62,9 +62,11 @@ class StoredModel:
         blobs = self.folder / "blobs"
         return blobs.is_dir() and any(p.suffix == ".incomplete" for p in blobs.iterdir())
 
-    @property
-    def source(self) -> Path | None:
-        """What converters read: the download, or its MXFP4 quantization where its experts came unquantized."""
+    def source_for(self, target: str) -> Path | None:
+        """What converting to `target` reads: the download for `mxfp4`; for the others the download, or its MXFP4
+        quantization where its experts came unquantized."""
+        if target == MXFP4:
+            return self.layouts.get(HF)
         return self.layouts.get(MXFP4) or self.layouts.get(HF)
 
     @property
@@ -75,10 +77,7 @@ class StoredModel:
             return False
         directory = self.layouts[HF]
         try:
-            if (directory / INDEX_FILE).is_file():
-                names = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-            else:
-                names = SafetensorsFile(directory / SINGLE_FILE).tensors
+            names = _weight_map(directory) or SafetensorsFile(directory / SINGLE_FILE).tensors
             return detect_layout(names) == UNQUANTIZED
         except (OSError, ValueError, KeyError, TypeError, MlxOssError):  # damaged: loading it says what is wrong
             return False
@@ -185,15 +184,18 @@ class ModelStore:
         )
 
 
+def _weight_map(directory: Path) -> dict[str, str] | None:
+    """The index's tensor -> shard map, or None where there is no index (a single-file checkpoint)."""
+    index = directory / INDEX_FILE
+    return json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
+
+
 def _complete_snapshot(folder: Path) -> Path | None:
     """The snapshot `refs/main` points at, if its config and every shard its index lists are there."""
     try:
         snapshot = folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
-        index = snapshot / "model.safetensors.index.json"
-        if index.is_file():
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        else:
-            shards = {"model.safetensors"}
+        weight_map = _weight_map(snapshot)
+        shards = set(weight_map.values()) if weight_map is not None else {SINGLE_FILE}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     complete = (snapshot / "config.json").is_file() and all((snapshot / shard).is_file() for shard in shards)
