@@ -40,8 +40,9 @@ FORCED_AVX2 = os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2"
 CACHE = not FORCED_AVX2
 
 
-def _instruction_set() -> tuple[str | None, str]:
-    """The vector extension the kernels are built for, or None with the reason they are not used."""
+def _instruction_set() -> tuple[str | None, str, bool]:
+    """The vector extension the kernels are built for, or None with the reason they are not used; and whether that
+    reason is a numba that is installed but will not import (a damaged install or app bundle, not this CPU)."""
     # numba's OpenMP threads spin ~300k rounds after each kernel by default, fighting BLAS's threads for the
     # cores whenever the two alternate (a prompt's expert decode, then its matmul): 8 ms instead of 0.7 ms a
     # round on 2 cores. A short spin keeps back-to-back kernels quick. Only read if OpenMP is not loaded yet.
@@ -52,22 +53,21 @@ def _instruction_set() -> tuple[str | None, str]:
         import numba
     except Exception as e:  # ImportError; also OSError (a library that will not load), RuntimeError (no JIT memory)
         if importlib.util.find_spec("numba") is None:
-            return None, "numba is not installed (pip install 'mlx-oss[fast]')"
-        return None, f"numba is installed but does not import ({e})"
+            return None, "numba is not installed (pip install 'mlx-oss[fast]')", False
+        return None, f"numba is installed but does not import ({e})", True
     if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
-        return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')"
+        return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')", False
     features = llvm.get_host_cpu_features()
     if FORCED_AVX2:
         features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
     if features.get("avx512f") and features.get("avx512bw"):
-        return "avx512", "numba kernels for AVX-512"
+        return "avx512", "numba kernels for AVX-512", False
     if features.get("avx2") and features.get("fma"):
-        return "avx2", "numba kernels for AVX2"
-    return None, "no AVX2 or AVX-512 on this CPU"
+        return "avx2", "numba kernels for AVX2", False
+    return None, "no AVX2 or AVX-512 on this CPU", False
 
 
-ISA, DESCRIPTION = _instruction_set()
-BROKEN = DESCRIPTION.startswith("numba is installed but")  # a damaged install or app bundle, not this CPU
+ISA, DESCRIPTION, BROKEN = _instruction_set()
 
 if ISA is not None:  # after ISA is set: the numba module reads it
     try:
