@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import need_backend
 
 HEAVY = ["torch", "transformers", "mlx", "PySide6", "huggingface_hub"]
 
@@ -69,3 +79,154 @@ def test_bench_error_is_one_line(tmp_path):
     )
     assert out.returncode == 1
     assert out.stderr == f"python -m mlx_oss.bench: error: {tmp_path / 'none'}: no such model directory\n"
+
+
+# The wheel as `pip install mlx-oss` and the app bundle get it. An editable install finds any folder under the
+# checkout, so it hides a package the wheel leaves out; these tests build the wheel from a clean copy of the
+# working tree's files and install it, not editable, into a fresh venv.
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGE_DIR: dict[str, str] = PYPROJECT["package-dir"]
+
+
+def source_packages() -> dict[str, Path]:
+    """Every package the source tree holds, by import name: each folder with an `__init__.py` under a mapped folder."""
+    found = {}
+    for name, folder in PACKAGE_DIR.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found[".".join((name, *parts))] = init.parent
+    return found
+
+
+def test_every_source_folder_is_a_package_under_the_one_namespace():
+    """Setuptools' discovery skips a folder without `__init__.py`, and a top-level package folder outside the
+    package-dir mapping would not be installed: both would vanish from the wheel without a word."""
+    mapped = {ROOT / folder for folder in PACKAGE_DIR.values()}
+    top_level = {init.parent for init in ROOT.glob("*/__init__.py")}
+    assert top_level == mapped
+    packages = set(source_packages().values())
+    for root in mapped:
+        for source in root.rglob("*.py"):
+            assert source.parent in packages, f"{source.parent} holds modules but no __init__.py"
+
+
+def git_files() -> list[Path]:
+    """The working tree's files as a commit would take them: tracked and not ignored, as they are now."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: no clean export to build from")
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return [Path(name) for name in out.decode().split("\0") if name and (ROOT / name).is_file()]
+
+
+@dataclass
+class Installed:
+    wheel: Path
+    python: Path
+    site_packages: Path
+    work: Path
+
+    def run(self, code: str, *args: str) -> str:
+        """Run `code` in the fresh venv, from outside the checkout (so no `mlx_oss/` folder of it is on the path)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        out = subprocess.run(
+            [str(self.python), "-c", code, *args], cwd=self.work, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Installed:
+    work = tmp_path_factory.mktemp("wheel")
+    source, wheels, venv = work / "source", work / "wheels", work / "venv"
+    for name in git_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    offline = ["--no-deps", "--no-index", "--quiet"]
+    subprocess.run([*pip, "wheel", *offline, "--no-build-isolation", "-w", wheels, source], check=True, cwd=work)
+    (wheel,) = wheels.glob("mlx_oss-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", python, "install", *offline, wheel], check=True, cwd=work)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # The dependencies come from this venv, appended after the fresh one's own packages. A plain path line runs
+    # none of that folder's .pth files, so this venv's editable finder (which maps mlx_oss to the checkout) stays off.
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "mlx_oss_test_dependencies.pth").write_text("".join(f"{p}\n" for p in sorted(ours)))
+    return Installed(wheel, python, Path(site), work)
+
+
+def test_the_wheel_holds_every_module_and_the_package_data_and_nothing_else(installed):
+    expected = set()
+    for name, folder in source_packages().items():
+        target = name.replace(".", "/")
+        patterns = ["*.py", *PYPROJECT.get("package-data", {}).get(name, [])]
+        expected |= {f"{target}/{f.name}" for pattern in patterns for f in folder.glob(pattern)}
+    assert "mlx_oss/app/icon.png" in expected and "mlx_oss/mlx_backend/model.py" in expected
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        shipped = {n for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    # (missing, extra): an extra would be, say, tests/ or scripts/ installed as a top-level package
+    assert (sorted(expected - shipped), sorted(shipped - expected)) == ([], [])
+
+
+IMPORT_ALL = """
+import importlib, json, sys
+files, missing = {}, {}
+for name in sys.argv[1:]:
+    try:
+        files[name] = importlib.import_module(name).__file__
+    except ModuleNotFoundError as e:
+        missing[name] = e.name
+print(json.dumps({"files": files, "missing": missing}))
+"""
+
+
+def test_every_package_imports_from_the_installed_wheel(installed):
+    names = sorted(source_packages())
+    result = json.loads(installed.run(IMPORT_ALL, *names))
+    missing = result["missing"]
+    if importlib.util.find_spec("mlx") is None:  # MLX does not install here (an Intel Mac): only it may be absent
+        missing = {name: module for name, module in missing.items() if module != "mlx"}
+    assert missing == {}
+    for name, file in result["files"].items():
+        assert Path(file).is_relative_to(installed.site_packages), f"{name} imported from {file}, not the wheel"
+
+
+LOAD_BOTH = """
+import json, sys
+import numpy as np
+import mlx_oss
+out = {}
+for backend in ("numpy", "mlx"):
+    model = mlx_oss.load(sys.argv[1], backend=backend)
+    logits = model.logits([200006, 1428, 200008])
+    out[backend] = {
+        "backend": model.backend,
+        "shape": list(logits.shape),
+        "finite": bool(np.isfinite(logits).all()),
+        "file": sys.modules[type(model).__module__].__file__,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_the_installed_wheel_runs_both_backends(installed, tiny_checkpoint):
+    need_backend("mlx")
+    result = json.loads(installed.run(LOAD_BOTH, str(tiny_checkpoint)))
+    vocab = json.loads((tiny_checkpoint / "config.json").read_text())["vocab_size"]
+    for backend, ran in result.items():
+        assert ran["backend"] == backend and ran["shape"] == [3, vocab] and ran["finite"], ran
+        assert Path(ran["file"]).is_relative_to(installed.site_packages), ran["file"]
