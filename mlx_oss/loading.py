@@ -109,8 +109,15 @@ def _load_mlx(checkpoint):
     try:
         from .mlx_backend import MlxModel
     except ImportError as e:
-        raise MlxOssError(
-            f"the MLX backend needs MLX, which is not installed ({e}); "
-            "install it with: pip install 'mlx-oss[mlx]', or choose --backend numpy"
-        ) from None
+        # Only MLX itself missing is fixed by installing it; a module of ours missing means a broken installation.
+        missing = e.name or ""
+        if isinstance(e, ModuleNotFoundError) and (missing == "mlx" or missing.startswith("mlx.")):
+            problem = f"the MLX backend needs MLX, which is not installed ({e}); install it with: pip install "
+            problem += "'mlx-oss[mlx]'"
+        elif missing.startswith("mlx_oss."):
+            problem = f"this mlx-oss installation is incomplete: its module {missing} does not load ({e}); reinstall it"
+        else:
+            problem = f"the MLX backend failed to import ({e}); reinstall MLX: pip install --force-reinstall "
+            problem += "'mlx-oss[mlx]'"
+        raise MlxOssError(f"{problem}, or choose --backend numpy") from None
     return MlxModel(checkpoint)

@@ -81,6 +81,32 @@ def test_bench_error_is_one_line(tmp_path):
     assert out.stderr == f"python -m mlx_oss.bench: error: {tmp_path / 'none'}: no such model directory\n"
 
 
+@pytest.mark.parametrize(
+    ("absent", "says", "never"),
+    [
+        (
+            "mlx_oss.mlx_backend",
+            "this mlx-oss installation is incomplete: its module mlx_oss.mlx_backend does not load (",
+            "not installed",
+        ),
+        ("mlx", "the MLX backend needs MLX, which is not installed (", "incomplete"),
+    ],
+)
+def test_a_missing_backend_module_is_not_reported_as_missing_mlx(tiny_checkpoint, monkeypatch, absent, says, never):
+    """A wheel without our MLX backend once said "MLX is not installed" (on a Mac where it was): installing MLX
+    would not have helped, reinstalling mlx-oss would."""
+    import mlx_oss
+
+    for name in [n for n in sys.modules if n == "mlx_oss.mlx_backend" or n.startswith("mlx_oss.mlx_backend.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, so its own `import mlx` runs again
+    monkeypatch.setitem(sys.modules, absent, None)  # importing it raises ModuleNotFoundError naming it
+    with pytest.raises(mlx_oss.MlxOssError) as raised:
+        mlx_oss.load(tiny_checkpoint, backend="mlx")
+    message = str(raised.value)
+    assert message.startswith(says) and never not in message, message
+    assert message.endswith(", or choose --backend numpy") and "\n" not in message
+
+
 # The wheel as `pip install mlx-oss` and the app bundle get it. An editable install finds any folder under the
 # checkout, so it hides a package the wheel leaves out; these tests build the wheel from a clean copy of the
 # working tree's files and install it, not editable, into a fresh venv.
