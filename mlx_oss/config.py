@@ -8,17 +8,37 @@ with a message naming the file and the field.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .json_input import parse_json
+from .regular_files import read_regular
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block along the input dimension
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # gpt-oss's config.json is 2 KB
+
+# Upper bounds, far above gpt-oss-120b's (36 layers, hidden 2880, 128 experts, vocabulary 201088), so that a
+# config cannot make us build gigantic per-layer tables or tensor lists before its tensors are checked.
+LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 262144,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "num_local_experts": 4096,
+    "num_experts_per_tok": 4096,
+    "vocab_size": 1 << 24,
+    "sliding_window": 1 << 24,
+    "max_position_embeddings": 1 << 24,
+    "original_max_position_embeddings": 1 << 24,
+}
+MAX_TOKEN_ID = (1 << 31) - 1
 
 
 # config.json's `quantization_config` in the published checkpoints: MXFP4 experts, the rest as it is.
@@ -83,15 +103,13 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = parse_json(read_regular(path, MAX_CONFIG_BYTES))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json here; is this a gpt-oss model directory?") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except ValueError as e:  # JsonInputError included: not UTF-8, invalid, nested too deeply, too large
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(raw, source=str(path))
@@ -171,20 +189,30 @@ class _Reader:
 
     def positive_int(self, *names: str, default: Any = _MISSING) -> int:
         name, value = self.get(*names, default=default)
+        limit = LIMITS.get(name, LIMITS.get(names[0], MAX_TOKEN_ID))
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.fail(name, f"must be a positive integer, not {value!r}")
+            raise self.fail(name, f"must be a positive integer, not {_show(value)}")
+        if value > limit:
+            raise self.fail(name, f"({value}) is beyond any gpt-oss model's (at most {limit})"[:200])
         return value
 
     def positive_float(self, *names: str, default: Any = _MISSING) -> float:
         name, value = self.get(*names, default=default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
-            raise self.fail(name, f"must be a positive number, not {value!r}")
-        return float(value)
+        number = _finite(value)
+        if number is None or not number > 0:
+            raise self.fail(name, f"must be a positive finite number, not {_show(value)}")
+        return number
+
+    def boolean(self, name: str, default: bool) -> bool:
+        _, value = self.get(name, default=default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, not {_show(value)}")
+        return value
 
     def config(self) -> ModelConfig:
         _, model_type = self.get("model_type", default=None)
         if model_type != "gpt_oss":
-            found = "is missing" if model_type is None else f"is {model_type!r}"
+            found = "is missing" if model_type is None else f"is {_show(model_type)}"
             raise self.fail("model_type", f"{found}; this is not a gpt-oss checkpoint (expected 'gpt_oss')")
 
         hidden = self.positive_int("hidden_size")
@@ -210,7 +238,7 @@ class _Reader:
 
         _, pad = self.get("pad_token_id", default=None)
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab):
-            raise self.fail("pad_token_id", f"({pad!r}) must be a token id below vocab_size ({vocab})")
+            raise self.fail("pad_token_id", f"({_show(pad)}) must be a token id below vocab_size ({vocab})")
 
         _, attention_bias = self.get("attention_bias", default=True)
         if attention_bias is not True:
@@ -220,7 +248,7 @@ class _Reader:
         if quant is not None:
             method = quant.get("quant_method") if isinstance(quant, dict) else quant
             if method != "mxfp4":
-                raise self.fail("quantization_config", f"has quant_method {method!r}; only 'mxfp4' is supported")
+                raise self.fail("quantization_config", f"has quant_method {_show(method)}; only 'mxfp4' is supported")
 
         return ModelConfig(
             vocab_size=vocab,
@@ -239,7 +267,7 @@ class _Reader:
             swiglu_limit=self.positive_float("swiglu_limit", default=7.0),
             swiglu_alpha=self.positive_float("swiglu_alpha", default=1.702),
             max_position_embeddings=self.positive_int("max_position_embeddings", default=131072),
-            tie_word_embeddings=bool(self.raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=self.boolean("tie_word_embeddings", False),
             eos_token_id=self.token_ids("eos_token_id", default=(200002,)),
             pad_token_id=pad,
         )
@@ -251,9 +279,9 @@ class _Reader:
             return tuple(SLIDING if i % 2 == 0 else FULL for i in range(layers))
         if not isinstance(value, list) or len(value) != layers:
             raise self.fail(name, f"must list one type for each of the {layers} layers")
-        unknown = sorted({v for v in value if v not in (SLIDING, FULL)}, key=str)
+        unknown = [v for v in value if v not in (SLIDING, FULL)]
         if unknown:
-            raise self.fail(name, f"has unknown layer type {unknown[0]!r} (expected '{SLIDING}' or '{FULL}')")
+            raise self.fail(name, f"has unknown layer type {_show(unknown[0])} (expected '{SLIDING}' or '{FULL}')")
         return tuple(value)
 
     def rope(self) -> RopeConfig:
@@ -262,27 +290,30 @@ class _Reader:
         if params is None:
             params = self.raw.get("rope_scaling")
             field = "rope_scaling"
+        if params is not None and not isinstance(params, dict):
+            raise self.fail(field, f"must be an object of rotary embedding parameters, not {_show(params)}")
         params = dict(params or {})
         theta_source = params if "rope_theta" in params else self.raw
         theta = theta_source.get("rope_theta", 150000.0)
-        if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 1:
-            raise self.fail("rope_theta", f"must be a number above 1, not {theta!r}")
+        number = _finite(theta)
+        if number is None or not number > 1:
+            raise self.fail("rope_theta", f"must be a finite number above 1, not {_show(theta)}")
         kind = params.get("rope_type", params.get("type", "default" if not params else None))
         if kind == "default":
-            return RopeConfig(theta=float(theta), kind="default", factor=1.0)
+            return RopeConfig(theta=number, kind="default", factor=1.0)
         if kind != "yarn":
-            raise self.fail(f"{field}.rope_type", f"is {kind!r}; gpt-oss uses 'yarn' (or 'default')")
+            raise self.fail(f"{field}.rope_type", f"is {_show(kind)}; gpt-oss uses 'yarn' (or 'default')")
         sub = _Reader(params, self.source)
         try:
             return RopeConfig(
-                theta=float(theta),
+                theta=number,
                 kind="yarn",
                 factor=sub.positive_float("factor"),
                 original_max_position_embeddings=sub.positive_int("original_max_position_embeddings"),
                 beta_fast=sub.positive_float("beta_fast", default=32.0),
                 beta_slow=sub.positive_float("beta_slow", default=1.0),
                 # transformers treats a missing `truncate` as true; gpt-oss's own config says false.
-                truncate=bool(params.get("truncate", True)),
+                truncate=sub.boolean("truncate", True),
             )
         except ConfigError as e:
             raise ConfigError(str(e).replace("field '", f"field '{field}.", 1)) from None
@@ -292,6 +323,25 @@ class _Reader:
         if value is None:
             return default
         values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise self.fail(field, f"must be a token id or a list of them, not {value!r}")
+        if not 0 < len(values) <= 1024 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID for v in values
+        ):
+            raise self.fail(field, f"must be a token id or a list of them, not {_show(value)}")
         return tuple(values)
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float, or None (bools, strings, NaN, infinities, integers beyond float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _show(value: Any) -> str:
+    """A value from the file for a one-line message: its repr, cut short."""
+    text = repr(value) if not isinstance(value, list | dict) or len(value) < 20 else f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,71 @@
+"""Opening the files a checkpoint names: regular files only, inside the model directory, read with a bound.
+
+A FIFO named `model.safetensors` blocks the first `open()` forever, and a device can be read without end, so
+every file is opened without blocking and checked to be a regular file (a symlink to one is fine, as the
+Hugging Face cache links every snapshot file into its `blobs/`) before a byte is read. File names that come
+from inside a checkpoint (the index's shard names) must be plain relative names below the model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+
+class NotRegularFile(OSError):
+    """The path exists but is a FIFO, device, socket or directory."""
+
+
+def open_regular(path: str | Path) -> int:
+    """A read-only descriptor of the regular file at `path` (following symlinks).
+
+    Raises FileNotFoundError, NotRegularFile, or another OSError; never blocks on a FIFO.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise NotRegularFile(f"{kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The whole regular file at `path`, refused (ValueError) when it holds more than `limit` bytes."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ValueError(f"{size} bytes, more than the {limit} such a file can hold")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"more than the {limit} bytes such a file can hold")
+        return data
+    finally:
+        os.close(fd)
+
+
+def confined_name(name: object) -> str | None:
+    """Why `name` (from inside a checkpoint) is not a plain relative file name below its directory, or None.
+
+    Absolute paths, `..` steps, backslashes and empty names are refused by the name alone, so the check holds
+    whatever symlinks the directory has (the hub cache's own links into `../../blobs/` stay allowed).
+    """
+    if not isinstance(name, str):
+        return f"is {type(name).__name__} {name!r}, not a file name"
+    if not name or "\x00" in name or "\\" in name:
+        return f"{name!r} is not a file name"
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or not parts:
+        return f"{name!r} is an absolute path; shards must lie inside the model directory"
+    if any(part in ("..", ".") for part in name.split("/")):
+        return f"{name!r} steps outside the model directory; shards must lie inside it"
+    return None
