@@ -107,6 +107,39 @@ def test_a_missing_backend_module_is_not_reported_as_missing_mlx(tiny_checkpoint
     assert message.endswith(", or choose --backend numpy") and "\n" not in message
 
 
+SELF_CHECK_AS_ON_APPLE_SILICON = """
+import sys
+import mlx_oss.loading
+mlx_oss.loading.is_apple_silicon = lambda: True  # as on the Macs the macOS bundle is for
+if sys.argv[1:] == ["without-backend"]:
+    sys.modules["mlx_oss.mlx_backend"] = None  # as in the wheel that left it out
+from mlx_oss.app.self_check import self_check
+sys.exit(self_check())
+"""
+
+
+def test_the_self_check_runs_mlx_where_the_app_would():
+    """The macOS bundle's `--self-check` must prove MLX runs, not the NumPy backend the Linux bundle is for."""
+    need_backend("mlx")
+    pytest.importorskip("PySide6", reason="the app needs Qt")
+    import mlx.core as mx
+
+    def self_check(*args):
+        out = subprocess.run(
+            [sys.executable, "-c", SELF_CHECK_AS_ON_APPLE_SILICON, *args], capture_output=True, text=True, timeout=300
+        )
+        assert out.stdout.count("\n") == 1, out.stdout + out.stderr
+        return out.returncode, out.stdout
+
+    code, line = self_check()
+    if mx.default_device() == mx.gpu:
+        assert code == 0 and f"5 tokens generated on mlx ({mx.default_device()})," in line, line
+    else:  # mlx[cpu] on Linux: MLX runs, but the check wants the GPU a Mac has
+        assert code == 1 and "5 tokens generated on mlx (Device(cpu, 0)) (FAILED: not on the GPU)," in line, line
+    code, line = self_check("without-backend")
+    assert code == 1 and line.startswith("mlx-oss self-check: FAILED: this mlx-oss installation is incomplete: ")
+
+
 # The wheel as `pip install mlx-oss` and the app bundle get it. An editable install finds any folder under the
 # checkout, so it hides a package the wheel leaves out; these tests build the wheel from a clean copy of the
 # working tree's files and install it, not editable, into a fresh venv.
