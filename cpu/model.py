@@ -137,6 +137,7 @@ class NumpyModel(Model):
         """
         c = self.config
         tokens = checked_tokens(token_ids, c.vocab_size)
+        self.checkpoint.check_unchanged()  # a shard cut short since loading would end the process at its first read
         start = cache.length if cache is not None else 0
         cos, sin = rope_tables(c.rope, c.head_dim, np.arange(start, start + tokens.size))
         x = as_float32(self.embed[tokens], self.embed_dtype)

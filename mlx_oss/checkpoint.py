@@ -7,15 +7,19 @@ fails at once with the file and tensor named, not halfway through a forward pass
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .json_input import parse_json
 from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
+from .regular_files import confined_name, read_regular
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
+
+MAX_INDEX_BYTES = 8 * 1024 * 1024  # gpt-oss-120b's index is 40 KB
 
 
 class Checkpoint:
@@ -36,23 +40,15 @@ class Checkpoint:
 
     def _open_shards(self) -> None:
         index_path = self.directory / INDEX_FILE
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index_path}: not a valid index (expected a 'weight_map' object)") from None
-            for shard in sorted(set(weight_map.values())):
-                if not (self.directory / shard).is_file():
-                    raise CheckpointError(f"{self.directory / shard}: shard listed in {INDEX_FILE} is missing")
+        if os.path.lexists(index_path):
+            for shard, names in self._read_index(index_path).items():
                 self.files[shard] = SafetensorsFile(self.directory / shard)
-            for name, shard in weight_map.items():
-                if name not in self.files[shard].tensors:
-                    raise CheckpointError(
-                        f"{self.directory / shard}: tensor '{name}' is listed in {INDEX_FILE} but not in the shard"
-                    )
-                self.locations[name] = shard
+                for name in names:
+                    if name not in self.files[shard].tensors:
+                        raise CheckpointError(
+                            f"{self.directory / shard}: tensor '{name}' is listed in {INDEX_FILE} but not in the shard"
+                        )
+                    self.locations[name] = shard
             return
         shards = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not shards:
@@ -61,6 +57,35 @@ class Checkpoint:
             self.files[shard] = SafetensorsFile(self.directory / shard)
             for name in self.files[shard].tensors:
                 self.locations.setdefault(name, shard)
+
+    def _read_index(self, index_path: Path) -> dict[str, list[str]]:
+        """The index's shards (plain file names inside the directory, each checked) and the tensors of each."""
+        try:
+            index = parse_json(read_regular(index_path, MAX_INDEX_BYTES))
+        except FileNotFoundError:
+            raise CheckpointError(f"{index_path}: cannot read: it is a broken link") from None
+        except (OSError, ValueError) as e:
+            problem = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise CheckpointError(f"{index_path}: cannot read: {problem}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: not a valid index (expected a 'weight_map' object)")
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            problem = confined_name(shard)
+            if problem:
+                raise CheckpointError(f"{index_path}: the shard of tensor '{name}' {problem}"[:400])
+            shards.setdefault(shard, []).append(name)
+        for shard in sorted(shards):
+            if not os.path.exists(self.directory / shard):
+                raise CheckpointError(f"{self.directory / shard}: shard listed in {INDEX_FILE} is missing")
+        return dict(sorted(shards.items()))
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError naming a shard cut short or rewritten since it was loaded (reading its mapped
+        pages past a new end would kill the process). A few fstat calls: cheap enough for every forward pass."""
+        for file in self.files.values():
+            file.check_unchanged()
 
     def _check_tensors(self) -> None:
         expected = expected_tensors(self.config, self.layout)

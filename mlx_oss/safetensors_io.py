@@ -10,17 +10,23 @@ BF16 tensors come back as their raw `uint16` bits; `bf16_to_f32` widens them exa
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import mapped_files
 from .errors import CheckpointError
+from .json_input import JsonInputError, parse_json
+from .mapped_files import changed_message
+from .regular_files import open_regular
 
 # safetensors dtype name -> NumPy dtype used to hold its bits (BF16 as raw uint16).
 DTYPES: dict[str, np.dtype] = {
@@ -37,7 +43,10 @@ DTYPES: dict[str, np.dtype] = {
     "I64": np.dtype("<i8"),
     "BOOL": np.dtype("?"),
 }
-_MAX_HEADER = 100 * 1024 * 1024
+# Headers we parse at most: gpt-oss's are under 200 KB; the format allows 100 MB, whose parse into Python objects
+# would take gigabytes (2 million minimal entries)
+MAX_HEADER = 16 * 1024 * 1024
+MAX_DIMS = 8  # dimensions of one tensor
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SHARD_BYTES = 5_000_000_000  # the hub's largest shard size
@@ -58,59 +67,79 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One safetensors file: its header parsed and checked, its data memory-mapped on demand."""
+    """One safetensors file: its header parsed and checked, its data memory-mapped on demand.
+
+    The file stays open from its header on, so its data is always read from the file whose header was checked
+    (a shard replaced by a new download keeps the old one readable); `check_unchanged` says when that file was
+    cut short or rewritten since, which would otherwise end the process with a bus error at the first read of
+    a page past its new end.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._map: mmap.mmap | None = None
+        self._fd = self._open()
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        loaded = os.fstat(self._fd)
+        self.size, self._identity = loaded.st_size, _identity(loaded)
         self._read_header()
 
-    def _read_header(self) -> None:
+    def _open(self) -> int:
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise CheckpointError(f"{self.path}: truncated ({size} bytes); not a safetensors file")
-                (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > min(_MAX_HEADER, size - 8):
-                    raise CheckpointError(
-                        f"{self.path}: header length {header_len} does not fit the file ({size} bytes); "
-                        "truncated or not a safetensors file"
-                    )
-                header_bytes = f.read(header_len)
+            return open_regular(self.path)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: file not found") from None
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
+
+    def _read_header(self) -> None:
+        size = self.size
         try:
-            header = json.loads(header_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{self.path}: header is not valid JSON; not a safetensors file") from None
+            prefix = os.pread(self._fd, 8, 0)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{self.path}: truncated ({size} bytes); not a safetensors file")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{self.path}: header length {header_len} does not fit the file ({size} bytes) or exceeds "
+                    f"{MAX_HEADER} bytes; truncated or not a safetensors file"
+                )
+            header_bytes = os.pread(self._fd, header_len, 8)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        if len(header_bytes) != header_len:
+            raise CheckpointError(f"{self.path}: changed while its header was read; try again")
+        try:
+            header = parse_json(header_bytes)
+        except JsonInputError as e:
+            raise CheckpointError(f"{self.path}: header is {e}; not a safetensors file") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: header's __metadata__ is not a JSON object")
+        self.metadata = metadata
         data_start = 8 + header_len
         for name, entry in header.items():
-            try:
-                dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
-            if dtype not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype}")
-            expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-            if end - begin != expected or begin < 0:
-                raise CheckpointError(
-                    f"{self.path}: tensor '{name}' spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}"
-                )
+            begin, end, dtype, shape = _entry(self.path, name, entry)
             if data_start + end > size:
                 raise CheckpointError(
                     f"{self.path}: truncated: tensor '{name}' ends at byte {data_start + end} "
                     f"but the file has {size} bytes"
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        spans = sorted((info.begin, info.end, info.name) for info in self.tensors.values() if info.nbytes)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise CheckpointError(f"{self.path}: tensors '{first}' and '{second}' overlap in the file")
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file was cut short or rewritten since it was loaded (a cheap fstat)."""
+        now = os.fstat(self._fd)
+        if _identity(now) != self._identity:
+            raise CheckpointError(changed_message(self.path, self.size, now.st_size))
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array (BF16 as uint16 bits)."""
@@ -120,8 +149,9 @@ class SafetensorsFile:
 
     def _mapped(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.check_unchanged()
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            mapped_files.watch(self.path, self.size)
         return self._map
 
     def prefault(self, name: str) -> None:
@@ -146,14 +176,52 @@ class SafetensorsFile:
         memory map would leave their pages counted in the process's resident memory a second time.
         """
         info = self.tensors[name]
-        dtype = DTYPES[info.dtype]
-        data = np.fromfile(self.path, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.begin)
-        return data.reshape(info.shape)
+        data = np.empty(info.shape, DTYPES[info.dtype])
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        done = 0
+        while done < info.nbytes:
+            count = os.preadv(self._fd, [view[done:]], info.begin + done)
+            if count <= 0:
+                self.check_unchanged()
+                raise CheckpointError(f"{self.path}: ended before tensor '{name}' did; load the model again")
+            done += count
+        return data
 
     def release(self) -> None:
         """Drop the mapped pages from this process's resident memory (they stay in the OS's page cache)."""
         if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[int, int, str, tuple[int, ...]]:
+    """A header entry's data offsets (relative to the data), dtype and shape, each checked."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor '{name}' {problem}")
+
+    if not isinstance(entry, dict):
+        raise bad("has a malformed header entry (not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"has unsupported dtype {dtype!r}"[:200])
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise bad(f"has a malformed shape {shape!r} (at most {MAX_DIMS} non-negative integers)"[:200])
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad(f"has malformed data_offsets {offsets!r} (expected two non-negative integers)"[:200])
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise bad(f"spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}"[:300])
+    return begin, end, dtype, tuple(shape)
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer that can be a size or offset: not a bool, not negative, within int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 # Linux's value, not yet named by Python's mmap module on every version this project supports

@@ -1,0 +1,100 @@
+"""Saying which checkpoint file changed when a memory-mapped read kills the process.
+
+A memory-mapped file cut short while mapped (a shard re-downloaded or edited in place) raises SIGBUS at the
+first read past its new end, inside NumPy or the compiled kernels, often on a thread that does not hold the
+GIL: Python cannot recover, and a handler that ran Python there could deadlock against the thread that holds
+it. So the words come from outside: the first file mapped starts one small watcher process (this module run
+with `-m`) that is told each mapped file's size and inode. When this process ends normally it says goodbye;
+when it dies without one, the watcher stats the files and names any that is now shorter than it was, on the
+stderr the two share. Between passes `Checkpoint.check_unchanged` catches the same change before any read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+BYE = "bye"
+_lock = threading.Lock()
+_watcher: subprocess.Popen | None = None
+_failed = False
+
+
+def changed_message(path: Path | str, was: int, now: int) -> str:
+    return f"{path}: changed on disk since it was loaded (was {was} bytes, now {now}); load the model again"
+
+
+def watch(path: Path, size: int) -> None:
+    """Have the watcher name `path` if this process dies while `path` is shorter than `size` bytes."""
+    global _watcher, _failed
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return
+    line = f"{size} {inode} {os.fspath(Path(path).absolute())}\n"
+    with _lock:
+        if _failed or "\n" in line[:-1]:
+            return
+        try:
+            if _watcher is None:
+                _watcher = subprocess.Popen(
+                    [sys.executable, "-m", "mlx_oss.mapped_files"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    text=True,
+                    encoding="utf-8",
+                    errors="surrogateescape",
+                )
+                atexit.register(_goodbye)
+            _watcher.stdin.write(line)
+            _watcher.stdin.flush()
+        except (OSError, ValueError):  # no interpreter to start (an odd bundle), or the watcher is gone
+            _failed = True
+
+
+def _goodbye() -> None:
+    with _lock:
+        if _watcher is not None:
+            try:
+                _watcher.stdin.write(BYE + "\n")
+                _watcher.stdin.close()
+            except (OSError, ValueError):
+                pass
+
+
+def shortened(watched: list[tuple[int, int, str]]) -> list[str]:
+    """Messages for the watched files whose inode is still at their path and is now shorter than it was."""
+    lines = []
+    for size, inode, path in watched:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # removed: a file unlinked while mapped stays whole for whoever maps it
+        if st.st_ino == inode and st.st_size < size:
+            lines.append(changed_message(path, size, st.st_size))
+    return lines
+
+
+def _serve() -> None:
+    """The watcher: read `SIZE INODE PATH` lines until goodbye (quiet) or end of input (the process died)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole process group
+    watched: list[tuple[int, int, str]] = []
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if line == BYE:
+            return
+        size, inode, path = line.split(" ", 2)
+        watched.append((int(size), int(inode), path))
+    for message in shortened(watched):
+        sys.stderr.write(f"mlx_oss: the process reading the model was stopped (bus error): {message}\n")
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
+    _serve()
