@@ -332,3 +332,79 @@ def test_a_nan_in_unquantized_experts_is_named_not_quantized(synthetic_checkpoin
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "'model.layers.2.mlp.experts.down_proj', expert 3: holds NaN or infinite weights" in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+BIG_SYNTH = ["--layers", "24", "--hidden-size", "512", "--intermediate-size", "512", "--experts", "32"]
+
+
+@pytest.mark.parametrize("command", ["synth", "numpy"])
+def test_a_killed_converter_leaves_a_folder_the_next_run_removes(command, synthetic_checkpoint, tmp_path):
+    """SIGKILL gives no chance to clean up: the hidden `.NAME.partial-PID` folder stays until the next conversion
+    into the same folder, which finds its lock free and removes it."""
+    destination = tmp_path / "out"
+    if command == "synth":
+        args = ["synth", str(destination), "--vocab-size", "2000", *BIG_SYNTH]
+    else:
+        source = synthetic_checkpoint(
+            num_hidden_layers=24, num_local_experts=32, hidden_size=512, intermediate_size=512, vocab_size=2000
+        )
+        args = ["numpy", str(source), str(destination), "--shard-size", "20MB"]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_oss.converters", *args], stderr=subprocess.PIPE, text=True)
+    leftover = tmp_path / f".out.partial-{proc.pid}"
+    while "%" not in (line := proc.stderr.readline()) or " 0%" in line:
+        assert line, "the converter ended before it showed progress"
+    proc.kill()  # mid-write: some bytes are out, the rest not
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert leftover.is_dir() and any(leftover.iterdir())
+    assert not destination.exists()
+
+    if command == "synth":
+        done = run_cli("synth", str(destination), "--vocab-size", "300", "--layers", "2")
+    else:
+        done = run_cli("numpy", str(synthetic_checkpoint(**SHAPE, seed=2)), str(destination))
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(tmp_path) == ["out"]
+    assert mlx_oss.load(destination, backend="numpy").logits([1, 2, 3]).shape[0] == 3
+
+
+KEEP_WRITING = """
+import sys, time
+from mlx_oss.atomic import atomic_directory
+with atomic_directory(sys.argv[1]) as folder:
+    print(folder, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_leftovers_are_told_from_folders_in_use(tmp_path):
+    """Only folders whose writer is gone are removed: a live writer holds its folder's lock; a folder just made
+    by a live PID is not yet locked; links and files with such names are not ours."""
+    from mlx_oss.atomic import atomic_directory
+
+    writer = subprocess.Popen([sys.executable, "-c", KEEP_WRITING, str(tmp_path / "busy")], stdout=subprocess.PIPE)
+    try:
+        in_use = Path(writer.stdout.readline().decode().strip())
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        gone = tmp_path / f".old.partial-{dead.stdout.strip()}"  # a PID that no longer runs
+        (gone / "sub").mkdir(parents=True)
+        (gone / "sub" / "model-00000-of-00001.safetensors").write_bytes(b"x" * 1000)
+        reused = tmp_path / f".reused.partial-{writer.pid}"  # a live PID, its folder unlocked and old: reused PID
+        reused.mkdir()
+        os.utime(reused, (0, 0))
+        fresh = tmp_path / f".fresh.partial-{writer.pid}"  # a live PID's folder, not locked yet
+        fresh.mkdir()
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (tmp_path / ".link.partial-1").symlink_to(outside)
+        (tmp_path / ".file.partial-1").write_text("not a folder")
+
+        with atomic_directory(tmp_path / "new") as folder:
+            (folder / "config.json").write_text("{}")
+        assert not gone.exists() and not reused.exists()
+        assert in_use.is_dir() and fresh.is_dir() and outside.is_dir()
+        assert (tmp_path / ".link.partial-1").is_symlink() and (tmp_path / ".file.partial-1").is_file()
+        assert (tmp_path / "new" / "config.json").is_file()
+    finally:
+        writer.kill()
+        writer.wait()
