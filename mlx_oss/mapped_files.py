@@ -3,17 +3,16 @@
 A memory-mapped file cut short while mapped (a shard re-downloaded or edited in place) raises SIGBUS at the
 first read past its new end, inside NumPy or the compiled kernels, often on a thread that does not hold the
 GIL: Python cannot recover, and a handler that ran Python there could deadlock against the thread that holds
-it. So the words come from outside: the first file mapped starts one small watcher process (this module run
-with `-m`) that is told each mapped file's size and inode. When this process ends normally it says goodbye;
-when it dies without one, the watcher stats the files and names any that is now shorter than it was, on the
-stderr the two share. Between passes `Checkpoint.check_unchanged` catches the same change before any read.
+it. So the words come from outside: the first file mapped starts one small watcher process
+(`mlx_oss.mapped_watcher`) that is told each mapped file's size and inode. When this process ends normally it
+says goodbye; when it dies without one, the watcher stats the files and names any that is now shorter than it
+was, on the stderr the two share. Between passes `Checkpoint.check_unchanged` catches the change before any read.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -43,7 +42,7 @@ def watch(path: Path, size: int) -> None:
         try:
             if _watcher is None:
                 _watcher = subprocess.Popen(
-                    [sys.executable, "-m", "mlx_oss.mapped_files"],
+                    [sys.executable, "-m", "mlx_oss.mapped_watcher"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     text=True,
@@ -78,23 +77,3 @@ def shortened(watched: list[tuple[int, int, str]]) -> list[str]:
         if st.st_ino == inode and st.st_size < size:
             lines.append(changed_message(path, size, st.st_size))
     return lines
-
-
-def _serve() -> None:
-    """The watcher: read `SIZE INODE PATH` lines until goodbye (quiet) or end of input (the process died)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole process group
-    watched: list[tuple[int, int, str]] = []
-    for line in sys.stdin:
-        line = line.rstrip("\n")
-        if line == BYE:
-            return
-        size, inode, path = line.split(" ", 2)
-        watched.append((int(size), int(inode), path))
-    for message in shortened(watched):
-        sys.stderr.write(f"mlx_oss: the process reading the model was stopped (bus error): {message}\n")
-    sys.stderr.flush()
-
-
-if __name__ == "__main__":
-    sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
-    _serve()
