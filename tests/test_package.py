@@ -1,4 +1,5 @@
-"""The package as users meet it: a light import and the benchmark command."""
+"""The package as users meet it: a light import, the benchmark command, the wheel `pip install mlx-oss` gets (built
+from a clean copy and installed into a fresh venv), and the self-check that app bundles run."""
 
 from __future__ import annotations
 
