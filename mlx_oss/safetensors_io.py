@@ -180,7 +180,7 @@ class SafetensorsFile:
         view = memoryview(data.reshape(-1).view(np.uint8))
         done = 0
         while done < info.nbytes:
-            count = os.preadv(self._fd, [view[done:]], info.begin + done)
+            count = _pread_into(self._fd, view[done:], info.begin + done)
             if count <= 0:
                 self.check_unchanged()
                 raise CheckpointError(f"{self.path}: ended before tensor '{name}' did; load the model again")
@@ -217,6 +217,15 @@ def _entry(path: Path, name: str, entry: object) -> tuple[int, int, str, tuple[i
     if end - begin != expected:
         raise bad(f"spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}"[:300])
     return begin, end, dtype, tuple(shape)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read from `offset` into `view` without moving the descriptor's position (threads share it)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    chunk = os.pread(fd, min(len(view), WRITE_BYTES), offset)  # where preadv is missing (older macOS)
+    view[: len(chunk)] = chunk
+    return len(chunk)
 
 
 def _is_count(value: object) -> bool:

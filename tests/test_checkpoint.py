@@ -410,3 +410,44 @@ def test_a_shard_cut_short_during_a_pass_is_named_when_the_process_dies(single):
         f"{shard}: changed on disk since it was loaded (was {original} bytes, now 4096); load the model again"
         in result.stderr
     ), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (b'{"rope_theta": NaN}', "field 'rope_theta' must be a finite number above 1, not nan"),
+        (b'{"rope_scaling": [1, 2]}', "field 'rope_scaling' must be an object of rotary embedding parameters"),
+        (b'{"layer_types": [[], {}]}', "field 'layer_types' has unknown layer type []"),
+        (b'{"tie_word_embeddings": "no"}', "field 'tie_word_embeddings' must be true or false, not 'no'"),
+        (b'{"model_type": "gpt_oss\xff"}', "config.json: not UTF-8 text"),
+        (b"[" * 200_000 + b"]" * 200_000, "config.json: not valid JSON: nested too deeply"),
+    ],
+)
+def test_a_bad_config_is_one_line_from_the_cli(single, config, message):
+    raw = json.loads((single / "config.json").read_text())
+    raw.pop("layer_types")
+    if config.startswith(b"{"):
+        try:
+            change = json.loads(config)
+        except UnicodeDecodeError:
+            change = None
+        if change is not None:
+            raw = raw | change
+            config = json.dumps(raw).encode()
+    (single / "config.json").write_bytes(config)
+    with pytest.raises(mlx_oss.ConfigError) as error:
+        mlx_oss.load(single)
+    assert str(error.value).startswith(f"{single / 'config.json'}: ") and message in str(error.value)
+    assert_one_line(chat_cli(single), message)
+
+
+def test_a_tensor_read_from_a_shard_cut_short_names_it(single):
+    checkpoint = Checkpoint(single)
+    shard = single / "model.safetensors"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(4096)
+    message = f"{shard}: changed on disk since it was loaded (was {size} bytes, now 4096); load the model again"
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.float32("model.embed_tokens.weight")  # read, not mapped: no bus error to fear
+    assert str(error.value) == message
