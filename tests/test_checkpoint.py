@@ -167,10 +167,10 @@ def test_unknown_backend(single):
 
 
 def chat_cli(model: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """The terminal chat on `model`, answering an empty stdin: it loads the model first."""
+    """The terminal chat on `model`, answering a piped question: it loads the model first."""
     return subprocess.run(
         [sys.executable, "-m", "mlx_oss.chat", "--model", str(model), "--backend", "numpy"],
-        stdin=subprocess.DEVNULL,
+        input="hello\n",
         capture_output=True,
         text=True,
         timeout=timeout,
