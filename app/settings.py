@@ -2,23 +2,39 @@
 
 Conversations and settings go to the platform's user directories (platformdirs), never beside the program;
 `MLX_OSS_APP_DIR` puts both in one folder instead (tests, portable installs). Settings are a JSON file written
-atomically; one that cannot be read falls back to the defaults, field by field.
+atomically. What cannot be used in it falls back to the defaults, field by field, and never stops the app; the
+window says so once (`load_for_window`), after keeping the user's file aside so that no later save overwrites
+what they wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import reprlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mlx_oss.engine import SamplingParams
+from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import REASONING_EFFORTS
+from mlx_oss.json_input import JsonInputError, parse_json
 from mlx_oss.loading import BACKENDS
 from mlx_oss.store import DEFAULT_MODEL
 
+from .file_errors import os_error_words
+
 APP_DIR_ENV = "MLX_OSS_APP_DIR"
+MAX_CONTEXT = 131072  # tokens: the longest context gpt-oss was trained for
+MAX_TOKENS = 1_000_000
+_KINDS = {str: "text", float: "a number", int: "a whole number"}
+_repr = reprlib.Repr()  # a value quoted in a message stays short, whatever the file holds
+_repr.maxstring = _repr.maxother = 40
+_short = _repr.repr
 
 
 def data_dir() -> Path:
@@ -35,6 +51,16 @@ def config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir("mlx-oss", appauthor=False))
+
+
+def settings_path() -> Path:
+    return config_dir() / "settings.json"
+
+
+class SettingsRead(NamedTuple):
+    settings: AppSettings
+    problems: list[str]  # what in the file could not be used, in words
+    bad_content: bool  # the file was read but is not settings (as opposed to: missing, or could not be read)
 
 
 @dataclass
@@ -62,37 +88,104 @@ class AppSettings:
             found.append("temperature must be between 0 and 10")
         if not 0 < self.top_p <= 1:
             found.append("top-p must be above 0 and at most 1")
-        if self.max_tokens < 0 or self.context_length < 256:
-            found.append("max tokens must be 0 or more and the context at least 256 tokens")
+        if not 0 <= self.max_tokens <= MAX_TOKENS:
+            found.append(f"max tokens must be between 0 (no limit) and {MAX_TOKENS}")
+        if not 256 <= self.context_length <= MAX_CONTEXT:
+            found.append(f"the context must be between 256 and {MAX_CONTEXT} tokens")
+        if not self.model.strip():
+            found.append("choose a model")
         return found
 
     @classmethod
     def load(cls, path: Path | None = None) -> AppSettings:
-        path = path or config_dir() / "settings.json"
+        return cls.read(path).settings
+
+    @classmethod
+    def read(cls, path: Path | None = None) -> SettingsRead:
+        """The settings in the file, what in it could not be used, and whether its content was the problem.
+
+        Never raises: a file that is malformed, not UTF-8, nested too deep for the parser, of the wrong shape or
+        unreadable gives the defaults; a field of the wrong type or out of range gives that field's default.
+        """
+        path = path or settings_path()
         defaults = cls()
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return defaults
+            raw = parse_json(path.read_bytes())
+        except FileNotFoundError:
+            return SettingsRead(defaults, [], False)
+        except OSError as e:
+            return SettingsRead(defaults, [f"it could not be read: {os_error_words(e)}"], False)
+        except JsonInputError as e:
+            return SettingsRead(defaults, [f"it is {e}"], True)
+        except ValueError as e:  # a number of more than 4300 digits: Python's limit, which parse_json lets through
+            return SettingsRead(defaults, [f"it is not usable JSON: {e}"], True)
         if not isinstance(raw, dict):
-            return defaults
-        settings = defaults
+            return SettingsRead(defaults, [f"it is not a JSON object but {type(raw).__name__}"], True)
+        settings, problems = defaults, []
         for f in dataclasses.fields(cls):
-            value = raw.get(f.name)
-            kind = type(getattr(defaults, f.name))
-            if isinstance(value, bool) or value is None:
+            if f.name not in raw:
                 continue
-            if kind is float and isinstance(value, int):
-                value = float(value)
-            if isinstance(value, kind):
-                candidate = dataclasses.replace(settings, **{f.name: value})
-                if not candidate.problems():  # a bad value falls back to the default, the others stay
-                    settings = candidate
-        return settings
+            value, kind = raw[f.name], type(getattr(defaults, f.name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                with contextlib.suppress(OverflowError):
+                    value = float(value)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                problems.append(f"{f.name} must be {_KINDS[kind]}, not {_short(value)}")
+                continue
+            candidate = dataclasses.replace(settings, **{f.name: value})
+            wrong = candidate.problems()  # the fields taken so far are fine: what is wrong is this one
+            if wrong:
+                problems.append(f"{f.name} {_short(value)}: {'; '.join(wrong)}")
+            else:
+                settings = candidate
+        return SettingsRead(settings, problems, bool(problems))
 
     def save(self, path: Path | None = None) -> None:
-        path = path or config_dir() / "settings.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (a crash leaves the old file or the new one), through a symlink to its target.
+
+        Raises `MlxOssError` naming the file and what went wrong (a full disk, a read-only folder)."""
+        path = path or settings_path()
+        if path.is_symlink():  # a dotfiles manager's link stays a link
+            path = path.resolve()
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as out:
+                out.write(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise MlxOssError(f"could not save the settings in {path}: {os_error_words(e)}") from None
+
+
+def load_for_window(path: Path | None = None) -> tuple[AppSettings, str | None]:
+    """The settings to start with and, when the file had anything unusable, a notice to show.
+
+    A file whose content is the problem is renamed aside (kept byte for byte) and a clean one written with what
+    could be used, so the notice comes once, and no later save silently replaces what the user wrote. A file that
+    could not be read at all (a folder, no permission) is left as it is.
+    """
+    path = path or settings_path()
+    settings, problems, bad_content = AppSettings.read(path)
+    if not problems:
+        return settings, None
+    notice = f"The settings in {path} could not all be used ({'; '.join(problems)}): the defaults stand in."
+    if not bad_content:
+        return settings, notice
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    number = 1
+    while aside.exists() or aside.is_symlink():  # never replace an earlier copy
+        number += 1
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{number}")
+    try:
+        path.rename(aside)
+    except OSError as e:
+        return settings, f"{notice} The file is left as it is (it could not be set aside: {os_error_words(e)})."
+    try:
+        settings.save(path)
+    except MlxOssError as e:
+        return settings, f"{notice} Your file was kept as {aside.name}; {e}."
+    return settings, f"{notice} Your file was kept as {aside.name}."

@@ -18,11 +18,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import REASONING_EFFORTS
 from mlx_oss.loading import BACKENDS
 
 from .server_control import ServerControl
-from .settings import AppSettings
+from .settings import MAX_CONTEXT, MAX_TOKENS, AppSettings
 
 
 class SettingsView(QWidget):
@@ -40,8 +41,8 @@ class SettingsView(QWidget):
         self.effort.addItems(REASONING_EFFORTS)
         self.temperature = QDoubleSpinBox(minimum=0.0, maximum=10.0, singleStep=0.1, decimals=2)
         self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, decimals=2)
-        self.max_tokens = QSpinBox(minimum=0, maximum=1_000_000, singleStep=256, specialValueText="no limit")
-        self.context = QSpinBox(minimum=256, maximum=131072, singleStep=1024, suffix=" tokens")
+        self.max_tokens = QSpinBox(minimum=0, maximum=MAX_TOKENS, singleStep=256, specialValueText="no limit")
+        self.context = QSpinBox(minimum=256, maximum=MAX_CONTEXT, singleStep=1024, suffix=" tokens")
         self.system_prompt = QPlainTextEdit()
         self.system_prompt.setPlaceholderText("Instructions for the model, e.g. “Answer briefly, in French.”")
         form.addRow("Model", self.model)
@@ -98,11 +99,15 @@ class SettingsView(QWidget):
 
     def save(self) -> None:
         settings = self.current()
-        problems = settings.problems() + ([] if settings.model else ["choose a model"])
+        problems = settings.problems()
         if problems:
             self.message.setText("Not saved: " + "; ".join(problems))
             return
-        settings.save()
+        try:
+            settings.save()
+        except MlxOssError as e:  # a full disk, a read-only folder: the form keeps what was typed
+            self.message.setText(f"Not saved: {e}")
+            return
         self.settings = settings
         self.message.setText("Saved; used from the next message on.")
         self.saved.emit(settings)
