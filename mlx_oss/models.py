@@ -13,7 +13,7 @@ from .cancel import CancelToken
 from .cli import Progress, format_count, run
 from .errors import MlxOssError
 from .layouts import HF, MLX, MXFP4, NUMPY, parameter_count
-from .store import DEFAULT_MODEL, ModelStore, StoredModel
+from .store import DEFAULT_MODEL, ModelStore, StoredModel, shown
 
 PROG = "python -m mlx_oss.models"
 
@@ -57,18 +57,25 @@ def list_models(store: ModelStore) -> int:
     models = store.list()
     if not models:
         print(f"no models in {store.root}; get one with: {PROG} download {DEFAULT_MODEL}")
-        return 0
-    rows = [("NAME", "LAYOUTS", "SIZE", "LOADS WITH")]
-    for m in models:
-        if not m.layouts:
-            rows.append((m.name, "-", "-", f"partial download: {PROG} download {m.name} resumes it"))
-            continue
-        size = sum(m.size(layout) for layout in m.layouts)
-        rows.append((m.name, ", ".join(m.layouts), _gb(size), loads_with(m)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
-    print(f"(store: {store.root})")
+    else:
+        rows = [("NAME", "LAYOUTS", "SIZE", "LOADS WITH")]
+        for m in models:
+            if not m.layouts:
+                rows.append((m.name, "-", "-", f"partial download: {PROG} download {m.name} resumes it"))
+                continue
+            try:
+                size = _gb(sum(m.size(layout) for layout in m.layouts))
+            except OSError:  # a file we may not look at: the rest of the row still says what is there
+                size = "?"
+            rows.append((m.name, ", ".join(m.layouts), size, loads_with(m)))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+        print(f"(store: {store.root})")
+    if store.skipped:  # one line, however many: a damaged entry must not hide the models
+        names = ", ".join(shown(name) for name in list(store.skipped)[:5])
+        more = f" and {len(store.skipped) - 5} more" if len(store.skipped) > 5 else ""
+        print(f"(skipped {len(store.skipped)} entries that are not model folders: {names}{more})")
     return 0
 
 

@@ -7,6 +7,10 @@ beside their source, in `models--ORG--NAME/mlx-oss/{mlx,numpy,mxfp4}` (the hub's
 delete it with the repository). Our downloads count as present once verified (`mlx-oss/verified.json` names
 their revision and files); one made by another Hugging Face tool counts once the `refs/main` snapshot holds its
 config and every shard. Nothing here touches the network.
+
+Everything read from the cache folder (folder names, `refs/main`, our record, an index) may have been written by
+another tool, a crash or a hostile mirror: names, hashes and paths are checked before they become paths, and one
+damaged folder is skipped (and named) rather than ending `list`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MlxOssError
+from .json_input import parse_json
 from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED, detect_layout
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 STORE_ENV = "MLX_OSS_MODELS"
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The hub's repo id rules (huggingface_hub's validate_repo_id): ORG/NAME, letters, digits and `._-`, starting and
+# ending with a letter, digit or `_`, at most 96 characters a part, no `--` (the cache folder's separator) or `..`.
+NAME_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+MAX_NAME_PART = 96
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit hash, as the hub cache names its snapshot folders
 OURS = "mlx-oss"  # our folder inside a repository's cache folder
 VERIFIED = "verified.json"
 DEFAULT_MODEL = "openai/gpt-oss-20b"
@@ -38,8 +47,55 @@ def default_root() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def is_hub_name(text: str) -> bool:
-    return bool(HUB_NAME.fullmatch(text)) and ".." not in text
+def is_hub_name(text: object) -> bool:
+    if not isinstance(text, str) or len(text) > 2 * MAX_NAME_PART + 1 or text.count("/") != 1:
+        return False
+    org, model = text.split("/")
+    return (
+        all(NAME_PART.fullmatch(part) for part in (org, model))
+        and "--" not in text
+        and ".." not in text
+        and not model.endswith(".git")
+    )
+
+
+def check_hub_name(name: str) -> str:
+    """`name` if it is a hub model name, else one short line saying why (a megabyte of name is not echoed)."""
+    if is_hub_name(name):
+        return name
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) == 2 and max(len(p) for p in parts) > MAX_NAME_PART:
+        raise MlxOssError(
+            f"{shown(name)} is not a hub model name: {len(name)} characters, the hub allows at most "
+            f"{MAX_NAME_PART} for the ORG and for the NAME"
+        )
+    raise MlxOssError(
+        f"{shown(name)} is not a hub model name (ORG/NAME of letters, digits and ._- , for example {DEFAULT_MODEL})"
+    )
+
+
+def shown(text: object, limit: int = 60) -> str:
+    """`text` quoted for a message, cut to `limit` characters: names and values from outside can be any length."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clip(text: object, limit: int = 200) -> str:
+    """`text` cut to `limit` characters for a one-line message (a server's reason phrase can be 100 KB)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def is_commit(text: object) -> bool:
+    return isinstance(text, str) and bool(COMMIT.fullmatch(text))
+
+
+def is_safe_file(path: object) -> bool:
+    """`path` is a file path inside a repository that stays inside the folder it is joined to, on every system:
+    relative, no `.`/`..`/empty parts, no backslash (a separator on Windows), drive colon or NUL."""
+    if not isinstance(path, str) or not 0 < len(path) <= 1024 or any(c in path for c in "\\:\0"):
+        return False
+    return not path.startswith("/") and all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 @dataclass
@@ -105,11 +161,10 @@ class StoredModel:
 class ModelStore:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_root()
+        self.skipped: dict[str, str] = {}  # what the last `list` left out: entry name -> why
 
     def folder(self, name: str) -> Path:
-        if not is_hub_name(name):
-            raise MlxOssError(f"{name!r} is not a hub model name (ORG/NAME, for example {DEFAULT_MODEL})")
-        org, model = name.split("/")
+        org, model = check_hub_name(name).split("/")
         return self.root / f"models--{org}--{model}"
 
     def converted(self, name: str, layout: str) -> Path:
@@ -119,15 +174,11 @@ class ModelStore:
         """What the store holds of `name` (possibly nothing: then `layouts` is empty)."""
         folder = self.folder(name)
         model = StoredModel(name, folder)
-        record = folder / OURS / VERIFIED
-        if record.is_file():
-            try:
-                data = json.loads(record.read_text(encoding="utf-8"))
-                model.revision, model.files = data["revision"], dict(data["files"])
-            except (OSError, ValueError, KeyError, TypeError):
-                model.revision = None  # an unreadable record: as if never verified
-            snapshot = folder / "snapshots" / str(model.revision)
-            if model.revision and all((snapshot / f).is_file() for f in model.files):
+        record = _read_record(folder / OURS / VERIFIED)
+        if record is not None:
+            model.revision, model.files = record
+            snapshot = folder / "snapshots" / model.revision
+            if all((snapshot / f).is_file() for f in model.files):
                 model.layouts[HF] = snapshot
         if HF not in model.layouts and (snapshot := _complete_snapshot(folder)) is not None:
             model.layouts[HF] = snapshot  # fetched by another Hugging Face tool, which checked the sizes
@@ -137,15 +188,30 @@ class ModelStore:
         return model
 
     def list(self) -> list[StoredModel]:
-        """Every repository in the store that holds something of a model (partial downloads included)."""
-        if not self.root.is_dir():
-            return []
+        """Every repository in the store that holds something of a model (partial downloads included).
+
+        An entry named like a model folder that cannot be one (a file, a name the hub would refuse, an unreadable
+        folder) is left out and named in `self.skipped`; the hub cache's other entries (datasets, one-part names
+        such as `models--gpt2`) are not ours to list."""
+        self.skipped = {}
+        try:
+            entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError as e:
+            raise MlxOssError(f"cannot read the model store {self.root}: {e.strerror or e}") from None
         found = []
-        for folder in sorted(self.root.glob("models--*--*")):
-            _, org, model = folder.name.split("--", 2)
-            stored = self.get(f"{org}/{model}")
-            if stored.layouts or stored.partial:
-                found.append(stored)
+        for folder in entries:
+            parts = folder.name.split("--")
+            if parts[0] != "models" or len(parts) < 3:
+                continue
+            name = "/".join(parts[1:]) if len(parts) == 3 else "--".join(parts[1:])
+            try:
+                if not folder.is_dir():
+                    raise MlxOssError("not a folder")
+                stored = self.get(check_hub_name(name))
+                if stored.layouts or stored.partial:
+                    found.append(stored)
+            except (OSError, MlxOssError) as e:
+                self.skipped[folder.name] = _reason(e)
         return found
 
     def record_download(self, name: str, revision: str, files: dict[str, int]) -> None:
@@ -184,19 +250,56 @@ class ModelStore:
         )
 
 
+def _reason(error: Exception) -> str:
+    return (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+
+
+def _read_record(path: Path) -> tuple[str, dict[str, int]] | None:
+    """Our record of a verified download (revision, path -> size), or None where there is none or it cannot be
+    trusted (unreadable, not the shape we write): then the download counts as not verified."""
+    try:
+        if not path.is_file():
+            return None
+        data = parse_json(path.read_bytes())
+        revision, files = data["revision"], data["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # JsonInputError is a ValueError
+        return None
+    if not is_commit(revision) or not isinstance(files, dict):
+        return None
+    sizes_ok = all(type(size) is int and size >= 0 for size in files.values())
+    return (revision, dict(files)) if sizes_ok and all(is_safe_file(f) for f in files) else None
+
+
 def _weight_map(directory: Path) -> dict[str, str] | None:
-    """The index's tensor -> shard map, or None where there is no index (a single-file checkpoint)."""
+    """The index's tensor -> shard map, or None where there is no index (a single-file checkpoint). An index that
+    is not one (invalid JSON, another shape, a shard path leaving the folder) raises MlxOssError naming it."""
     index = directory / INDEX_FILE
-    return json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
+    if not index.is_file():
+        return None
+    try:
+        data = parse_json(index.read_bytes())
+    except ValueError as e:  # JsonInputError, or an integer too long to convert
+        raise MlxOssError(f"{index}: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise MlxOssError(f'{index}: no "weight_map" object of tensor names and their files')
+    for tensor, shard in weight_map.items():
+        if not is_safe_file(shard):
+            raise MlxOssError(f"{index}: tensor {shown(tensor)} lies in {shown(shard)}, not a file in this folder")
+    return weight_map
 
 
 def _complete_snapshot(folder: Path) -> Path | None:
     """The snapshot `refs/main` points at, if its config and every shard its index lists are there."""
     try:
-        snapshot = folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
+        with open(folder / "refs" / "main", "rb") as ref:
+            commit = ref.read(100).decode("ascii", "replace").strip()
+        if not is_commit(commit):
+            return None
+        snapshot = folder / "snapshots" / commit
         weight_map = _weight_map(snapshot)
         shards = set(weight_map.values()) if weight_map is not None else {SINGLE_FILE}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, MlxOssError):
         return None
     complete = (snapshot / "config.json").is_file() and all((snapshot / shard).is_file() for shard in shards)
     return snapshot if complete else None
@@ -205,10 +308,18 @@ def _complete_snapshot(folder: Path) -> Path | None:
 def resolve_model(arg: str, backend: str = "auto", store: ModelStore | None = None) -> Path:
     """The model directory `arg` names: a directory on disk, or a hub name (ORG/NAME) looked up in the store."""
     path = Path(arg).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
+    try:
+        if path.is_dir():
+            return path
+        exists, parent_is_dir = path.exists(), path.parent.is_dir()
+    except OSError as e:  # a name too long for the file system, a folder we may not look into
+        if arg.count("/") == 1:
+            check_hub_name(arg)  # an ORG/NAME too long: say that rather than what the file system said
+        raise MlxOssError(f"{shown(arg)}: {e.strerror or e}") from None
+    if exists:
         raise MlxOssError(f"{arg}: not a directory; give a model directory or a hub name such as {DEFAULT_MODEL}")
-    if is_hub_name(arg) and not path.parent.is_dir():  # "models/x" with a local models/ folder is a path
+    if is_hub_name(arg) and not parent_is_dir:  # "models/x" with a local models/ folder is a path
         return (store or ModelStore()).resolve(arg, backend)
-    raise MlxOssError(f"{arg}: no such model directory")
+    if "/" in arg and not parent_is_dir and len(arg) > 2 * MAX_NAME_PART + 1:
+        check_hub_name(arg)  # says the name is longer than the hub allows
+    raise MlxOssError(f"{shown(arg, 200)}: no such model directory")

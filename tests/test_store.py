@@ -361,3 +361,70 @@ def test_a_downloaded_fine_tune_with_unquantized_experts_is_quantized_in_the_sto
     for layout in ("mxfp4", "numpy"):
         got = mlx_oss.load(store.converted(name, layout), backend="numpy").logits(tokens)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+# -- a damaged store and names the hub would refuse -------------------------------------------------------------------
+
+
+def test_model_names_longer_than_the_hub_allows_are_one_short_line(store):
+    long = "openai/" + "x" * 100_000
+    for command in ("download", "info", "delete"):
+        out = run_models(command, long, "--yes") if command == "delete" else run_models(command, long)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and len(out.stderr) < 300, out.stderr
+        assert "(100007 characters) is not a hub model name" in out.stderr and "at most 96" in out.stderr
+    for name in ("openai/" + "x" * 97, "a--b/c", "a/b--c", "a/.b", "a/b.git", "a/b c", "a/b/c", "-a/b"):
+        with pytest.raises(MlxOssError, match="is not a hub model name"):
+            store.get(name)
+    assert store.get("openai/" + "x" * 96).layouts == {}
+    with pytest.raises(MlxOssError, match=r"\(100007 characters\) is not a hub model name"):
+        resolve_model(long)
+
+
+def test_stray_entries_in_the_store_do_not_break_list(fake_hub, store):
+    download(NAME, store)
+    root = store.root
+    (root / "models--foo").mkdir()  # a one-part name (another tool's): not ours, not mentioned
+    (root / "models--x--y" / "refs").mkdir(parents=True)
+    (root / "models--x--y" / "refs" / "main").write_bytes(b"../../../etc\xff")
+    (root / "models--x--y" / "snapshots").mkdir()
+    (root / "models--a--b").write_text("a file named like a model folder")
+    (root / "models--bad name--z").mkdir()
+    record = root / "models--c--d" / "mlx-oss" / "verified.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("[" * 200_000)
+    (root / "models--c--d" / "blobs").mkdir()
+    (root / "models--c--d" / "blobs" / "x.incomplete").write_bytes(b"1")
+    traversal = root / "models--e--f" / "mlx-oss" / "verified.json"
+    traversal.parent.mkdir(parents=True)
+    traversal.write_text(json.dumps({"revision": "../../../..", "files": {}}))
+    index = root / "models--g--h" / "snapshots" / ("a" * 40) / "model.safetensors.index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text('{"weight_map": {"w": "/etc/passwd"}}')
+    (index.parent / "config.json").write_text("{}")
+    (root / "models--g--h" / "refs").mkdir()
+    (root / "models--g--h" / "refs" / "main").write_text("a" * 40)
+
+    names = [m.name for m in store.list()]
+    assert names == ["c/d", NAME]  # c/d: a partial download, its unreadable record ignored
+    assert list(store.skipped) == ["models--a--b", "models--bad name--z"]
+    assert (
+        store.skipped["models--a--b"] == "not a folder"
+        and "not a hub model name" in store.skipped["models--bad name--z"]
+    )
+    out = run_models("list")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert NAME in out.stdout and "partial download" in out.stdout
+    assert "skipped 2 entries that are not model folders: 'models--a--b', 'models--bad name--z'" in out.stdout
+
+
+def test_an_index_that_is_not_one_is_named(tmp_path):
+    from mlx_oss.store import _weight_map
+
+    for text, message in (
+        ("[" * 200_000, "not valid JSON: nested too deeply"),
+        ("[]", 'no "weight_map" object'),
+        ('{"weight_map": {"w": "../x.safetensors"}}', "tensor 'w' lies in '../x.safetensors', not a file in this"),
+    ):
+        (tmp_path / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(MlxOssError, match=f"model.safetensors.index.json: {message}"):
+            _weight_map(tmp_path)
