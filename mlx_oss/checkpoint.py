@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .json_input import parse_json
 from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
-from .regular_files import confined_name, read_regular
+from .regular_files import confined_name, printable, read_regular
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
 MAX_INDEX_BYTES = 8 * 1024 * 1024  # gpt-oss-120b's index is 40 KB
@@ -46,7 +46,8 @@ class Checkpoint:
                 for name in names:
                     if name not in self.files[shard].tensors:
                         raise CheckpointError(
-                            f"{self.directory / shard}: tensor '{name}' is listed in {INDEX_FILE} but not in the shard"
+                            f"{self.directory / shard}: tensor '{printable(name)}' is listed in {INDEX_FILE} "
+                            "but not in the shard"
                         )
                     self.locations[name] = shard
             return
@@ -74,7 +75,7 @@ class Checkpoint:
         for name, shard in weight_map.items():
             problem = confined_name(shard)
             if problem:
-                raise CheckpointError(f"{index_path}: the shard of tensor '{name}' {problem}"[:400])
+                raise CheckpointError(f"{index_path}: the shard of tensor '{printable(name)}' {problem}")
             shards.setdefault(shard, []).append(name)
         for shard in sorted(shards):
             if not os.path.exists(self.directory / shard):

@@ -53,6 +53,13 @@ def read_regular(path: str | Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def printable(text: str, limit: int = 120) -> str:
+    """A name from inside a file, fit for a one-line message: control characters escaped, cut at `limit`."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def confined_name(name: object) -> str | None:
     """Why `name` (from inside a checkpoint) is not a plain relative file name below its directory, or None.
 
@@ -60,12 +67,12 @@ def confined_name(name: object) -> str | None:
     whatever symlinks the directory has (the hub cache's own links into `../../blobs/` stay allowed).
     """
     if not isinstance(name, str):
-        return f"is {type(name).__name__} {name!r}, not a file name"
+        return f"is {type(name).__name__} {printable(repr(name))}, not a file name"
+    shown = printable(repr(name))
     if not name or "\x00" in name or "\\" in name:
-        return f"{name!r} is not a file name"
-    parts = PurePosixPath(name).parts
-    if PurePosixPath(name).is_absolute() or not parts:
-        return f"{name!r} is an absolute path; shards must lie inside the model directory"
+        return f"{shown} is not a file name"
+    if PurePosixPath(name).is_absolute():
+        return f"{shown} is an absolute path; shards must lie inside the model directory"
     if any(part in ("..", ".") for part in name.split("/")):
-        return f"{name!r} steps outside the model directory; shards must lie inside it"
+        return f"{shown} steps outside the model directory; shards must lie inside it"
     return None

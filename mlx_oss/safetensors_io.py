@@ -26,7 +26,7 @@ from . import mapped_files
 from .errors import CheckpointError
 from .json_input import JsonInputError, parse_json
 from .mapped_files import changed_message
-from .regular_files import open_regular
+from .regular_files import open_regular, printable
 
 # safetensors dtype name -> NumPy dtype used to hold its bits (BF16 as raw uint16).
 DTYPES: dict[str, np.dtype] = {
@@ -126,14 +126,16 @@ class SafetensorsFile:
             begin, end, dtype, shape = _entry(self.path, name, entry)
             if data_start + end > size:
                 raise CheckpointError(
-                    f"{self.path}: truncated: tensor '{name}' ends at byte {data_start + end} "
+                    f"{self.path}: truncated: tensor '{printable(name)}' ends at byte {data_start + end} "
                     f"but the file has {size} bytes"
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
         spans = sorted((info.begin, info.end, info.name) for info in self.tensors.values() if info.nbytes)
         for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
             if begin < end:
-                raise CheckpointError(f"{self.path}: tensors '{first}' and '{second}' overlap in the file")
+                raise CheckpointError(
+                    f"{self.path}: tensors '{printable(first)}' and '{printable(second)}' overlap in the file"
+                )
 
     def check_unchanged(self) -> None:
         """Raise CheckpointError if the file was cut short or rewritten since it was loaded (a cheap fstat)."""
@@ -201,21 +203,21 @@ def _entry(path: Path, name: str, entry: object) -> tuple[int, int, str, tuple[i
     """A header entry's data offsets (relative to the data), dtype and shape, each checked."""
 
     def bad(problem: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor '{name}' {problem}")
+        return CheckpointError(f"{path}: tensor '{printable(name)}' {problem}")
 
     if not isinstance(entry, dict):
         raise bad("has a malformed header entry (not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise bad(f"has unsupported dtype {dtype!r}"[:200])
+        raise bad(f"has unsupported dtype {printable(repr(dtype))}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
-        raise bad(f"has a malformed shape {shape!r} (at most {MAX_DIMS} non-negative integers)"[:200])
+        raise bad(f"has a malformed shape {printable(repr(shape))} (at most {MAX_DIMS} non-negative integers)")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise bad(f"has malformed data_offsets {offsets!r} (expected two non-negative integers)"[:200])
+        raise bad(f"has malformed data_offsets {printable(repr(offsets))} (expected two non-negative integers)")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise bad(f"spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}"[:300])
+        raise bad(f"spans {end - begin} bytes but {dtype}{list(shape)} needs {expected}")
     return begin, end, dtype, tuple(shape)
 
 

@@ -451,3 +451,16 @@ def test_a_tensor_read_from_a_shard_cut_short_names_it(single):
     with pytest.raises(CheckpointError) as error:
         checkpoint.float32("model.embed_tokens.weight")  # read, not mapped: no bus error to fear
     assert str(error.value) == message
+
+
+def test_names_from_a_file_are_shown_on_one_short_line(single, sharded):
+    write_header(single / "model.safetensors", {"a\nb" * 50_000: entry(dtype="X" * 100_000)})
+    with pytest.raises(CheckpointError) as error:
+        mlx_oss.load(single)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 500
+    assert f"{single / 'model.safetensors'}: tensor 'a\\nba\\nb" in message and "has unsupported dtype 'XXX" in message
+    set_index(sharded, lambda weights: weights.update({"t\n" * 50_000: "../x\n" * 50_000}))
+    with pytest.raises(CheckpointError) as error:
+        mlx_oss.load(sharded)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 500 and "steps outside" in str(error.value)
