@@ -62,7 +62,8 @@ def _goodbye() -> None:
             try:
                 _watcher.stdin.write(BYE + "\n")
                 _watcher.stdin.close()
-            except (OSError, ValueError):
+                _watcher.wait(timeout=2)  # it leaves at once; reaped, it is no zombie nor a ResourceWarning
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
 
 
