@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     app.setWindowIcon(QIcon(str(icon_path())))
     try:
         window = MainWindow()
-    except MlxOssError as e:  # e.g. the conversation file is locked by another running mlx-oss
+    except MlxOssError as e:  # what stops the window from opening at all (a conversation file it cannot use
+        # does not: the window opens and says so)
         QMessageBox.critical(None, "mlx-oss", str(e))
         return 1
     window.show()

@@ -100,6 +100,15 @@ class ChatView(QWidget):
     def __init__(self):
         super().__init__()
         layout = QVBoxLayout(self)
+        # Two message areas: `notice` for what holds for the whole session (the conversation file is read-only or
+        # not saved, the settings file was set aside), which no other message may hide; `banner` for the latest
+        # event (a model that failed to load, an answer that could not be saved).
+        self.notice = QLabel()
+        self.notice.setWordWrap(True)
+        self.notice.setObjectName("notice")
+        self.notice.setStyleSheet("background: #fde2e1; border: 1px solid #d99a97; padding: 8px;")
+        self.notice.hide()
+        layout.addWidget(self.notice)
         self.banner = QLabel()
         self.banner.setWordWrap(True)
         self.banner.setObjectName("banner")
@@ -150,6 +159,10 @@ class ChatView(QWidget):
         self.send_button.setEnabled(not busy and can_send)
         self.stop_button.setEnabled(busy)
         self.regenerate_button.setEnabled(not busy and can_send and any(m.role == "assistant" for m in self.messages))
+
+    def show_notice(self, text: str | None) -> None:
+        self.notice.setText(text or "")
+        self.notice.setVisible(bool(text))
 
     def show_banner(self, text: str | None) -> None:
         self.banner.setText(text or "")

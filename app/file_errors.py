@@ -13,8 +13,6 @@ import os
 import sqlite3
 from pathlib import Path
 
-LOCKED_WORDS = "another program is using it (is mlx-oss already running?)"
-
 # SQLite's primary result codes (https://sqlite.org/rescode.html) and what each means for the user.
 SQLITE_PERM, SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY = 3, 5, 6, 8
 SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN = 10, 11, 13, 14
@@ -31,6 +29,12 @@ _OS_WORDS = {
     errno.EISDIR: "it is a folder, not a file",
     errno.ENOENT: "it does not exist",
 }
+
+
+def sentence(text: str) -> str:
+    """`text` as a sentence of a message: capitalised, with one full stop (not after a question)."""
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else f"{text}."
 
 
 def os_error_words(error: OSError) -> str:
@@ -53,9 +57,9 @@ def is_damaged(error: sqlite3.Error) -> bool:
 def sqlite_error_words(error: sqlite3.Error, path: Path) -> str:
     """`error` from the database at `path` in words; SQLite's own text follows in parentheses."""
     code = sqlite_code(error)
-    if code in (SQLITE_BUSY, SQLITE_LOCKED):
-        words = LOCKED_WORDS
-    elif code in (SQLITE_PERM, SQLITE_AUTH):
+    if code in (SQLITE_BUSY, SQLITE_LOCKED):  # the one cause where the hint fits
+        return f"another program is using it ({error}); is mlx-oss already running?"
+    if code in (SQLITE_PERM, SQLITE_AUTH):
         words = "permission denied"
     elif code == SQLITE_READONLY:
         words = _read_only_words(path)

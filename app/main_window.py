@@ -3,10 +3,15 @@
 The window owns the conversation file and is the only writer to it. The model lives on `ModelHost`'s thread and
 speaks through signals; every streamed piece is written to the file as it arrives, then shown (at most every
 50 ms). Settings apply from the next message: a changed model, backend or context reloads the model first.
+
+The file can fail under it (a full disk, another program holding it): each such failure is a `StorageError`
+shown in the window, what was saved stays, and the window stays usable. An answer whose piece could not be saved
+is stopped there, so the view never shows more than the file keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -37,10 +42,11 @@ from mlx_oss.harmony import Conversation, Message, encoding
 from mlx_oss.store import ModelStore, resolve_model
 
 from .chat_view import ChatView, MessageView
+from .file_errors import os_error_words, sentence
 from .models_view import ModelsView
-from .settings import AppSettings, data_dir
+from .settings import AppSettings, data_dir, load_for_window
 from .settings_view import SettingsView
-from .storage import DEFAULT_TITLE, ConversationStore
+from .storage import DEFAULT_TITLE, StorageError, open_conversations
 from .workers import ModelHost
 
 TITLE_LENGTH = 48
@@ -69,9 +75,9 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.setWindowTitle("mlx-oss")
         self.resize(1100, 720)
-        self.settings = AppSettings.load()
+        self.settings, settings_notice = load_for_window()
         self.store = store or ModelStore()
-        self.conversations = ConversationStore(database or data_dir() / "conversations.db")
+        self.conversations = open_conversations(database or data_dir() / "conversations.db")
         # openai-harmony holds the GIL for ~0.15 s while it reads the vocabulary: do it before the window shows,
         # not on the model's thread while the user waits for an answer.
         encoding()
@@ -85,6 +91,7 @@ class MainWindow(QMainWindow):
         self.current: int | None = None
         self.streaming: tuple[int, MessageView] | None = None
         self.cancel: CancelToken | None = None
+        self.save_failed = False  # a streamed piece could not be saved: the answer ends there
 
         self.search = QLineEdit(placeholderText="Search conversations")
         self.list = QListWidget()
@@ -130,7 +137,8 @@ class MainWindow(QMainWindow):
         self.host.finished.connect(self._finished)
         self.host.failed.connect(self._failed)
 
-        self.chat.show_banner(self.conversations.notice)
+        self.chat.show_notice("\n\n".join(filter(None, [self.conversations.notice, settings_notice])))
+        self.new_button.setEnabled(self.writable)
         self.refresh_list()
         if self.list.count():
             self.list.setCurrentRow(0)
@@ -144,11 +152,9 @@ class MainWindow(QMainWindow):
             resolve_model(self.settings.model, self.settings.backend, self.store)
         except MlxOssError as e:
             self.model_label.setText("no model")
-            if not self.conversations.notice:
-                self.chat.show_banner(
-                    f"{e}. Open Models to download it (about 13 GB for gpt-oss-20b), or choose another model in "
-                    "Settings."
-                )
+            self.chat.show_banner(
+                f"{e}. Open Models to download it (about 13 GB for gpt-oss-20b), or choose another model in Settings."
+            )
             self.tabs.setCurrentWidget(self.models)
             self.model_ok = False
             self.chat.set_busy(self.streaming is not None, can_send=False)
@@ -156,8 +162,16 @@ class MainWindow(QMainWindow):
         if self.loaded_key != self._wanted_key():
             self.model_label.setText(self.settings.model)
         self.model_ok = True
-        self.chat.set_busy(self.streaming is not None, can_send=True)
+        self.chat.set_busy(self.streaming is not None, can_send=self.writable)
         return True
+
+    @property
+    def writable(self) -> bool:
+        """False for a conversation file shown read-only (made by a newer mlx-oss, or not writable)."""
+        return not self.conversations.read_only
+
+    def _storage_failed(self, error: StorageError, then: str = "") -> None:
+        self.chat.show_banner(f"{sentence(str(error))} {then}".strip())
 
     def _wanted_key(self) -> tuple:
         return (self.settings.model, self.settings.backend, self.settings.context_length)
@@ -184,9 +198,14 @@ class MainWindow(QMainWindow):
     # -- conversations ---------------------------------------------------------------------------------------
 
     def refresh_list(self) -> None:
+        try:
+            found = self.conversations.list(self.search.text().strip())
+        except StorageError as e:
+            self._storage_failed(e)
+            return
         self.list.blockSignals(True)
         self.list.clear()
-        for summary in self.conversations.list(self.search.text().strip()):
+        for summary in found:
             item = QListWidgetItem(summary.title)
             item.setData(Qt.ItemDataRole.UserRole, summary.id)
             self.list.addItem(item)
@@ -195,8 +214,13 @@ class MainWindow(QMainWindow):
         self.list.blockSignals(False)
 
     def new_conversation(self) -> None:
-        if self.streaming is None:
-            self.open_conversation(self.conversations.new())
+        if self.streaming is None and self.writable:
+            try:
+                conversation = self.conversations.new()
+            except StorageError as e:
+                self._storage_failed(e)
+                return
+            self.open_conversation(conversation)
             self.refresh_list()
 
     def _conversation_chosen(self, item: QListWidgetItem | None) -> None:
@@ -207,28 +231,44 @@ class MainWindow(QMainWindow):
         self.current = conversation
         self.chat.clear()
         if conversation is not None:
-            for m in self.conversations.messages(conversation):
+            try:
+                messages = self.conversations.messages(conversation)
+            except StorageError as e:
+                self._storage_failed(e)
+                messages = []
+            for m in messages:
                 self.chat.add(m.role, m.content, m.reasoning, m.state)
         if self.check_model():
             self.tabs.setCurrentWidget(self.chat)
 
     def rename_conversation(self, conversation: int, title: str) -> None:
-        self.conversations.rename(conversation, title)
+        try:
+            self.conversations.rename(conversation, title)
+        except StorageError as e:
+            self._storage_failed(e)
         self.refresh_list()
 
     def delete_conversation(self, conversation: int) -> None:
-        self.conversations.delete(conversation)
+        try:
+            self.conversations.delete(conversation)
+        except StorageError as e:
+            self._storage_failed(e)
+            return
         if conversation == self.current:
             self.open_conversation(None)
         self.refresh_list()
 
     def export_conversation(self, conversation: int, path: Path) -> None:
+        """Raises `MlxOssError` (a `StorageError` when the conversation cannot be read) naming what went wrong."""
         path = Path(path)
         if path.suffix.lower() == ".json":
             text = json.dumps(self.conversations.export_json(conversation), indent=2, ensure_ascii=False) + "\n"
         else:
             text = self.conversations.export_markdown(conversation)
-        path.write_text(text, encoding="utf-8")
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise MlxOssError(f"could not export to {path}: {os_error_words(e)}") from None
 
     def _list_menu(self, position) -> None:
         item = self.list.itemAt(position)
@@ -236,11 +276,13 @@ class MainWindow(QMainWindow):
             return
         conversation = item.data(Qt.ItemDataRole.UserRole)
         menu = QMenu(self)
-        rename = menu.addAction("Rename…")
+        rename = menu.addAction("Rename…") if self.writable else None
         export_md = menu.addAction("Export as Markdown…")
         export_json = menu.addAction("Export as JSON…")
-        delete = menu.addAction("Delete…")
+        delete = menu.addAction("Delete…") if self.writable else None
         chosen = menu.exec(self.list.mapToGlobal(position))
+        if chosen is None:
+            return
         if chosen is rename:
             title, ok = QInputDialog.getText(self, "Rename", "Title:", text=item.text())
             if ok:
@@ -249,7 +291,10 @@ class MainWindow(QMainWindow):
             suffix = ".md" if chosen is export_md else ".json"
             path, _ = QFileDialog.getSaveFileName(self, "Export", str(Path.home() / f"{item.text()}{suffix}"))
             if path:
-                self.export_conversation(conversation, Path(path))
+                try:
+                    self.export_conversation(conversation, Path(path))
+                except MlxOssError as e:
+                    QMessageBox.warning(self, "Export", str(e))
         elif chosen is delete:
             answer = QMessageBox.question(self, "Delete", f"Delete the conversation “{item.text()}”?")
             if answer == QMessageBox.StandardButton.Yes:
@@ -258,25 +303,36 @@ class MainWindow(QMainWindow):
     # -- chatting --------------------------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        if self.streaming is not None or not self.check_model():
+        if self.streaming is not None or not self.writable or not self.check_model():
             return
-        if self.current is None:
-            self.current = self.conversations.new()
-        if self.conversations.title(self.current) == DEFAULT_TITLE:
-            title = " ".join(text.split())
-            self.conversations.rename(self.current, title[:TITLE_LENGTH] + ("…" if len(title) > TITLE_LENGTH else ""))
-        self.conversations.add(self.current, "user", text)
+        try:
+            if self.current is None:
+                self.current = self.conversations.new()
+            if self.conversations.title(self.current) == DEFAULT_TITLE:
+                title = " ".join(text.split())
+                self.conversations.rename(
+                    self.current, title[:TITLE_LENGTH] + ("…" if len(title) > TITLE_LENGTH else "")
+                )
+            self.conversations.add(self.current, "user", text)
+        except StorageError as e:
+            self.chat.input.setPlainText(text)  # what was typed is not lost: send it again once this is fixed
+            self._storage_failed(e, "Your message was not sent; it is back in the box.")
+            return
         self.chat.add("user", text)
         self.refresh_list()
         self._start_answer()
 
     def regenerate(self) -> None:
-        if self.streaming is not None or self.current is None:
+        if self.streaming is not None or self.current is None or not self.writable:
             return
-        messages = self.conversations.messages(self.current)
-        if not messages or messages[-1].role != "assistant":
+        try:
+            messages = self.conversations.messages(self.current)
+            if not messages or messages[-1].role != "assistant":
+                return
+            self.conversations.delete_message(messages[-1].id)
+        except StorageError as e:
+            self._storage_failed(e)
             return
-        self.conversations.delete_message(messages[-1].id)
         self.chat.remove_last()
         self._start_answer()
 
@@ -288,7 +344,12 @@ class MainWindow(QMainWindow):
             self._end_stream("stopped")
 
     def _start_answer(self) -> None:
-        message = self.conversations.add(self.current, "assistant", state="streaming")
+        try:
+            message = self.conversations.add(self.current, "assistant", state="streaming")
+        except StorageError as e:
+            self._storage_failed(e, "No answer was started; send again once this is fixed.")
+            return
+        self.save_failed = False
         self.streaming = (message, self.chat.add("assistant", state="streaming"))
         self.chat.set_busy(True)
         self.list.setEnabled(False)
@@ -305,24 +366,46 @@ class MainWindow(QMainWindow):
             self._generate()
 
     def _generate(self) -> None:
-        history = [m for m in self.conversations.messages(self.current) if m.state != "streaming"]
+        try:
+            history = [m for m in self.conversations.messages(self.current) if m.state != "streaming"]
+        except StorageError as e:
+            self._storage_failed(e)
+            self._end_stream("failed")
+            return
         self.cancel = CancelToken()
         self.host.generate_requested.emit(
             conversation_for(history, self.settings), self.settings.sampling(), self.cancel
         )
 
     def _reasoning(self, text: str) -> None:
-        if self.streaming is not None:
-            self.conversations.append(self.streaming[0], reasoning=text)
-            self.chat.stream(self.streaming[1], reasoning=text)
+        self._piece(reasoning=text)
 
     def _answer(self, text: str) -> None:
-        if self.streaming is not None:
-            self.conversations.append(self.streaming[0], content=text)
-            self.chat.stream(self.streaming[1], content=text)
+        self._piece(content=text)
+
+    def _piece(self, content: str = "", reasoning: str = "") -> None:
+        """Save a streamed piece, then show it. One that cannot be saved stops the answer there: the model is
+        cancelled, the pieces still on their way are dropped, and the answer ends as failed when the model
+        confirms (so a late piece can never land in the next answer)."""
+        if self.streaming is None or self.save_failed:
+            return
+        try:
+            self.conversations.append(self.streaming[0], content=content, reasoning=reasoning)
+        except StorageError as e:
+            self.save_failed = True
+            if self.cancel is not None:
+                self.cancel.cancel()
+            self._storage_failed(
+                e, "The answer was stopped there; what was saved before is kept. Send again once this is fixed."
+            )
+            return
+        self.chat.stream(self.streaming[1], content=content, reasoning=reasoning)
 
     def _finished(self, done: Done) -> None:
         if self.streaming is None:  # a late answer to a request that was stopped or closed
+            return
+        if self.save_failed:
+            self._end_stream("failed")
             return
         s = done.stats
         stats = {
@@ -342,30 +425,40 @@ class MainWindow(QMainWindow):
     def _failed(self, message: str) -> None:
         if self.streaming is None:
             return
-        self.chat.show_banner(message)
+        if not self.save_failed:  # that message says more than the model's reaction to being stopped
+            self.chat.show_banner(message)
         self._end_stream("failed")
 
     def _end_stream(self, state: str, stats: dict | None = None) -> None:
+        """The answer is over: the window is usable again, whatever the file says."""
         message, view = self.streaming
-        self.conversations.finish(message, state, stats)
+        try:
+            self.conversations.finish(message, state, stats)
+        except StorageError as e:  # its text is saved; the file will show it as cut off
+            if not self.save_failed:
+                self._storage_failed(e, "The answer is kept; it will show as cut off.")
         self.chat.finish(view, state)
         self.streaming = None
         self.cancel = None
+        self.save_failed = False
         self.list.setEnabled(True)
-        self.new_button.setEnabled(True)
-        self.chat.set_busy(False, can_send=self.model_ok)
+        self.new_button.setEnabled(self.writable)
+        self.chat.set_busy(False, can_send=self.model_ok and self.writable)
         self.refresh_list()
 
     # -- models and settings ---------------------------------------------------------------------------------
 
     def use_model(self, name: str) -> None:
         self.settings.model = name
-        self.settings.save()
         self._settings_saved(self.settings)
+        try:
+            self.settings.save()
+        except MlxOssError as e:
+            self.chat.show_banner(sentence(f"{e}; {name} is used until the app closes"))
 
     def _store_changed(self) -> None:
         self.settings_view.update_models([m.name for m in self.store.list()])
-        if self.check_model() and not self.conversations.notice:
+        if self.check_model():
             self.chat.show_banner(None)
 
     def _settings_saved(self, settings: AppSettings) -> None:
@@ -386,7 +479,8 @@ class MainWindow(QMainWindow):
         if self.cancel is not None:
             self.cancel.cancel()
         if self.streaming is not None:
-            self.conversations.finish(self.streaming[0], "stopped")
+            with contextlib.suppress(StorageError):  # its text is saved; the next start shows it as cut off
+                self.conversations.finish(self.streaming[0], "stopped")
             self.streaming = None
         if self.models.task is not None:
             self.models.task.cancel.cancel()

@@ -3,8 +3,16 @@
 No Qt here: the window calls it from the GUI thread. Every change is its own transaction in WAL mode, so an
 answer is on disk token by token (15 µs a write, measured on the 2-core test machine). An answer still marked
 `streaming` when the file is opened again was cut off by a crash or a kill: it is marked `interrupted`, its text
-kept. A file that is not a readable database is renamed aside (never deleted) and a fresh one started, with a
-notice to show.
+kept.
+
+What is done with a file that cannot be used as it is, so that no conversation is ever lost:
+- not a database, or damaged: renamed aside (never deleted) and a fresh one started, with a notice to show;
+- made by a newer mlx-oss (a higher `user_version`), or one this user may not write: opened read-only (SQLite's
+  `mode=ro`, which never writes the file), so the chats stay in view; nothing can be added;
+- anything else (locked by another program, a folder that cannot be created, a folder or a pipe where the file
+  should be): `StorageError`, the file left as it is. `open_conversations` then keeps this session's chats in
+  memory and says so.
+Every read and write failure is a `StorageError` whose words say what happened (see `file_errors`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_oss.errors import MlxOssError
+
+from .file_errors import (
+    SQLITE_AUTH,
+    SQLITE_PERM,
+    SQLITE_READONLY,
+    is_damaged,
+    os_error_words,
+    sentence,
+    sqlite_code,
+    sqlite_error_words,
+)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -38,13 +57,15 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
 STATES = ("done", "streaming", "stopped", "interrupted", "failed")
-NOT_A_DATABASE, CORRUPT = 26, 11  # SQLite's result codes for a file that is not (or no longer) a database
+# Seconds a write waits for another program that holds the file. Writes happen on the GUI thread, one per streamed
+# piece: another mlx-oss writing the same file holds it for microseconds, so a longer wait only means a window
+# frozen behind a program that will not let go; after this the write fails with words saying so.
+WRITE_WAIT = 1.0
+NEWER = "it was made by a newer mlx-oss; update mlx-oss to add to it"
 
 
-def _damaged(error: sqlite3.DatabaseError) -> bool:
-    """A file to set aside, as opposed to one that is busy, read-only or on a full disk (left alone)."""
-    code = getattr(error, "sqlite_errorcode", None)
-    return code is None or code & 0xFF in (NOT_A_DATABASE, CORRUPT)
+class StorageError(MlxOssError):
+    """The conversations could not be opened, read or written; the message says why in words."""
 
 
 DEFAULT_TITLE = "New chat"
@@ -69,42 +90,128 @@ class ConversationSummary:
 
 class ConversationStore:
     def __init__(self, path: str | Path, busy_timeout: float = 5.0):
-        """Open (or create) the database at `path`. `notice` says what was done about a damaged file, if any."""
+        """Open (or create) the database at `path`. `notice` says what was done about a file that could not be used
+        as it was; `read_only` is set when nothing can be added to it. Raises `StorageError` when the file cannot
+        be opened at all (and leaves it as it is)."""
         self.path = Path(path)
-        self.busy_timeout = busy_timeout  # seconds to wait for another process that holds the file
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = busy_timeout  # seconds to wait, when opening, for another process that holds the file
         self.notice: str | None = None
+        self.read_only: str | None = None  # why nothing can be added, when that is so
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create the folder {self.path.parent}: {os_error_words(e)}") from None
+        if self.path.exists() and not self.path.is_file():  # a folder or a pipe: not ours to move, and SQLite
+            kind = "a folder" if self.path.is_dir() else "not a regular file"  # reads a pipe as a disk error
+            raise StorageError(f"cannot open the conversations in {self.path}: it is {kind}")
+        if self._version_on_disk() > SCHEMA_VERSION:
+            self._open_read_only(NEWER)
+            return
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
-            if not _damaged(e):
-                raise MlxOssError(
-                    f"cannot open the conversations in {self.path}: {e} (is mlx-oss already running?)"
+            if is_damaged(e):
+                self._set_aside(e)
+            elif sqlite_code(e) in (SQLITE_READONLY, SQLITE_PERM, SQLITE_AUTH):
+                self._open_read_only(sqlite_error_words(e, self.path))
+            else:
+                raise StorageError(
+                    f"cannot open the conversations in {self.path}: {sqlite_error_words(e, self.path)}"
                 ) from None
-            aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @classmethod
+    def in_memory(cls, reason: str) -> ConversationStore:
+        """A store that keeps this session's chats in memory only, for when the file cannot be used; `notice` says
+        so, with `reason`."""
+        store = cls.__new__(cls)
+        store.path, store.busy_timeout, store.read_only = Path(":memory:"), 0.0, None
+        store.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        store.db.executescript(SCHEMA)
+        store.notice = (
+            f"{sentence(f'Conversations are not being saved: {reason}')} The chats of this session are lost when "
+            "the window closes; fix this and restart mlx-oss to keep them."
+        )
+        return store
+
+    def _version_on_disk(self) -> int:
+        """The file's schema version, read without writing anything (0 when there is no readable file yet)."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return 0
+        try:
+            probe = sqlite3.connect(self._read_only_uri(), uri=True, timeout=self.busy_timeout)
+        except sqlite3.Error:
+            return 0
+        try:
+            return probe.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error:  # damaged, busy: opening it for writing says which, and deals with it
+            return 0
+        finally:
+            probe.close()
+
+    def _read_only_uri(self) -> str:
+        return f"{self.path.resolve().as_uri()}?mode=ro"
+
+    def _open_read_only(self, why: str) -> None:
+        """Show the chats of a file nothing may be added to; SQLite's read-only mode never writes the file."""
+        try:
+            self.db = sqlite3.connect(
+                self._read_only_uri(),
+                uri=True,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self.db.execute("SELECT id, title, updated FROM conversations LIMIT 1").fetchall()
+            self.db.execute(
+                "SELECT id, role, content, reasoning, state, stats FROM messages WHERE conversation_id = 0"
+            ).fetchall()
+        except sqlite3.Error as e:
+            if hasattr(self, "db"):
+                self.db.close()
+            raise StorageError(
+                f"cannot read the conversations in {self.path} ({why}): {sqlite_error_words(e, self.path)}"
+            ) from None
+        self.read_only = why
+        self.notice = f"The conversations in {self.path} are shown read-only: {why}."
+
+    def _set_aside(self, error: sqlite3.Error) -> None:
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
             for suffix in ("", "-wal", "-shm"):  # the journal files belong to the damaged file: they go along
                 if Path(f"{self.path}{suffix}").exists():
                     Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
-            self.notice = (
-                f"The conversation file could not be read ({e}); it was set aside as {aside.name} "
-                "and a new one started."
-            )
+        except OSError as e:
+            raise StorageError(
+                f"the conversations in {self.path} cannot be read ({error}) and the file cannot be set aside: "
+                f"{os_error_words(e)}"
+            ) from None
+        self.notice = (
+            f"The conversation file could not be read ({error}); it was set aside as {aside.name} "
+            "and a new one started."
+        )
+        try:
             self.db = self._open()
+        except sqlite3.Error as e:
+            raise StorageError(
+                f"cannot start a new conversation file in {self.path}: {sqlite_error_words(e, self.path)}"
+            ) from None
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
+            if db.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:  # changed since it was peeked at
+                raise sqlite3.DatabaseError(f"written by a newer mlx-oss ({NEWER})")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("the integrity check failed")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"written by a newer mlx-oss (schema {version})")
+                error = sqlite3.DatabaseError("the integrity check failed")
+                error.sqlite_errorcode = 11  # SQLITE_CORRUPT: set aside like any damaged file
+                raise error
             db.executescript(SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("UPDATE messages SET state='interrupted' WHERE state='streaming'")
+            db.execute(f"PRAGMA busy_timeout={int(WRITE_WAIT * 1000)}")
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -113,11 +220,27 @@ class ConversationStore:
     def close(self) -> None:
         self.db.close()
 
+    def _write(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        if self.read_only:
+            raise StorageError(f"could not save: {self.read_only}")
+        try:
+            return self.db.execute(sql, parameters)
+        except sqlite3.Error as e:
+            raise StorageError(f"could not save: {sqlite_error_words(e, self.path)}") from None
+
+    def _read(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        try:
+            return self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as e:
+            raise StorageError(
+                f"could not read the conversations in {self.path}: {sqlite_error_words(e, self.path)}"
+            ) from None
+
     # -- conversations ---------------------------------------------------------------------------------------
 
     def new(self, title: str = DEFAULT_TITLE) -> int:
         now = time.time()
-        return self.db.execute(
+        return self._write(
             "INSERT INTO conversations (title, created, updated) VALUES (?, ?, ?)", (title, now, now)
         ).lastrowid
 
@@ -125,37 +248,35 @@ class ConversationStore:
         """Newest first; with `search`, those whose title or any message contains it (case-insensitive)."""
         if search:
             pattern = f"%{search.replace('!', '!!').replace('%', '!%').replace('_', '!_')}%"
-            rows = self.db.execute(
+            rows = self._read(
                 "SELECT id, title, updated FROM conversations c WHERE title LIKE ?1 ESCAPE '!' OR EXISTS ("
                 "SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND "
                 "(m.content LIKE ?1 ESCAPE '!' OR m.reasoning LIKE ?1 ESCAPE '!')) ORDER BY updated DESC, id DESC",
                 (pattern,),
             )
         else:
-            rows = self.db.execute("SELECT id, title, updated FROM conversations ORDER BY updated DESC, id DESC")
+            rows = self._read("SELECT id, title, updated FROM conversations ORDER BY updated DESC, id DESC")
         return [ConversationSummary(*row) for row in rows]
 
     def title(self, conversation: int) -> str:
-        row = self.db.execute("SELECT title FROM conversations WHERE id = ?", (conversation,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT title FROM conversations WHERE id = ?", (conversation,))
+        if not rows:
             raise KeyError(conversation)
-        return row[0]
+        return rows[0][0]
 
     def rename(self, conversation: int, title: str) -> None:
-        self.db.execute(
-            "UPDATE conversations SET title = ? WHERE id = ?", (title.strip() or DEFAULT_TITLE, conversation)
-        )
+        self._write("UPDATE conversations SET title = ? WHERE id = ?", (title.strip() or DEFAULT_TITLE, conversation))
 
     def delete(self, conversation: int) -> None:
-        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
+        self._write("DELETE FROM conversations WHERE id = ?", (conversation,))
 
     def _touch(self, conversation: int) -> None:
-        self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conversation))
+        self._write("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conversation))
 
     # -- messages --------------------------------------------------------------------------------------------
 
     def messages(self, conversation: int) -> list[StoredMessage]:
-        rows = self.db.execute(
+        rows = self._read(
             "SELECT id, role, content, reasoning, state, stats FROM messages WHERE conversation_id = ? ORDER BY id",
             (conversation,),
         )
@@ -165,7 +286,7 @@ class ConversationStore:
         ]
 
     def add(self, conversation: int, role: str, content: str = "", state: str = "done") -> int:
-        message = self.db.execute(
+        message = self._write(
             "INSERT INTO messages (conversation_id, role, content, state, created) VALUES (?, ?, ?, ?, ?)",
             (conversation, role, content, state, time.time()),
         ).lastrowid
@@ -174,7 +295,7 @@ class ConversationStore:
 
     def append(self, message: int, content: str = "", reasoning: str = "") -> None:
         """Add streamed text to a message (one small transaction: on disk before the next token)."""
-        self.db.execute(
+        self._write(
             "UPDATE messages SET content = content || ?, reasoning = reasoning || ? WHERE id = ?",
             (content, reasoning, message),
         )
@@ -182,12 +303,10 @@ class ConversationStore:
     def finish(self, message: int, state: str, stats: dict | None = None) -> None:
         if state not in STATES:
             raise ValueError(f"unknown message state {state!r}")
-        self.db.execute(
-            "UPDATE messages SET state = ?, stats = ? WHERE id = ?", (state, json.dumps(stats or {}), message)
-        )
+        self._write("UPDATE messages SET state = ?, stats = ? WHERE id = ?", (state, json.dumps(stats or {}), message))
 
     def delete_message(self, message: int) -> None:
-        self.db.execute("DELETE FROM messages WHERE id = ?", (message,))
+        self._write("DELETE FROM messages WHERE id = ?", (message,))
 
     # -- export ----------------------------------------------------------------------------------------------
 
@@ -211,3 +330,13 @@ class ConversationStore:
             if m.state in ("stopped", "interrupted", "failed"):
                 parts.append(f"*({m.state})*\n")
         return "\n".join(parts)
+
+
+def open_conversations(path: str | Path) -> ConversationStore:
+    """The window's store: the file at `path` when it can be opened at all, else this session's chats in memory,
+    with a notice saying why. The window then still opens (models, settings, chatting) and the user knows that
+    nothing is kept, instead of a traceback or an app that refuses to start."""
+    try:
+        return ConversationStore(path)
+    except StorageError as e:
+        return ConversationStore.in_memory(str(e))

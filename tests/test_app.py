@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,9 +19,10 @@ pytest.importorskip("PySide6", reason="the desktop app needs the app extra")
 from PySide6.QtCore import QElapsedTimer, QTimer  # noqa: E402
 from PySide6.QtWidgets import QMessageBox  # noqa: E402
 
+from mlx_oss.app.file_errors import os_error_words  # noqa: E402
 from mlx_oss.app.main_window import MainWindow  # noqa: E402
 from mlx_oss.app.settings import AppSettings  # noqa: E402
-from mlx_oss.app.storage import ConversationStore  # noqa: E402
+from mlx_oss.app.storage import SCHEMA_VERSION, ConversationStore, StorageError  # noqa: E402
 from mlx_oss.errors import MlxOssError  # noqa: E402
 from mlx_oss.store import ModelStore  # noqa: E402
 
@@ -144,7 +146,7 @@ def test_a_damaged_database_is_set_aside_with_a_message(qtbot, app_dir):
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "conversations.db").write_bytes(b"this is not a database" * 100)
     window = open_window(qtbot)
-    assert window.chat.banner.isVisible() and "set aside as conversations.db.damaged-" in window.chat.banner.text()
+    assert window.chat.notice.isVisible() and "set aside as conversations.db.damaged-" in window.chat.notice.text()
     (aside,) = app_dir.glob("conversations.db.damaged-*")
     assert aside.read_bytes() == b"this is not a database" * 100
     send(window, "Still works")
@@ -330,7 +332,7 @@ def test_a_busy_database_is_left_alone_not_set_aside(app_dir):
     try:
         with pytest.raises(
             MlxOssError,
-            match=r"cannot open the conversations in .*: database is locked \(is mlx-oss already running\?\)",
+            match=r"in .*: another program is using it \(database is locked\); is mlx-oss already running\?$",
         ):
             ConversationStore(app_dir / "conversations.db", busy_timeout=0.2)
     finally:
@@ -374,4 +376,297 @@ def test_the_model_manager_quantizes_a_fine_tune_with_unquantized_experts(
     assert models.table.item(0, 1).text() == "hf, mxfp4" and models.table.item(0, 3).text() == "ready"
     assert models.use_button.isEnabled() and models.convert_numpy_button.isEnabled()
     assert not models.quantize_button.isEnabled()
+    close(window)
+
+
+# -- the app's data kept: files it cannot use as they are -----------------------------------------------------------
+
+
+def disk_full_error() -> sqlite3.OperationalError:
+    """A real SQLITE_FULL, from SQLite itself: a database capped at its size and asked to grow."""
+    scratch = sqlite3.connect(":memory:")
+    scratch.execute("CREATE TABLE t (x)")
+    scratch.execute(f"PRAGMA max_page_count = {scratch.execute('PRAGMA page_count').fetchone()[0]}")
+    try:
+        scratch.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+    except sqlite3.OperationalError as e:
+        return e
+    finally:
+        scratch.close()
+    raise AssertionError("SQLite did not refuse to grow")
+
+
+class FullDisk:
+    """The store's connection, its writes failing as on a full disk after `after` streamed pieces (reads pass)."""
+
+    def __init__(self, db: sqlite3.Connection, after: int):
+        self.db, self.after, self.pieces, self.full = db, after, 0, False
+
+    def execute(self, sql: str, parameters=()):
+        if sql.startswith("UPDATE messages SET content"):
+            self.pieces += 1
+            self.full = self.full or self.pieces > self.after
+        if self.full and sql.split()[0] in ("INSERT", "UPDATE", "DELETE"):
+            raise disk_full_error()
+        return self.db.execute(sql, parameters)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def saved_answers(app_dir: Path) -> list[tuple]:
+    with sqlite3.connect(app_dir / "conversations.db") as db:
+        return db.execute(
+            "SELECT content, reasoning, state FROM messages WHERE role = 'assistant' ORDER BY id"
+        ).fetchall()
+
+
+def test_a_full_disk_mid_answer_says_so_keeps_what_was_saved_and_the_window_stays_usable(qtbot, app_dir):
+    AppSettings(model=AppSettings.load().model, temperature=0.0, max_tokens=0).save()  # it ends on the full disk
+    window = open_window(qtbot)
+    disk = window.conversations.db = FullDisk(window.conversations.db, after=3)
+    send(window, "Fill the disk")
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+    assert disk.full and "Could not save: the disk is full (database or disk is full)" in window.chat.banner.text()
+    ((content, reasoning, state),) = saved_answers(app_dir)
+    view = window.chat.messages[-1]
+    assert (view.content, view.reasoning_text) == (content, reasoning) != ("", "")  # the view: what was saved
+    assert state == "streaming" and view.note.text() == "failed"  # the file reads it as cut off when reopened
+    assert window.new_button.isEnabled() and window.list.isEnabled() and window.chat.send_button.isEnabled()
+
+    send(window, "Still full?")  # still full: the message is not lost but back in the box, nothing half-sent
+    assert "Your message was not sent" in window.chat.banner.text()
+    assert window.chat.input.toPlainText() == "Still full?" and window.streaming is None
+    disk.full, disk.after = False, 10**9  # space is back
+    window.settings.max_tokens = 12
+    window.chat.send_button.click()
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+    assert [a[2] for a in saved_answers(app_dir)] == ["streaming", "done"]
+    window.new_conversation()
+    assert window.list.count() == 2
+    close(window)
+    again = ConversationStore(app_dir / "conversations.db")
+    (conversation,) = [c for c in again.list() if c.title == "Fill the disk"]
+    assert [(m.role, m.state) for m in again.messages(conversation.id)] == [
+        ("user", "done"),
+        ("assistant", "interrupted"),
+        ("user", "done"),
+        ("assistant", "done"),
+    ]
+    again.close()
+
+
+def test_another_program_holding_the_file_mid_answer_stops_it_with_words_and_the_window_goes_on(qtbot, app_dir):
+    AppSettings(model=AppSettings.load().model, temperature=0.0, max_tokens=0).save()
+    window = open_window(qtbot)
+    send(window, "Go on")
+    qtbot.waitUntil(lambda: len(db_rows(app_dir)) == 2 and len(db_rows(app_dir)[1][1]) > 20, timeout=TIMEOUT_MS)
+    holder = sqlite3.connect(app_dir / "conversations.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # e.g. a database browser with unsaved changes: writing is blocked
+    try:
+        qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+        assert "Could not save: another program is using it (database is locked); is mlx-oss already running?" in (
+            window.chat.banner.text()
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    ((content, _, state),) = saved_answers(app_dir)
+    assert content == window.chat.messages[-1].content and state == "streaming"
+    window.settings.max_tokens = 5
+    send(window, "Once more")  # the other program let go
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+    assert [a[2] for a in saved_answers(app_dir)] == ["streaming", "done"]
+    close(window)
+
+
+def newer_database(app_dir: Path) -> Path:
+    """A conversation file as a newer mlx-oss might leave it: a higher schema version and a column more."""
+    path = app_dir / "conversations.db"
+    store = ConversationStore(path)
+    conversation = store.new("From the future")
+    store.add(conversation, "user", "Will you keep this?")
+    store.finish(store.add(conversation, "assistant", "Yes."), "done")
+    store.db.execute("ALTER TABLE messages ADD COLUMN attachments TEXT")
+    store.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store.close()  # the last connection: SQLite folds the journal into the file and removes it
+    return path
+
+
+def test_a_database_from_a_newer_mlx_oss_is_shown_read_only_and_left_byte_for_byte(qtbot, app_dir):
+    path = newer_database(app_dir)
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    window = open_window(qtbot)
+    assert window.list.count() == 1 and window.list.item(0).text() == "From the future"
+    assert [m.content for m in window.chat.messages] == ["Will you keep this?", "Yes."]
+    assert "made by a newer mlx-oss; update mlx-oss to add to it" in window.chat.notice.text()
+    assert window.chat.notice.isVisible()
+    assert not window.new_button.isEnabled() and not window.chat.send_button.isEnabled()
+    assert not window.chat.regenerate_button.isEnabled()
+    window.new_conversation()  # nothing reaches the file, whatever is clicked
+    send(window, "Add this")
+    window.regenerate()
+    window.settings_view.save_button.click()  # a settings change re-checks the model: still no sending
+    assert not window.chat.send_button.isEnabled() and window.list.count() == 1
+    close(window)
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+    assert not list(app_dir.glob("*.damaged-*"))  # nothing set aside
+
+
+def test_an_uncreatable_data_folder_is_one_message_and_the_window_still_chats(qtbot, app_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    folder = blocker / "mlx-oss"  # mkdir fails here even for root (NotADirectoryError), as a read-only disk would
+    window = MainWindow(database=folder / "conversations.db")
+    qtbot.addWidget(window)
+    window.show()
+    assert window.chat.notice.text() == (
+        f"Conversations are not being saved: cannot create the folder {folder}: a part of the path is a file, not "
+        "a folder (Not a directory). The chats of this session are lost when the window closes; fix this and "
+        "restart mlx-oss to keep them."
+    )
+    send(window, "Hello anyway")  # the model, the chat and the list work; only keeping them does not
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+    assert window.list.count() == 1 and window.chat.messages[-1].state == "done"
+    close(window)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_storage_errors_say_what_happened(tmp_path):
+    (tmp_path / "a-folder.db").mkdir()
+    with pytest.raises(StorageError, match=r"a-folder.db: it is a folder$"):
+        ConversationStore(tmp_path / "a-folder.db")
+    os.mkfifo(tmp_path / "a-pipe.db")  # SQLite reads a pipe as "disk I/O error"
+    with pytest.raises(StorageError, match=r"a-pipe.db: it is not a regular file$"):
+        ConversationStore(tmp_path / "a-pipe.db")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StorageError, match=r"cannot create the folder .*a-file/sub: a part of the path is a file"):
+        ConversationStore(tmp_path / "a-file" / "sub" / "conversations.db")
+    store = ConversationStore(tmp_path / "conversations.db")
+    conversation = store.new()
+    store.db = FullDisk(store.db, after=0)
+    store.db.full = True
+    with pytest.raises(StorageError, match=r"^could not save: the disk is full \(database or disk is full\)$"):
+        store.add(conversation, "user", "hello")
+    assert (
+        os_error_words(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "the disk is full (No space left on device)"
+    )
+    assert os_error_words(OSError(errno.EROFS, os.strerror(errno.EROFS))).startswith("the file system is read-only")
+    assert os_error_words(PermissionError(errno.EACCES, os.strerror(errno.EACCES))) == "permission denied"
+    store.close()
+
+
+def test_a_file_that_cannot_be_written_is_shown_read_only(tmp_path):
+    path = tmp_path / "conversations.db"
+    store = ConversationStore(path)
+    store.add(store.new("Kept"), "user", "hello")
+    store.close()
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:  # even root cannot write it
+        pytest.skip("chattr +i is not available here")
+    try:
+        before = path.read_bytes()
+        store = ConversationStore(path)
+        assert "are shown read-only: the file or its folder is read-only" in store.notice
+        assert [c.title for c in store.list()] == ["Kept"]
+        with pytest.raises(StorageError, match=r"^could not save: the file or its folder is read-only"):
+            store.new()
+        store.close()
+        assert path.read_bytes() == before
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_empty_or_truncated_conversation_file(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")  # what a crash right after creating it leaves: SQLite's empty database
+    store = ConversationStore(empty)
+    assert store.notice is None and store.list() == []
+    store.close()
+    whole = tmp_path / "whole.db"
+    store = ConversationStore(whole)
+    for i in range(50):
+        store.add(store.new(f"chat {i}"), "user", "x" * 2000)
+    store.close()
+    truncated = tmp_path / "truncated.db"
+    data = whole.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2 + 100])  # cut mid-page
+    store = ConversationStore(truncated)
+    assert "set aside as truncated.db.damaged-" in store.notice and store.list() == []
+    store.close()
+    (aside,) = tmp_path.glob("truncated.db.damaged-*")
+    assert aside.read_bytes() == data[: len(data) // 2 + 100]
+
+
+BAD_SETTINGS = {
+    "malformed": b'{"model": "x", ',
+    "not UTF-8": '{"system_prompt": "caf\xe9"}'.encode("latin-1"),
+    "nested 200,000 deep": b"[" * 200_000 + b"]" * 200_000,
+    "not an object": b'["model"]',
+    "a 5000-digit number": b'{"max_tokens": ' + b"9" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("content", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_an_unreadable_settings_file_gives_the_defaults_says_so_once_and_is_kept(qtbot, app_dir, content):
+    (app_dir / "settings.json").write_bytes(content)
+    window = open_window(qtbot)
+    assert window.settings == AppSettings()
+    assert f"The settings in {app_dir / 'settings.json'} could not all be used (it is not" in window.chat.notice.text()
+    (kept,) = app_dir.glob("settings.json.unreadable-*")
+    assert kept.read_bytes() == content and kept.name in window.chat.notice.text()
+    close(window)
+    again = open_window(qtbot)  # said once: the file in place now holds what could be used
+    assert "settings" not in again.chat.notice.text() and again.settings == AppSettings()
+    close(again)
+
+
+def test_settings_of_the_wrong_type_fall_back_one_by_one_and_the_file_is_kept(qtbot, app_dir, tiny_checkpoint):
+    written = json.dumps(
+        {
+            "model": str(tiny_checkpoint),
+            "temperature": "hot",
+            "top_p": None,
+            "context_length": 10**9,
+            "max_tokens": [5],
+            "system_prompt": "Keep me",
+            "backend": "numpy",
+        }
+    ).encode()
+    (app_dir / "settings.json").write_bytes(written)
+    window = open_window(qtbot)
+    settings = window.settings
+    assert (settings.model, settings.system_prompt, settings.backend) == (str(tiny_checkpoint), "Keep me", "numpy")
+    assert (settings.temperature, settings.top_p, settings.context_length, settings.max_tokens) == (1.0, 1.0, 8192, 0)
+    notice = window.chat.notice.text()
+    assert "temperature must be a number, not 'hot'" in notice and "context_length 1000000000" in notice
+    (kept,) = app_dir.glob("settings.json.unreadable-*")
+    assert kept.read_bytes() == written  # the later Save writes over settings.json, never over the user's own
+    assert AppSettings.load() == settings
+    close(window)
+
+
+def test_settings_that_cannot_be_saved_say_why_and_keep_the_file(qtbot, app_dir, monkeypatch):
+    before = (app_dir / "settings.json").read_bytes()
+    window = open_window(qtbot)
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    window.settings_view.temperature.setValue(0.5)
+    window.settings_view.save_button.click()
+    assert window.settings_view.message.text() == (
+        f"Not saved: could not save the settings in {app_dir / 'settings.json'}: the disk is full "
+        "(No space left on device)"
+    )
+    assert (app_dir / "settings.json").read_bytes() == before and not list(app_dir.glob(".settings.json.tmp"))
+    close(window)
+
+
+def test_an_export_that_cannot_be_written_says_why(qtbot, app_dir, tmp_path):
+    window = open_window(qtbot)
+    conversation = window.conversations.new("Trip")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(MlxOssError, match=r"could not export to .*a-file/trip.md: a part of the path is a file"):
+        window.export_conversation(conversation, tmp_path / "a-file" / "trip.md")
     close(window)
