@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .json_input import parse_json
-from .regular_files import read_regular
+from .regular_files import json_problem, read_regular
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -108,8 +108,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: no config.json here; is this a gpt-oss model directory?") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-        except ValueError as e:  # JsonInputError included: not UTF-8, invalid, nested too deeply, too large
-            raise ConfigError(f"{path}: {e}") from None
+        except ValueError as e:  # not UTF-8, invalid, nested too deeply, too large
+            raise ConfigError(f"{path}: {json_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(raw, source=str(path))
@@ -193,7 +193,7 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self.fail(name, f"must be a positive integer, not {_show(value)}")
         if value > limit:
-            raise self.fail(name, f"({value}) is beyond any gpt-oss model's (at most {limit})"[:200])
+            raise self.fail(name, f"({_show(value)}) is beyond any gpt-oss model's (at most {limit})")
         return value
 
     def positive_float(self, *names: str, default: Any = _MISSING) -> float:

@@ -12,9 +12,23 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
+from .json_input import JsonInputError
+
 
 class NotRegularFile(OSError):
     """The path exists but is a FIFO, device, socket or directory."""
+
+
+class FileTooLarge(ValueError):
+    """A file holds more bytes than its kind ever needs."""
+
+
+def json_problem(error: ValueError) -> str:
+    """Words for what `read_regular` and `parse_json` refused. `json.loads` also raises a bare ValueError for an
+    integer of more than 4300 digits, which `parse_json` lets through."""
+    if isinstance(error, JsonInputError | FileTooLarge):
+        return str(error)
+    return f"not valid JSON ({str(error).split(':')[0]})"
 
 
 def open_regular(path: str | Path) -> int:
@@ -38,16 +52,16 @@ def open_regular(path: str | Path) -> int:
 
 
 def read_regular(path: str | Path, limit: int) -> bytes:
-    """The whole regular file at `path`, refused (ValueError) when it holds more than `limit` bytes."""
+    """The whole regular file at `path`, refused (FileTooLarge) when it holds more than `limit` bytes."""
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise ValueError(f"{size} bytes, more than the {limit} such a file can hold")
+            raise FileTooLarge(f"{size} bytes, more than the {limit} such a file can hold")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise ValueError(f"more than the {limit} bytes such a file can hold")
+            raise FileTooLarge(f"more than the {limit} bytes such a file can hold")
         return data
     finally:
         os.close(fd)

@@ -24,9 +24,9 @@ import numpy as np
 
 from . import mapped_files
 from .errors import CheckpointError
-from .json_input import JsonInputError, parse_json
+from .json_input import parse_json
 from .mapped_files import changed_message
-from .regular_files import open_regular, printable
+from .regular_files import json_problem, open_regular, printable
 
 # safetensors dtype name -> NumPy dtype used to hold its bits (BF16 as raw uint16).
 DTYPES: dict[str, np.dtype] = {
@@ -113,8 +113,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: changed while its header was read; try again")
         try:
             header = parse_json(header_bytes)
-        except JsonInputError as e:
-            raise CheckpointError(f"{self.path}: header is {e}; not a safetensors file") from None
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: header is {json_problem(e)}; not a safetensors file") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

@@ -266,6 +266,7 @@ DEEP = b"[" * 200_000 + b"]" * 200_000
         (b'{"weight_map": {"model.norm.weight": {"file": "x"}}}', "is dict {'file': 'x'}, not a file name"),
         (b'{"weight_map": ["model.safetensors"]}', "not a valid index (expected a 'weight_map' object)"),
         (b"[]", "not a valid index"),
+        (b'{"weight_map": {}, "total": ' + b"1" * 5000 + b"}", "not valid JSON (Exceeds the limit (4300 digits)"),
     ],
 )
 def test_malformed_index_is_one_clear_error(sharded, index, message):
@@ -308,6 +309,7 @@ def entry(dtype="U8", shape=(4,), offsets=(0, 4)):
         ({"t": entry(shape=(8,), offsets=(60, 68))}, "truncated: tensor 't' ends at byte"),
         ({"__metadata__": [1], "t": entry()}, "header's __metadata__ is not a JSON object"),
         (b"[1, 2]", "header is not a JSON object"),
+        (b'{"t": {"dtype": "U8", "shape": [' + b"1" * 5000 + b"]}}", "header is not valid JSON (Exceeds the limit"),
     ],
 )
 def test_hostile_headers_are_one_clear_error(single, header, message):

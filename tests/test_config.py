@@ -153,6 +153,9 @@ def test_malformed_files_are_one_clear_error(tmp_path):
     path.write_text(" " * (5 * 1024 * 1024) + "{}")
     with pytest.raises(ConfigError, match="config.json: 5242882 bytes, more than the 4194304"):
         ModelConfig.from_file(path)
+    path.write_text('{"hidden_size": ' + "1" * 5000 + "}")  # json.loads refuses to convert so many digits
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(Exceeds the limit \(4300 digits\)"):
+        ModelConfig.from_file(path)
     path.unlink()
     os.mkfifo(path)  # opening a FIFO for reading blocks until a writer comes: never open one
     with pytest.raises(ConfigError, match="config.json: cannot read: a FIFO, not a regular file"):
