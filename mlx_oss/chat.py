@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from .cli import format_count, run
+from .cli import format_count, non_negative_int, number_from, positive_int, run
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
@@ -134,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--system", help="instructions for the model (the developer message)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 picks the likeliest token (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--max-tokens", type=int, help="most tokens per answer, reasoning included (default: no limit)")
+    p.add_argument("--temperature", type=number_from(0), default=1.0, help="0 picks the likeliest token (default 1.0)")
+    p.add_argument(
+        "--top-p", type=number_from(0, 1, low_open=True), default=1.0, help="above 0, at most 1 (default 1.0)"
+    )
+    p.add_argument("--seed", type=non_negative_int, help="makes sampling reproducible (0 or more)")
+    p.add_argument(
+        "--max-tokens", type=positive_int, help="most tokens per answer, reasoning included (default: no limit)"
+    )
     p.add_argument(
         "--show-reasoning",
         action=argparse.BooleanOptionalAction,
@@ -149,18 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.system is not None and not is_text(args.system):
+        raise MlxOssError("--system is not text in this terminal's encoding")
     sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.max_tokens)
     conversation = Conversation(reasoning_effort=args.reasoning, instructions=args.system)
     interactive = sys.stdin.isatty()
     path = model_directory(args.model, args.backend, interactive)
+    piped = None if interactive else read_piped()  # before the load: a wrong input costs no waiting
     if interactive:
         print(f"loading {path} ...", flush=True)
     from .loading import load
 
     model = load(path, backend=args.backend)
     session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning))
-    if not interactive:
-        return answer_piped(session, sys.stdin.read())
+    if piped is not None:
+        return answer_piped(session, piped)
     print(
         f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} backend "
         f"({model.backend_reason}), reasoning {args.reasoning})\n"
@@ -188,9 +195,37 @@ def model_directory(arg: str, backend: str, interactive: bool) -> Path:
     return store.resolve(arg, backend)
 
 
-def answer_piped(session: ChatSession, text: str) -> int:
+def read_piped() -> str:
+    """What was piped in, as text in stdin's encoding (the locale's, UTF-8 nearly everywhere).
+
+    Undecodable bytes are refused rather than replaced: they mean a binary file or another encoding was piped
+    by mistake, and the model would answer a question with holes in it without saying so. The bytes are decoded
+    here, strictly: in the C locale Python's stdin would turn them into lone surrogates, which fail later.
+    """
+    encoding = sys.stdin.encoding or "utf-8"
+    try:
+        text = sys.stdin.buffer.read().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise MlxOssError(
+            f"stdin is not {encoding} text (byte {e.start}: {e.reason}); "
+            f"convert it first, e.g. with iconv -t {encoding}"
+        ) from None
     if not text.strip():
         raise MlxOssError("nothing to answer: stdin was empty")
+    return text
+
+
+def is_text(text: str) -> bool:
+    """Whether `text` is real text: undecodable input bytes arrive as lone surrogates (Python's
+    surrogateescape), which the model's tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def answer_piped(session: ChatSession, text: str) -> int:
     display = Display(sys.stdout, sys.stderr, color=False, show_reasoning=session.settings.show_reasoning)
     session.send(text.strip(), display, CancelToken())
     return 0
@@ -210,7 +245,12 @@ def chat_loop(session: ChatSession) -> int:
         except KeyboardInterrupt:
             print("\n(/quit or Ctrl-D leaves the chat)")
             continue
+        except UnicodeDecodeError:
+            line = "\udcff"  # as the C locale's stdin gives undecodable bytes: answered just below
         text = line.strip()
+        if not is_text(text):
+            print(f"(that line is not {sys.stdin.encoding} text; nothing was sent)")
+            continue
         if not text:
             continue
         if text.startswith("/"):

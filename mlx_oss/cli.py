@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -62,3 +64,60 @@ def format_bytes(n: int) -> str:
 def format_count(n: int) -> str:
     """A parameter count as people say it: 20.9B, 52.3M."""
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+# -- argparse types: a value out of range is argparse's one-line error, before anything is loaded -----------------
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _real(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on, 1 to 65535."""
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1 to 65535)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
+def number_from(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number in [low, high] ((low, high] with `low_open`)."""
+
+    def parse(text: str) -> float:
+        value = _real(text)
+        if value < low or (low_open and value == low) or value > high:
+            rule = f"{'above' if low_open else 'at least'} {low:g}" + (
+                f" and at most {high:g}" if high < math.inf else ""
+            )
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {rule}")
+        return value
+
+    return parse

@@ -53,7 +53,7 @@ def test_piped_question_is_answered_and_the_chat_exits(tiny):
             "openai/gpt-oss-20b is not on this computer; get it with: "
             "python -m mlx_oss.models download openai/gpt-oss-20b",
         ),
-        ("/no/such/dir", "/no/such/dir: no such model directory"),
+        ("/no/such/dir", "'/no/such/dir': no such model directory"),
     ],
 )
 def test_a_missing_model_is_one_clear_line(model, message, tmp_path):
@@ -129,7 +129,7 @@ def test_resolve_model(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path)) == tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    with pytest.raises(MlxOssError, match="^models/typo: no such model directory$"):
+    with pytest.raises(MlxOssError, match="^'models/typo': no such model directory$"):
         resolve_model("models/typo")
     with pytest.raises(
         MlxOssError,
@@ -202,3 +202,56 @@ def test_session_commands_and_history(capsys):
     assert run_command(session, "/quit") == "quit"
     printed = capsys.readouterr().out
     assert "(reasoning effort: high)" in printed and "(new conversation)" in printed
+
+
+@pytest.mark.parametrize("locale", [None, "C"])  # C: Python's stdin would turn the bytes into lone surrogates
+def test_piped_bytes_that_are_not_text_are_one_clear_line(tiny, locale):
+    env = chat_env() | ({"LC_ALL": locale} if locale else {})
+    out = subprocess.run([*CHAT, "--model", str(tiny)], input=b"\xff\xfe\n", capture_output=True, timeout=60, env=env)
+    assert out.returncode == 1
+    assert out.stderr.decode() == (
+        "python -m mlx_oss.chat: error: stdin is not utf-8 text (byte 0: invalid start byte); "
+        "convert it first, e.g. with iconv -t utf-8\n"
+    )
+
+
+def test_an_interactive_line_that_is_not_text_is_not_sent(tiny):
+    """Without readline (as on Windows) undecodable bytes reach the chat as lone surrogates; readline itself
+    drops them."""
+    no_readline = (
+        "import runpy, sys; sys.modules['readline'] = None; runpy.run_module('mlx_oss.chat', run_name='__main__')"
+    )
+    args = ["-c", no_readline, "--model", str(tiny), "--max-tokens", "2"]
+    child = pexpect.spawn(sys.executable, args, env=chat_env(), timeout=60)
+    try:
+        child.expect_exact(b">>> ")
+        child.send(b"caf\xe9\r")  # Latin-1, not UTF-8
+        child.expect_exact(b"(that line is not utf-8 text; nothing was sent)")
+        child.expect_exact(b">>> ")
+        child.sendline(b"hello")
+        child.expect(rb"\[2 tokens")  # the chat goes on
+        child.expect_exact(b">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--max-tokens", "0"], "argument --max-tokens: 0 is not a positive number"),
+        (["--max-tokens", "-5"], "argument --max-tokens: -5 is not a positive number"),
+        (["--temperature", "-1"], "argument --temperature: -1 is out of range: it must be at least 0"),
+        (["--temperature", "nan"], "argument --temperature: 'nan' is not a finite number"),
+        (["--top-p", "0"], "argument --top-p: 0 is out of range: it must be above 0 and at most 1"),
+        (["--top-p", "1.5"], "argument --top-p: 1.5 is out of range: it must be above 0 and at most 1"),
+        (["--seed", "-1"], "argument --seed: -1 is below 0"),  # numpy refused it mid-answer, with a traceback
+        (["--seed", "x"], "argument --seed: 'x' is not a whole number"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_anything_loads(flags, complaint):
+    out = subprocess.run([*CHAT, "--model", "/no/such/dir", *flags], input="hi", capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == f"python -m mlx_oss.chat: error: {complaint}"
