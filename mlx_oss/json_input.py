@@ -16,7 +16,8 @@ def parse_json(data: bytes | str) -> Any:
     """`json.loads`, with every failure a `JsonInputError`.
 
     Nesting thousands of levels deep makes the parser recurse until Python refuses (RecursionError); a bare
-    RecursionError would escape every `except ValueError` and end as a traceback or a 500.
+    RecursionError would escape every `except ValueError` and end as a traceback or a 500. A number of more than
+    4300 digits raises a plain ValueError, which callers catching only JsonInputError would miss.
     """
     try:
         if isinstance(data, bytes):
@@ -28,3 +29,5 @@ def parse_json(data: bytes | str) -> Any:
         raise JsonInputError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise JsonInputError("not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise JsonInputError(f"not valid JSON: {e}") from None
