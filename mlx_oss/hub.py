@@ -1,18 +1,20 @@
 """Downloading a model from the Hugging Face hub into the model store: resumable, verified, cancellable.
 
-huggingface_hub supplies the pieces: the repository's file list with sizes and checksums (`HfApi.model_info`),
-file URLs, its HTTP session and its error types. The transfer itself is ours because the library (2.x) starts a
-file over after any interruption it could not recover within one call, and a gpt-oss shard is 5 GB: here the bytes
+huggingface_hub supplies the pieces: file URLs, its HTTP session, its headers and its error types; the repository's
+file list with sizes and checksums is read by `hub_listing`, as input from a possibly hostile mirror. The transfer
+itself is ours because the library (2.x) starts a file over after any interruption it could not recover within one
+call, and a gpt-oss shard is 5 GB: here the bytes
 that arrived stay in `blobs/<etag>.incomplete` and the next run asks for the rest with an HTTP `Range`. Files land
 in the hub cache's own layout (`blobs/`, `snapshots/<commit>/`, `refs/`), so other Hugging Face tools see them.
 
 Every file is checked as it arrives: its size, and its checksum (the sha256 the hub lists for large files, the git
-blob id for small ones). The download is recorded in the store only when all files passed.
+blob id for small ones). The download is recorded in the store only when all files passed. A body is read raw (no
+decompression) and only up to the listed size: a server that sends more, less or something else is named.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import hashlib
 import os
 import time
@@ -23,36 +25,23 @@ from pathlib import Path
 from .atomic import ensure_free_space
 from .cancel import CancelToken
 from .errors import MlxOssError
-from .store import ModelStore
+from .hub_listing import ALLOW_PATTERNS, HubError, ListingError, RemoteFile, parse_listing, read_body, wanted
+from .store import ModelStore, clip, is_safe_file, shown
 
-# What the product loads: top-level config, weights, tokenizer and template files. The hub repos of gpt-oss also
-# carry `original/` (OpenAI's own format) and `metal/` copies, which are left out with every other folder.
-ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.md", "LICENSE*", "USAGE_POLICY*", "tokenizer*")
+__all__ = ["ALLOW_PATTERNS", "HubError", "ListingError", "RemoteFile", "download", "remote_files", "wanted"]
 CHUNK_BYTES = 1 << 20
 RETRIES = 4  # transfers resumed after a dropped connection before giving up (the next run resumes again)
 RETRY_DELAY_S = 1.0  # doubled after each failure in a row, at most 8 s
 TIMEOUT_S = 30.0
-
-
-class HubError(MlxOssError):
-    """The hub could not be reached, refused the request, or sent something that failed verification."""
+ERROR_BODY_BYTES = 64 << 10  # of an error answer, read for its message
 
 
 class DownloadCancelled(MlxOssError):
     """The download was cancelled; what arrived is kept and the next download resumes it."""
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None  # large (LFS) files
-    blob_id: str  # git blob sha1: the checksum of small files
-
-    @property
-    def etag(self) -> str:
-        """The name the hub cache gives its blob: the sha256 of large files, the git blob id of the others."""
-        return self.sha256 or self.blob_id
+class StorageError(MlxOssError):
+    """The model store's folder cannot be written (read-only, missing, full); what arrived intact is kept."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +51,6 @@ class DownloadProgress:
     done_bytes: int
     total_bytes: int
     bytes_per_s: float  # over this run, counting only bytes fetched (not what a previous run left)
-
-
-def wanted(path: str) -> bool:
-    return "/" not in path and any(fnmatch.fnmatch(path, pattern) for pattern in ALLOW_PATTERNS)
 
 
 def offline() -> bool:
@@ -80,22 +65,55 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
 
 
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit: it names a file under `refs/`, so it must stay a plain relative path there."""
+    if not is_safe_file(revision) or len(revision) > 255 or revision.startswith("-"):
+        raise MlxOssError(f"{shown(revision)} is not a branch, tag or commit name")
+    return revision
+
+
 def remote_files(name: str, revision: str = "main") -> tuple[str, list[RemoteFile]]:
     """The commit `revision` points at and the files of `name` the product needs, as the hub lists them."""
-    from huggingface_hub import HfApi
+    from urllib.parse import quote
 
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    url = f"{endpoint()}/api/models/{name}/revision/{quote(revision, safe='')}?blobs=true"
+    headers = build_hf_headers() | {"Accept-Encoding": "gzip, identity"}
     try:
-        info = HfApi(endpoint=endpoint()).model_info(name, revision=revision, files_metadata=True, timeout=TIMEOUT_S)
+        with get_session().stream("GET", url, headers=headers, timeout=TIMEOUT_S, follow_redirects=True) as r:
+            _raise_for_status(r)
+            body = read_body(r, url)
+    except MlxOssError:
+        raise
     except Exception as e:
         raise hub_error(e, name) from None
-    files = [
-        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id or "")
-        for s in info.siblings or []
-        if wanted(s.rfilename)
-    ]
+    commit, files = parse_listing(body, url)
     if not any(f.path == "config.json" for f in files) or not any(f.path.endswith(".safetensors") for f in files):
         raise HubError(f"{name} on the hub has no config.json and safetensors weights; is it a gpt-oss model?")
-    return info.sha, files
+    return commit, files
+
+
+def _raise_for_status(r) -> None:
+    """huggingface_hub's `hf_raise_for_status` (its error types, the hub's error codes), on at most the first
+    `ERROR_BODY_BYTES` of an error's body: it reads the body for the message, and a hostile server's never ends."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    if r.status_code < 400:
+        return hf_raise_for_status(r)
+    body = bytearray()
+    for chunk in r.iter_raw(ERROR_BODY_BYTES):
+        body += chunk
+        if len(body) >= ERROR_BODY_BYTES:
+            break
+    # The copy carries what we read as UTF-8 text (junk replaced): a compressed or mislabelled body made the
+    # library's own decoding raise UnicodeDecodeError instead of its error.
+    framing = ("content-encoding", "content-length", "transfer-encoding", "content-type")
+    headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in framing]
+    kind = "application/json" if "json" in r.headers.get("Content-Type", "") else "text/plain"
+    headers.append(("Content-Type", f"{kind}; charset=utf-8"))
+    text = bytes(body[:ERROR_BODY_BYTES]).decode("utf-8", "replace").encode()
+    hf_raise_for_status(_http().Response(r.status_code, headers=headers, content=text, request=r.request))
 
 
 def hub_error(error: Exception, name: str, path: str | None = None) -> MlxOssError:
@@ -123,8 +141,13 @@ def hub_error(error: Exception, name: str, path: str | None = None) -> MlxOssErr
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         return HubError(
-            f"{what}: the hub answered {status} {error.response.reason_phrase}; try again later "
+            f"{what}: the hub answered {status} {clip(error.response.reason_phrase, 60)}; try again later "
             "(the download resumes where it stopped)"
+        )
+    if _is_dropped_transfer(error) and path is None:
+        return HubError(
+            f"{name}: the hub closed the connection or sent an answer that is not HTTP we can read "
+            f"({type(error).__name__}); try again later"
         )
     if _is_dropped_transfer(error):
         return HubError(
@@ -132,10 +155,10 @@ def hub_error(error: Exception, name: str, path: str | None = None) -> MlxOssErr
         )
     if _is_network_error(error):
         return HubError(
-            f"cannot reach the hub at {endpoint()} ({type(error).__name__}: {error}); check the connection "
+            f"cannot reach the hub at {endpoint()} ({type(error).__name__}: {clip(error)}); check the connection "
             "(models already on this computer need none)"
         )
-    return HubError(f"{what}: {type(error).__name__}: {error}")
+    return HubError(f"{what}: {type(error).__name__}: {clip(error)}")
 
 
 def _http():
@@ -191,6 +214,7 @@ def download(
     """
     store = store or ModelStore()
     cancel = cancel or CancelToken()
+    check_revision(revision)
     stored = store.get(name)
     if offline():
         if stored.downloaded:
@@ -199,7 +223,17 @@ def download(
     commit, files = remote_files(name, revision)
     if stored.downloaded and stored.revision == commit:
         return stored.layouts["hf"]
+    try:
+        return _download(name, store, revision, commit, files, on_progress, cancel)
+    except OSError as e:  # the store's folder, not the hub: read-only, missing, full
+        where = e.filename or store.root
+        raise StorageError(
+            f"cannot write {where}: {e.strerror or e}; what arrived is kept (check the folder, or set MLX_OSS_MODELS "
+            "to one you can write, and run the download again)"
+        ) from None
 
+
+def _download(name, store, revision, commit, files, on_progress, cancel) -> Path:
     folder = store.folder(name)
     blobs, snapshot = folder / "blobs", folder / "snapshots" / commit
     blobs.mkdir(parents=True, exist_ok=True)
@@ -213,10 +247,10 @@ def download(
         _fetch(name, commit, f, blobs, transfer, cancel)
         _link(snapshot / f.path, blobs / f.etag)
     transfer.add("", 0, force=True)
-    refs = folder / "refs"
-    refs.mkdir(exist_ok=True)
     if revision != commit:
-        (refs / revision).write_text(commit)
+        ref = folder / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
     store.record_download(name, commit, {f.path: f.size for f in files})
     return snapshot
 
@@ -257,18 +291,21 @@ def _fetch(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transf
 
 
 def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Transfer, cancel: CancelToken) -> None:
-    """Fetch `f`, resuming its `.incomplete` file; verify size and checksum on the way."""
+    """Fetch `f`, resuming its `.incomplete` file; verify size and checksum on the way. Never more than the listed
+    size is read; answers that end short are asked again from where they stopped, a few times in a row at most."""
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     partial = blobs / f"{f.etag}.incomplete"
-    partial.touch()
+    with open(partial, "ab") as out:
+        if out.tell() > f.size:  # more than the file can hold: not a prefix of it
+            out.truncate(0)
     hasher = _hasher(f)
     with open(partial, "rb") as existing:  # what an earlier run fetched counts towards the checksum
         while chunk := existing.read(CHUNK_BYTES):
             hasher.update(chunk)
     url = hf_hub_url(name, f.path, revision=commit, endpoint=endpoint())
-    failures = 0
+    failures = short = 0
     while (have := partial.stat().st_size) < f.size:
         if cancel.cancelled:
             raise _cancelled(name)
@@ -277,23 +314,36 @@ def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Tra
             headers["Range"] = f"bytes={have}-"
         try:
             with get_session().stream("GET", url, headers=headers, timeout=TIMEOUT_S, follow_redirects=True) as r:
-                hf_raise_for_status(r)
+                _raise_for_status(r)
+                _check_answer(r, name, f, have)
                 if have and r.status_code != 206:  # the server ignored the range: start the file over
                     transfer.add(f.path, -have)
                     partial.write_bytes(b"")
-                    hasher = _hasher(f)
-                with open(partial, "ab") as out:
-                    for chunk in r.iter_bytes(CHUNK_BYTES):
+                    hasher, have = _hasher(f), 0
+                with open(partial, "ab", buffering=0) as out:
+                    for chunk in r.iter_raw(CHUNK_BYTES):  # raw: we asked for the bytes as stored
                         if cancel.cancelled:
                             raise _cancelled(name)
-                        chunk = chunk[: f.size - out.tell()]
-                        _write(out, chunk, partial)
-                        hasher.update(chunk)
-                        transfer.add(f.path, len(chunk))
+                        room = f.size - have
+                        _write(out, chunk[:room], partial, have)
+                        hasher.update(chunk[:room])
+                        transfer.add(f.path, min(len(chunk), room))
+                        have += min(len(chunk), room)
                         failures = 0
-        except (DownloadCancelled, HubError):
+                        if len(chunk) > room:
+                            raise _too_long(name, f)
+                if have < f.size:  # the answer ended cleanly, short of the listed size
+                    short += 1
+                    if short > RETRIES:
+                        raise HubError(
+                            f"{name}/{f.path}: the hub sent {have} of the listed {f.size} bytes and no more; "
+                            "what arrived is kept: run the download again to resume"
+                        )
+        except (DownloadCancelled, HubError, StorageError):
             raise
         except Exception as e:
+            if isinstance(e, OSError) and not isinstance(e, _http().HTTPError):
+                raise  # our own files (the store's folder), which `download` names
             if not _is_network_error(e) or failures >= RETRIES:
                 raise hub_error(e, name, f.path) from None
             failures += 1
@@ -310,16 +360,44 @@ def _transfer(name: str, commit: str, f: RemoteFile, blobs: Path, transfer: _Tra
     os.replace(partial, blobs / f.etag)
 
 
-def _write(out, chunk: bytes, partial: Path) -> None:
-    """Append `chunk`; on a local failure (a full disk) cut the file back to what was checksummed, and say so."""
-    start = out.tell()
+def _too_long(name: str, f: RemoteFile) -> HubError:
+    return HubError(
+        f"{name}/{f.path}: the hub sent more than the listed {f.size} bytes; stopped reading there "
+        "(the first bytes are kept and checked by the next download)"
+    )
+
+
+def _check_answer(r, name: str, f: RemoteFile, have: int) -> None:
+    """Refuse an answer that announces something other than the rest of the file: compressed though we asked for
+    the bytes as stored, a range other than the one asked for, or a length beyond the listed size."""
+    encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HubError(f"{name}/{f.path}: the hub sent it encoded ({shown(encoding)}) though asked for the file as is")
+    start = have if r.status_code == 206 else 0
+    if r.status_code == 206:
+        content_range = r.headers.get("Content-Range", "")
+        if not content_range.startswith(f"bytes {have}-"):
+            raise HubError(
+                f"{name}/{f.path}: asked for the bytes from {have} on, the hub sent {shown(content_range, 40)}"
+            )
+    declared = r.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > f.size - start:
+        raise _too_long(name, f)
+
+
+def _write(out, chunk: bytes, partial: Path, start: int) -> None:
+    """Append `chunk` to the unbuffered `out`; on a local failure (a full disk) cut the file back to the `start`
+    bytes already checksummed, so the next run resumes from there, and say so."""
+    view = memoryview(chunk)
     try:
-        out.write(chunk)
-        out.flush()
+        while view:
+            view = view[out.write(view) :]
     except OSError as e:
-        out.truncate(start)
-        raise HubError(
-            f"cannot write {partial}: {e.strerror or e}; free some space and run the download again"
+        with contextlib.suppress(OSError):
+            out.truncate(start)
+        raise StorageError(
+            f"cannot write {partial}: {e.strerror or e}; the {start} bytes before are kept: free some space and run "
+            "the download again"
         ) from None
 
 

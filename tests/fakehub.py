@@ -13,7 +13,9 @@ It serves model repos from local folders over real HTTP on 127.0.0.1 and answers
 
 Test knobs: :meth:`FakeHub.fail` (answer an HTTP error for matching requests), :meth:`FakeHub.cut` (announce the full
 ``Content-Length`` but close the connection once a given byte offset of the file is reached), ``honor_range``
-(ignore ``Range`` and always answer 200), and counters (:meth:`FakeHub.bytes_sent`, :attr:`FakeHub.requests`).
+(ignore ``Range`` and always answer 200), :meth:`FakeHub.answer` (a hostile mirror: any status, headers and body,
+endless or compressed ones included, for matching requests), and counters (:meth:`FakeHub.bytes_sent`,
+:attr:`FakeHub.requests`).
 
 Usage::
 
@@ -26,7 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -34,6 +39,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -181,6 +187,46 @@ class _Fault:
 
 
 @dataclass
+class Answer:
+    """A canned answer for requests matching `path_glob`: what a hostile mirror may send. `body` is bytes or a
+    callable giving an iterable of byte pieces (an endless one is cut off after `MAX_HOSTILE_BYTES`). Without a
+    Content-Length in `headers` the body ends when the connection closes. `sent` counts the body bytes written."""
+
+    path_glob: str
+    status: int
+    headers: dict[str, str]
+    body: bytes | Callable[[], Iterable[bytes]]
+    remaining: int | None
+    sent: int = 0
+
+
+MAX_HOSTILE_BYTES = 1 << 30  # an endless body stops here, so a client that never stops reading fails, not hangs
+
+
+def endless(prefix: bytes = b"", piece: bytes = b"\0" * _CHUNK_SIZE) -> Callable[[], Iterable[bytes]]:
+    """A body of `prefix` followed by `piece` repeated without end."""
+
+    def pieces() -> Iterable[bytes]:
+        if prefix:
+            yield prefix
+        while True:
+            yield piece
+
+    return pieces
+
+
+@functools.lru_cache(maxsize=2)
+def gzip_bomb(decoded_bytes: int) -> bytes:
+    """`decoded_bytes` of spaces, gzip-compressed to about a thousandth of that."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as f:
+        block = b" " * (1 << 20)
+        for _ in range(decoded_bytes >> 20):
+            f.write(block)
+    return out.getvalue()
+
+
+@dataclass
 class _Cut:
     at_byte: int
     remaining: int | None  # None = forever
@@ -193,6 +239,7 @@ class RequestRecord:
     query: dict[str, list[str]]
     range: str | None
     status: int
+    authorization: bool  # whether the request carried an Authorization header (a token)
     body_bytes: int  # body bytes the answer carries (file bytes for /resolve, a cut included)
 
 
@@ -201,6 +248,7 @@ class _State:
     repos: dict[str, Repo] = field(default_factory=dict)
     faults: list[_Fault] = field(default_factory=list)
     cuts: dict[tuple[str, str], _Cut] = field(default_factory=dict)
+    answers: list[Answer] = field(default_factory=list)
     honor_range: bool = True
     seconds_per_chunk: float = 0.0  # throttle: a pause after each 64 KiB of a file
     bytes_sent: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -221,6 +269,13 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (as one refusing a hostile answer does) is not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def close_all_connections(self) -> None:
         """Drop keep-alive connections too, so a stopped hub really looks down (connection refused / reset)."""
@@ -265,7 +320,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, status: int, body_bytes: int) -> None:
         with self.state.lock:
             self.state.requests.append(
-                RequestRecord(self.command, self._path, self._query, self.headers.get("Range"), status, body_bytes)
+                RequestRecord(
+                    self.command,
+                    self._path,
+                    self._query,
+                    self.headers.get("Range"),
+                    status,
+                    "Authorization" in self.headers,
+                    body_bytes,
+                )
             )
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
@@ -299,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._path = unquote(split.path)
         self._query = parse_qs(split.query)
         try:
-            if self._apply_fault():
+            if self._apply_fault() or self._apply_answer():
                 return
             if self._raw_path.startswith("/api/models/"):
                 self._handle_api(self._raw_path[len("/api/models/") :])
@@ -323,6 +386,34 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.error_code == "EntryNotFound" and (repo := self._repo_for_resolve()) is not None:
             headers["X-Repo-Commit"] = repo.commit
         self._send_error(fault.status, fault.error_code, f"Injected fault ({fault.status})", headers)
+        return True
+
+    def _apply_answer(self) -> bool:
+        with self.state.lock:
+            answer = next((a for a in self.state.answers if fnmatch.fnmatchcase(self._path, a.path_glob)), None)
+            if answer is None:
+                return False
+            if answer.remaining is not None:
+                answer.remaining -= 1
+                if answer.remaining <= 0:
+                    self.state.answers.remove(answer)
+        delimited = "Content-Length" not in answer.headers  # the body ends when the connection closes
+        self.send_response(answer.status)
+        for name, value in {**answer.headers, **({"Connection": "close"} if delimited else {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self._record(answer.status, 0)
+        pieces = [answer.body] if isinstance(answer.body, bytes) else answer.body()
+        if self.command == "GET":
+            for piece in pieces:
+                if answer.sent >= MAX_HOSTILE_BYTES:
+                    break
+                with self.state.lock:
+                    answer.sent += len(piece)
+                self.wfile.write(piece)
+        self.wfile.flush()
+        if delimited:
+            self.close_connection = True
         return True
 
     def _find_repo(self, repo_id: str) -> Repo | None:
@@ -550,6 +641,22 @@ class FakeHub:
         with self._state.lock:
             self._state.faults.append(fault)
 
+    def answer(
+        self,
+        path_glob: str,
+        body: bytes | Callable[[], Iterable[bytes]] = b"",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        *,
+        times: int | None = None,
+    ) -> Answer:
+        """Answer requests whose decoded URL path matches `path_glob` with `status`, `headers` and `body` as given
+        (see `Answer`); `times` = number of requests (None = forever). Returns the rule, whose `sent` counts."""
+        answer = Answer(path_glob, status, dict(headers or {}), body, times)
+        with self._state.lock:
+            self._state.answers.append(answer)
+        return answer
+
     def cut(self, repo_id: str, filename: str, at_byte: int, *, times: int | None = 1) -> None:
         """Make GETs of a file stop once absolute file offset `at_byte` is reached, then drop the connection.
 
@@ -576,6 +683,7 @@ class FakeHub:
         with self._state.lock:
             self._state.faults.clear()
             self._state.cuts.clear()
+            self._state.answers.clear()
             self._state.honor_range = True
             self._state.seconds_per_chunk = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -363,7 +364,196 @@ def test_a_downloaded_fine_tune_with_unquantized_experts_is_quantized_in_the_sto
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-# -- a damaged store and names the hub would refuse -------------------------------------------------------------------
+# -- a hostile mirror (HF_ENDPOINT) and a damaged store ---------------------------------------------------------------
+
+
+def listing(server: FakeHub, change) -> bytes:
+    """The model-info answer of the fake hub with `change(info)` applied (it edits the dict in place)."""
+    info = server.repo(NAME).model_info(with_metadata=True)
+    change(info)
+    return json.dumps(info).encode()
+
+
+def sibling(info: dict, path: str) -> dict:
+    return next(s for s in info["siblings"] if s["rfilename"] == path)
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda i: sibling(i, BIG)["lfs"].update(sha256="../../../escaped"),
+            rf"siblings\[\d+\] \('{BIG}'\): .*lfs.sha256",
+        ),
+        (lambda i: sibling(i, BIG)["lfs"].update(sha256="A" * 64), "'lfs.sha256' is not 64 lowercase hex digits"),
+        (lambda i: sibling(i, "config.json").update(blobId="../../../escaped"), r"\('config.json'\): field 'blobId'"),
+        (lambda i: sibling(i, "config.json").update(blobId="/tmp/escaped"), "'blobId' is not a git blob id"),
+        (lambda i: i.update(sha="../../../escaped"), "field 'sha' is not a commit hash"),
+        (lambda i: sibling(i, "config.json").update(rfilename="..\\..\\escaped.json"), "not a plain file name"),
+        (lambda i: i["siblings"].append({**sibling(i, "config.json")}), "'config.json' is not a plain file name"),
+    ],
+)
+def test_a_listing_naming_files_outside_the_cache_is_refused(change, message, fake_hub, store, tmp_path):
+    """Checksums name files in blobs/, the commit a folder in snapshots/: `../` in them reached outside the cache."""
+    fake_hub.answer("/api/models/*", listing(fake_hub, change), headers={"Content-Type": "application/json"})
+    before = tree(tmp_path)
+    with pytest.raises(HubError, match=f"{fake_hub.url}/api/models/{NAME}/revision/main.*{message}"):
+        download(NAME, store)
+    assert tree(tmp_path) == before and fetched(fake_hub) == []  # nothing written, nothing fetched
+
+
+def test_a_revision_is_a_name_under_refs_not_a_path(fake_hub, store):
+    with pytest.raises(MlxOssError, match="'../../../escaped' is not a branch, tag or commit name"):
+        download(NAME, store, revision="../../../escaped")
+    assert fake_hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (b"[1, 2]", {}, "expected a JSON object describing the model, got list"),
+        (b'{"sha": "' + b"a" * 40 + b'", "siblings": {"a": 1}}', {}, "field 'siblings' is not a list of files"),
+        (b'{"sha": "' + b"a" * 40 + b'", "siblings": ["config.json"]}', {}, r"siblings\[0\] is not a file entry"),
+        ("size", {}, r"\('config.json'\): field 'size' is not a number of bytes: '12'"),
+        ("negative", {}, "field 'size' is not a number of bytes: '-1'"),
+        (b"[" * 200_000 + b"]" * 200_000, {}, "not valid JSON: nested too deeply"),
+        (b'{"sha": "\xff"}', {}, r"not UTF-8 text \(byte 9\)"),
+        (b'{"sha": ' + b"1" * 5000 + b"}", {}, "Exceeds the limit"),
+        (b"", {"Content-Encoding": "br"}, "sent in an encoding we did not ask for"),
+        ("bomb", {"Content-Encoding": "gzip"}, "the answer is more than 33554432 bytes"),
+        ("endless", {}, "the answer is more than 33554432 bytes"),
+        ("many", {}, "lists more than 1000 files to download"),
+    ],
+)
+def test_a_malformed_listing_is_one_line_naming_it(body, headers, message, fake_hub, store):
+    if body == "size":
+        body = listing(fake_hub, lambda i: sibling(i, "config.json").update(size="12"))
+    elif body == "negative":
+        body = listing(fake_hub, lambda i: sibling(i, "config.json").update(size=-1))
+    elif body == "bomb":
+        from fakehub import gzip_bomb
+
+        body = gzip_bomb(1 << 30)  # 1 GB of spaces in 1 MB
+    elif body == "endless":
+        from fakehub import endless
+
+        body = endless(b'{"sha": "' + b"a" * 40 + b'", "siblings": [', b'{"rfilename": "x"}, ' * 1000)
+    elif body == "many":
+        body = listing(
+            fake_hub,
+            lambda i: i["siblings"].extend(
+                {**sibling(i, "config.json"), "rfilename": f"{n}.json"} for n in range(1001)
+            ),
+        )
+    rule = fake_hub.answer("/api/models/*", body, headers=headers)
+    with pytest.raises(HubError, match=f"^{fake_hub.url}/api/models/{NAME}/revision/main.*: .*{message}") as error:
+        download(NAME, store)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 400
+    assert rule.sent < 100 << 20  # an endless listing is not read to the end
+
+
+def test_a_malformed_listing_on_the_command_line_is_one_line(fake_hub, store):
+    fake_hub.answer("/api/models/*", b"[" * 200_000)
+    out = run_models("download", NAME)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+    assert "not valid JSON: nested too deeply" in out.stderr
+
+
+def test_a_body_that_never_ends_is_read_only_to_the_listed_size(fake_hub, store):
+    from fakehub import endless
+
+    served = (fake_hub.repo(NAME).folder / BIG).read_bytes()
+    rule = fake_hub.answer(f"*/resolve/*/{BIG}", endless(served))  # the file, then zeros until the client stops
+    with pytest.raises(HubError, match=f"{BIG}: the hub sent more than the listed {len(served)} bytes"):
+        download(NAME, store)
+    assert rule.sent < len(served) + (32 << 20)  # read no further than the file (plus what the sockets buffer)
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    path = download(NAME, store)  # the bytes kept were the file: checked, not fetched again
+    assert fake_hub.bytes_sent(NAME, BIG) == 0 and (path / BIG).read_bytes() == served
+
+
+def test_a_body_announced_longer_than_listed_is_refused_before_reading(fake_hub, store):
+    served = (fake_hub.repo(NAME).folder / BIG).read_bytes()
+    length = {"Content-Length": str(len(served) + 1)}
+    fake_hub.answer(f"*/resolve/*/{BIG}", served + b"\0", headers=length)
+    with pytest.raises(HubError, match=f"{BIG}: the hub sent more than the listed {len(served)} bytes"):
+        download(NAME, store)
+    assert store.get(NAME).partial
+
+
+def test_a_body_that_ends_short_is_asked_again_a_few_times_then_resumed_by_the_next_run(fake_hub, store):
+    served = (fake_hub.repo(NAME).folder / BIG).read_bytes()
+    half = len(served) // 2
+    fake_hub.answer(f"*/resolve/*/{BIG}", served[:half], headers={"Content-Length": str(half)}, times=20)
+    with pytest.raises(HubError, match=f"{BIG}: the hub sent {half} of the listed {len(served)} bytes and no more"):
+        download(NAME, store)
+    assert len([r for r in fake_hub.requests if r.path.endswith(BIG)]) == hub.RETRIES + 1
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    path = download(NAME, store)
+    assert fake_hub.bytes_sent(NAME, BIG) == len(served) - half and (path / BIG).read_bytes() == served
+
+
+def test_a_file_sent_compressed_is_refused(fake_hub, store):
+    import gzip
+
+    served = (fake_hub.repo(NAME).folder / "config.json").read_bytes()
+    fake_hub.answer("*/resolve/*/config.json", gzip.compress(served), headers={"Content-Encoding": "gzip"})
+    with pytest.raises(HubError, match=r"config.json: the hub sent it encoded \('gzip'\) though asked for the file"):
+        download(NAME, store)
+
+
+def test_redirects_to_another_host_are_followed_without_the_token_and_bounded(fake_hub, store, monkeypatch):
+    """The hub sends large files from a CDN on another host: followed, but the token stays with the hub."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)  # conftest sets it
+    with FakeHub() as cdn:
+        cdn.add_repo(NAME, fake_hub.repo(NAME).folder)
+        location = f"{cdn.url}/{NAME}/resolve/{fake_hub.repo(NAME).commit}/{BIG}"
+        fake_hub.answer(f"*/resolve/*/{BIG}", status=302, headers={"Location": location, "Content-Length": "0"})
+        path = download(NAME, store)
+        assert [r.authorization for r in cdn.requests] == [False] and cdn.bytes_sent(NAME, BIG) > 0
+    assert [r.path for r in fake_hub.requests if not r.authorization] == []
+    assert store.get(NAME).downloaded and (path / BIG).is_file()
+
+    fake_hub.clear_faults()
+    fake_hub.reset_stats()
+    loop = f"{fake_hub.url}/loop/resolve/main/x"
+    fake_hub.answer("/api/models/*", status=302, headers={"Location": loop, "Content-Length": "0"})
+    fake_hub.answer("/loop/*", status=302, headers={"Location": loop, "Content-Length": "0"})
+    with pytest.raises(HubError, match="TooManyRedirects"):
+        download(NAME, ModelStore(store.root / "other"))
+    assert len(fake_hub.requests) <= 21  # the request and at most 20 redirects
+
+
+@pytest.mark.parametrize("path", ["/api/models/*", f"*/resolve/*/{BIG}"])
+@pytest.mark.parametrize("body", ["endless", "junk", "bomb", "utf-32"])
+def test_an_error_answer_is_read_only_for_its_message(path, body, fake_hub, store):
+    """huggingface_hub reads an error's whole body and decodes it: an endless, compressed or mislabelled one."""
+    from fakehub import endless, gzip_bomb
+
+    headers = {"Content-Encoding": "gzip"} if body in ("junk", "bomb") else {}
+    if body == "utf-32":
+        headers = {"Content-Type": "application/json; charset=utf-32"}
+    content = {"endless": endless(b"<html>"), "junk": os.urandom(5000), "bomb": gzip_bomb(1 << 30)}
+    content = content.get(body, b"\0\xff" * 99)  # utf-32: not text in that encoding either
+    rule = fake_hub.answer(path, content, status=500, headers=headers)
+    with pytest.raises(HubError, match="the hub answered 500 Internal Server Error; try again later"):
+        download(NAME, store)
+    assert rule.sent < 32 << 20
+
+
+def test_huge_headers_are_refused(fake_hub, store):
+    fake_hub.answer("/api/models/*", b"{}", headers={"X-Junk": "a" * 1_000_000, "Content-Length": "2"})
+    with pytest.raises(HubError, match=f"{NAME}: the hub closed the connection or sent an answer that is not HTTP"):
+        download(NAME, store)
 
 
 def test_model_names_longer_than_the_hub_allows_are_one_short_line(store):
@@ -428,3 +618,95 @@ def test_an_index_that_is_not_one_is_named(tmp_path):
         (tmp_path / "model.safetensors.index.json").write_text(text)
         with pytest.raises(MlxOssError, match=f"model.safetensors.index.json: {message}"):
             _weight_map(tmp_path)
+
+
+def test_a_store_that_cannot_be_written_is_one_clear_line(fake_hub, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_OSS_MODELS", str(blocker / "models"))
+    with pytest.raises(MlxOssError, match=f"cannot write {blocker}/models/.*: Not a directory; what arrived is kept"):
+        download(NAME)
+    out = run_models("download", NAME)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Not a directory" in out.stderr
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: a read-only mount
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)]).returncode:
+            pytest.skip("cannot mount a read-only file system here")
+    else:
+        read_only.chmod(0o555)
+    try:
+        monkeypatch.setenv("MLX_OSS_MODELS", str(read_only))
+        with pytest.raises(MlxOssError, match="cannot write .*: (Read-only file system|Permission denied)"):
+            download(NAME)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(read_only)])
+
+
+def test_a_full_disk_mid_file_keeps_what_arrived_and_the_next_run_resumes(fake_hub, store):
+    """A file size limit (RLIMIT_FSIZE) makes writes past 8 MB fail as a full disk does, with no root needed."""
+    import resource
+
+    limit = 8 << 20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_oss.models", "download", NAME],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limited,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert "cannot write " in error and ".incomplete: File too large; the " in error
+    kept = int(error.split("; the ")[1].split(" bytes")[0])
+    (partial,) = (store.folder(NAME) / "blobs").glob("*.incomplete")
+    assert 0 < kept == partial.stat().st_size <= limit  # cut back to what was checksummed
+    fake_hub.reset_stats()
+    path = download(NAME, store)
+    total = sum(f.size for f in fake_hub.repo(NAME).files.values() if hub.wanted(f.path))
+    assert sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files) < total
+    assert store.get(NAME).downloaded and greedy_tokens(path, 2) == greedy_tokens(fake_hub.repo(NAME).folder, 2)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a small file system (root)")
+def test_a_disk_filling_up_mid_download_is_one_line_and_damages_nothing(fake_hub, tmp_path, monkeypatch):
+    """A real ENOSPC: the store on a 128 MB tmpfs that another program fills while a download runs."""
+    import mlx_oss.atomic
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(mlx_oss.atomic, "SPACE_MARGIN", 0)
+        store = ModelStore(disk / "store")
+        other = "openai/already-here"
+        fake_hub.add_repo(other, fake_hub.repo(NAME).folder)
+        download(other, store)
+        before = {p: p.read_bytes() for p in store.folder(other).rglob("*") if p.is_file()}
+
+        def fill_the_disk(p):
+            if p.done_bytes > 5_000_000 and not (disk / "filler").exists():
+                with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+                    while True:
+                        filler.write(b"\0" * (1 << 20))
+                        filler.flush()
+
+        with pytest.raises(MlxOssError, match=r"cannot write .*\.incomplete: No space left on device; the \d+ bytes"):
+            download(NAME, store, on_progress=fill_the_disk)
+        assert {p: p.read_bytes() for p in store.folder(other).rglob("*") if p.is_file()} == before
+        assert store.get(other).downloaded and not store.get(NAME).downloaded and store.get(NAME).partial
+        (disk / "filler").unlink()
+        fake_hub.reset_stats()
+        path = download(NAME, store)
+        total = sum(f.size for f in fake_hub.repo(NAME).files.values() if hub.wanted(f.path))
+        assert sum(fake_hub.bytes_sent(NAME, f) for f in fake_hub.repo(NAME).files) < total
+        assert (path / BIG).read_bytes() == (fake_hub.repo(NAME).folder / BIG).read_bytes()
+    finally:
+        subprocess.run(["umount", str(disk)])
