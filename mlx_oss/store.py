@@ -32,6 +32,7 @@ STORE_ENV = "MLX_OSS_MODELS"
 # ending with a letter, digit or `_`, at most 96 characters a part, no `--` (the cache folder's separator) or `..`.
 NAME_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 MAX_NAME_PART = 96
+MAX_INDEX_BYTES = 64 << 20  # gpt-oss-120b's index is 0.1 MB
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit hash, as the hub cache names its snapshot folders
 OURS = "mlx-oss"  # our folder inside a repository's cache folder
 VERIFIED = "verified.json"
@@ -276,6 +277,8 @@ def _weight_map(directory: Path) -> dict[str, str] | None:
     index = directory / INDEX_FILE
     if not index.is_file():
         return None
+    if index.stat().st_size > MAX_INDEX_BYTES:  # a mirror lists and sends what it likes: not parsed into memory
+        raise MlxOssError(f"{index}: {index.stat().st_size} bytes, more than an index of tensor names can be")
     try:
         data = parse_json(index.read_bytes())
     except ValueError as e:  # JsonInputError, or an integer too long to convert

@@ -618,6 +618,10 @@ def test_an_index_that_is_not_one_is_named(tmp_path):
         (tmp_path / "model.safetensors.index.json").write_text(text)
         with pytest.raises(MlxOssError, match=f"model.safetensors.index.json: {message}"):
             _weight_map(tmp_path)
+    with open(tmp_path / "model.safetensors.index.json", "r+b") as index:
+        index.truncate(65 << 20)  # sparse: costs no disk
+    with pytest.raises(MlxOssError, match="index.json: 68157440 bytes, more than an index of tensor names can be"):
+        _weight_map(tmp_path)
 
 
 def test_a_store_that_cannot_be_written_is_one_clear_line(fake_hub, tmp_path, monkeypatch):
