@@ -93,8 +93,11 @@ def is_commit(text: object) -> bool:
 
 def is_safe_file(path: object) -> bool:
     """`path` is a file path inside a repository that stays inside the folder it is joined to, on every system:
-    relative, no `.`/`..`/empty parts, no backslash (a separator on Windows), drive colon or NUL."""
-    if not isinstance(path, str) or not 0 < len(path) <= 1024 or any(c in path for c in "\\:\0"):
+    relative, no `.`/`..`/empty parts, no backslash (a separator on Windows) or drive colon; and no control
+    characters, which would reach the terminal in messages and listings."""
+    if not isinstance(path, str) or not 0 < len(path) <= 1024 or any(c in path for c in "\\:\x7f"):
+        return False
+    if min(map(ord, path)) < 32:
         return False
     return not path.startswith("/") and all(part not in ("", ".", "..") for part in path.split("/"))
 

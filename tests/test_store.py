@@ -395,6 +395,7 @@ def tree(folder: Path) -> set[str]:
         (lambda i: i.update(sha="../../../escaped"), "field 'sha' is not a commit hash"),
         (lambda i: sibling(i, "config.json").update(rfilename="..\\..\\escaped.json"), "not a plain file name"),
         (lambda i: i["siblings"].append({**sibling(i, "config.json")}), "'config.json' is not a plain file name"),
+        (lambda i: sibling(i, "config.json").update(rfilename="x\x1b[2J.json"), r"'x\\x1b\[2J.json' is not a plain"),
     ],
 )
 def test_a_listing_naming_files_outside_the_cache_is_refused(change, message, fake_hub, store, tmp_path):
