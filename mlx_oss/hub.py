@@ -3,9 +3,9 @@
 huggingface_hub supplies the pieces: file URLs, its HTTP session, its headers and its error types; the repository's
 file list with sizes and checksums is read by `hub_listing`, as input from a possibly hostile mirror. The transfer
 itself is ours because the library (2.x) starts a file over after any interruption it could not recover within one
-call, and a gpt-oss shard is 5 GB: here the bytes
-that arrived stay in `blobs/<etag>.incomplete` and the next run asks for the rest with an HTTP `Range`. Files land
-in the hub cache's own layout (`blobs/`, `snapshots/<commit>/`, `refs/`), so other Hugging Face tools see them.
+call, and a gpt-oss shard is 5 GB: here the bytes that arrived stay in `blobs/<etag>.incomplete` and the next run
+asks for the rest with an HTTP `Range`. Files land in the hub cache's own layout (`blobs/`, `snapshots/<commit>/`,
+`refs/`), so other Hugging Face tools see them.
 
 Every file is checked as it arrives: its size, and its checksum (the sha256 the hub lists for large files, the git
 blob id for small ones). The download is recorded in the store only when all files passed. A body is read raw (no
@@ -209,8 +209,9 @@ def download(
     """Fetch what the product needs of hub model `name` into the store and return its snapshot directory.
 
     A model already downloaded and verified at the same commit costs one metadata request; offline
-    (`HF_HUB_OFFLINE=1`) it costs none. Raises `HubError` (unreachable, refused, corrupted: named) or
-    `DownloadCancelled`; in both cases what arrived intact is kept for the next run.
+    (`HF_HUB_OFFLINE=1`) it costs none. Raises `HubError` (unreachable, refused, corrupted, a listing or answer
+    that is not what the hub sends: named), `StorageError` (the store's folder cannot be written) or
+    `DownloadCancelled`; in every case what arrived intact is kept for the next run.
     """
     store = store or ModelStore()
     cancel = cancel or CancelToken()
@@ -233,7 +234,16 @@ def download(
         ) from None
 
 
-def _download(name, store, revision, commit, files, on_progress, cancel) -> Path:
+def _download(
+    name: str,
+    store: ModelStore,
+    revision: str,
+    commit: str,
+    files: list[RemoteFile],
+    on_progress: Callable[[DownloadProgress], None] | None,
+    cancel: CancelToken,
+) -> Path:
+    """The files of a checked listing into the store; local failures surface as OSError for `download` to name."""
     folder = store.folder(name)
     blobs, snapshot = folder / "blobs", folder / "snapshots" / commit
     blobs.mkdir(parents=True, exist_ok=True)
