@@ -1,8 +1,8 @@
 """OpenAI's Chat Completions and Responses formats, to and from our conversations. No web framework here.
 
 Requests become a `Conversation` and `SamplingParams`, or an `ApiError` with the status, message and parameter an
-OpenAI client expects. The model's reasoning goes in its own field (`reasoning_content` in chat completions, a
-`reasoning` item in responses), never into the answer text.
+OpenAI client expects (each field's type is checked in `api_fields`). The model's reasoning goes in its own field
+(`reasoning_content` in chat completions, a `reasoning` item in responses), never into the answer text.
 """
 
 from __future__ import annotations
@@ -13,28 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import api_fields as f
+from .api_fields import MAX_ITEMS, ApiError
 from .engine import SamplingParams
 from .harmony import REASONING_EFFORTS, Conversation, Message, Tool
 
+__all__ = ["ApiError", "Request", "parse_chat", "parse_responses"]
+
 FUNCTIONS = "functions."
-MAX_STOP_SEQUENCES = 4
-
-
-class ApiError(Exception):
-    """An error to answer with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def kind(self) -> str:
-        return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -60,12 +46,6 @@ def now() -> int:
 # -- checking pieces -------------------------------------------------------------------------------------------
 
 
-def _object(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
 def same_model(requested: str, served: str) -> bool:
     """Whether a request's `model` names the served one: exactly, or as clients configured for other local servers
     spell it (`gpt-oss-20b` or Ollama's `gpt-oss:20b` for `openai/gpt-oss-20b`), in any case."""
@@ -81,41 +61,19 @@ def check_model(body: dict, served: str) -> str:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: the name of the served model", "model")
     if not same_model(model, served):
+        shown = model if len(model) <= 200 else model[:200] + "..."
         raise ApiError(
-            404, f"The model '{model}' does not exist; this server serves '{served}'", "model", "model_not_found"
+            404, f"The model '{shown}' does not exist; this server serves '{served}'", "model", "model_not_found"
         )
     return model
 
 
-def _number(body: dict, name: str, low: float, high: float, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be a number from {low} to {high}, not {value!r}", name)
-    return float(value)
-
-
-def _positive_int(body: dict, *names: str) -> int | None:
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ApiError(400, f"'{name}' must be a positive integer, not {value!r}", name)
-        return value
-    return None
-
-
 def sampling(body: dict, max_names: tuple[str, ...]) -> SamplingParams:
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ApiError(400, f"'seed' must be an integer of 0 or more, not {seed!r}", "seed")
     return SamplingParams(
-        temperature=_number(body, "temperature", 0, 2, 1.0),
-        top_p=_number(body, "top_p", 1e-9, 1, 1.0),
-        seed=seed,
-        max_tokens=_positive_int(body, *max_names),
+        temperature=f.number(body, "temperature", 0, 2, 1.0),
+        top_p=f.number(body, "top_p", 1e-9, 1, 1.0),
+        seed=f.seed(body),
+        max_tokens=f.positive_int(body, *max_names),
     )
 
 
@@ -124,17 +82,26 @@ def effort(value: Any, param: str) -> str:
         return "medium"
     if value == "minimal":
         return "low"
-    if value not in REASONING_EFFORTS:
-        raise ApiError(400, f"'{param}' must be one of low, medium, high, not {value!r}", param)
+    if not isinstance(value, str) or value not in REASONING_EFFORTS:
+        raise ApiError(400, f"'{param}' must be one of low, medium, high, not {f.shown(value)}", param)
     return value
 
 
-def tool(name: Any, description: Any, parameters: Any, param: str) -> Tool:
+def tool(spec: dict, param: str) -> Tool:
+    """A function tool from its `name`, `description` and `parameters` (chat nests them under `function`)."""
+    name, parameters = spec.get("name"), spec.get("parameters")
     if not isinstance(name, str) or not name or not name.replace("_", "a").replace("-", "a").isalnum():
-        raise ApiError(400, f"'{param}.name' must be a function name (letters, digits, _ and -), not {name!r}", param)
+        raise ApiError(
+            400, f"'{param}.name' must be a function name (letters, digits, _ and -), not {f.shown(name)}", param
+        )
+    description = f.string(spec, "description", f"{param}.description") or ""
     if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
         raise ApiError(400, f"'{param}.parameters' of '{name}' must be a JSON schema of type object", param)
-    return Tool(name, description if isinstance(description, str) else "", parameters or None)
+    if f.nesting(parameters, f.MAX_SCHEMA_DEPTH) > f.MAX_SCHEMA_DEPTH:
+        raise ApiError(
+            400, f"'{param}.parameters' of '{name}' is nested more than {f.MAX_SCHEMA_DEPTH} levels deep", param
+        )
+    return Tool(name, description, parameters or None)
 
 
 def apply_tool_choice(choice: Any, tools: list[Tool], instructions: str | None) -> tuple[list[Tool], str | None]:
@@ -150,10 +117,12 @@ def apply_tool_choice(choice: Any, tools: list[Tool], instructions: str | None) 
         ask = "Call one of the functions before you answer."
     elif isinstance(choice, dict) and isinstance(name := _chosen_name(choice), str):
         if name not in {t.name for t in tools}:
-            raise ApiError(400, f"tool_choice names '{name}', which is not among the tools", "tool_choice")
+            raise ApiError(400, f"tool_choice names {f.shown(name)}, which is not among the tools", "tool_choice")
         ask = f"Call the function {name} before you answer."
     else:
-        raise ApiError(400, f"'tool_choice' must be none, auto, required or a function, not {choice!r}", "tool_choice")
+        raise ApiError(
+            400, f"'tool_choice' must be none, auto, required or a function, not {f.json_type(choice)}", "tool_choice"
+        )
     return tools, f"{instructions}\n\n{ask}" if instructions else ask
 
 
@@ -163,67 +132,53 @@ def _chosen_name(choice: dict) -> Any:
     return function.get("name") if isinstance(function, dict) else choice.get("name")
 
 
-def _list(body: dict, name: str, param: str | None = None) -> list:
-    value = body.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ApiError(400, f"'{param or name}' must be a list", param or name)
-    return value
+def _arguments(value: Any, param: str) -> str:
+    """A tool call's arguments: the JSON text OpenAI sends, or (as some clients send) the object itself."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    raise ApiError(400, f"'{param}' must be a string of JSON, not {f.json_type(value)}", param)
 
 
-def _id(value: Any, param: str) -> str:
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ApiError(400, f"'{param}' must be a string", param)
-    return str(value)
-
-
-def _text(content: Any, param: str) -> str:
-    """A message's content: a string, or a list of text parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "input_text", "output_text"):
-                raise ApiError(400, f"'{param}[{i}]' has type {kind!r}; only text parts are supported", param)
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise ApiError(400, f"'{param}' must be a string or a list of text parts", param)
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOP_SEQUENCES} strings", "stop")
-    return stops
-
-
-def _check_order(messages: list[Message], param: str) -> None:
+def _check_order(messages: list[Message], param: str, limit: int) -> None:
     if not messages:
         raise ApiError(400, f"'{param}' must hold at least one user message", param)
+    if len(messages) > limit:
+        raise ApiError(
+            400, f"'{param}' makes {len(messages)} messages; at most {limit} fit in this server's context", param
+        )
     if messages[-1].role == "assistant" and messages[-1].recipient is None:
         raise ApiError(400, f"the last of '{param}' must be a user or tool message, not an assistant answer", param)
     if messages[-1].role == "assistant":
         raise ApiError(400, f"the tool calls at the end of '{param}' need their tool results", param)
 
 
+def _tools(body: dict, limit: int, nested: bool) -> list[Tool]:
+    """The request's function tools: chat's `{"type": "function", "function": {...}}` (`nested`) or responses'
+    flat `{"type": "function", "name", ...}`."""
+    tools = []
+    for i, t in enumerate(f.items(body, "tools", limit)):
+        kind = t.get("type", "function" if nested else None) if isinstance(t, dict) else None
+        spec = (t.get("function") if nested else t) if kind == "function" else None
+        if not isinstance(spec, dict):
+            raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
+        tools.append(tool(spec, f"tools[{i}].function" if nested else f"tools[{i}]"))
+    return tools
+
+
 # -- chat completions ------------------------------------------------------------------------------------------
 
 
-def parse_chat(body: Any, served: str) -> Request:
-    body = _object(body)
+def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> Request:
+    """A chat completion request; `max_items` bounds its messages and tools (see `api_fields.items_limit`)."""
+    body = f.request_object(body)
     check_model(body, served)
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
+    raw = f.items(body, "messages", max_items)
+    if not raw:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    if body.get("n") not in (None, 1):
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, "only n=1 is supported", "n")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
@@ -239,51 +194,45 @@ def parse_chat(body: Any, served: str) -> Request:
         if role in ("system", "developer"):
             if messages:
                 raise ApiError(400, f"'{where}': {role} messages must come before the conversation", where)
-            instructions.append(_text(m.get("content"), f"{where}.content"))
+            instructions.append(f.text(m.get("content"), f"{where}.content"))
         elif role == "user":
-            messages.append(Message.user(_text(m.get("content"), f"{where}.content")))
+            messages.append(Message.user(f.text(m.get("content"), f"{where}.content")))
         elif role == "assistant":
-            thought = m.get("reasoning_content") or m.get("reasoning")
-            if isinstance(thought, str) and thought:
+            thought = f.string(m, "reasoning_content", f"{where}.reasoning_content") or f.string(
+                m, "reasoning", f"{where}.reasoning"
+            )
+            if thought:
                 messages.append(Message.reasoning(thought))
-            text = _text(m.get("content"), f"{where}.content")
+            text = f.text(m.get("content"), f"{where}.content")
             if text:
                 messages.append(Message.answer(text))
-            for j, call in enumerate(_list(m, "tool_calls", f"{where}.tool_calls")):
+            for j, call in enumerate(f.items(m, "tool_calls", max_items, f"{where}.tool_calls")):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                     raise ApiError(400, f"'{where}.tool_calls[{j}]' needs a function name", where)
-                calls[_id(call.get("id"), f"{where}.tool_calls[{j}].id")] = function["name"]
-                arguments = function.get("arguments")
-                messages.append(
-                    Message.tool_call(
-                        FUNCTIONS + function["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)
-                    )
-                )
+                calls[f.identifier(call.get("id"), f"{where}.tool_calls[{j}].id")] = function["name"]
+                arguments = _arguments(function.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
+                messages.append(Message.tool_call(FUNCTIONS + function["name"], arguments))
         elif role == "tool":
-            call_id = _id(m.get("tool_call_id"), f"{where}.tool_call_id")
+            call_id = f.identifier(m.get("tool_call_id"), f"{where}.tool_call_id")
             if call_id not in calls:
                 raise ApiError(
-                    400, f"'{where}' answers tool_call_id {call_id!r}, which no earlier assistant message made", where
+                    400,
+                    f"'{where}' answers tool_call_id {f.shown(call_id)}, which no earlier assistant message made",
+                    where,
                 )
             messages.append(
-                Message.tool_result(FUNCTIONS + calls[call_id], _text(m.get("content"), f"{where}.content"))
+                Message.tool_result(FUNCTIONS + calls[call_id], f.text(m.get("content"), f"{where}.content"))
             )
         else:
             raise ApiError(
-                400, f"'{where}.role' must be system, developer, user, assistant or tool, not {role!r}", where
+                400, f"'{where}.role' must be system, developer, user, assistant or tool, not {f.shown(role)}", where
             )
-    _check_order(messages, "messages")
-    tools = []
-    for i, t in enumerate(_list(body, "tools")):
-        function = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
-        if not isinstance(function, dict):
-            raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
-        tools.append(
-            tool(function.get("name"), function.get("description"), function.get("parameters"), f"tools[{i}].function")
-        )
-    tools, joined = apply_tool_choice(body.get("tool_choice"), tools, "\n\n".join(instructions) or None)
-    options = body.get("stream_options") or {}
+    _check_order(messages, "messages", max_items)
+    tools, joined = apply_tool_choice(
+        body.get("tool_choice"), _tools(body, max_items, nested=True), "\n\n".join(instructions) or None
+    )
+    options = f.obj(body, "stream_options")
     return Request(
         Conversation(
             messages,
@@ -293,9 +242,9 @@ def parse_chat(body: Any, served: str) -> Request:
             current_date=time.strftime("%Y-%m-%d"),
         ),
         sampling(body, ("max_completion_tokens", "max_tokens")),
-        stream=bool(body.get("stream")),
-        stop=_stop(body),
-        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        stream=f.boolean(body, "stream"),
+        stop=f.stops(body),
+        include_usage=f.boolean(options, "include_usage", "stream_options.include_usage"),
     )
 
 
@@ -319,8 +268,18 @@ def tool_call_json(index: int, call_id: str, name: str, arguments: str) -> dict:
 # -- responses -------------------------------------------------------------------------------------------------
 
 
-def parse_responses(body: Any, served: str) -> Request:
-    body = _object(body)
+def _tool_output(value: Any, param: str) -> str:
+    """A function_call_output's `output`: a string, text parts, or (as some clients send) a JSON object."""
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str | list):
+        return f.text(value, param)
+    raise ApiError(400, f"'{param}' must be a string, not {f.json_type(value)}", param)
+
+
+def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Request:
+    """A Responses API request; `max_items` bounds its input items and tools."""
+    body = f.request_object(body)
     check_model(body, served)
     if body.get("previous_response_id") is not None:
         raise ApiError(
@@ -329,12 +288,13 @@ def parse_responses(body: Any, served: str) -> Request:
             "previous_response_id",
         )
     raw = body.get("input")
-    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
-    if not isinstance(items, list) or not items:
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else f.items(body, "input", max_items)
+    if not items:
         raise ApiError(400, "'input' must be a string or a non-empty list of items", "input")
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise ApiError(400, "'instructions' must be a string", "instructions")
+    instructions = f.string(body, "instructions")
+    text_format = f.obj(f.obj(body, "text"), "format", "text.format")
+    if text_format.get("type", "text") != "text":
+        raise ApiError(400, "text.format other than text is not supported; ask for the format in the input", "text")
     notes: list[str] = [instructions] if instructions else []
     messages: list[Message] = []
     calls: dict[str, str] = {}
@@ -345,7 +305,7 @@ def parse_responses(body: Any, served: str) -> Request:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            text = _text(item.get("content"), f"{where}.content")
+            text = f.text(item.get("content"), f"{where}.content")
             if role in ("system", "developer"):
                 if messages:
                     raise ApiError(400, f"'{where}': {role} messages must come before the conversation", where)
@@ -355,60 +315,72 @@ def parse_responses(body: Any, served: str) -> Request:
             elif role == "assistant":
                 messages.append(Message.answer(text))
             else:
-                raise ApiError(400, f"'{where}.role' must be system, developer, user or assistant, not {role!r}", where)
+                raise ApiError(
+                    400, f"'{where}.role' must be system, developer, user or assistant, not {f.shown(role)}", where
+                )
         elif kind == "reasoning":
-            parts = _list(item, "content", f"{where}.content")
-            text = "".join(str(part.get("text", "")) for part in parts if isinstance(part, dict))
+            text = _reasoning_text(f.items(item, "content", MAX_ITEMS, f"{where}.content"), f"{where}.content")
             if text:
                 messages.append(Message.reasoning(text))
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
                 raise ApiError(400, f"'{where}' needs a function name", where)
-            calls[_id(item.get("call_id"), f"{where}.call_id")] = item["name"]
-            messages.append(Message.tool_call(FUNCTIONS + item["name"], str(item.get("arguments", ""))))
+            calls[f.identifier(item.get("call_id"), f"{where}.call_id")] = item["name"]
+            arguments = _arguments(item.get("arguments", ""), f"{where}.arguments")
+            messages.append(Message.tool_call(FUNCTIONS + item["name"], arguments))
         elif kind == "function_call_output":
-            call_id = _id(item.get("call_id"), f"{where}.call_id")
+            call_id = f.identifier(item.get("call_id"), f"{where}.call_id")
             if call_id not in calls:
                 raise ApiError(
-                    400, f"'{where}' answers call_id {call_id!r}, which no earlier function_call made", where
+                    400, f"'{where}' answers call_id {f.shown(call_id)}, which no earlier function_call made", where
                 )
-            output = item.get("output")
-            messages.append(
-                Message.tool_result(
-                    FUNCTIONS + calls[call_id], output if isinstance(output, str) else json.dumps(output)
-                )
-            )
+            output = _tool_output(item.get("output"), f"{where}.output")
+            messages.append(Message.tool_result(FUNCTIONS + calls[call_id], output))
         else:
-            raise ApiError(400, f"'{where}.type' {kind!r} is not supported", where)
-    _check_order(messages, "input")
-    tools = []
-    for i, t in enumerate(_list(body, "tools")):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
-        tools.append(tool(t.get("name"), t.get("description"), t.get("parameters"), f"tools[{i}]"))
+            raise ApiError(400, f"'{where}.type' {f.shown(kind)} is not supported", where)
+    _check_order(messages, "input", max_items)
+    tools = _tools(body, max_items, nested=False)
     tools, joined = apply_tool_choice(body.get("tool_choice"), tools, "\n\n".join(notes) or None)
-    reasoning = body.get("reasoning") or {}
+    reasoning = f.obj(body, "reasoning")
+    parsed_sampling = sampling(body, ("max_output_tokens",))
     return Request(
         Conversation(
             messages,
-            reasoning_effort=effort(
-                reasoning.get("effort") if isinstance(reasoning, dict) else None, "reasoning.effort"
-            ),
+            reasoning_effort=effort(reasoning.get("effort"), "reasoning.effort"),
             instructions=joined,
             tools=tools,
             current_date=time.strftime("%Y-%m-%d"),
         ),
-        sampling(body, ("max_output_tokens",)),
-        stream=bool(body.get("stream")),
+        parsed_sampling,
+        stream=f.boolean(body, "stream"),
         extras={
             "instructions": instructions,
-            "tools": body.get("tools") or [],
-            "tool_choice": body.get("tool_choice") or "auto",
-            "temperature": body.get("temperature", 1.0),
-            "top_p": body.get("top_p", 1.0),
-            "max_output_tokens": body.get("max_output_tokens"),
+            "tools": [
+                {"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
+                for t in tools
+            ],
+            "tool_choice": _choice_echo(body.get("tool_choice")),
+            "temperature": parsed_sampling.temperature,
+            "top_p": parsed_sampling.top_p,
+            "max_output_tokens": parsed_sampling.max_tokens,
         },
     )
+
+
+def _reasoning_text(parts: list, param: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise ApiError(400, f"'{param}[{j}]' must be a reasoning_text part", param)
+        texts.append(f.string(part, "text", f"{param}[{j}].text") or "")
+    return "".join(texts)
+
+
+def _choice_echo(choice: Any) -> str | dict:
+    """The tool_choice as a response shows it: what was asked, rebuilt (never the client's object itself)."""
+    if isinstance(choice, dict):
+        return {"type": "function", "name": _chosen_name(choice)}
+    return choice or "auto"
 
 
 def response_usage(prompt: int, completion: int, cached: int, reasoning_tokens: int) -> dict:

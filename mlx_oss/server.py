@@ -4,13 +4,18 @@ One engine serves one generation at a time, in request order, on a worker thread
 requests wait, the rest are told the server is busy (429). A client that goes away mid-answer cancels its
 generation at the next token. The engine keeps its KV cache between requests, so the next request of the same
 conversation prefills only what is new.
+
+Requests are checked before they cost anything (`intake`), parsed and rendered off the event loop, and every
+failure is answered in OpenAI's error shape: client errors (4xx) and clients that leave are not logged, a
+server error (500) is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import json
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,14 +23,17 @@ from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .api_fields import items_limit
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
 from .errors import MlxOssError
 from .harmony import render_prompt
+from .intake import Guard, parse_body, read_body
 from .openai_api import (
     FINISH,
     ApiError,
@@ -40,8 +48,10 @@ from .openai_api import (
     same_model,
     tool_call_json,
 )
+from .stops import StopFilter
 
 END = object()
+log = logging.getLogger("mlx_oss.server")
 
 
 class Job:
@@ -86,33 +96,6 @@ class GenerationQueue:
                 with self._lock:
                     self._queued -= 1
                 job.push(END)
-
-
-class StopFilter:
-    """Ends the answer at the first stop sequence; holds back a possible beginning of one until it is decided."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
 
 
 @dataclass
@@ -166,33 +149,50 @@ def sse(data: dict | str) -> str:
 
 
 class Server:
-    def __init__(self, engine: Engine, model_id: str, api_key: str | None = None, max_waiting: int = 8):
+    """The app for one engine. Without `api_key`, only requests addressed to this computer (localhost, a loopback
+    address) or to one of `allowed_hosts` are answered."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_id: str,
+        api_key: str | None = None,
+        max_waiting: int = 8,
+        allowed_hosts: tuple[str, ...] = (),
+    ):
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
+        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
         self.generations = GenerationQueue(engine, max_waiting)
 
     # -- plumbing --------------------------------------------------------------------------------------------
 
     def app(self) -> Starlette:
         routes = [
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/responses", self.responses, methods=["POST"]),
+            Route("/v1/models", _answering(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _answering(self.model), methods=["GET"]),
+            Route("/v1/chat/completions", _answering(self.chat_completions), methods=["POST"]),
+            Route("/v1/responses", _answering(self.responses), methods=["POST"]),
             Route("/health", lambda request: JSONResponse({"status": "ok"}), methods=["GET"]),
         ]
         return Starlette(
             routes=routes,
-            middleware=[Middleware(_Guard, server=self)],
-            exception_handlers={ApiError: _error, 404: _not_found, 405: _not_allowed, Exception: _unexpected},
+            middleware=[Middleware(Guard, api_key=self.api_key, allowed_hosts=self.allowed_hosts)],
+            exception_handlers={404: _not_found, 405: _not_allowed},
         )
 
     async def _start(self, request: HttpRequest, parse) -> tuple[Request, list[int], Job]:
+        body = await read_body(request)
+        parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
+        return parsed, prompt, self.generations.submit(prompt, parsed.sampling)
+
+    def _prepare(self, body: bytes, parse) -> tuple[Request, list[int]]:
+        """The request and its prompt tokens, on a worker thread: large bodies take a while to parse and render,
+        and meanwhile the event loop answers everyone else."""
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        parsed = parse(body, self.model_id)
-        prompt = await asyncio.to_thread(render_prompt, parsed.conversation)
+            parsed = parse(parse_body(body), self.model_id, items_limit(self.engine.context_length))
+            prompt = render_prompt(parsed.conversation)
+        except RecursionError:  # a value nested almost as deep as the parser allows, re-encoded one level deeper
+            raise ApiError(400, "the request is nested too deeply") from None
         if len(prompt) >= self.engine.context_length:
             raise ApiError(
                 400,
@@ -201,7 +201,7 @@ class Server:
                 "messages",
                 "context_length_exceeded",
             )
-        return parsed, prompt, self.generations.submit(prompt, parsed.sampling)
+        return parsed, prompt
 
     @staticmethod
     async def _collect(job: Job, request: HttpRequest, stops: list[str]) -> Turn:
@@ -294,7 +294,7 @@ class Server:
                 yield chunk({}, usage=usage)
             yield sse("[DONE]")
         except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it, in OpenAI's shape
-            yield sse(_as_api_error(e).body())
+            yield sse(_as_api_error(e, "POST /v1/chat/completions (streaming)").body())
         finally:
             job.cancel.cancel()  # the client left, or we are done: either way nothing more to generate
 
@@ -332,8 +332,8 @@ class Server:
             for event in stream.close():
                 yield event
             yield stream.event("response.completed", response=self._response(response_id, turn, parsed, stream.items))
-        except Exception as e:  # noqa: BLE001
-            error = _as_api_error(e)
+        except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it
+            error = _as_api_error(e, "POST /v1/responses (streaming)")
             yield stream.event("error", message=error.message, code=error.code, param=error.param)
         finally:
             job.cancel.cancel()
@@ -461,24 +461,34 @@ class ResponseEvents:
         return out
 
 
-# -- errors and the API key ------------------------------------------------------------------------------------
+# -- errors ---------------------------------------------------------------------------------------------------
 
 
-async def _error(request: HttpRequest, exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def _answering(endpoint):
+    """`endpoint`, answering every error in OpenAI's shape itself: Starlette's handler for unexpected errors
+    answers too, but then re-raises them for the server to log with a traceback."""
+
+    @functools.wraps(endpoint)
+    async def answer(request: HttpRequest) -> Response:
+        try:
+            return await endpoint(request)
+        except ClientDisconnect:  # the client left while sending its request: nobody to answer
+            return Response(status_code=400)
+        except Exception as e:  # noqa: BLE001
+            error = _as_api_error(e, f"{request.method} {request.url.path}")
+            return JSONResponse(error.body(), status_code=error.status)
+
+    return answer
 
 
-def _as_api_error(error: Exception) -> ApiError:
+def _as_api_error(error: Exception, where: str) -> ApiError:
+    """The answer to `error`; one that is not the client's doing (a 500) is logged as one line naming `where`."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, MlxOssError | ValueError):
         return ApiError(400, str(error))
+    log.error("%s failed: %s: %s", where, type(error).__name__, error)
     return ApiError(500, f"the generation failed: {type(error).__name__}: {error}", code="server_error")
-
-
-async def _unexpected(request: HttpRequest, exc: Exception) -> Response:
-    error = _as_api_error(exc)
-    return JSONResponse(error.body(), status_code=error.status)
 
 
 async def _not_found(request: HttpRequest, exc) -> Response:
@@ -487,38 +497,3 @@ async def _not_found(request: HttpRequest, exc) -> Response:
 
 async def _not_allowed(request: HttpRequest, exc) -> Response:
     return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(), status_code=405)
-
-
-class _Guard:
-    """Checks every request before it reaches the endpoints, answering refusals in OpenAI's shape."""
-
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            error = self.check(scope)
-            if error is not None:
-                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def check(self, scope) -> ApiError | None:
-        headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
-            # a web page may send text/plain to 127.0.0.1 unasked; JSON needs the browser's permission first
-            return ApiError(415, "send the request body as application/json")
-        if self.server.api_key:
-            if scope["path"] == "/health":
-                return None
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.server.api_key}".encode()):
-                return ApiError(
-                    401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-                )
-            return None
-        host = headers.get(b"host", b"").decode("latin-1").rsplit(":", 1)[0].strip("[]")
-        if host not in ("localhost", "::1") and not host.startswith("127."):
-            # without a key, only requests addressed to this computer are answered (no DNS rebinding)
-            return ApiError(403, f"requests for host {host!r} are refused; use 127.0.0.1, or serve with --api-key")
-        return None

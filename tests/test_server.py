@@ -7,13 +7,17 @@ a script of harmony tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -27,10 +31,21 @@ uvicorn = pytest.importorskip("uvicorn")
 import mlx_oss  # noqa: E402
 from mlx_oss.engine import AnswerDelta, Engine  # noqa: E402
 from mlx_oss.harmony import render_prompt  # noqa: E402
-from mlx_oss.openai_api import parse_chat, same_model  # noqa: E402
+from mlx_oss.intake import MAX_BODY_BYTES  # noqa: E402
+from mlx_oss.openai_api import ApiError, parse_chat, parse_responses, same_model  # noqa: E402
+from mlx_oss.serve import build_parser  # noqa: E402
 from mlx_oss.server import Server  # noqa: E402
 
 CONTEXT = 1024
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def free_port() -> int:
@@ -63,7 +78,7 @@ def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
-    proc, url = start_server(tiny_checkpoint, "--context", str(CONTEXT))
+    proc, url = start_server(tiny_checkpoint, "--context", str(CONTEXT), "--allow-host", "mybox.example")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -77,6 +92,37 @@ def client(served):
 @pytest.fixture(scope="module")
 def model_id(served) -> str:
     return httpx.get(f"{served}/v1/models").json()["data"][0]["id"]
+
+
+def nested_tool(levels: int) -> dict:
+    """A function tool whose parameters nest `levels` objects deep."""
+    parameters: dict = {"type": "object"}
+    for _ in range(levels - 1):
+        parameters = {"type": "object", "properties": {"inner": parameters}}
+    return {"type": "function", "function": {"name": "deep", "parameters": parameters}}
+
+
+def exchange(url: str, head: str, chunks=()) -> tuple[int, dict, int]:
+    """One request over a plain socket, for what an HTTP client will not send: (status, JSON body, body bytes
+    sent). Sending stops as soon as the server answers."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head.encode("latin-1"))
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break  # answered before the whole body was sent
+            s.sendall(chunk)
+            sent += len(chunk)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head_part, _, body = data.partition(b"\r\n\r\n")
+        lines = head_part.decode("latin-1").split("\r\n")
+        length = int(next(line.split(":")[1] for line in lines if line.lower().startswith("content-length:")))
+        while len(body) < length:
+            body += s.recv(65536)
+    return int(lines[0].split()[1]), json.loads(body), sent
 
 
 def engine_answer(tiny_checkpoint, body: dict) -> tuple[str, list[int]]:
@@ -243,6 +289,73 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
             "'tool_choice' must be",
             "tool_choice",
         ),
+        # JSON no parser should take whole, or that Python's parser refuses in its own ways
+        ("[" * 200_000 + "]" * 200_000, 400, "the request body is not valid JSON: nested too deeply", None),
+        (b'{"model": "\xff"}', 400, "the request body is not UTF-8 text (byte 11)", None),
+        ('{"seed": ' + "9" * 5000 + "}", 400, "not valid JSON: Exceeds the limit (4300 digits)", None),
+        ({"messages": [[]] * 600_000}, 400, "more than 1000000 JSON values", None),
+        # more than any conversation that fits the context (1024 tokens: at most 256 messages of 4 tokens)
+        ({"messages": [{"role": "user", "content": "hi"}] * 300}, 400, "holds 300 items; at most 256 fit", "messages"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER] * 300},
+            400,
+            "holds 300 items; at most 256 fit",
+            "tools",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [nested_tool(70)]},
+            400,
+            "is nested more than 64 levels deep",
+            "tools[0].function",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": "x" * 1001}, 400, "at most 1000 characters", "stop"),
+        # wrong types are refused, not taken for something else
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "'stream' must be true or", "stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "only n=1", "n"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": 1}},
+            400,
+            "must be true or false, not a number",
+            "stream_options.include_usage",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream_options": 5}, 400, "an object", "stream_options"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "must be a string, not a number",
+            "messages[0].content[0].text",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello", "reasoning_content": ["thought"]},
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            400,
+            "must be a string, not a list",
+            "messages[1].reasoning_content",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": 5}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "{}"},
+                ]
+            },
+            400,
+            "must be a string of JSON",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [{"function": {"name": "f", "description": 5}}]},
+            400,
+            "must be a string",
+            "tools[0].function.description",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "from 0 to 2**64 - 1", "seed"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_and_the_server_goes_on(served, model_id, body, status, fragment, param):
@@ -321,30 +434,30 @@ def test_listening_beyond_this_computer_needs_a_flag_and_a_key(tiny_checkpoint, 
 # -- tool calls, on a scripted model ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def scripted():
-    """(model, url): the real server app under uvicorn on 127.0.0.1, in this process, on a scripted model."""
-    model = ScriptedModel(step_delay=0.0)
-    server = Server(Engine(model), "scripted", max_waiting=1)
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[str]:
+    """The server's app under uvicorn on 127.0.0.1, in this process; yields its URL."""
     port = free_port()
     runner = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    wait_until_up(url)
-    yield model, url
-    runner.should_exit = True
-    thread.join(timeout=30)
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        runner.should_exit = True
+        thread.join(timeout=30)
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+@pytest.fixture
+def scripted():
+    """(model, url): the real server app under uvicorn on 127.0.0.1, in this process, on a scripted model."""
+    model = ScriptedModel(step_delay=0.0)
+    with serving(Server(Engine(model), "scripted", max_waiting=1)) as url:
+        yield model, url
+
+
 CALL = (
     "<|channel|>analysis<|message|>I need the weather.<|end|><|start|>assistant<|channel|>commentary "
     'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
@@ -458,3 +571,166 @@ def test_a_full_queue_is_told_to_come_back(scripted):
     busy = next(r for r in replies if r.status_code == 429).json()["error"]
     assert busy["type"] == "rate_limit_error" and "busy" in busy["message"]
     assert np.all([r.json()["usage"]["completion_tokens"] == 40 for r in replies if r.status_code == 200])
+
+
+# -- what a hostile or broken client can do -------------------------------------------------------------------
+
+
+def test_only_names_of_this_computer_or_allowed_ones_are_answered_without_a_key(served):
+    answered = ["127.0.0.1", "127.0.0.1:8080", "LocalHost", "localhost:1", "127.8.9.10", "[::1]", "[::1]:8080"]
+    answered += ["mybox.example", "MyBox.Example:8080"]  # --allow-host mybox.example
+    refused = ["127.0.0.1.evil.example", "127.0.0.1.evil.example:8080", "localhost.evil.example", "127.1"]
+    refused += ["::1", "[::1]evil", "[127.0.0.1]", "127.0.0.1:x", "mybox.example.evil.example", "attacker.example"]
+    for host in answered + refused:
+        reply = httpx.get(f"{served}/v1/models", headers={"host": host})
+        assert reply.status_code == (200 if host in answered else 403), host
+        if host in refused:
+            assert "--allow-host NAME" in reply.json()["error"]["message"]
+    assert "--allow-host NAME" in build_parser().format_help()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served, model_id):
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    status, body, _ = exchange(served, f"{head}Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n")  # and no body
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "16 MB" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+    chunk = b'"' + b"x" * (2**20 - 2) + b'"'
+    offered = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 40 + [b"0\r\n\r\n"]  # 40 MB, its length not told
+    status, body, sent = exchange(served, f"{head}Transfer-Encoding: chunked\r\n\r\n", offered)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert sent < MAX_BODY_BYTES + 8 * 2**20  # refused while it streamed in
+
+
+def test_while_a_huge_request_is_refused_the_server_answers_others(served, model_id):
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hi"}] * 300_000})  # 9 MB
+    replies = []
+    sender = threading.Thread(
+        target=lambda: replies.append(
+            httpx.post(
+                f"{served}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=300
+            )
+        )
+    )
+    sender.start()
+    waits = []
+    while sender.is_alive():
+        started = time.monotonic()
+        assert httpx.get(f"{served}/health", timeout=300).status_code == 200
+        waits.append(time.monotonic() - started)
+        time.sleep(0.01)
+    sender.join()
+    (reply,) = replies
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    assert max(waits) < 1.0, waits  # the server took 30 s and 5 GB over such a request, deaf meanwhile
+
+
+def test_refusals_and_clients_that_leave_write_no_traceback(tiny_checkpoint):
+    proc, url = start_server(tiny_checkpoint, "--context", str(CONTEXT))
+    try:
+        model_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        json_header = {"content-type": "application/json"}
+        hi = [{"role": "user", "content": "hi"}]
+        for body in [
+            "{not json",
+            "[" * 200_000 + "]" * 200_000,
+            json.dumps({"model": "gpt-4o", "messages": hi}),
+            json.dumps({"model": model_id, "messages": hi, "tools": [nested_tool(100)]}),
+            json.dumps({"model": model_id, "messages": [{"role": "user", "content": "\ud800"}]}),
+        ]:
+            reply = httpx.post(f"{url}/v1/chat/completions", content=body, headers=json_header)
+            assert 400 <= reply.status_code < 500, reply.text
+        assert httpx.get(f"{url}/v1/models", headers={"host": "evil.example"}).status_code == 403
+        assert httpx.get(f"{url}/nowhere").status_code == 404
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        assert exchange(url, f"{head}Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n")[0] == 413
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:  # leaves mid-body
+            s.sendall(f'{head}Content-Length: 1000\r\n\r\n{{"model": '.encode())
+            time.sleep(0.3)
+        stream = {"model": model_id, "messages": hi, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=stream) as reply:  # leaves mid-answer
+            for i, _ in enumerate(reply.iter_lines()):
+                if i == 4:
+                    break
+        with pytest.raises(httpx.TimeoutException):  # leaves before the answer
+            httpx.post(f"{url}/v1/chat/completions", json={"model": model_id, "messages": hi}, timeout=0.5)
+        ok = httpx.post(f"{url}/v1/chat/completions", json={"model": model_id, "messages": hi, "max_tokens": 2})
+        assert ok.status_code == 200
+    finally:
+        proc.terminate()
+        _, log = proc.communicate(timeout=30)
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+class FailingModel(ScriptedModel):
+    def forward(self, token_ids, cache, last_only: bool = False):
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_a_server_error_is_one_line_in_the_log(caplog, capfd):
+    body = {"model": "failing", "messages": [{"role": "user", "content": "hi"}]}
+    with serving(Server(Engine(FailingModel()), "failing")) as url, caplog.at_level(logging.ERROR):
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        streamed = httpx.post(f"{url}/v1/chat/completions", json=body | {"stream": True}, timeout=60)
+    error = reply.json()["error"]
+    assert reply.status_code == 500 and error["code"] == "server_error" and "fell over" in error["message"]
+    assert '"code": "server_error"' in streamed.text  # the stream had begun: the error is its last event
+    records = [r for r in caplog.records if r.name == "mlx_oss.server"]
+    assert [r.getMessage() for r in records] == [
+        "POST /v1/chat/completions failed: RuntimeError: the accelerator fell over",
+        "POST /v1/chat/completions (streaming) failed: RuntimeError: the accelerator fell over",
+    ]
+    assert all(r.levelno == logging.ERROR and r.exc_info is None for r in records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--port", "70000"], "argument --port: 70000 is not a port (1 to 65535)"),
+        (["--port", "0"], "argument --port: 0 is not a port (1 to 65535)"),
+        (["--context", "-5"], "argument --context: -5 is not a positive number"),
+        (["--context", "0"], "argument --context: 0 is not a positive number"),  # it meant the model's 131072
+        (["--max-waiting", "-1"], "argument --max-waiting: -1 is below 0"),  # it refused every request
+        (
+            ["--allow-host", "box:80"],
+            "argument --allow-host: 'box:80' is not a host name (give it without port or scheme)",
+        ),
+    ],
+)
+def test_serve_options_out_of_range_are_one_line(flags, complaint, capsys):
+    with pytest.raises(SystemExit) as leaving:
+        build_parser().parse_args(["--model", "some/model", *flags])
+    assert leaving.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m mlx_oss.serve: error: {complaint}"
+
+
+RESPONSE_CALL = [
+    {"role": "user", "content": "hi"},
+    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"reasoning": 5}, "reasoning"),  # was taken as medium
+        ({"reasoning": {"effort": 5}}, "reasoning.effort"),
+        ({"stream": "yes"}, "stream"),  # was taken as true
+        ({"stream": 1}, "stream"),
+        ({"text": {"format": {"type": "json_schema"}}}, "text"),  # was ignored: the answer would not follow it
+        ({"text": 5}, "text"),
+        ({"instructions": 5}, "instructions"),
+        ({"input": [{"type": "reasoning", "content": ["x"]}, {"role": "user", "content": "hi"}]}, "input[0].content"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": 5}]}, "input[0].arguments"),
+        ({"input": [*RESPONSE_CALL, {"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[2].output"),
+        ({"tools": [{"type": "function", "name": "f", "description": 5}]}, "tools[0].description"),
+        ({"max_output_tokens": True}, "max_output_tokens"),
+        ({"temperature": "1"}, "temperature"),
+        ({"tool_choice": 5}, "tool_choice"),
+        ({"input": [{"role": "user", "content": "hi"}] * 257}, "input"),
+    ],
+)
+def test_responses_fields_of_the_wrong_type_are_refused(fields, param):
+    with pytest.raises(ApiError) as refused:
+        parse_responses({"model": "m", "input": "hi"} | fields, "m", max_items=256)
+    assert refused.value.status == 400 and refused.value.param == param

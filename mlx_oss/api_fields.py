@@ -1,0 +1,182 @@
+"""Reading the fields of an OpenAI request: each has the JSON type the API documents, or the request gets a 400
+that names it (`stream: "yes"` is refused, not taken as true), and nothing a client sends can make the server
+work without bound: lists, stop sequences and tool schemas have limits no conversation that fits the context
+comes near.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_LENGTH = 1000  # characters of one stop sequence
+MESSAGE_TOKENS = 4  # the fewest tokens a rendered message takes: <|start|>user<|message|><|end|>
+MAX_ITEMS = 131072 // MESSAGE_TOKENS  # list items (messages, tools, parts) in gpt-oss's largest context
+MAX_SCHEMA_DEPTH = 64  # levels of a tool's parameters; harmony's renderer gives up near 120
+MAX_SEED = 2**64 - 1
+
+
+class ApiError(Exception):
+    """An error to answer with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def kind(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def items_limit(context_length: int) -> int:
+    """The most messages (or tools) a request may hold: more could not fit in `context_length` tokens."""
+    return max(1, min(context_length, 131072) // MESSAGE_TOKENS)
+
+
+def json_type(value: Any) -> str:
+    """A value's type in JSON's words, for error messages."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (dict, "an object"), (list, "a list")):
+        if isinstance(value, kind):
+            return name
+    return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def request_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def boolean(body: dict, name: str, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{param or name}' must be true or false, not {json_type(value)}", param or name)
+    return value
+
+
+def string(body: dict, name: str, param: str | None = None) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"'{param or name}' must be a string, not {json_type(value)}", param or name)
+    return value
+
+
+def obj(body: dict, name: str, param: str | None = None) -> dict:
+    """An optional object field; missing or null is an empty object."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{param or name}' must be an object, not {json_type(value)}", param or name)
+    return value
+
+
+def items(body: dict, name: str, limit: int, param: str | None = None) -> list:
+    """An optional list field of at most `limit` items; missing or null is an empty list."""
+    value = body.get(name)
+    param = param or name
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(400, f"'{param}' must be a list, not {json_type(value)}", param)
+    if len(value) > limit:
+        raise ApiError(400, f"'{param}' holds {len(value)} items; at most {limit} fit in this server's context", param)
+    return value
+
+
+def number(body: dict, name: str, low: float, high: float, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be a number from {low} to {high}, not {shown(value)}", name)
+    return float(value)
+
+
+def positive_int(body: dict, *names: str) -> int | None:
+    """The first of `names` that is given: a positive integer."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"'{name}' must be a positive integer, not {shown(value)}", name)
+        return value
+    return None
+
+
+def seed(body: dict) -> int | None:
+    value = body.get("seed")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED):
+        raise ApiError(400, f"'seed' must be an integer from 0 to 2**64 - 1, not {shown(value)}", "seed")
+    return value
+
+
+def identifier(value: Any, param: str) -> str:
+    """A call id: a string (a number is taken as its digits)."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ApiError(400, f"'{param}' must be a string", param)
+    return str(value)
+
+
+def text(content: Any, param: str) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if len(content) > MAX_ITEMS:
+            raise ApiError(400, f"'{param}' holds {len(content)} parts; at most {MAX_ITEMS} are read", param)
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "input_text", "output_text"):
+                raise ApiError(400, f"'{param}[{i}]' has type {shown(kind)}; only text parts are supported", param)
+            texts.append(string(part, "text", f"{param}[{i}].text") or "")
+        return "".join(texts)
+    raise ApiError(400, f"'{param}' must be a string or a list of text parts, not {json_type(content)}", param)
+
+
+def stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    found = [stop] if isinstance(stop, str) else stop
+    if not isinstance(found, list) or not all(isinstance(s, str) and s for s in found):
+        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOP_SEQUENCES} strings", "stop")
+    if len(found) > MAX_STOP_SEQUENCES:
+        raise ApiError(400, f"'stop' holds {len(found)} sequences; at most {MAX_STOP_SEQUENCES} are allowed", "stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in found):
+        raise ApiError(400, f"each 'stop' sequence must be at most {MAX_STOP_LENGTH} characters long", "stop")
+    return found
+
+
+def nesting(value: Any, limit: int) -> int:
+    """How many levels of objects and lists `value` has, counting no further than `limit` + 1 (no recursion:
+    a client's value may be nested deeper than Python recurses)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def shown(value: Any) -> str:
+    """A value for an error message (its repr), but not a huge one: a client may send megabytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return "a larger integer"
+    text = repr(value)
+    return text if len(text) <= 80 else json_type(value)
