@@ -500,6 +500,22 @@ def test_a_body_that_ends_short_is_asked_again_a_few_times_then_resumed_by_the_n
     assert fake_hub.bytes_sent(NAME, BIG) == len(served) - half and (path / BIG).read_bytes() == served
 
 
+def test_a_resume_answered_with_other_bytes_is_refused_and_keeps_the_partial(fake_hub, store, monkeypatch):
+    monkeypatch.setattr(hub, "RETRIES", 0)
+    served = (fake_hub.repo(NAME).folder / BIG).read_bytes()
+    fake_hub.cut(NAME, BIG, at_byte=len(served) // 2, times=None)
+    with pytest.raises(HubError, match="connection dropped"):
+        download(NAME, store)
+    (partial,) = (store.folder(NAME) / "blobs").glob("*.incomplete")
+    kept = partial.stat().st_size
+    fake_hub.clear_faults()
+    whole = {"Content-Range": f"bytes 0-{len(served) - 1}/{len(served)}", "Content-Length": str(len(served))}
+    fake_hub.answer(f"*/resolve/*/{BIG}", served, status=206, headers=whole)
+    with pytest.raises(HubError, match=f"asked for the bytes from {kept} on, the hub sent 'bytes 0-"):
+        download(NAME, store)
+    assert partial.stat().st_size == kept
+
+
 def test_a_file_sent_compressed_is_refused(fake_hub, store):
     import gzip
 
