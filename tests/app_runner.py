@@ -1,4 +1,8 @@
-"""Runs the real app window and sends one message (argv[1]) as a user would; used by tests as a subprocess."""
+"""Runs the real app window as a user would; used by tests as a subprocess.
+
+`app_runner.py MESSAGE` sends MESSAGE and keeps running (until killed). `app_runner.py --report` prints what the
+window says at the top (its notice and banner, one line each) once it is shown, and quits.
+"""
 
 import sys
 
@@ -17,5 +21,12 @@ def send() -> None:
     window.chat.send_button.click()
 
 
-QTimer.singleShot(0, send)
+def report() -> None:
+    print(f"notice: {window.chat.notice.text()!r}")
+    print(f"banner: {window.chat.banner.text()!r}")
+    window.close()
+    app.quit()
+
+
+QTimer.singleShot(0, report if sys.argv[1] == "--report" else send)
 sys.exit(app.exec())

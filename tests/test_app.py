@@ -532,6 +532,20 @@ def test_an_uncreatable_data_folder_is_one_message_and_the_window_still_chats(qt
     assert blocker.read_text() == "not a folder"
 
 
+def test_the_app_opens_on_a_data_folder_that_cannot_exist_and_says_so(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    runner = Path(__file__).with_name("app_runner.py")
+    env = dict(os.environ, MLX_OSS_APP_DIR=str(blocker / "mlx-oss"))
+    command = [sys.executable, str(runner), "--report"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    (notice,) = [line for line in out.stdout.splitlines() if line.startswith("notice: ")]
+    assert f"Conversations are not being saved: cannot create the folder {blocker / 'mlx-oss'}: a part" in notice
+    assert f"The settings in {blocker / 'mlx-oss' / 'settings.json'} could not all be used" in notice
+    assert blocker.read_text() == "not a folder"
+
+
 def test_storage_errors_say_what_happened(tmp_path):
     (tmp_path / "a-folder.db").mkdir()
     with pytest.raises(StorageError, match=r"a-folder.db: it is a folder$"):
