@@ -305,22 +305,26 @@ class MainWindow(QMainWindow):
     def send(self, text: str) -> None:
         if self.streaming is not None or not self.writable or not self.check_model():
             return
+        conversation = self.current
         try:
-            if self.current is None:
-                self.current = self.conversations.new()
-            if self.conversations.title(self.current) == DEFAULT_TITLE:
-                title = " ".join(text.split())
-                self.conversations.rename(
-                    self.current, title[:TITLE_LENGTH] + ("…" if len(title) > TITLE_LENGTH else "")
-                )
-            self.conversations.add(self.current, "user", text)
+            with self.conversations.transaction():  # the question and its answer's row, or neither
+                if conversation is None:
+                    conversation = self.conversations.new()
+                if self.conversations.title(conversation) == DEFAULT_TITLE:
+                    title = " ".join(text.split())
+                    self.conversations.rename(
+                        conversation, title[:TITLE_LENGTH] + ("…" if len(title) > TITLE_LENGTH else "")
+                    )
+                self.conversations.add(conversation, "user", text)
+                message = self.conversations.add(conversation, "assistant", state="streaming")
         except StorageError as e:
             self.chat.input.setPlainText(text)  # what was typed is not lost: send it again once this is fixed
             self._storage_failed(e, "Your message was not sent; it is back in the box.")
             return
+        self.current = conversation
         self.chat.add("user", text)
         self.refresh_list()
-        self._start_answer()
+        self._start_answer(message)
 
     def regenerate(self) -> None:
         if self.streaming is not None or self.current is None or not self.writable:
@@ -329,12 +333,14 @@ class MainWindow(QMainWindow):
             messages = self.conversations.messages(self.current)
             if not messages or messages[-1].role != "assistant":
                 return
-            self.conversations.delete_message(messages[-1].id)
+            with self.conversations.transaction():  # the old answer goes only if the new one can be written
+                self.conversations.delete_message(messages[-1].id)
+                message = self.conversations.add(self.current, "assistant", state="streaming")
         except StorageError as e:
-            self._storage_failed(e)
+            self._storage_failed(e, "The answer is kept as it was.")
             return
         self.chat.remove_last()
-        self._start_answer()
+        self._start_answer(message)
 
     def stop(self) -> None:
         if self.cancel is not None:
@@ -343,12 +349,8 @@ class MainWindow(QMainWindow):
             self.pending = False
             self._end_stream("stopped")
 
-    def _start_answer(self) -> None:
-        try:
-            message = self.conversations.add(self.current, "assistant", state="streaming")
-        except StorageError as e:
-            self._storage_failed(e, "No answer was started; send again once this is fixed.")
-            return
+    def _start_answer(self, message: int) -> None:
+        """Stream the answer into `message`, the assistant row just written (state `streaming`)."""
         self.save_failed = False
         self.streaming = (message, self.chat.add("assistant", state="streaming"))
         self.chat.set_busy(True)

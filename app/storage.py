@@ -17,9 +17,11 @@ Every read and write failure is a `StorageError` whose words say what happened (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +229,18 @@ class ConversationStore:
             return self.db.execute(sql, parameters)
         except sqlite3.Error as e:
             raise StorageError(f"could not save: {sqlite_error_words(e, self.path)}") from None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The changes made inside happen together or not at all (a full disk halfway leaves none of them)."""
+        self._write("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._write("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
 
     def _read(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         try:

@@ -401,12 +401,13 @@ class FullDisk:
 
     def __init__(self, db: sqlite3.Connection, after: int):
         self.db, self.after, self.pieces, self.full = db, after, 0, False
+        self.failing = ("INSERT", "UPDATE", "DELETE")  # what a full disk refuses; a DELETE can free pages
 
     def execute(self, sql: str, parameters=()):
         if sql.startswith("UPDATE messages SET content"):
             self.pieces += 1
             self.full = self.full or self.pieces > self.after
-        if self.full and sql.split()[0] in ("INSERT", "UPDATE", "DELETE"):
+        if self.full and sql.split()[0] in self.failing:
             raise disk_full_error()
         return self.db.execute(sql, parameters)
 
@@ -437,11 +438,18 @@ def test_a_full_disk_mid_answer_says_so_keeps_what_was_saved_and_the_window_stay
     send(window, "Still full?")  # still full: the message is not lost but back in the box, nothing half-sent
     assert "Your message was not sent" in window.chat.banner.text()
     assert window.chat.input.toPlainText() == "Still full?" and window.streaming is None
+    assert len(db_rows(app_dir)) == 2 and [m.content for m in window.chat.messages][-2] == "Fill the disk"
     disk.full, disk.after = False, 10**9  # space is back
     window.settings.max_tokens = 12
     window.chat.send_button.click()
     qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
     assert [a[2] for a in saved_answers(app_dir)] == ["streaming", "done"]
+    answers, shown = saved_answers(app_dir), window.chat.messages[-1].content
+    disk.full, disk.failing = True, ("INSERT",)  # the old answer could be deleted, the new one not written
+    window.chat.regenerate_button.click()
+    assert "The answer is kept as it was." in window.chat.banner.text() and window.streaming is None
+    assert saved_answers(app_dir) == answers and window.chat.messages[-1].content == shown
+    disk.full = False
     window.new_conversation()
     assert window.list.count() == 2
     close(window)
