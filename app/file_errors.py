@@ -95,6 +95,6 @@ def _cannot_open_words(path: Path) -> str:
         return "it is not a regular file"
     if not path.parent.is_dir():
         return "its folder does not exist"
-    if not os.access(path.parent, os.W_OK | os.X_OK):
+    if (path.exists() and not os.access(path, os.R_OK)) or not os.access(path.parent, os.W_OK | os.X_OK):
         return "permission denied"
     return "the file cannot be opened"
