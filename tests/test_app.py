@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -576,6 +578,38 @@ def test_storage_errors_say_what_happened(tmp_path):
     assert os_error_words(OSError(errno.EROFS, os.strerror(errno.EROFS))).startswith("the file system is read-only")
     assert os_error_words(PermissionError(errno.EACCES, os.strerror(errno.EACCES))) == "permission denied"
     store.close()
+
+
+def test_files_another_user_owns_say_permission_denied_or_open_read_only():
+    """As an ordinary user (root ignores file permissions): a file it may only read is shown read-only, one it may
+    not read is 'permission denied', each in its own words."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as another user")
+    folder = Path(tempfile.mkdtemp(prefix="mlx-oss-permissions-"))
+    try:
+        for name in ("readable.db", "unreadable.db"):
+            store = ConversationStore(folder / name)
+            store.add(store.new("Mine"), "user", "hello")
+            store.close()
+        (folder / "readable.db").chmod(0o444)
+        (folder / "unreadable.db").chmod(0o000)
+        folder.chmod(0o777)
+        script = (
+            "import sys; from mlx_oss.app.storage import open_conversations\n"
+            "for name in sys.argv[1:]:\n"
+            "    store = open_conversations(name)\n"
+            "    print(bool(store.read_only), [c.title for c in store.list()], store.notice)\n"
+        )
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        files = [str(folder / "readable.db"), str(folder / "unreadable.db")]
+        out = subprocess.run([*nobody, sys.executable, "-c", script, *files], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        readable, unreadable = out.stdout.splitlines()
+        assert readable.startswith("True ['Mine'] The conversations in") and "are shown read-only" in readable
+        assert unreadable.startswith("False [] Conversations are not being saved: cannot open the conversations")
+        assert "unreadable.db: permission denied (unable to open database file)" in unreadable
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_file_that_cannot_be_written_is_shown_read_only(tmp_path):
