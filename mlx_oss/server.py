@@ -48,6 +48,7 @@ from .openai_api import (
     same_model,
     tool_call_json,
 )
+from .render_limits import check_render_cost
 from .stops import StopFilter
 
 END = object()
@@ -190,9 +191,15 @@ class Server:
         and meanwhile the event loop answers everyone else."""
         try:
             parsed = parse(parse_body(body), self.model_id, items_limit(self.engine.context_length))
+            check_render_cost(parsed.conversation, self.engine.context_length)
             prompt = render_prompt(parsed.conversation)
         except RecursionError:  # a value nested almost as deep as the parser allows, re-encoded one level deeper
             raise ApiError(400, "the request is nested too deeply") from None
+        except BaseException as e:  # the tokenizer's Rust panics arrive as PanicException, a BaseException
+            if type(e).__name__ != "PanicException":
+                raise
+            log.error("the tokenizer failed on a request: %s", str(e).splitlines()[0] if str(e) else "panic")
+            raise ApiError(400, "the tokenizer could not read this conversation") from None
         if len(prompt) >= self.engine.context_length:
             raise ApiError(
                 400,

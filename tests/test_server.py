@@ -30,9 +30,10 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import mlx_oss  # noqa: E402
 from mlx_oss.engine import AnswerDelta, Engine  # noqa: E402
-from mlx_oss.harmony import render_prompt  # noqa: E402
+from mlx_oss.harmony import Conversation, Message, render_prompt  # noqa: E402
 from mlx_oss.intake import MAX_BODY_BYTES  # noqa: E402
 from mlx_oss.openai_api import ApiError, parse_chat, parse_responses, same_model  # noqa: E402
+from mlx_oss.render_limits import check_render_cost  # noqa: E402
 from mlx_oss.serve import build_parser  # noqa: E402
 from mlx_oss.server import Server  # noqa: E402
 
@@ -309,6 +310,10 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
             "tools[0].function",
         ),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": "x" * 1001}, 400, "at most 1000 characters", "stop"),
+        # the tokenizer takes time that grows with the square of a run without breaks (200,000 'a's: 15 s)
+        ({"messages": [{"role": "user", "content": "a" * 2001}]}, 400, "at most 2000 letters, 256 symbols", None),
+        ({"messages": [{"role": "user", "content": "hi" + " " * 257}]}, 400, "a long run of characters", None),
+        ({"messages": [{"role": "user", "content": "!\x1c" * 129}]}, 400, "a long run of characters", None),
         # wrong types are refused, not taken for something else
         ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "'stream' must be true or", "stream"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "only n=1", "n"),
@@ -601,8 +606,15 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(served, model_id):
     assert sent < MAX_BODY_BYTES + 8 * 2**20  # refused while it streamed in
 
 
-def test_while_a_huge_request_is_refused_the_server_answers_others(served, model_id):
-    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hi"}] * 300_000})  # 9 MB
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}] * 300_000,  # 9 MB
+        [{"role": "user", "content": "word " * 3_000_000}],  # 15 MB: it was tokenized whole, holding the lock 3 s
+    ],
+)
+def test_while_a_huge_request_is_refused_the_server_answers_others(served, model_id, messages):
+    body = json.dumps({"model": model_id, "messages": messages})
     replies = []
     sender = threading.Thread(
         target=lambda: replies.append(
@@ -734,3 +746,16 @@ def test_responses_fields_of_the_wrong_type_are_refused(fields, param):
     with pytest.raises(ApiError) as refused:
         parse_responses({"model": "m", "input": "hi"} | fields, "m", max_items=256)
     assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_runs_the_tokenizer_would_take_whole_are_refused_and_others_not():
+    def cost(text: str) -> None:
+        check_render_cost(Conversation([Message.user(text)]), 131072)
+
+    for fine in ["a" * 2000, "-" * 256, " " * 256, ("\u4e00" * 100 + "\uff0c") * 30, "caf\u00e9 " * 20_000]:
+        cost(fine)
+    refused = ["a" * 2001, "-" * 257, "\n" * 257, "\u4e00" * 2001, "a\u0301" * 1001, "!\x1c" * 129, "!" + "/\n" * 129]
+    refused += ["x" * 20_000 + "a" * 2001, "\u00e9" + "_" * 257]  # across pieces; other text than ASCII
+    for text in refused:
+        with pytest.raises(ApiError, match="a long run of characters"):
+            cost(text)
