@@ -10,6 +10,7 @@ longer than the context is refused without tokenizing it whole (16 MB took 2.9 s
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -39,28 +40,36 @@ _ASCII_KINDS = bytes(
     for b in range(128)
 ).ljust(256, b"p")
 _ASCII_TAILS = bytes(ord("t") if chr(b) in "\r\n/" else ord(".") for b in range(256))  # what may end a symbol run
-_ASCII_LONG = (b"a" * (MAX_LETTERS + 1), b"p" * (MAX_SYMBOLS + 1), b"s" * (MAX_SPACES + 1))
 _SYMBOL = rf"(?:[^\w{_SPACE}]|_)"  # marks are no \w: they are here too
 # Other text: Python's re has no \p{M}, so letters and marks are taken as any run without whitespace, a digit
 # or common punctuation (ASCII, general, CJK and fullwidth: none of it letters or marks).
-# Each run is tried from its first character only (the lookbehind), so the search is linear in the text.
 _PUNCTUATION = (
     "!-/:-@\\[-`{-~\u2010-\u2027\u2030-\u205e\u3001-\u3004\u3008-\u3020"
     "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
 )
 _LETTER = rf"[^\d{_SPACE}{_PUNCTUATION}]"
-_LONG_RUN = re.compile(
-    rf"(?<!{_LETTER}){_LETTER}{{{MAX_LETTERS + 1}}}|(?<!{_SYMBOL}){_SYMBOL}{{{MAX_SYMBOLS + 1}}}"
-    rf"|(?<!\s)\s{{{MAX_SPACES + 1}}}|(?<![\r\n/])[\r\n/]{{{MAX_SPACES + 1}}}"
-)
 
 
-def _has_long_run(text: str) -> bool:
+@functools.cache
+def _long_run(letters: int, symbols: int, spaces: int) -> re.Pattern:
+    """Where a text has a run longer than allowed. Each run is tried from its first character only (the
+    lookbehind), so the search is linear in the text."""
+    return re.compile(
+        rf"(?<!{_LETTER}){_LETTER}{{{letters + 1}}}|(?<!{_SYMBOL}){_SYMBOL}{{{symbols + 1}}}"
+        rf"|(?<!\s)\s{{{spaces + 1}}}|(?<![\r\n/])[\r\n/]{{{spaces + 1}}}"
+    )
+
+
+def has_long_run(text: str, letters: int = MAX_LETTERS, symbols: int = MAX_SYMBOLS, spaces: int = MAX_SPACES) -> bool:
+    """Whether `text` has more than `letters` letters, `symbols` symbols or `spaces` spaces in a row (more than
+    the tokenizer should take as one piece)."""
     if text.isascii():  # the common case, 10 times faster: a byte per character class, then plain searches
         data = text.encode("ascii")
         kinds = data.translate(_ASCII_KINDS)
-        return any(run in kinds for run in _ASCII_LONG) or b"t" * (MAX_SPACES + 1) in data.translate(_ASCII_TAILS)
-    return _LONG_RUN.search(text) is not None
+        if any(kind * (limit + 1) in kinds for kind, limit in ((b"a", letters), (b"p", symbols), (b"s", spaces))):
+            return True
+        return b"t" * (spaces + 1) in data.translate(_ASCII_TAILS)
+    return _long_run(letters, symbols, spaces).search(text) is not None
 
 
 def texts(conversation: Conversation) -> list[str]:
@@ -87,7 +96,7 @@ def check_render_cost(conversation: Conversation, context_length: int) -> None:
     )  # a run that crosses into the next piece is seen whole there
     for text in found:
         for start in range(0, len(text), PIECE):
-            if _has_long_run(text[max(0, start - overlap) : start + PIECE]):
+            if has_long_run(text[max(0, start - overlap) : start + PIECE]):
                 raise ApiError(
                     400,
                     "the request has a long run of characters without a break, over which the tokenizer would take "

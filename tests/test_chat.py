@@ -255,3 +255,15 @@ def test_options_out_of_range_are_refused_before_anything_loads(flags, complaint
     out = subprocess.run([*CHAT, "--model", "/no/such/dir", *flags], input="hi", capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.splitlines()[-1] == f"python -m mlx_oss.chat: error: {complaint}"
+
+
+def test_a_run_the_tokenizer_cannot_take_is_one_clear_line(tiny):
+    """A million 'a's overflowed the tokenizer's stack (a Rust panic and a traceback); 600,000 took 2 minutes."""
+    out = subprocess.run(
+        [*CHAT, "--model", str(tiny)], input="a" * 1_000_000, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1
+    assert out.stderr == (
+        "python -m mlx_oss.chat: error: the message has more than 20000 letters, symbols or spaces in a row, "
+        "which the tokenizer cannot take; break the run up\n"
+    )
