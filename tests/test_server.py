@@ -759,3 +759,28 @@ def test_runs_the_tokenizer_would_take_whole_are_refused_and_others_not():
     for text in refused:
         with pytest.raises(ApiError, match="a long run of characters"):
             cost(text)
+
+
+def test_at_most_two_requests_are_parsed_at_once(monkeypatch):
+    """Each parse may hold a few hundred MB of objects: the rest wait their turn."""
+    import mlx_oss.server
+
+    running, most, lock = 0, 0, threading.Lock()
+    parse_body = mlx_oss.server.parse_body
+
+    def slow_parse(body: bytes):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return parse_body(body)
+
+    monkeypatch.setattr(mlx_oss.server, "parse_body", slow_parse)
+    body = {"model": "other", "messages": [{"role": "user", "content": "hi"}]}
+    with serving(Server(Engine(ScriptedModel()), "scripted")) as url, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60), range(6)))
+    assert [r.status_code for r in replies] == [404] * 6
+    assert most == 2
