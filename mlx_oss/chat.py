@@ -23,7 +23,7 @@ from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
 from .layouts import parameter_count
 from .loading import BACKENDS
-from .render_limits import has_long_run
+from .render_limits import MAX_RUN, longest_run
 
 PROG = "python -m mlx_oss.chat"
 COMMANDS = """commands:
@@ -40,9 +40,6 @@ STOP_NOTES = {
     "tool_call": "the model called a tool; this chat has none",
 }
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
-# Characters in a row (letters, symbols or spaces) the tokenizer may take as one piece: its time grows with the
-# square of such a run (0.2 s for 20,000 letters, 2 minutes for 600,000) and it fails over about a million.
-MAX_RUN = 20_000
 
 
 class UnreadableText(MlxOssError):
@@ -121,7 +118,7 @@ class ChatSession:
         self.conversation.messages.clear()
 
     def send(self, text: str, display: Display, cancel: CancelToken) -> Done:
-        if has_long_run(text, MAX_RUN, MAX_RUN, MAX_RUN):
+        if longest_run(text) > MAX_RUN:  # the tokenizer's time goes with its square; a million overflow it
             raise UnreadableText(
                 f"the message has more than {MAX_RUN} letters, symbols or spaces in a row, which the tokenizer "
                 "cannot take; break the run up"

@@ -17,9 +17,9 @@ import re
 from .api_fields import ApiError
 from .harmony import Conversation, encode_text
 
-MAX_LETTERS = 2000  # letters (and marks) in a row: 2000 'a's take 2 ms, 250 tokens
-MAX_SYMBOLS = 256  # punctuation and symbols in a row ('-' * 2000 took as long for 31 tokens)
-MAX_SPACES = 256  # whitespace in a row (1000 spaces: 1 ms for 9 tokens)
+SHORTEST_COSTLY_RUN = 256  # characters in a row below which a run costs the tokenizer microseconds
+MAX_RUN = 20_000  # one run: 0.2 s (the time goes with the square of its length, whatever its characters)
+RUN_BUDGET = 2 * 10**9  # squared lengths of a request's costly runs, summed: about a second of tokenizing
 COUNT_ABOVE = 2**16  # characters in all above which the conversation is counted before it is rendered
 PIECE = 2**14  # characters counted in one call to the tokenizer
 CUT_SLACK = 16  # tokens a cut between two pieces may save or cost
@@ -51,25 +51,30 @@ _LETTER = rf"[^\d{_SPACE}{_PUNCTUATION}]"
 
 
 @functools.cache
-def _long_run(letters: int, symbols: int, spaces: int) -> re.Pattern:
-    """Where a text has a run longer than allowed. Each run is tried from its first character only (the
-    lookbehind), so the search is linear in the text."""
-    return re.compile(
-        rf"(?<!{_LETTER}){_LETTER}{{{letters + 1}}}|(?<!{_SYMBOL}){_SYMBOL}{{{symbols + 1}}}"
-        rf"|(?<!\s)\s{{{spaces + 1}}}|(?<![\r\n/])[\r\n/]{{{spaces + 1}}}"
+def _runs(shortest: int) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    """Runs of at least `shortest` characters of one kind: in ASCII text translated to one byte a kind (and to
+    the characters that may end a symbol run), and in other text."""
+    return (
+        re.compile(rb"a{%d,}|p{%d,}|s{%d,}" % (shortest, shortest, shortest)),
+        re.compile(rb"t{%d,}" % shortest),
+        re.compile(rf"{_LETTER}{{{shortest},}}|{_SYMBOL}{{{shortest},}}|\s{{{shortest},}}|[\r\n/]{{{shortest},}}"),
     )
 
 
-def has_long_run(text: str, letters: int = MAX_LETTERS, symbols: int = MAX_SYMBOLS, spaces: int = MAX_SPACES) -> bool:
-    """Whether `text` has more than `letters` letters, `symbols` symbols or `spaces` spaces in a row (more than
-    the tokenizer should take as one piece)."""
+def costly_runs(text: str, shortest: int = SHORTEST_COSTLY_RUN) -> list[tuple[int, int]]:
+    """(start, end) of each run of `shortest` or more letters, symbols or spaces in `text`: the pieces the
+    tokenizer takes whole, in time that grows with the square of their length. Linear in the text."""
+    kinds, tails, other = _runs(shortest)
     if text.isascii():  # the common case, 10 times faster: a byte per character class, then plain searches
         data = text.encode("ascii")
-        kinds = data.translate(_ASCII_KINDS)
-        if any(kind * (limit + 1) in kinds for kind, limit in ((b"a", letters), (b"p", symbols), (b"s", spaces))):
-            return True
-        return b"t" * (spaces + 1) in data.translate(_ASCII_TAILS)
-    return _long_run(letters, symbols, spaces).search(text) is not None
+        found = [m.span() for m in kinds.finditer(data.translate(_ASCII_KINDS))]
+        return found + [m.span() for m in tails.finditer(data.translate(_ASCII_TAILS))]
+    return [m.span() for m in other.finditer(text)]
+
+
+def longest_run(text: str) -> int:
+    """The length of the longest costly run in `text` (0 if it has none)."""
+    return max((end - start for start, end in costly_runs(text)), default=0)
 
 
 def texts(conversation: Conversation) -> list[str]:
@@ -85,26 +90,34 @@ def texts(conversation: Conversation) -> list[str]:
 
 
 def check_render_cost(conversation: Conversation, context_length: int) -> None:
-    """Refuse (400) a conversation whose rendering would hold the lock long: a run the tokenizer takes
-    quadratic time over, or far more text than the context holds. Texts are read PIECE characters at a time,
-    so that this check itself never holds the lock long either."""
+    """Refuse (400) a conversation whose rendering would hold the lock long: runs the tokenizer takes quadratic
+    time over (one over MAX_RUN, or so many long ones that their squares pass RUN_BUDGET), or far more text than
+    the context holds. Texts are read PIECE characters at a time, so that this check itself never holds the lock
+    long either; a run that reaches the end of a piece is continued by one that starts the next."""
     found = texts(conversation)
     count = sum(map(len, found)) > COUNT_ABOVE
-    counted = 0
-    overlap = (
-        max(MAX_LETTERS, MAX_SYMBOLS, MAX_SPACES) + 1
-    )  # a run that crosses into the next piece is seen whole there
+    counted = cost = 0
     for text in found:
+        carried = 0  # length of the run that reached the end of the last piece
         for start in range(0, len(text), PIECE):
-            if has_long_run(text[max(0, start - overlap) : start + PIECE]):
-                raise ApiError(
-                    400,
-                    "the request has a long run of characters without a break, over which the tokenizer would take "
-                    f"seconds: at most {MAX_LETTERS} letters, {MAX_SYMBOLS} symbols or {MAX_SPACES} spaces in a row "
-                    "are taken",
-                )
+            piece = text[start : start + PIECE]
+            reaching_end = 0
+            for begin, end in sorted(costly_runs(piece)):
+                before = carried if begin == 0 else 0
+                length = end - begin + before
+                cost += length**2 - before**2
+                if length > MAX_RUN or cost > RUN_BUDGET:
+                    raise ApiError(
+                        400,
+                        "the request has long runs of characters without a break, over which the tokenizer would "
+                        f"take seconds: at most {MAX_RUN} letters, symbols or spaces in a row are taken, and only a "
+                        "few runs of thousands; break them up",
+                    )
+                if end == len(piece):
+                    reaching_end = max(reaching_end, length)
+            carried = reaching_end
             if count:
-                counted += len(encode_text(text[start : start + PIECE])) - CUT_SLACK
+                counted += len(encode_text(piece)) - CUT_SLACK
                 if counted >= context_length:
                     raise ApiError(
                         400,

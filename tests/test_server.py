@@ -311,9 +311,9 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
         ),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": "x" * 1001}, 400, "at most 1000 characters", "stop"),
         # the tokenizer takes time that grows with the square of a run without breaks (200,000 'a's: 15 s)
-        ({"messages": [{"role": "user", "content": "a" * 2001}]}, 400, "at most 2000 letters, 256 symbols", None),
-        ({"messages": [{"role": "user", "content": "hi" + " " * 257}]}, 400, "a long run of characters", None),
-        ({"messages": [{"role": "user", "content": "!\x1c" * 129}]}, 400, "a long run of characters", None),
+        ({"messages": [{"role": "user", "content": "a" * 20_001}]}, 400, "at most 20000 letters, symbols", None),
+        ({"messages": [{"role": "user", "content": "hi" + " " * 20_001}]}, 400, "long runs of characters", None),
+        ({"messages": [{"role": "user", "content": " " * 20_000}] * 6}, 400, "long runs of characters", None),
         # wrong types are refused, not taken for something else
         ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "'stream' must be true or", "stream"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "only n=1", "n"),
@@ -749,16 +749,26 @@ def test_responses_fields_of_the_wrong_type_are_refused(fields, param):
 
 
 def test_runs_the_tokenizer_would_take_whole_are_refused_and_others_not():
-    def cost(text: str) -> None:
-        check_render_cost(Conversation([Message.user(text)]), 131072)
+    """One run over 20,000 characters, or long runs whose squared lengths sum past the budget (about a second of
+    tokenizing), are refused; runs agents really send (separator lines, indentation, base64) are not."""
 
-    for fine in ["a" * 2000, "-" * 256, " " * 256, ("\u4e00" * 100 + "\uff0c") * 30, "caf\u00e9 " * 20_000]:
-        cost(fine)
-    refused = ["a" * 2001, "-" * 257, "\n" * 257, "\u4e00" * 2001, "a\u0301" * 1001, "!\x1c" * 129, "!" + "/\n" * 129]
-    refused += ["x" * 20_000 + "a" * 2001, "\u00e9" + "_" * 257]  # across pieces; other text than ASCII
+    def cost(*texts: str) -> None:
+        check_render_cost(Conversation([Message.user(text) for text in texts]), 131072)
+
+    separators = ("=" * 300 + "\n" + "x = 1\n") * 500  # a wide terminal's test log
+    fine = ["a" * 20_000, "-" * 20_000, " " * 20_000, "\n" * 20_000, ("\u4e00" * 100 + "\uff0c") * 30, separators]
+    fine += ["caf\u00e9 " * 20_000, "\u00e9" + "_" * 20_000, ("-" * 5000 + "x ") * 79]
+    for text in fine:
+        cost(text)
+    cost(*[" " * 20_000] * 4)  # 1.6e9 of the 2e9 budget
+    refused = ["a" * 20_001, "-" * 20_001, "\n" * 20_001, "\u4e00" * 20_001, "a\u0301" * 10_001, "!\x1c" * 10_001]
+    refused += ["x" * 16_000 + "a" * 20_001, "\u00e9" + "_" * 20_001, "!" + "/\n" * 10_001]  # across pieces
+    refused += [("-" * 5000 + "x ") * 81]  # many long runs: 81 * 5000**2 > 2e9
     for text in refused:
-        with pytest.raises(ApiError, match="a long run of characters"):
+        with pytest.raises(ApiError, match="long runs of characters"):
             cost(text)
+    with pytest.raises(ApiError, match="long runs of characters"):
+        cost(*[" " * 20_000] * 6)  # across messages too
 
 
 def test_at_most_two_requests_are_parsed_at_once(monkeypatch):
