@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .json_input import parse_json
 from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
-from .regular_files import confined_name, json_problem, printable, read_regular
+from .regular_files import confined_name, printable, read_regular
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
 MAX_INDEX_BYTES = 8 * 1024 * 1024  # gpt-oss-120b's index is 40 KB
@@ -68,7 +68,7 @@ class Checkpoint:
         except OSError as e:
             raise CheckpointError(f"{index_path}: cannot read: {e.strerror or e}") from None
         except ValueError as e:
-            raise CheckpointError(f"{index_path}: {json_problem(e)}") from None
+            raise CheckpointError(f"{index_path}: {e}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: not a valid index (expected a 'weight_map' object)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .json_input import parse_json
-from .regular_files import json_problem, read_regular
+from .regular_files import read_regular
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -109,7 +109,7 @@ class ModelConfig:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
         except ValueError as e:  # not UTF-8, invalid, nested too deeply, too large
-            raise ConfigError(f"{path}: {json_problem(e)}") from None
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(raw, source=str(path))

@@ -30,4 +30,4 @@ def parse_json(data: bytes | str) -> Any:
     except RecursionError:
         raise JsonInputError("not valid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise JsonInputError(f"not valid JSON: {e}") from None
+        raise JsonInputError(f"not valid JSON ({str(e).split(':')[0]})") from None  # without Python's advice

@@ -12,8 +12,6 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from .json_input import JsonInputError
-
 
 class NotRegularFile(OSError):
     """The path exists but is a FIFO, device, socket or directory."""
@@ -21,14 +19,6 @@ class NotRegularFile(OSError):
 
 class FileTooLarge(ValueError):
     """A file holds more bytes than its kind ever needs."""
-
-
-def json_problem(error: ValueError) -> str:
-    """Words for what `read_regular` and `parse_json` refused. `json.loads` also raises a bare ValueError for an
-    integer of more than 4300 digits, which `parse_json` lets through."""
-    if isinstance(error, JsonInputError | FileTooLarge):
-        return str(error)
-    return f"not valid JSON ({str(error).split(':')[0]})"
 
 
 def open_regular(path: str | Path) -> int:

@@ -26,7 +26,7 @@ from . import mapped_files
 from .errors import CheckpointError
 from .json_input import parse_json
 from .mapped_files import changed_message
-from .regular_files import json_problem, open_regular, printable
+from .regular_files import open_regular, printable
 
 # safetensors dtype name -> NumPy dtype used to hold its bits (BF16 as raw uint16).
 DTYPES: dict[str, np.dtype] = {
@@ -114,7 +114,7 @@ class SafetensorsFile:
         try:
             header = parse_json(header_bytes)
         except ValueError as e:
-            raise CheckpointError(f"{self.path}: header is {json_problem(e)}; not a safetensors file") from None
+            raise CheckpointError(f"{self.path}: header is {e}; not a safetensors file") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

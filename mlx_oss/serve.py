@@ -11,7 +11,6 @@ so that no web page can reach the server under a name of its own (DNS rebinding)
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -19,21 +18,12 @@ from pathlib import Path
 
 from .cli import non_negative_int, port, positive_int, run
 from .errors import MlxOssError
-from .hosts import host_name
+from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
 
 PROG = "python -m mlx_oss.serve"
 DEFAULT_PORT = 8080
 KEY_ENV = "MLX_OSS_API_KEY"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def allowed_host(text: str) -> str:
@@ -83,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not is_loopback(args.host):
+    if not is_loopback_name(args.host.lower()):
         if not args.allow_remote:
             raise MlxOssError(
                 f"--host {args.host} lets other computers reach the model: add --allow-remote and --api-key"

@@ -293,7 +293,7 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
         # JSON no parser should take whole, or that Python's parser refuses in its own ways
         ("[" * 200_000 + "]" * 200_000, 400, "the request body is not valid JSON: nested too deeply", None),
         (b'{"model": "\xff"}', 400, "the request body is not UTF-8 text (byte 11)", None),
-        ('{"seed": ' + "9" * 5000 + "}", 400, "not valid JSON: Exceeds the limit (4300 digits)", None),
+        ('{"seed": ' + "9" * 5000 + "}", 400, "not valid JSON (Exceeds the limit (4300 digits)", None),
         ({"messages": [[]] * 600_000}, 400, "more than 1000000 JSON values", None),
         # more than any conversation that fits the context (1024 tokens: at most 256 messages of 4 tokens)
         ({"messages": [{"role": "user", "content": "hi"}] * 300}, 400, "holds 300 items; at most 256 fit", "messages"),
