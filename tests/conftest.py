@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no scr
 # Never touch the developer's hub cache, token or the network; set before anything imports huggingface_hub,
 # which reads these once.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mlx-oss-test-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # every run left one behind
 os.environ["MLX_OSS_MODELS"] = os.path.join(os.environ["HF_HOME"], "store")
 for _name in ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_XET"):
     os.environ[_name] = "1"
