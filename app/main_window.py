@@ -39,6 +39,7 @@ from mlx_oss.cancel import CancelToken
 from mlx_oss.engine import Done
 from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import Conversation, Message, encoding
+from mlx_oss.render_limits import MAX_RUN, longest_run
 from mlx_oss.store import ModelStore, resolve_model
 
 from .chat_view import ChatView, MessageView
@@ -304,6 +305,13 @@ class MainWindow(QMainWindow):
 
     def send(self, text: str) -> None:
         if self.streaming is not None or not self.writable or not self.check_model():
+            return
+        if longest_run(text) > MAX_RUN:  # the tokenizer would hold the interpreter lock, and so the window, minutes
+            self.chat.input.setPlainText(text)
+            self.chat.show_banner(
+                f"The message has more than {MAX_RUN} letters, symbols or spaces in a row, which the model's "
+                "tokenizer cannot take; break the run up. It is back in the box."
+            )
             return
         conversation = self.current
         try:

@@ -157,6 +157,21 @@ def test_a_damaged_database_is_set_aside_with_a_message(qtbot, app_dir):
     close(window)
 
 
+def test_a_paste_the_tokenizer_cannot_take_goes_back_in_the_box(qtbot, app_dir):
+    """A million letters in a row overflowed the tokenizer (600,000 held the interpreter lock, and so the window,
+    two minutes): the message is refused at once, kept, and nothing is saved."""
+    window = open_window(qtbot)
+    paste = "a" * 20_001
+    send(window, paste)
+    assert "more than 20000 letters, symbols or spaces in a row" in window.chat.banner.text()
+    assert window.chat.input.toPlainText() == paste and window.streaming is None
+    assert not (app_dir / "conversations.db").exists() or db_rows(app_dir) == []
+    send(window, "Shorter: " + "a" * 300)
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=TIMEOUT_MS)
+    assert [row[0] for row in db_rows(app_dir)] == ["user", "assistant"]
+    close(window)
+
+
 def test_first_run_without_a_model_leads_to_the_model_manager(qtbot, app_dir):
     AppSettings().save()  # the default: openai/gpt-oss-20b, not in the (empty) store
     window = open_window(qtbot)
