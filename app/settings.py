@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from mlx_oss.atomic import write_atomically
 from mlx_oss.engine import SamplingParams
 from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import REASONING_EFFORTS
@@ -147,17 +148,10 @@ class AppSettings:
         path = path or settings_path()
         if path.is_symlink():  # a dotfiles manager's link stays a link
             path = path.resolve()
-        temporary = path.with_name(f".{path.name}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "w", encoding="utf-8") as out:
-                out.write(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
+            write_atomically(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
         except OSError as e:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
             raise MlxOssError(f"could not save the settings in {path}: {os_error_words(e)}") from None
 
 

@@ -1,16 +1,21 @@
-"""Writing a whole model directory so that it appears complete or not at all.
+"""Writing a file or a whole model directory so that it appears complete or not at all.
 
-The work happens in a hidden `.NAME.partial-PID` folder beside the destination, renamed into place at the end.
-A process killed outright (SIGKILL, a power cut) cannot remove its folder, so each writer holds an exclusive
-`flock` on its folder while it works, and every later `atomic_directory` in the same parent removes the
-leftovers nobody holds. A PID alone would not do: it may since belong to another process.
+`write_atomically` replaces one small file (settings, a download record, the unpacked vocabulary): a reader or a
+crash sees the old file or the new one, never a part.
+
+`atomic_directory` writes a directory in a hidden `.NAME.partial-PID` folder beside the destination, renamed into
+place at the end. A process killed outright (SIGKILL, a power cut) cannot remove its folder, so each writer holds
+an exclusive `flock` on its folder while it works, and every later `atomic_directory` in the same parent removes
+the leftovers nobody holds. A PID alone would not do: it may since belong to another process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +28,35 @@ SPACE_MARGIN = 64 * 1024 * 1024  # headroom for metadata and the file system's o
 PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
 # A folder just made is locked a moment later: one younger than this, of a live PID, is left alone unlocked.
 FRESH_SECONDS = 60
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` through a hidden temporary file in the same folder, flushed to disk
+    and then renamed over `path`: a rename within one file system is atomic, so `path` is whole, old or new.
+
+    The temporary name is unique, so two processes writing at once never mix their bytes (the last rename wins),
+    and it is created with the default permissions, as `open` would. On any failure (a full disk, Ctrl-C) the
+    temporary file is removed and the error raised. A symlink at `path` is replaced, not followed: a caller that
+    keeps links resolves `path` first. The folder must exist."""
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with open(fd, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def ensure_free_space(directory: Path, needed: int) -> None:

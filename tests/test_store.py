@@ -185,6 +185,23 @@ def test_not_enough_disk_space_is_refused_before_the_first_byte(fake_hub, store,
     assert fetched(fake_hub) == []
 
 
+def test_a_small_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from mlx_oss.atomic import write_atomically
+
+    path = tmp_path / "record.json"
+    write_atomically(path, "old\n")
+    write_atomically(path, b"new\n")
+    assert path.read_bytes() == b"new\n" and os.listdir(tmp_path) == ["record.json"]
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, "newer\n")
+    assert path.read_bytes() == b"new\n" and os.listdir(tmp_path) == ["record.json"]
+
+
 def test_an_unreachable_hub_is_one_clear_message(store, monkeypatch):
     with FakeHub() as server:
         url = server.url
