@@ -2,73 +2,13 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
-import numpy as np
-
-from .config import ModelConfig
+from .backend import BACKENDS, Model, choose_backend
 from .errors import CheckpointError, MlxOssError
 from .layouts import UNQUANTIZED
 
-BACKENDS = ("auto", "mlx", "numpy")
-
-
-class Model:
-    """What every backend offers. Logits are float32 NumPy arrays `[tokens, vocab_size]`."""
-
-    backend: str
-    backend_reason: str = ""
-    config: ModelConfig
-
-    def new_cache(self):
-        """An empty cache with `.length` and `.truncate(n) -> kept length`."""
-        raise NotImplementedError
-
-    def forward(self, token_ids, cache=None, last_only: bool = False) -> np.ndarray:
-        """Run `token_ids` after whatever `cache` holds, extending it; return their logits
-        (`[1, vocab_size]` with `last_only`)."""
-        raise NotImplementedError
-
-    def logits(self, token_ids) -> np.ndarray:
-        """Logits `[len(token_ids), vocab_size]` of a fresh full-sequence pass."""
-        return self.forward(token_ids)
-
-
-def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
-    """Token ids as a flat int64 array, refused when empty or outside the vocabulary."""
-    tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if tokens.size == 0:
-        raise ValueError("forward needs at least one token")
-    if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
-    return tokens
-
-
-def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
-    """The backend to run and why. `auto` follows a converted directory's layout; for a Hugging Face one it is
-    MLX on Apple silicon (Metal) and NumPy elsewhere: the CPU backend meant to be tuned for machines without a GPU."""
-    if requested not in BACKENDS:
-        raise MlxOssError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    if requested != "auto":
-        return requested, "as asked"
-    if layout in ("mlx", "numpy"):
-        return layout, f"auto: the model is in the {layout} layout"
-    if is_apple_silicon():
-        return "mlx", "auto: Apple silicon, MLX on the GPU"
-    return "numpy", f"auto: no Apple silicon GPU on this {platform.system()} {platform.machine()} machine"
-
-
-def numpy_reads_fastest() -> str:
-    """The layout the NumPy backend runs fastest on: the download itself when its compiled kernels are there
-    (they multiply BF16 in place, half the bytes of the NumPy layout's float32), else the NumPy layout."""
-    from .cpu import kernels
-
-    return "hf" if kernels.available() else "numpy"
-
-
-def is_apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
+__all__ = ["BACKENDS", "load"]  # BACKENDS: the names `load` takes, which the command lines offer
 
 
 def load(path: str | Path, backend: str = "auto") -> Model:

@@ -245,7 +245,7 @@ def test_interrupted_conversion_leaves_nothing_and_the_source_intact(target, syn
 
 
 def test_auto_backend_follows_the_layout_and_says_why(source, converted):
-    from mlx_oss.loading import is_apple_silicon
+    from mlx_oss.backend import is_apple_silicon
 
     hf = mlx_oss.load(source)
     assert hf.backend == ("mlx" if is_apple_silicon() else "numpy")

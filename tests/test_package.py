@@ -110,8 +110,8 @@ def test_a_missing_backend_module_is_not_reported_as_missing_mlx(tiny_checkpoint
 
 SELF_CHECK_AS_ON_APPLE_SILICON = """
 import sys
-import mlx_oss.loading
-mlx_oss.loading.is_apple_silicon = lambda: True  # as on the Macs the macOS bundle is for
+import mlx_oss.backend
+mlx_oss.backend.is_apple_silicon = lambda: True  # as on the Macs the macOS bundle is for
 if sys.argv[1:] == ["without-backend"]:
     sys.modules["mlx_oss.mlx_backend"] = None  # as in the wheel that left it out
 from mlx_oss.app.self_check import self_check

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_oss.backend import Model, checked_tokens
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
 from mlx_oss.layouts import Q8, mlx_specs
-from mlx_oss.loading import Model, checked_tokens
 from mlx_oss.rope import yarn_frequencies
 from mlx_oss.safetensors_io import TensorSpec
 

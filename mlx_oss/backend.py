@@ -1,0 +1,118 @@
+"""The backend contract: what a model and its KV cache offer, and which backend `auto` runs.
+
+Backends import this module and nothing of the loader, so the loader may import them. A backend's model and cache
+implement `Model` and `Cache`; the engine and the bench rely on nothing else.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Protocol, Self, runtime_checkable
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import MlxOssError
+
+BACKENDS = ("auto", "mlx", "numpy")
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """The keys and values of the positions a model has read, which the next `forward` goes on from.
+
+    `truncate` may keep less than asked: a backend may drop old keys of sliding-window layers to bound memory
+    (the MLX cache keeps a fixed number of positions beyond the window), and what it dropped cannot be restored.
+    Callers take the returned length and run the tokens from there again. Stepping back a short way, as over a
+    turn's closing tokens or rejected drafted tokens, keeps what is asked on every backend: the MLX cache can
+    always go back `REWIND` positions (`mlx_backend.kv_cache`), the NumPy cache any distance.
+
+    Not in the contract yet: saving a cache to disk and reading it back, for prompt caches that outlive the
+    process; a backend would offer its arrays and `length` as one state to write.
+    """
+
+    length: int  # positions held: the tokens read so far, minus those truncated
+
+    def truncate(self, length: int) -> int:
+        """Forget every position from `length` on (0 <= length <= self.length, else ValueError); return the length
+        kept, `length` or less, which the cache then holds exactly."""
+        ...
+
+    def copy(self) -> Self:
+        """An independent cache holding the same positions: extending or truncating either leaves the other as it
+        was, and both continue as the original would. For keeping several prefixes (a prompt cache) and for trying
+        tokens on a copy (speculative decoding)."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers this cache holds (a copy counts its own, even where a backend shares them until
+        written)."""
+        ...
+
+
+class Model(Protocol):
+    """What every backend offers. Logits are float32 NumPy arrays `[tokens, vocab_size]`.
+
+    Backends subclass it for `logits` and the `backend_reason` default.
+    """
+
+    backend: str
+    backend_reason: str = ""
+    config: ModelConfig
+
+    def new_cache(self) -> Cache:
+        """An empty cache (length 0)."""
+        ...
+
+    def forward(self, token_ids, cache: Cache | None = None, last_only: bool = False) -> np.ndarray:
+        """Run `token_ids` after whatever `cache` holds, extending it; return their logits
+        (`[1, vocab_size]` with `last_only`)."""
+        ...
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits `[len(token_ids), vocab_size]` of a fresh full-sequence pass."""
+        return self.forward(token_ids)
+
+
+def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
+    """Token ids as a flat int64 array, refused when empty or outside the vocabulary."""
+    tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+        raise ValueError("forward needs at least one token")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
+    return tokens
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def preferred_backend() -> tuple[str, str]:
+    """The backend `auto` runs a Hugging Face download on, and why: MLX on Apple silicon (Metal), NumPy elsewhere,
+    the CPU backend meant to be tuned for machines without a GPU."""
+    if is_apple_silicon():
+        return "mlx", "auto: Apple silicon, MLX on the GPU"
+    return "numpy", f"auto: no Apple silicon GPU on this {platform.system()} {platform.machine()} machine"
+
+
+def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
+    """The backend to run and why. `auto` follows a converted directory's layout, else `preferred_backend`."""
+    if requested not in BACKENDS:
+        raise MlxOssError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested, "as asked"
+    if layout in ("mlx", "numpy"):
+        return layout, f"auto: the model is in the {layout} layout"
+    return preferred_backend()
+
+
+def fastest_layout(backend: str) -> str:
+    """The layout `backend` ("mlx" or "numpy") runs fastest on. For NumPy it is the download itself when the compiled
+    kernels are there (they multiply BF16 in place, half the bytes of the NumPy layout's float32), else the NumPy
+    layout."""
+    if backend != "numpy":
+        return backend
+    from .cpu import kernels
+
+    return "hf" if kernels.available() else "numpy"
