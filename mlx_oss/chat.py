@@ -198,7 +198,7 @@ def model_directory(arg: str, backend: str, interactive: bool) -> Path:
     answer = input(f"{arg} is not on this computer. Download it from the hub now? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
         raise MlxOssError(f"{arg} is not on this computer; get it with: python -m mlx_oss.models download {arg}")
-    from .models import download_with_progress
+    from .models_cli import download_with_progress
 
     store = ModelStore()
     download_with_progress(arg, store)
