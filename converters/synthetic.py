@@ -24,17 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from mlx_oss.atomic import atomic_directory, ensure_free_space
-from mlx_oss.config import FULL, SLIDING, ModelConfig, RopeConfig
+from mlx_oss.config import ModelConfig, RopeConfig, alternating_layer_types
 from mlx_oss.layouts import UNQUANTIZED, expected_tensors
 from mlx_oss.mxfp4 import dequantize
 from mlx_oss.safetensors_io import SHARD_BYTES, TensorSpec, f32_to_bf16, write_shards
 
 CHUNK_BYTES = 32 * 1024 * 1024
 E2M1_RMS = math.sqrt(float(np.mean(np.square([0, 0.5, 1, 1.5, 2, 3, 4, 6]))))  # of a uniformly random nibble
-
-
-def _alternating(layers: int) -> tuple[str, ...]:
-    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(layers))
 
 
 _REAL = dict(
@@ -61,11 +57,11 @@ PRESETS: dict[str, ModelConfig] = {
         num_local_experts=8,
         num_experts_per_tok=4,
         sliding_window=16,
-        layer_types=_alternating(4),
+        layer_types=alternating_layer_types(4),
         rope=RopeConfig(),
     ),
-    "20b": ModelConfig(num_hidden_layers=24, num_local_experts=32, layer_types=_alternating(24), **_REAL),
-    "120b": ModelConfig(num_hidden_layers=36, num_local_experts=128, layer_types=_alternating(36), **_REAL),
+    "20b": ModelConfig(num_hidden_layers=24, num_local_experts=32, layer_types=alternating_layer_types(24), **_REAL),
+    "120b": ModelConfig(num_hidden_layers=36, num_local_experts=128, layer_types=alternating_layer_types(36), **_REAL),
 }
 
 
@@ -88,7 +84,7 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     if rope_changes:
         changes["rope"] = dataclasses.replace(config.rope, **rope_changes)
     if "num_hidden_layers" in changes and "layer_types" not in changes:
-        changes["layer_types"] = _alternating(changes["num_hidden_layers"])
+        changes["layer_types"] = alternating_layer_types(changes["num_hidden_layers"])
     config = dataclasses.replace(config, **changes)
     if config.pad_token_id is not None and config.pad_token_id >= config.vocab_size:
         config = dataclasses.replace(config, pad_token_id=None)  # a small test vocabulary has no real pad id

@@ -41,6 +41,12 @@ LIMITS = {
 MAX_TOKEN_ID = (1 << 31) - 1
 
 
+def alternating_layer_types(layers: int) -> tuple[str, ...]:
+    """gpt-oss's layer pattern: sliding-window attention on even layers, full attention on odd ones (the reference
+    model's rule, and what a config without `layer_types` means)."""
+    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(layers))
+
+
 # config.json's `quantization_config` in the published checkpoints: MXFP4 experts, the rest as it is.
 MXFP4_QUANTIZATION = {
     "quant_method": "mxfp4",
@@ -275,8 +281,7 @@ class _Reader:
     def layer_types(self, layers: int) -> tuple[str, ...]:
         name, value = self.get("layer_types", default=None)
         if value is None:
-            # The gpt-oss reference alternates, starting with a sliding layer.
-            return tuple(SLIDING if i % 2 == 0 else FULL for i in range(layers))
+            return alternating_layer_types(layers)
         if not isinstance(value, list) or len(value) != layers:
             raise self.fail(name, f"must list one type for each of the {layers} layers")
         unknown = [v for v in value if v not in (SLIDING, FULL)]
