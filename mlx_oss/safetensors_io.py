@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,8 +338,3 @@ def write_shards(
         weight_map |= {spec.name: filename for spec in shard}
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def iter_rows(total_rows: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, total_rows, rows_per_chunk):
-        yield start, min(start + rows_per_chunk, total_rows)
