@@ -1,1 +1,3 @@
-"""Converters: synthetic checkpoints for tests and benchmarks (`python -m mlx_oss.converters synth`)."""
+"""Writing checkpoints: a downloaded gpt-oss converted to another layout (`layout`: MLX, NumPy, or unquantized experts
+back to MXFP4) and synthetic ones of random weights for tests and benchmarks (`synthetic`); the command is
+`python -m mlx_oss.converters`."""

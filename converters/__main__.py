@@ -1,4 +1,5 @@
-"""`python -m mlx_oss.converters`: convert a gpt-oss checkpoint to the MLX or NumPy layout, or write a synthetic one."""
+"""`python -m mlx_oss.converters`: convert a gpt-oss checkpoint to the MLX or NumPy layout, quantize unquantized
+experts to MXFP4, or write a synthetic checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_oss.cli import Progress, run
+from mlx_oss.cli import Progress, format_bytes, run
 
 from . import layout
 from .synthetic import PRESETS, SynthOptions, preset_config, total_bytes, write_synthetic
@@ -119,9 +120,8 @@ def convert(args: argparse.Namespace) -> int:
         args.source, args.destination, args.command, q8, args.shard_size, on_bytes=progress.add, on_start=start
     )
     lossy = " (8-bit attention and embeddings: lossy)" if q8 else ""
-    print(
-        f"wrote the {args.command} layout of {args.source} to {args.destination} ({progress.total / 1e9:.2f} GB){lossy}"
-    )
+    size = format_bytes(progress.total)
+    print(f"wrote the {args.command} layout of {args.source} to {args.destination} ({size}){lossy}")
     return 0
 
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     options = SynthOptions(args.seed, args.expert_bias_std, args.shard_size, args.single_file, args.unquantized)
     progress = Progress(f"writing {args.out}", total_bytes(config, options))
     write_synthetic(args.out, config, options, on_bytes=progress.add)
-    print(f"wrote a synthetic {args.preset} checkpoint to {args.out} ({progress.total / 1e9:.2f} GB)")
+    print(f"wrote a synthetic {args.preset} checkpoint to {args.out} ({format_bytes(progress.total)})")
     return 0
 
 

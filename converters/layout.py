@@ -1,4 +1,5 @@
-"""Converting a Hugging Face gpt-oss checkpoint to the MLX or the NumPy layout (see `mlx_oss.layouts`).
+"""Converting a Hugging Face gpt-oss checkpoint to another layout (see `mlx_oss.layouts`): the MLX or the NumPy
+layout, or, for a checkpoint whose experts were saved unquantized, the published MXFP4 one.
 
 The source is only read. Tensors stream from its memory-mapped shards into the new ones a piece at a time,
 into a temporary directory beside the destination that is renamed into place at the end: an interrupted or
