@@ -79,7 +79,7 @@ class MainWindow(QMainWindow):
         self.settings, settings_notice = load_for_window()
         self.store = store or ModelStore()
         self.conversations = open_conversations(database or data_dir() / "conversations.db")
-        # openai-harmony holds the GIL for ~0.15 s while it reads the vocabulary: do it before the window shows,
+        # openai-harmony holds the GIL while it reads the vocabulary (a visible pause): do it before the window shows,
         # not on the model's thread while the user waits for an answer.
         encoding()
         self.host = ModelHost(self.store)

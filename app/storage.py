@@ -1,7 +1,7 @@
 """Conversations in a SQLite file: written as they stream, so a crash loses only the tokens not yet written.
 
 No Qt here: the window calls it from the GUI thread. Every change is its own transaction in WAL mode, so an
-answer is on disk token by token (15 µs a write, measured on the 2-core test machine). An answer still marked
+answer is on disk token by token (a small write, cheap next to generating the token). An answer still marked
 `streaming` when the file is opened again was cut off by a crash or a kill: it is marked `interrupted`, its text
 kept.
 

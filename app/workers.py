@@ -62,9 +62,9 @@ class ModelHost(QObject):
 
         self.engine = None
         # What exists now (Qt, the libraries) and what a load leaves (numba's typing tables, the model) lives as
-        # long as the app: frozen out of the collector, a full collection no longer walks it. Unfrozen, one walk
-        # of a few hundred thousand objects, triggered by a load's allocations, held the GIL and so the window
-        # for 160 ms.
+        # long as the app: frozen out of the collector, a full collection does not walk it. Unfrozen, one walk of
+        # a few hundred thousand objects, triggered by a load's allocations, would hold the GIL, and so the
+        # window, for a visible moment.
         gc.freeze()
         try:
             path = resolve_model(model, backend, self.store)

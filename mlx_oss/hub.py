@@ -106,7 +106,7 @@ def _raise_for_status(r) -> None:
         body += chunk
         if len(body) >= ERROR_BODY_BYTES:
             break
-    # The copy carries what we read as UTF-8 text (junk replaced): a compressed or mislabelled body made the
+    # The copy carries what we read as UTF-8 text (junk replaced): a compressed or mislabelled body would make the
     # library's own decoding raise UnicodeDecodeError instead of its error.
     framing = ("content-encoding", "content-length", "transfer-encoding", "content-type")
     headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in framing]

@@ -43,8 +43,8 @@ DTYPES: dict[str, np.dtype] = {
     "I64": np.dtype("<i8"),
     "BOOL": np.dtype("?"),
 }
-# Headers we parse at most: gpt-oss's are under 200 KB. The format allows 100 MB, 2 million minimal entries that
-# take gigabytes and half a minute to parse and check; 8 MB of them (130,000) take 0.2 GB and 3 s.
+# Headers we parse at most: gpt-oss's are under 200 KB. The format allows 100 MB, room for 2 million minimal entries
+# whose Python objects take gigabytes and a long pause to parse and check; 8 MB holds at most about 130,000.
 MAX_HEADER = 8 * 1024 * 1024
 MAX_DIMS = 8  # dimensions of one tensor
 INDEX_FILE = "model.safetensors.index.json"
@@ -159,8 +159,8 @@ class SafetensorsFile:
     def prefault(self, name: str) -> None:
         """Map the tensor's pages into this process now, so that its first use takes no page faults.
 
-        Reading a page-cached model through a fresh map costs a fault per few pages: a 20b decode step ran
-        at a third of its speed until every expert had been touched once. Needs Linux 5.14 or later
+        Reading a page-cached model through a fresh map costs a fault per few pages, which slows every decode
+        step until each expert has been touched once. Needs Linux 5.14 or later
         (MADV_POPULATE_READ); elsewhere it only asks the system to read ahead.
         """
         info = self.tensors[name]
