@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_atomically
 from .errors import MlxOssError
 from .json_input import parse_json
 from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED, detect_layout
@@ -222,9 +223,7 @@ class ModelStore:
         """Mark `name` at `revision` as downloaded and verified (written last, atomically)."""
         ours = self.folder(name) / OURS
         ours.mkdir(parents=True, exist_ok=True)
-        temporary = ours / f".{VERIFIED}.tmp"
-        temporary.write_text(json.dumps({"revision": revision, "files": files}, indent=2) + "\n")
-        os.replace(temporary, ours / VERIFIED)
+        write_atomically(ours / VERIFIED, json.dumps({"revision": revision, "files": files}, indent=2) + "\n")
 
     def delete(self, name: str, layout: str | None = None) -> list[Path]:
         """Remove one converted layout, or (`layout` None) the whole repository folder. Returns what went."""
