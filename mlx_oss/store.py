@@ -146,11 +146,9 @@ class StoredModel:
     def layout_for(self, backend: str = "auto") -> str | None:
         """The layout to load on `backend`: the converted one it reads fastest, else the download, else whatever
         is there (the loader then says which backend reads it); None when nothing is."""
-        from .loading import is_apple_silicon, numpy_reads_fastest
+        from .backend import fastest_layout, preferred_backend
 
-        preferred = backend if backend != "auto" else (MLX if is_apple_silicon() else NUMPY)
-        if preferred == NUMPY:
-            preferred = numpy_reads_fastest()
+        preferred = fastest_layout(backend if backend != "auto" else preferred_backend()[0])
         for layout in (preferred, HF, *self.layouts):
             if layout == HF and MXFP4 in self.layouts:  # the download's experts are unquantized: never loaded
                 layout = MXFP4
