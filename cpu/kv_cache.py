@@ -1,11 +1,16 @@
-"""Keys and values of the tokens seen so far, one growing buffer per layer."""
+"""Keys and values of the tokens seen so far, one growing buffer per layer: the NumPy backend's `Cache`.
+
+Its `truncate` always keeps what is asked (the contract allows less): every layer keeps every position.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from mlx_oss.backend import Cache
 
-class KVCache:
+
+class KVCache(Cache):
     """Per-layer keys and values, each `[kv_heads, head_dim, capacity]`, grown by doubling.
 
     Stored transposed (positions last) so that a query's scores, and its weighted sum of values, run along
@@ -60,5 +65,19 @@ class KVCache:
         self.length = length
         return length
 
+    def copy(self) -> KVCache:
+        """An independent cache of the same positions. Its buffers have the same capacity, but only the positions
+        held are written: the pages of the rest are not touched until used."""
+        new = object.__new__(KVCache)
+        new.length = self.length
+        new._k, new._v = ([_copy_held(b, self.length) for b in buffers] for buffers in (self._k, self._v))
+        return new
+
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._k + self._v)
+
+
+def _copy_held(buffer: np.ndarray, length: int) -> np.ndarray:
+    copied = np.empty_like(buffer)
+    copied[..., :length] = buffer[..., :length]
+    return copied

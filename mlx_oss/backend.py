@@ -50,6 +50,7 @@ class Cache(Protocol):
         ...
 
 
+@runtime_checkable
 class Model(Protocol):
     """What every backend offers. Logits are float32 NumPy arrays `[tokens, vocab_size]`.
 

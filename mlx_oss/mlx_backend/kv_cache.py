@@ -1,13 +1,17 @@
-"""Keys and values of the tokens seen so far, in MLX buffers that grow in steps.
+"""Keys and values of the tokens seen so far, in MLX buffers that grow in steps: the MLX backend's `Cache`.
 
 Full-attention layers keep every position. Sliding layers need only the last `window - 1` keys to go on, so
 their buffers are cut back to that plus `rewind` positions: memory stays bounded on long conversations while
-the engine can still step back over a turn's end to reuse the prefix it shares with the next prompt.
+the engine can still step back over a turn's end to reuse the prefix it shares with the next prompt. This is the
+contract's `truncate` keeping less than asked: going back at most `rewind` positions always keeps what is asked,
+further may keep nothing.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from mlx_oss.backend import Cache
 
 STEP = 256  # positions added to a buffer when it is full
 REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
@@ -72,8 +76,18 @@ class LayerCache:
         self.start = 0
         self.stored = 0
 
+    def copy(self) -> LayerCache:
+        """An independent copy. Its arrays are views of the same data (MLX arrays are values, so writing into
+        one, as `update` does, never changes the other): MLX gives the one written first a buffer of its own, so a
+        copy costs memory only once either is extended."""
+        new = LayerCache(self.window, self.rewind, self.step)
+        new.start, new.stored = self.start, self.stored
+        if self.keys is not None:
+            new.keys, new.values = self.keys[:], self.values[:]
+        return new
 
-class KVCache:
+
+class KVCache(Cache):
     """The caches of all layers and the number of positions they hold."""
 
     def __init__(self, windows: list[int | None], rewind: int = REWIND, step: int = STEP):
@@ -112,5 +126,14 @@ class KVCache:
         self.length = length
         return length
 
+    def copy(self) -> KVCache:
+        new = object.__new__(KVCache)
+        new.layers = [layer.copy() for layer in self.layers]
+        new.length = self.length
+        return new
+
     def arrays(self) -> list[mx.array]:
         return [a for layer in self.layers if layer.keys is not None for a in (layer.keys, layer.values)]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
