@@ -13,7 +13,7 @@ import hmac
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
-from .api_fields import ApiError
+from .api.fields import ApiError
 from .hosts import host_name, is_loopback_name
 from .json_input import JsonInputError, parse_json
 

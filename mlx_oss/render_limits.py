@@ -14,7 +14,7 @@ import functools
 import json
 import re
 
-from .api_fields import ApiError
+from .api.fields import ApiError
 from .harmony import Conversation, encode_text
 
 SHORTEST_COSTLY_RUN = 256  # characters in a row below which a run costs the tokenizer microseconds

@@ -29,10 +29,13 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import mlx_oss  # noqa: E402
+from mlx_oss.api.chat_completions import parse_chat  # noqa: E402
+from mlx_oss.api.conversation import same_model  # noqa: E402
+from mlx_oss.api.fields import ApiError  # noqa: E402
+from mlx_oss.api.responses import parse_responses  # noqa: E402
 from mlx_oss.engine import AnswerDelta, Engine  # noqa: E402
 from mlx_oss.harmony import Conversation, Message, render_prompt  # noqa: E402
 from mlx_oss.intake import MAX_BODY_BYTES  # noqa: E402
-from mlx_oss.openai_api import ApiError, parse_chat, parse_responses, same_model  # noqa: E402
 from mlx_oss.render_limits import check_render_cost  # noqa: E402
 from mlx_oss.serve import build_parser  # noqa: E402
 from mlx_oss.server import Server  # noqa: E402

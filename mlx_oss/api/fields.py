@@ -1,4 +1,4 @@
-"""Reading the fields of an OpenAI request: each has the JSON type the API documents, or the request gets a 400
+"""Reading the fields of an API request: each has the JSON type the API documents, or the request gets a 400
 that names it (`stream: "yes"` is refused, not taken as true), and nothing a client sends can make the server
 work without bound: lists, stop sequences and tool schemas have limits no conversation that fits the context
 comes near.
