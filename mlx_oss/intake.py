@@ -21,8 +21,9 @@ from .json_input import JsonInputError, parse_json
 # schemas: 16 MB leaves room for any conversation that fits the context.
 MAX_BODY_BYTES = 16 * 2**20
 # Values in the body (each but the first of a list or object follows a comma): a 131072-token conversation has
-# a few hundred thousand at most, counting the commas and brackets of its text. Parsing a million takes 0.3 s
-# and 100 MB at worst; the 16 MB that fit in a body could make 450 MB of objects and hold the lock 2 s.
+# a few hundred thousand at most, counting the commas and brackets of its text. Parsing holds the interpreter
+# lock and builds an object per value, so this bounds both the pause and the memory, which the 16 MB a body
+# may hold would not: its values could outnumber a million several times.
 MAX_JSON_VALUES = 1_000_000
 
 

@@ -1,11 +1,11 @@
 """What rendering a request's conversation may cost, checked before it is rendered.
 
 openai-harmony tokenizes while holding the interpreter lock, in time that grows with the square of the longest
-piece its tokenizer splits text into before merging (a run of letters, of punctuation or of spaces): 200,000
-'a's took 15 s, 1,000,000 overflowed its stack (a PanicException, which is no Exception). The server renders on
-a worker thread, but while the lock is held every other request waits. So a text with such a run is refused,
-and a conversation with much text is counted in small pieces first (the lock is free between them): one far
-longer than the context is refused without tokenizing it whole (16 MB took 2.9 s in one piece).
+piece its tokenizer splits text into before merging (a run of letters, of punctuation or of spaces), and a run
+of a million overflows its stack (a PanicException, which is no Exception). The server renders on a worker
+thread, but while the lock is held every other request waits. So a text with such a run is refused, and a
+conversation with much text is counted in small pieces first (the lock is free between them): one far longer
+than the context is refused without tokenizing it whole, which alone would hold the lock for seconds.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from .api.fields import ApiError
 from .harmony import Conversation, encode_text
 
 SHORTEST_COSTLY_RUN = 256  # characters in a row below which a run costs the tokenizer microseconds
-MAX_RUN = 20_000  # one run: 0.2 s (the time goes with the square of its length, whatever its characters)
-RUN_BUDGET = 2 * 10**9  # squared lengths of a request's costly runs, summed: about a second of tokenizing
+MAX_RUN = 20_000  # characters of one run (its time goes with the square of its length, whatever its characters)
+RUN_BUDGET = 2 * 10**9  # squared lengths of a request's costly runs, summed: five runs of MAX_RUN
 COUNT_ABOVE = 2**16  # characters in all above which the conversation is counted before it is rendered
 PIECE = 2**14  # characters counted in one call to the tokenizer
 CUT_SLACK = 16  # tokens a cut between two pieces may save or cost
@@ -65,7 +65,7 @@ def costly_runs(text: str, shortest: int = SHORTEST_COSTLY_RUN) -> list[tuple[in
     """(start, end) of each run of `shortest` or more letters, symbols or spaces in `text`: the pieces the
     tokenizer takes whole, in time that grows with the square of their length. Linear in the text."""
     kinds, tails, other = _runs(shortest)
-    if text.isascii():  # the common case, 10 times faster: a byte per character class, then plain searches
+    if text.isascii():  # the common case: a byte per character class, then plain searches (no Unicode classes)
         data = text.encode("ascii")
         found = [m.span() for m in kinds.finditer(data.translate(_ASCII_KINDS))]
         return found + [m.span() for m in tails.finditer(data.translate(_ASCII_TAILS))]
