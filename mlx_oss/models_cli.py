@@ -41,7 +41,7 @@ def download_with_progress(name: str, store: ModelStore, revision: str = "main")
 
 def loads_with(model: StoredModel) -> str:
     """What `--backend auto` would run for this model, and from which layout."""
-    from .loading import choose_backend
+    from .backend import choose_backend
 
     if model.needs_quantizing:
         return f"nothing yet: its experts are unquantized; {PROG} convert {model.name} --to {MXFP4} makes it run"
