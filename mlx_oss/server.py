@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -41,6 +42,9 @@ log = logging.getLogger("mlx_oss.server")
 # Requests parsed and rendered at once: the work is CPU-bound, and a large body's parsed objects take up to a
 # few hundred MB (a million values), so more at once only adds memory.
 PARSE_AT_ONCE = 2
+
+Parsed = TypeVar("Parsed", bound=ParsedRequest)
+Parser = Callable[[Any, str, int], Parsed]  # (body's JSON, served model id, most items) -> request
 
 
 class Server:
@@ -109,7 +113,7 @@ class Server:
 
     # -- from request to generation and back ------------------------------------------------------------------
 
-    async def _start(self, request: HttpRequest, parse):
+    async def _start(self, request: HttpRequest, parse: Parser[Parsed]) -> tuple[Parsed, Job]:
         """The parsed request and its generation's job."""
         body = await read_body(request)
         async with self._parsing:
@@ -121,7 +125,7 @@ class Server:
                 429, "the server is busy with other requests; try again shortly", code="server_busy"
             ) from None
 
-    def _prepare(self, body: bytes, parse) -> tuple[ParsedRequest, list[int]]:
+    def _prepare(self, body: bytes, parse: Parser[Parsed]) -> tuple[Parsed, list[int]]:
         """The request and its prompt tokens, on a worker thread: large bodies take a while to parse and render,
         and meanwhile the event loop answers everyone else."""
         try:

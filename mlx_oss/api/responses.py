@@ -219,9 +219,7 @@ class ResponseEvents:
         return self.event("error", message=error.message, code=error.code, param=error.param)
 
     def piece(self, piece: ReasoningDelta | AnswerDelta | ToolCall, turn: Turn) -> list[str]:
-        kind = (
-            "reasoning" if isinstance(piece, ReasoningDelta) else "answer" if isinstance(piece, AnswerDelta) else "call"
-        )
+        kind = "call" if isinstance(piece, ToolCall) else "reasoning" if isinstance(piece, ReasoningDelta) else "answer"
         out = []
         if self.open and self.open[0] != kind:
             out += self.close()
@@ -229,22 +227,9 @@ class ResponseEvents:
         if isinstance(piece, ToolCall):
             item = call_item(new_id("fc_"), piece)
             out.append(self.event("response.output_item.added", output_index=index, item={**item, "arguments": ""}))
-            out.append(
-                self.event(
-                    "response.function_call_arguments.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    delta=piece.arguments,
-                )
-            )
-            out.append(
-                self.event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    arguments=piece.arguments,
-                )
-            )
+            where = {"item_id": item["id"], "output_index": index}
+            out.append(self.event("response.function_call_arguments.delta", **where, delta=piece.arguments))
+            out.append(self.event("response.function_call_arguments.done", **where, arguments=piece.arguments))
             out.append(self.event("response.output_item.done", output_index=index, item=item))
             self.items.append(item)
             return out
