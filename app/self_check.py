@@ -81,7 +81,7 @@ def _backend_runs(model) -> tuple[bool, str]:
 
     # Kernels that are shipped must run, and build in a child process; a CPU without AVX2, or a build without
     # numba, runs the plain path.
-    ok = not kernels.BROKEN and model.kernels == kernels.available()
-    ok = ok and (not model.kernels or kernels.compile_in_child().returncode == 0)
+    ok = not kernels.BROKEN and model.uses_kernels == kernels.available()
+    ok = ok and (not model.uses_kernels or kernels.compile_in_child().returncode == 0)
     failed = "" if ok else " (FAILED: the shipped kernels do not run, or not in a child process)"
     return ok, f"numpy with {model.kernel_description}{failed}"

@@ -1,6 +1,7 @@
 """The numba side of `kernels`: LLVM IR for one row's dot product, parallel loops over rows.
 
-Imported only once `kernels` has chosen an instruction set (`kernels.ISA`); see that module.
+Imported by `kernels` only where `_target` found an instruction set to build for (`_target.ISA`), and built for
+it; see `kernels`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from numba.extending import intrinsic
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
-from .kernels import CACHE, ISA
+from ._target import CACHE, ISA
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
@@ -341,7 +342,7 @@ _mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE), _mix_intrinsic(1)
 def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
     """`out[p] = W[experts[p]] @ x[p]` for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]`.
 
-    `x_even`/`x_odd` `[n, G*16]` hold each x's even and odd elements (`kernels.deinterleave`).
+    `x_even`/`x_odd` `[n, G*16]` hold each x's even and odd elements (`kernels._deinterleave`).
     """
     _, rows, groups, _ = blocks.shape
     flat_blocks = blocks.reshape(-1)

@@ -16,12 +16,12 @@ WIDEN_BYTES = 4 << 20  # float32 bytes of BF16 weight widened at once for BLAS: 
 class Dense:
     weight: np.ndarray  # [out, in]: float32, or BF16 bits as uint16
     bias: np.ndarray | None
-    kernels: bool  # whether the compiled kernels may be used
+    uses_kernels: bool  # whether the compiled kernels may be used
     workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         in_features = self.weight.shape[1]
-        if self.kernels and x.shape[0] <= kernels.FEW_TOKENS and in_features % 16 == 0:
+        if self.uses_kernels and x.shape[0] <= kernels.DECODE_ROWS and in_features % 16 == 0:
             y = kernels.matvec(self.weight, x)
         elif self.weight.dtype == np.float32:
             y = x @ self.weight.T

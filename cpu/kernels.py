@@ -16,7 +16,6 @@ Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,60 +23,32 @@ import threading
 
 import numpy as np
 
-from .layers import first_visible_key, softmax_with_sink, visible_keys
+from . import _target
+from .layers import first_visible_key, softmax_with_sink, visibility
 
-DISABLE_VARIABLE = "MLX_OSS_KERNELS"
-FEW_TOKENS = 8  # up to this many rows (decoding), matrices and attention run in the kernels; a prompt's in BLAS
+ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
+DISABLE_VARIABLE = _target.VARIABLE
+DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
 
+# numba's OpenMP threads spin ~300k rounds after each kernel by default, fighting BLAS's threads for the cores
+# whenever the two alternate (a prompt's expert decode, then its matmul). A short spin keeps back-to-back kernels
+# quick. OpenMP reads it when it loads, at the first parallel kernel: set here, at import, for the whole process.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-def _switched_off() -> bool:
-    return os.environ.get(DISABLE_VARIABLE, "").lower() in ("0", "off", "no", "false")
-
-
-# The AVX2 kernels on a larger CPU, for tests. numba's on-disk cache is keyed by the CPU, not by the kernels'
-# width, so a forced build must not share it.
-FORCED_AVX2 = os.environ.get(DISABLE_VARIABLE, "").lower() == "avx2"
-CACHE = not FORCED_AVX2
-
-
-def _instruction_set() -> tuple[str | None, str, bool]:
-    """The vector extension the kernels are built for, or None with the reason they are not used; and whether that
-    reason is a numba that is installed but will not import (a damaged install or app bundle, not this CPU)."""
-    # numba's OpenMP threads spin ~300k rounds after each kernel by default, fighting BLAS's threads for the
-    # cores whenever the two alternate (a prompt's expert decode, then its matmul): 8 ms instead of 0.7 ms a
-    # round on 2 cores. A short spin keeps back-to-back kernels quick. Only read if OpenMP is not loaded yet.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    try:
-        import llvmlite
-        import llvmlite.binding as llvm
-        import numba
-    except Exception as e:  # ImportError; also OSError (a library that will not load), RuntimeError (no JIT memory)
-        if importlib.util.find_spec("numba") is None:
-            return None, "numba is not installed (pip install 'mlx-oss[fast]')", False
-        return None, f"numba is installed but does not import ({e})", True
-    if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
-        return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')", False
-    features = llvm.get_host_cpu_features()
-    if FORCED_AVX2:
-        features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
-    if features.get("avx512f") and features.get("avx512bw"):
-        return "avx512", "numba kernels for AVX-512", False
-    if features.get("avx2") and features.get("fma"):
-        return "avx2", "numba kernels for AVX2", False
-    return None, "no AVX2 or AVX-512 on this CPU", False
-
-
-ISA, DESCRIPTION, BROKEN = _instruction_set()
-
-if ISA is not None:  # after ISA is set: the numba module reads it
+if ISA is not None:
     try:
         from . import _numba_kernels as _compiled
     except RuntimeError as e:
         if not str(e).startswith("cannot cache function"):
             raise
         # numba found no writable folder for its cache (a read-only install and home): compile in each process.
-        CACHE = False
+        _target.CACHE = False
         from . import _numba_kernels as _compiled
+CACHE = _target.CACHE  # whether the build is kept in numba's on-disk cache (see `warm_up`)
+
+
+def _switched_off() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "").lower() in ("0", "off", "no", "false")
 
 
 def available() -> bool:
@@ -176,12 +147,9 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape
-    if tokens == 1:  # a single query sees every key from the first visible one to its own
-        first, visible = first_visible_key(q_start, window), None
-        count = q_start + 1 - first
-    else:
-        first, visible = visible_keys(q_start, tokens, window)
-        count = visible.shape[1]
+    first = first_visible_key(q_start, window)
+    count = q_start + tokens - first  # keys past the last query are never visible
+    visible = visibility(q_start, tokens, first, count, window)  # None for a single query: it sees them all
     scores = np.empty((tokens, heads, count), dtype=np.float32)
     _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
     if visible is not None:
@@ -211,8 +179,8 @@ def _aligned_empty(size: int) -> np.ndarray:
     """`size` float32 whose data starts on a 64-byte cache line.
 
     The kernels read inputs 64 bytes at a time; from rows that start mid-line (NumPy aligns to 16 bytes) every
-    such load touches two lines, which halved the speed of `mxfp4_matmul`. Row lengths here are multiples of 16
-    floats, so every row then starts on a line too.
+    such load would touch two lines. Row lengths here are multiples of 16 floats, so every row then starts on a
+    line too.
     """
     buffer = np.empty(size * 4 + 64, dtype=np.uint8)
     start = -buffer.ctypes.data % 64

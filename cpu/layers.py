@@ -6,8 +6,9 @@ import numpy as np
 
 from mlx_oss.mxfp4 import SCALE_VALUES, decode_unscaled, dequantize
 
-FEW_TOKENS = 4  # up to this many rows of x, `mxfp4_linear` scales per block dot product, not per value
 QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
+DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight (`mxfp4_linear`)
+LATE_SCALE_ROWS = 4  # up to this many rows of x, `mxfp4_linear` scales each block's dot product, not its values
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -42,11 +43,13 @@ def attention(
     sink = sinks.astype(np.float32).reshape(KV, group, 1)
     for t0 in range(0, T, QUERY_CHUNK):
         t1 = min(T, t0 + QUERY_CHUNK)
-        k_lo, visible = visible_keys(q_start + t0, t1 - t0, window)
-        k_hi = q_start + t1
+        k_lo, k_hi = first_visible_key(q_start + t0, window), q_start + t1  # later keys are never visible
+        visible = visibility(q_start + t0, t1 - t0, k_lo, k_hi - k_lo, window)
         # scores [KV, group, t, s]
         scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], k[..., k_lo:k_hi], optimize=True) * scale
-        weights, denom = softmax_with_sink(np.where(visible, scores, -np.inf), sink)
+        if visible is not None:
+            scores = np.where(visible, scores, -np.inf)
+        weights, denom = softmax_with_sink(scores, sink)
         mixed = np.einsum("kgts,kds->tkgd", weights, v[..., k_lo:k_hi], optimize=True)
         out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
     return out.reshape(T, H * D)
@@ -57,17 +60,18 @@ def first_visible_key(q_start: int, window: int | None) -> int:
     return 0 if window is None else max(0, q_start - window + 1)
 
 
-def visible_keys(q_start: int, queries: int, window: int | None) -> tuple[int, np.ndarray]:
-    """The first key any of `queries` queries from position `q_start` on can see, and which keys from there to
-    the last query's position each sees (`[queries, keys]`): key j is visible to query i iff j <= i and, on
-    sliding layers, i - j < window."""
-    first = first_visible_key(q_start, window)
-    q_pos = np.arange(q_start, q_start + queries)
-    k_pos = np.arange(first, q_start + queries)  # keys past the last query are never visible
-    visible = k_pos[None, :] <= q_pos[:, None]
+def visibility(q_start: int, queries: int, k_start: int, keys: int, window: int | None) -> np.ndarray | None:
+    """Which keys each query sees (`[queries, keys]`, True where visible), for queries at positions `q_start ..`
+    and keys at `k_start ..`: key j at most query i and, on sliding layers, i - j < window. None for a decode
+    step, which is given only the keys it sees."""
+    if queries == 1 and (window is None or q_start - k_start < window):
+        return None
+    q_pos = np.arange(q_start, q_start + queries)[:, None]
+    k_pos = np.arange(k_start, k_start + keys)[None, :]
+    visible = k_pos <= q_pos
     if window is not None:
-        visible &= q_pos[:, None] - k_pos[None, :] < window
-    return first, visible
+        visible &= q_pos - k_pos < window
+    return visible
 
 
 def softmax_with_sink(scores: np.ndarray, sink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,22 +84,19 @@ def softmax_with_sink(scores: np.ndarray, sink: np.ndarray) -> tuple[np.ndarray,
 
 
 def route(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `top_k` experts of each token and their weights: a softmax over the chosen logits only."""
-    chosen = np.argpartition(-router_logits, top_k - 1, axis=-1)[:, :top_k]
+    """Each token's `top_k` experts and their weights (`[T, top_k]` both): a softmax over the chosen logits only."""
+    chosen = np.argpartition(-router_logits, top_k - 1, axis=-1)[..., :top_k]
     logits = np.take_along_axis(router_logits, chosen, axis=-1)
     weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return chosen, weights.astype(np.float32)
 
 
-def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
-    """gpt-oss's SwiGLU on row-interleaved `[gate0, up0, gate1, up1, ...]` projections.
-
-    The gate is clamped from above only, the linear half on both sides, and the linear half gets
-    +1 so that a zero projection passes the gate through.
-    """
-    gate = np.minimum(gate_up[:, 0::2], np.float32(limit))
-    up = np.minimum(np.maximum(gate_up[:, 1::2], np.float32(-limit)), np.float32(limit))  # np.clip, minus its wrapper
+def clamped_swiglu(gate: np.ndarray, up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """gpt-oss's SwiGLU: the gate clamped from above only, the linear half on both sides and shifted by +1 (so that
+    a zero projection passes the gate through). Neither input is written to."""
+    gate = np.minimum(gate, np.float32(limit))
+    up = np.minimum(np.maximum(up, np.float32(-limit)), np.float32(limit))  # np.clip, minus its wrapper
     out = np.exp(np.float32(-alpha) * gate)
     out += 1.0
     np.divide(gate, out, out=out)
@@ -104,8 +105,8 @@ def clamped_swiglu(gate_up: np.ndarray, alpha: float, limit: float) -> np.ndarra
     return out
 
 
-def mxfp4_linear(x, blocks, scales, bias, rows: int) -> np.ndarray:
-    """`x @ W.T + bias` for one expert's MXFP4 weight `W [out, in]`, decoding `rows` rows at a time.
+def mxfp4_linear(x, blocks, scales, bias) -> np.ndarray:
+    """`x @ W.T + bias` for one expert's MXFP4 weight `W [out, in]`, decoding `DECODE_SCRATCH_BYTES` of it at a time.
 
     Only a slice of the weight is ever float32, so an expert costs a few MB of scratch, not its full
     decoded size. For a few rows of x (decoding) the blocks' scales are applied to each block's dot
@@ -113,13 +114,14 @@ def mxfp4_linear(x, blocks, scales, bias, rows: int) -> np.ndarray:
     """
     out_features, groups = scales.shape
     tokens = x.shape[0]
+    rows = max(1, DECODE_SCRATCH_BYTES // (4 * groups * 32))
     y = np.empty((tokens, out_features), dtype=np.float32)
     scratch = np.empty((min(rows, out_features), groups * 32), dtype=np.float32)
     x_blocks = x.reshape(tokens, groups, 32)
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         w = scratch[: r1 - r0]
-        if tokens <= FEW_TOKENS:
+        if tokens <= LATE_SCALE_ROWS:
             decode_unscaled(blocks[r0:r1], w)
             dots = np.einsum("rgj,tgj->trg", w.reshape(r1 - r0, groups, 32), x_blocks)
             y[:, r0:r1] = np.einsum("trg,rg->tr", dots, SCALE_VALUES[scales[r0:r1]])

@@ -2,12 +2,13 @@
 
 Memory: every weight stays in the memory-mapped checkpoint as stored (MXFP4 experts, BF16 or float32
 matrices), so the process owns little beyond its KV cache; the pages every token reads are mapped in at
-load (`Checkpoint.prefault`), which a page-cached 20b takes about a second to do.
+load (`Checkpoint.prefault`), not at the first token that reads them.
 
 Speed: with the compiled kernels (`kernels`), packed weights are multiplied where they lie; an expert chosen
 by several tokens of a prompt decodes each block once for all of them. Plain NumPy decodes a few expert rows
 at a time to float32 for BLAS (experts in parallel threads, each with a one-thread BLAS) and widens BF16 in
-blocks.
+blocks. `Dense` and `Experts` each choose their own path, so that the model below reads as the architecture;
+attention's choice is made in `_attention`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from mlx_oss.safetensors_io import as_float32
 
 from . import kernels
 from .dense import Dense
+from .experts import Experts
 from .kv_cache import KVCache
-from .layers import attention, clamped_swiglu, mxfp4_linear, rms_norm, route
+from .layers import attention, rms_norm, route
 from .workers import Workers
-
-DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight
 
 
 @dataclass
@@ -40,24 +40,12 @@ class AttentionWeights:
 
 
 @dataclass
-class ExpertWeights:
-    """One layer's experts, MXFP4-packed and memory-mapped; biases in float32."""
-
-    gate_up_blocks: np.ndarray  # [E, 2 * intermediate, hidden / 32, 16] uint8
-    gate_up_scales: np.ndarray  # [E, 2 * intermediate, hidden / 32] uint8
-    gate_up_bias: np.ndarray  # [E, 2 * intermediate]
-    down_blocks: np.ndarray  # [E, hidden, intermediate / 32, 16] uint8
-    down_scales: np.ndarray
-    down_bias: np.ndarray  # [E, hidden]
-
-
-@dataclass
 class LayerWeights:
     input_norm: np.ndarray
     attention: AttentionWeights
     post_attention_norm: np.ndarray
     router: Dense  # [E, hidden]
-    experts: ExpertWeights
+    experts: Experts
 
 
 class NumpyModel(Model):
@@ -67,13 +55,13 @@ class NumpyModel(Model):
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         c = self.config
-        self.kernels = kernels.available()
+        self.uses_kernels = kernels.available()
         self.kernel_description = kernels.description()
-        if self.kernels:
+        if self.uses_kernels:
             try:
                 kernels.warm_up()
             except Exception as e:  # a numba or LLVM that cannot build them: run, slower, without
-                self.kernels = False
+                self.uses_kernels = False
                 self.kernel_description = f"plain NumPy (the compiled kernels failed to build: {e})"
         self._workers = Workers()
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
@@ -94,7 +82,7 @@ class NumpyModel(Model):
             self.mapped.append(weight)
         else:
             w = ck.float32(weight)
-        return Dense(w, ck.float32(bias) if bias else None, self.kernels, self._workers)
+        return Dense(w, ck.float32(bias) if bias else None, self.uses_kernels, self._workers)
 
     def _load_layer(self, i: int) -> LayerWeights:
         ck = self.checkpoint
@@ -116,13 +104,17 @@ class NumpyModel(Model):
             ),
             post_attention_norm=f32(p + "post_attention_layernorm.weight"),
             router=self._dense(p + "mlp.router.weight", p + "mlp.router.bias"),
-            experts=ExpertWeights(
+            experts=Experts(
                 gate_up_blocks=ck.raw(experts + "gate_up_proj_blocks"),
                 gate_up_scales=ck.raw(experts + "gate_up_proj_scales"),
                 gate_up_bias=f32(experts + "gate_up_proj_bias"),
                 down_blocks=ck.raw(experts + "down_proj_blocks"),
                 down_scales=ck.raw(experts + "down_proj_scales"),
                 down_bias=f32(experts + "down_proj_bias"),
+                alpha=self.config.swiglu_alpha,
+                limit=self.config.swiglu_limit,
+                uses_kernels=self.uses_kernels,
+                workers=self._workers,
             ),
         )
 
@@ -164,7 +156,7 @@ class NumpyModel(Model):
         else:
             k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
-        if self.kernels and T <= kernels.FEW_TOKENS:
+        if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
             keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
             mixed = kernels.attention(q, keys, values, w.sinks, start, window)
         else:
@@ -172,65 +164,8 @@ class NumpyModel(Model):
         return w.out(mixed)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
-        """Each token's top-k experts, weighted. Work is per (token, expert) pair, grouped by expert.
-
-        With the kernels, pairs whose expert no other token chose (all of them while decoding) go through
-        the packed weights together in one call; an expert with several tokens decodes each block once for
-        all of them. Plain NumPy decodes a chosen expert to float32 a block of rows at a time, for BLAS.
-        """
-        c = self.config
-        ex = layer.experts
-        chosen, weights = route(layer.router(h), c.num_experts_per_tok)
-        pair_expert = chosen.reshape(-1)
-        pair_token = np.repeat(np.arange(h.shape[0]), c.num_experts_per_tok)
-        counts = np.bincount(pair_expert, minlength=c.num_local_experts)
-        alone = counts[pair_expert] == 1 if self.kernels else np.zeros(pair_expert.size, dtype=bool)
-        if alone.all():  # decoding a token: no grouping to do
-            y = self._experts_alone(ex, pair_expert, h[pair_token])
-        else:
-            y = self._experts_grouped(ex, h, pair_expert, pair_token, alone)
-        y *= weights.reshape(-1, 1)
-        return y.reshape(h.shape[0], c.num_experts_per_tok, c.hidden_size).sum(axis=1)
-
-    def _experts_grouped(self, ex: ExpertWeights, h, pair_expert, pair_token, alone) -> np.ndarray:
-        """The output of every (token, expert) pair: the `alone` ones through `_experts_alone`, the rest grouped by
-        expert so that each expert's weights are read once for all its tokens."""
-        c = self.config
-        y = np.empty((pair_expert.size, c.hidden_size), dtype=np.float32)
-        if alone.any():
-            y[alone] = self._experts_alone(ex, pair_expert[alone], h[pair_token[alone]])
-        groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
-        groups.sort(key=lambda g: -g[1].size)  # the largest first, so that the threads finish together
-
-        def expert(group):
-            return self._expert(ex, group[0], h[pair_token[group[1]]])
-
-        # Plain NumPy: most of an expert's time is decoding its weights (`np.take`, the scale multiply), on one core
-        # per call, so experts run in threads (BLAS's own threads on top had made a prompt 2.8, not 5 tokens/s).
-        outputs = map(expert, groups) if self.kernels else self._workers.map(expert, groups)  # kernels: all cores
-        for (_, pairs), out in zip(groups, outputs, strict=True):
-            y[pairs] = out
-        return y
-
-    def _experts_alone(self, ex: ExpertWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Pair p through expert `experts[p]` with input `x[p]`, by the kernels on the packed weights."""
-        c = self.config
-        gate_up = kernels.mxfp4_matvec(ex.gate_up_blocks, ex.gate_up_scales, experts, x)
-        gate_up += ex.gate_up_bias[experts]
-        act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
-        out = kernels.mxfp4_matvec(ex.down_blocks, ex.down_scales, experts, act)
-        out += ex.down_bias[experts]
-        return out
-
-    def _expert(self, ex: ExpertWeights, e: int, x: np.ndarray) -> np.ndarray:
-        """Expert `e` on the rows of `x`."""
-        c = self.config
-        if self.kernels:
-            gate_up = kernels.mxfp4_matmul(ex.gate_up_blocks[e], ex.gate_up_scales[e], x) + ex.gate_up_bias[e]
-            act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
-            return kernels.mxfp4_matmul(ex.down_blocks[e], ex.down_scales[e], act) + ex.down_bias[e]
-        up_rows = max(1, DECODE_SCRATCH_BYTES // (4 * c.hidden_size))
-        down_rows = max(1, DECODE_SCRATCH_BYTES // (4 * c.intermediate_size))
-        gate_up = mxfp4_linear(x, ex.gate_up_blocks[e], ex.gate_up_scales[e], ex.gate_up_bias[e], up_rows)
-        act = clamped_swiglu(gate_up, c.swiglu_alpha, c.swiglu_limit)
-        return mxfp4_linear(act, ex.down_blocks[e], ex.down_scales[e], ex.down_bias[e], down_rows)
+        """Each token through its top-k experts, their outputs weighted by the router."""
+        chosen, weights = route(layer.router(h), self.config.num_experts_per_tok)
+        y = layer.experts(h, chosen)  # [T, k, hidden]
+        y *= weights[..., None]
+        return y.sum(axis=-2)

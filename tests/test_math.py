@@ -81,7 +81,7 @@ def test_a_bf16_layer_widened_in_threads_matches_torch(monkeypatch):
     monkeypatch.setattr(dense, "WIDEN_BYTES", 96 * 4 * 70)  # 70 rows a block: 15 blocks, the last of 20 rows
     bits = weight.view(torch.int16).numpy().view(np.uint16)
     for workers in (None, Workers(2), Workers(3)):
-        got = Dense(bits, bias, kernels=False, workers=workers)(x)
+        got = Dense(bits, bias, uses_kernels=False, workers=workers)(x)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

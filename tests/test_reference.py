@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_oss
-from mlx_oss.cpu import model as cpu_model
+from mlx_oss.cpu import experts as cpu_experts
 from reference import assert_logits_match, reference_logits
 
 SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=96)
@@ -56,13 +56,13 @@ def test_clamp_case_really_clamps(synthetic_checkpoint, monkeypatch):
     shape, options, length = CASES["clamp-active"]
     model = mlx_oss.load(synthetic_checkpoint(**shape, **options), backend="numpy")
     seen = []
-    original = cpu_model.clamped_swiglu
+    original = cpu_experts.clamped_swiglu
 
-    def recording(gate_up, alpha, limit):
-        seen.append((np.abs(gate_up) > limit).mean())
-        return original(gate_up, alpha, limit)
+    def recording(gate, up, alpha, limit):
+        seen.append((np.abs(np.stack([gate, up])) > limit).mean())
+        return original(gate, up, alpha, limit)
 
-    monkeypatch.setattr(cpu_model, "clamped_swiglu", recording)
+    monkeypatch.setattr(cpu_experts, "clamped_swiglu", recording)
     model.logits(np.arange(length))
     assert np.mean(seen) > 0.2
 

@@ -1,0 +1,44 @@
+"""What the compiled kernels are built for: the vector extension this CPU offers numba (or why the plain NumPy
+path runs instead), and whether numba may keep the build in its on-disk cache.
+
+`kernels` reads it to decide whether to build; `_numba_kernels` reads it to build for that extension. It imports
+neither of them, so neither imports the other back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+VARIABLE = "MLX_OSS_KERNELS"  # "off" (or 0, no, false) switches the kernels off; "avx2" forces the AVX2 ones
+
+# The AVX2 kernels on a larger CPU, for tests. numba's on-disk cache is keyed by the CPU, not by the kernels'
+# width, so a forced build must not share it.
+FORCED_AVX2 = os.environ.get(VARIABLE, "").lower() == "avx2"
+CACHE = not FORCED_AVX2  # `kernels` turns it off where numba finds no writable cache folder
+
+
+def instruction_set() -> tuple[str | None, str, bool]:
+    """The vector extension the kernels are built for, or None with the reason they are not used; and whether that
+    reason is a numba that is installed but will not import (a damaged install or app bundle, not this CPU)."""
+    try:
+        import llvmlite
+        import llvmlite.binding as llvm
+        import numba
+    except Exception as e:  # ImportError; also OSError (a library that will not load), RuntimeError (no JIT memory)
+        if importlib.util.find_spec("numba") is None:
+            return None, "numba is not installed (pip install 'mlx-oss[fast]')", False
+        return None, f"numba is installed but does not import ({e})", True
+    if tuple(int(part) for part in llvmlite.__version__.split(".")[:2]) < (0, 50):
+        return None, f"numba {numba.__version__} is too old for the kernels (pip install 'numba>=0.68')", False
+    features = llvm.get_host_cpu_features()
+    if FORCED_AVX2:
+        features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
+    if features.get("avx512f") and features.get("avx512bw"):
+        return "avx512", "numba kernels for AVX-512", False
+    if features.get("avx2") and features.get("fma"):
+        return "avx2", "numba kernels for AVX2", False
+    return None, "no AVX2 or AVX-512 on this CPU", False
+
+
+ISA, DESCRIPTION, BROKEN = instruction_set()
