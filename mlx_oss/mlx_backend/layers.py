@@ -83,11 +83,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: flo
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
-def visibility(q_start: int, length: int, k_start: int, keys: int, window: int | None) -> mx.array | None:
-    """Which keys each query sees: key j at most query i and, on sliding layers, i - j < window."""
-    if length == 1 and (window is None or q_start - k_start < window):
-        return None  # a decode step is given only the keys it sees
-    q_pos = mx.arange(q_start, q_start + length)[:, None]
+def visibility(q_start: int, queries: int, k_start: int, keys: int, window: int | None) -> mx.array | None:
+    """Which keys each query sees (`[queries, keys]`, True where visible), for queries at positions `q_start ..`
+    and keys at `k_start ..`: key j at most query i and, on sliding layers, i - j < window. None for a decode
+    step, which is given only the keys it sees."""
+    if queries == 1 and (window is None or q_start - k_start < window):
+        return None
+    q_pos = mx.arange(q_start, q_start + queries)[:, None]
     k_pos = mx.arange(k_start, k_start + keys)[None, :]
     visible = k_pos <= q_pos
     if window is not None:
@@ -96,44 +98,48 @@ def visibility(q_start: int, length: int, k_start: int, keys: int, window: int |
 
 
 def route(router_logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
-    """Each token's `top_k` experts and their weights: a softmax over the chosen logits only."""
+    """Each token's `top_k` experts and their weights (`[T, top_k]` both): a softmax over the chosen logits only."""
     chosen = mx.argpartition(-router_logits, top_k - 1, axis=-1)[..., :top_k]
     weights = mx.softmax(mx.take_along_axis(router_logits, chosen, axis=-1), axis=-1, precise=True)
     return chosen, weights
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
-    """gpt-oss's SwiGLU: the gate clamped from above only, the linear half on both sides and shifted by +1."""
+    """gpt-oss's SwiGLU: the gate clamped from above only, the linear half on both sides and shifted by +1 (so that
+    a zero projection passes the gate through)."""
     gate = mx.minimum(gate, limit)
     up = mx.clip(up, -limit, limit)
     return gate * mx.sigmoid(alpha * gate) * (up + 1)
 
 
-def experts(
-    x: mx.array,
-    chosen: mx.array,
-    gate_proj: ExpertLinear,
-    up_proj: ExpertLinear,
-    down_proj: ExpertLinear,
-    alpha: float,
-    limit: float,
-) -> mx.array:
-    """Each token `x [T, hidden]` through its chosen experts `chosen [T, k]`: `[T, k, hidden]`.
+@dataclass
+class Experts:
+    """One layer's experts, MXFP4 as MLX's `gather_qmm` takes them, gate and up as separate projections."""
 
-    With many token-expert pairs (prefill) the pairs are sorted by expert first, so each expert's weights
-    are read once for all its tokens.
-    """
-    T, k = chosen.shape
-    x = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, hidden]
-    pairs = chosen
-    order = None
-    if chosen.size >= SORT_THRESHOLD:
-        flat = chosen.flatten()
-        order = mx.argsort(flat)
-        x = x.flatten(0, -3)[order // k]  # [T*k, 1, hidden]
-        pairs = flat[order]
-    h = clamped_swiglu(gate_proj(x, pairs, order is not None), up_proj(x, pairs, order is not None), alpha, limit)
-    y = down_proj(h, pairs, order is not None)
-    if order is not None:
-        y = mx.unflatten(y[mx.argsort(order)], 0, (T, k))
-    return y.squeeze(-2)
+    gate_proj: ExpertLinear
+    up_proj: ExpertLinear
+    down_proj: ExpertLinear
+    alpha: float  # the clamped SwiGLU's
+    limit: float
+
+    def __call__(self, x: mx.array, chosen: mx.array) -> mx.array:
+        """Each token `x [T, hidden]` through its chosen experts `chosen [T, k]`: `[T, k, hidden]`.
+
+        With many token-expert pairs (prefill) the pairs are sorted by expert first, so each expert's weights
+        are read once for all its tokens.
+        """
+        T, k = chosen.shape
+        x = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, hidden]
+        pairs = chosen
+        order = None
+        if chosen.size >= SORT_THRESHOLD:
+            flat = chosen.flatten()
+            order = mx.argsort(flat)
+            x = x.flatten(0, -3)[order // k]  # [T*k, 1, hidden]
+            pairs = flat[order]
+        sorted_pairs = order is not None
+        gate, up = self.gate_proj(x, pairs, sorted_pairs), self.up_proj(x, pairs, sorted_pairs)
+        y = self.down_proj(clamped_swiglu(gate, up, self.alpha, self.limit), pairs, sorted_pairs)
+        if order is not None:
+            y = mx.unflatten(y[mx.argsort(order)], 0, (T, k))
+        return y.squeeze(-2)

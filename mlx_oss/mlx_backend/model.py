@@ -24,7 +24,7 @@ from mlx_oss.rope import yarn_frequencies
 from mlx_oss.safetensors_io import TensorSpec
 
 from .kv_cache import KVCache
-from .layers import ExpertLinear, Linear, attention, experts, rms_norm, route, visibility
+from .layers import ExpertLinear, Experts, Linear, attention, rms_norm, route, visibility
 
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once
 
@@ -39,9 +39,7 @@ class Layer:
     sinks: mx.array
     post_attention_norm: mx.array
     router: Linear
-    gate_proj: ExpertLinear
-    up_proj: ExpertLinear
-    down_proj: ExpertLinear
+    experts: Experts
 
 
 def _to_mlx(spec: TensorSpec, widen: bool) -> mx.array:
@@ -86,6 +84,10 @@ class MlxModel(Model):
         def expert(prefix: str) -> ExpertLinear:
             return ExpertLinear(tensor(prefix + ".weight"), tensor(prefix + ".scales"), tensor(prefix + ".bias"))
 
+        def experts(prefix: str) -> Experts:
+            projections = [expert(prefix + name) for name in ("gate_proj", "up_proj", "down_proj")]
+            return Experts(*projections, alpha=c.swiglu_alpha, limit=c.swiglu_limit)
+
         self.embed = linear("model.embed_tokens.weight", bias=False)
         self.unembed = self.embed if c.tie_word_embeddings else linear("lm_head.weight", bias=False)
         self.final_norm = tensor("model.norm.weight")
@@ -102,9 +104,7 @@ class MlxModel(Model):
                     sinks=tensor(p + "self_attn.sinks"),
                     post_attention_norm=tensor(p + "post_attention_layernorm.weight"),
                     router=linear(p + "mlp.router.weight"),
-                    gate_proj=expert(p + "mlp.experts.gate_proj"),
-                    up_proj=expert(p + "mlp.experts.up_proj"),
-                    down_proj=expert(p + "mlp.experts.down_proj"),
+                    experts=experts(p + "mlp.experts."),
                 )
             )
             checkpoint.release()  # the layer now lives in MLX's memory; its mapped pages need not stay resident
@@ -156,9 +156,9 @@ class MlxModel(Model):
         return layer.o_proj(mixed.transpose(0, 2, 1, 3).reshape(T, c.q_size))
 
     def _moe(self, layer: Layer, h: mx.array) -> mx.array:
-        c = self.config
-        chosen, weights = route(layer.router(h), c.num_experts_per_tok)
-        y = experts(h, chosen, layer.gate_proj, layer.up_proj, layer.down_proj, c.swiglu_alpha, c.swiglu_limit)
+        """Each token through its top-k experts, their outputs weighted by the router."""
+        chosen, weights = route(layer.router(h), self.config.num_experts_per_tok)
+        y = layer.experts(h, chosen)  # [T, k, hidden]
         return (y * weights[..., None]).sum(axis=-2)
 
     def _unembed(self, x: mx.array) -> np.ndarray:
