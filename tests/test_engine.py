@@ -12,7 +12,6 @@ from harmony_helpers import ScriptedModel, harmony_tokens
 
 import mlx_oss
 from mlx_oss.engine import (
-    PREFILL_CHUNK,
     AnswerDelta,
     CancelToken,
     ContextLimitError,
@@ -22,11 +21,12 @@ from mlx_oss.engine import (
     ReasoningDelta,
     SamplingParams,
     ToolCall,
-    sample_token,
 )
 from mlx_oss.errors import MlxOssError
+from mlx_oss.generate import PREFILL_CHUNK, Completion, Decoder
 from mlx_oss.harmony import Conversation, Message, Tool, encoding, render_prompt
 from mlx_oss.loading import BACKENDS
+from mlx_oss.sampling import make_sampler, sample_token
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
@@ -80,6 +80,30 @@ def test_prefix_reuse_gives_what_a_fresh_prefill_gives(tiny):
     assert fresh.stats.reused_tokens == 0
     _, again = run(engine, prompt2)  # the same prompt again: all but its last token reused
     assert again.stats.reused_tokens == len(prompt2) - 1 and again.tokens == fresh.tokens
+
+
+def test_the_token_loop_runs_without_harmony(tiny):
+    """The engine's token loop on its own (as the bench runs it): the same tokens, logits processors applied
+    before the draw, and several drafted tokens checked in one pass and the rejected ones dropped."""
+    prompt = render_prompt(chat(Message.user("Hello")))
+    _, done = run(Engine(tiny), prompt)
+    assert done.stop_reason == "length"
+    greedy = make_sampler(SamplingParams(temperature=0))
+    completion = Completion(Decoder(tiny), prompt, greedy, max_tokens=8)
+    assert list(completion) == done.tokens and completion.stop_reason == "length"
+
+    def ban_first(tokens, logits):
+        logits = logits.copy()
+        logits[done.tokens[0]] = -np.inf
+        return logits
+
+    banned = Completion(Decoder(tiny), prompt, greedy, max_tokens=1, processors=[ban_first])
+    assert list(banned) != done.tokens[:1]
+    decoder = Decoder(tiny)
+    decoder.prefill(prompt)
+    rows = decoder.forward(done.tokens[:3])
+    assert [int(row.argmax()) for row in rows[:2]] == done.tokens[1:3]
+    assert decoder.truncate(len(prompt) + 1) == len(prompt) + 1 and decoder.fed == prompt + done.tokens[:1]
 
 
 def test_stop_on_return_ends_the_turn():
