@@ -43,17 +43,6 @@ class KVCache(Cache):
         """The layer's whole key and value buffers (C-contiguous, positions up to their capacity)."""
         return self._k[layer], self._v[layer]
 
-    def fill_random(self, count: int, seed: int = 0) -> None:
-        """Append `count` positions of random keys and values to every layer, as if tokens had been read.
-
-        For benchmarks: a long context in seconds, where a NumPy prefill of it would take minutes.
-        """
-        rng = np.random.default_rng(seed)
-        for layer, v in enumerate(self._v):
-            shape = (count, *v.shape[:2])
-            self.append(layer, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
-        self.advance(count)
-
     def advance(self, count: int) -> None:
         """Mark `count` appended positions as part of the cache (after every layer stored them)."""
         self.length += count

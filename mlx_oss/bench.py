@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_cache import fill_random
 from .cli import run
+from .generate import Completion, Decoder
 from .loading import BACKENDS, load
+from .sampling import SamplingParams, make_sampler
 
 PROG = "python -m mlx_oss.bench"
 
@@ -110,8 +113,9 @@ def benchmark(
     """Load, prefill `prompt_tokens`, decode `gen_tokens`; with `context_tokens`, also decode `gen_tokens` after a
     second cache filled with that many positions of random keys and values.
 
-    The steps at the two lengths alternate, so that a machine that slows down for a while (a shared VM does) slows
-    both alike rather than skewing their ratio."""
+    Both run the engine's token loop (`generate.Completion`, greedy), timed one token at a time. The steps at the
+    two lengths alternate, so that a machine that slows down for a while (a shared VM does) slows both alike rather
+    than skewing their ratio."""
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
@@ -119,24 +123,27 @@ def benchmark(
         load_rss = rss_bytes()
 
         rng = np.random.default_rng(seed)
-        prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
-        cache = model.new_cache()
+        prompt = rng.integers(0, model.config.vocab_size, prompt_tokens).tolist()
+        greedy = make_sampler(SamplingParams(temperature=0))
+        short = iter(Completion(Decoder(model), prompt, greedy))
         start = time.perf_counter()
-        logits = model.forward(prompt, cache, last_only=True)
+        token = next(short)
         ttft_s = time.perf_counter() - start
-        decoders = [_Decoder(model, cache, int(logits[0].argmax()))]
-        if context_tokens > cache.length:
-            long_cache = model.new_cache()
-            model.forward(prompt[:1], long_cache, last_only=True)  # an MLX cache takes its shapes from a token
-            long_cache.fill_random(context_tokens - long_cache.length, seed)
-            decoders.append(_Decoder(model, long_cache, decoders[0].token))
-        for decoder in decoders:
-            decoder.step()  # untimed: the first step may still compile or fault pages in
-            decoder.steps.clear()
+        completions = [short]
+        if context_tokens > prompt_tokens:
+            cache = model.new_cache()
+            fill_random(model, cache, context_tokens, seed)
+            filler = rng.integers(0, model.config.vocab_size, context_tokens).tolist()  # what the cache stands for
+            completions.append(iter(Completion(Decoder(model, cache, filler), [*filler, token], greedy)))
+        for completion in completions:
+            next(completion)  # untimed: the first step may still compile or fault pages in
+        steps: list[list[float]] = [[] for _ in completions]
         for _ in range(gen_tokens):
-            for decoder in decoders:
-                decoder.step()
-        short, long = decoders[0].steps, decoders[1].steps if len(decoders) > 1 else []
+            for completion, times in zip(completions, steps, strict=True):
+                start = time.perf_counter()
+                next(completion)
+                times.append(time.perf_counter() - start)
+        short_steps, long_steps = steps[0], steps[1] if len(steps) > 1 else []
     return BenchResult(
         model=str(model_dir),
         backend=model.backend,
@@ -144,32 +151,18 @@ def benchmark(
         threads=thread_count(),
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
-        context_tokens=context_tokens if long else 0,
+        context_tokens=context_tokens if long_steps else 0,
         load_s=round(load_s, 3),
         ttft_s=round(ttft_s, 3),
         prefill_tok_s=round(prompt_tokens / ttft_s, 3),
-        decode_tok_s=round(len(short) / sum(short), 3) if short else 0.0,
-        decode_step_s=round(sum(short) / len(short), 3) if short else 0.0,
-        decode_context_tok_s=round(len(long) / sum(long), 3) if long else None,
-        decode_context_step_s=round(sum(long) / len(long), 3) if long else None,
+        decode_tok_s=round(len(short_steps) / sum(short_steps), 3) if short_steps else 0.0,
+        decode_step_s=round(sum(short_steps) / len(short_steps), 3) if short_steps else 0.0,
+        decode_context_tok_s=round(len(long_steps) / sum(long_steps), 3) if long_steps else None,
+        decode_context_step_s=round(sum(long_steps) / len(long_steps), 3) if long_steps else None,
         load_rss_bytes=load_rss,
         peak_rss_bytes=peak_rss_bytes(),
         private_bytes=private.peak,
     )
-
-
-class _Decoder:
-    """Greedy decoding after `token` in `cache`, one timed step at a time (`steps`: the seconds of each)."""
-
-    def __init__(self, model, cache, token: int):
-        self.model, self.cache, self.token = model, cache, token
-        self.steps: list[float] = []
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        logits = self.model.forward([self.token], self.cache, last_only=True)
-        self.steps.append(time.perf_counter() - start)
-        self.token = int(logits[0].argmax())
 
 
 def format_result(r: BenchResult) -> str:

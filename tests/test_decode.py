@@ -7,6 +7,7 @@ import pytest
 from conftest import load_variant, need_backend
 
 import mlx_oss
+from mlx_oss.bench_cache import fill_random
 
 SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
 
@@ -75,7 +76,7 @@ def test_truncate_then_extend_past_the_spare_room(model):
 def test_random_fill_extends_the_cache_for_benchmarks(model):
     cache = model.new_cache()
     model.forward(tokens(3), cache)
-    cache.fill_random(500)
+    fill_random(model, cache, 500)
     assert cache.length == 503
     logits = model.forward(tokens(2), cache)
     assert cache.length == 505 and logits.shape == (2, 500) and np.isfinite(logits).all()

@@ -97,19 +97,6 @@ class KVCache(Cache):
     def advance(self, count: int) -> None:
         self.length += count
 
-    def fill_random(self, count: int, seed: int = 0) -> None:
-        """Append `count` positions of random keys and values to every layer, as if tokens had been read
-        (for benchmarks of decoding at a long context). The cache must hold a position already: its shape."""
-        if self.length == 0:
-            raise ValueError("fill_random extends a cache that holds at least one position")
-        key = mx.random.key(seed)
-        for layer in self.layers:
-            key, k_key, v_key = mx.random.split(key, 3)
-            shape = (1, layer.keys.shape[1], count, layer.keys.shape[3])
-            layer.update(mx.random.normal(shape, key=k_key), mx.random.normal(shape, key=v_key), self.length)
-            mx.eval(layer.keys, layer.values)
-        self.advance(count)
-
     def truncate(self, length: int) -> int:
         """Forget every position from `length` on; returns the length kept.
 
