@@ -10,6 +10,7 @@ model written into the store; every widget is the app's own.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +83,7 @@ def main(out: Path) -> None:
         window.grab().save(str(out / filename))
         print(out / filename)
     window.close()
+    shutil.rmtree(work, ignore_errors=True)  # a tiny model and its store, 50 MB a run
 
 
 if __name__ == "__main__":
