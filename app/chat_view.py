@@ -36,6 +36,22 @@ def _text_label(markdown: bool) -> QLabel:
     return label
 
 
+def _message_area(name: str, colours: str) -> QLabel:
+    """A hidden, word-wrapped message strip above the conversation (`notice` or `banner`)."""
+    label = QLabel()
+    label.setWordWrap(True)
+    label.setObjectName(name)
+    label.setStyleSheet(f"{colours} padding: 8px;")
+    label.hide()
+    return label
+
+
+def _show(label: QLabel, text: str | None) -> None:
+    """`text` in `label`; none hides it."""
+    label.setText(text or "")
+    label.setVisible(bool(text))
+
+
 class MessageView(QFrame):
     """One message. An assistant message has a folding reasoning section above its answer and a Copy button."""
 
@@ -103,17 +119,9 @@ class ChatView(QWidget):
         # Two message areas: `notice` for what holds for the whole session (the conversation file is read-only or
         # not saved, the settings file was set aside), which no other message may hide; `banner` for the latest
         # event (a model that failed to load, an answer that could not be saved).
-        self.notice = QLabel()
-        self.notice.setWordWrap(True)
-        self.notice.setObjectName("notice")
-        self.notice.setStyleSheet("background: #fde2e1; border: 1px solid #d99a97; padding: 8px;")
-        self.notice.hide()
+        self.notice = _message_area("notice", "background: #fde2e1; border: 1px solid #d99a97;")
+        self.banner = _message_area("banner", "background: #fff4d6; border: 1px solid #e0c070;")
         layout.addWidget(self.notice)
-        self.banner = QLabel()
-        self.banner.setWordWrap(True)
-        self.banner.setObjectName("banner")
-        self.banner.setStyleSheet("background: #fff4d6; border: 1px solid #e0c070; padding: 8px;")
-        self.banner.hide()
         layout.addWidget(self.banner)
 
         self.scroll = QScrollArea()
@@ -161,12 +169,10 @@ class ChatView(QWidget):
         self.regenerate_button.setEnabled(not busy and can_send and any(m.role == "assistant" for m in self.messages))
 
     def show_notice(self, text: str | None) -> None:
-        self.notice.setText(text or "")
-        self.notice.setVisible(bool(text))
+        _show(self.notice, text)
 
     def show_banner(self, text: str | None) -> None:
-        self.banner.setText(text or "")
-        self.banner.setVisible(bool(text))
+        _show(self.banner, text)
 
     def clear(self) -> None:
         for view in self.messages:
