@@ -3,7 +3,8 @@
 One disk can fail in several ways that each call for something different from the user: free space, fix a
 permission, close the other program that holds the file, move a folder out of the way. A single catch-all hint
 ("is mlx-oss already running?") sent people after the wrong cause, so each cause gets its own words here, taken
-from SQLite's result code or the OS's errno, never from matching the text of a message.
+from SQLite's result code or the OS's errno, never from matching the text of a message. A file that cannot be
+used as it is gets set aside under a name from `aside_path`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 # SQLite's primary result codes (https://sqlite.org/rescode.html) and what each means for the user.
@@ -98,3 +100,14 @@ def _cannot_open_words(path: Path) -> str:
     if (path.exists() and not os.access(path, os.R_OK)) or not os.access(path.parent, os.W_OK | os.X_OK):
         return "permission denied"
     return "the file cannot be opened"
+
+
+def aside_path(path: Path, why: str) -> Path:
+    """A free name beside `path` to set a file the app cannot use aside under: `<name>.<why>-<date>-<time>`, then
+    `-2`, `-3`, ... when taken, so an earlier copy is never replaced."""
+    stamp = f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, number = path.with_name(stamp), 1
+    while aside.exists() or aside.is_symlink():
+        number += 1
+        aside = path.with_name(f"{stamp}-{number}")
+    return aside

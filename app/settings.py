@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import reprlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +26,7 @@ from mlx_oss.json_input import JsonInputError, parse_json
 from mlx_oss.loading import BACKENDS
 from mlx_oss.store import DEFAULT_MODEL
 
-from .file_errors import os_error_words
+from .file_errors import aside_path, os_error_words
 
 APP_DIR_ENV = "MLX_OSS_APP_DIR"
 MAX_CONTEXT = 131072  # tokens: the longest context gpt-oss was trained for
@@ -169,11 +168,7 @@ def load_for_window(path: Path | None = None) -> tuple[AppSettings, str | None]:
     notice = f"The settings in {path} could not all be used ({'; '.join(problems)}): the defaults stand in."
     if not bad_content:
         return settings, notice
-    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-    number = 1
-    while aside.exists() or aside.is_symlink():  # never replace an earlier copy
-        number += 1
-        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{number}")
+    aside = aside_path(path, "unreadable")
     try:
         path.rename(aside)
     except OSError as e:

@@ -31,6 +31,7 @@ from .file_errors import (
     SQLITE_AUTH,
     SQLITE_PERM,
     SQLITE_READONLY,
+    aside_path,
     is_damaged,
     os_error_words,
     sentence,
@@ -177,7 +178,7 @@ class ConversationStore:
         self.notice = f"The conversations in {self.path} are shown read-only: {why}."
 
     def _set_aside(self, error: sqlite3.Error) -> None:
-        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = aside_path(self.path, "damaged")
         try:
             for suffix in ("", "-wal", "-shm"):  # the journal files belong to the damaged file: they go along
                 if Path(f"{self.path}{suffix}").exists():
