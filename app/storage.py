@@ -29,6 +29,7 @@ from mlx_oss.errors import MlxOssError
 
 from .file_errors import (
     SQLITE_AUTH,
+    SQLITE_CORRUPT,
     SQLITE_PERM,
     SQLITE_READONLY,
     aside_path,
@@ -209,7 +210,7 @@ class ConversationStore:
             db.execute("PRAGMA foreign_keys=ON")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 error = sqlite3.DatabaseError("the integrity check failed")
-                error.sqlite_errorcode = 11  # SQLITE_CORRUPT: set aside like any damaged file
+                error.sqlite_errorcode = SQLITE_CORRUPT  # set aside like any damaged file
                 raise error
             db.executescript(SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
