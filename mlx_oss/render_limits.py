@@ -14,7 +14,7 @@ import functools
 import json
 import re
 
-from .api.fields import ApiError
+from .api.fields import ApiError, context_exceeded
 from .harmony import Conversation, encode_text
 
 SHORTEST_COSTLY_RUN = 256  # characters in a row below which a run costs the tokenizer microseconds
@@ -119,10 +119,4 @@ def check_render_cost(conversation: Conversation, context_length: int) -> None:
             if count:
                 counted += len(encode_text(piece)) - CUT_SLACK
                 if counted >= context_length:
-                    raise ApiError(
-                        400,
-                        f"This model's context holds {context_length} tokens, but the conversation is longer "
-                        f"(more than {counted} tokens); shorten it",
-                        "messages",
-                        "context_length_exceeded",
-                    )
+                    raise context_exceeded(context_length, f"longer (more than {counted} tokens)")

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from .api.chat_completions import ChatChunks, completion, parse_chat
 from .api.conversation import ParsedRequest, same_model
-from .api.fields import ApiError, items_limit
+from .api.fields import ApiError, context_exceeded, items_limit
 from .api.responses import ResponseEvents, parse_responses, response
 from .api.wire import StreamFormat, new_id, now
 from .engine import Engine
@@ -140,13 +140,7 @@ class Server:
             log.error("the tokenizer failed on a request: %s", str(e).splitlines()[0] if str(e) else "panic")
             raise ApiError(400, "the tokenizer could not read this conversation") from None
         if len(prompt) >= self.engine.context_length:
-            raise ApiError(
-                400,
-                f"This model's context holds {self.engine.context_length} tokens, but the conversation is "
-                f"{len(prompt)} tokens long; shorten it",
-                "messages",
-                "context_length_exceeded",
-            )
+            raise context_exceeded(self.engine.context_length, f"{len(prompt)} tokens long")
         return parsed, prompt
 
     @staticmethod

@@ -33,6 +33,16 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def context_exceeded(context_length: int, length: str) -> ApiError:
+    """The 400 for a conversation that does not fit the context; `length` says how long it is."""
+    return ApiError(
+        400,
+        f"This model's context holds {context_length} tokens, but the conversation is {length}; shorten it",
+        "messages",
+        "context_length_exceeded",
+    )
+
+
 def items_limit(context_length: int) -> int:
     """The most messages (or tools) a request may hold: more could not fit in `context_length` tokens."""
     return max(1, min(context_length, 131072) // MESSAGE_TOKENS)
