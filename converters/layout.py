@@ -19,7 +19,6 @@ from mlx_oss.cancel import CancelToken
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import MAX_CONFIG_BYTES, MXFP4_QUANTIZATION
 from mlx_oss.errors import MlxOssError
-from mlx_oss.json_input import parse_json
 from mlx_oss.layouts import (
     HF,
     MLX,
@@ -34,7 +33,7 @@ from mlx_oss.layouts import (
     q8_specs,
     quantizable,
 )
-from mlx_oss.regular_files import read_regular
+from mlx_oss.regular_files import read_json
 from mlx_oss.safetensors_io import INDEX_FILE, SHARD_BYTES, TensorSpec, write_shards
 
 TARGETS = (MLX, NUMPY, MXFP4)
@@ -81,11 +80,7 @@ def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSp
 def output_config(checkpoint: Checkpoint, target: str, q8: bool) -> dict:
     """The source's config.json as it was, with what loaders of the new layout need to know."""
     # read as the checkpoint read it: a regular file, checked JSON (it was valid a moment ago)
-    path = checkpoint.directory / "config.json"
-    try:
-        config = parse_json(read_regular(path, MAX_CONFIG_BYTES))
-    except (OSError, ValueError) as e:
-        raise MlxOssError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    config = read_json(checkpoint.directory / "config.json", MAX_CONFIG_BYTES, MlxOssError)
     if target == MXFP4:  # the published layout, which says how its experts are stored
         config["quantization_config"] = dict(MXFP4_QUANTIZATION)
         config["mlx_oss"] = {"layout": HF, "experts": "quantized to MXFP4 from unquantized weights"}

@@ -14,9 +14,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .json_input import parse_json
 from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
-from .regular_files import confined_name, printable, read_regular
+from .regular_files import confined_name, printable, read_json
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
 MAX_INDEX_BYTES = 8 * 1024 * 1024  # gpt-oss-120b's index is 40 KB
@@ -61,14 +60,7 @@ class Checkpoint:
 
     def _read_index(self, index_path: Path) -> dict[str, list[str]]:
         """The index's shards (plain file names inside the directory, each checked) and the tensors of each."""
-        try:
-            index = parse_json(read_regular(index_path, MAX_INDEX_BYTES))
-        except FileNotFoundError:
-            raise CheckpointError(f"{index_path}: cannot read: it is a broken link") from None
-        except OSError as e:
-            raise CheckpointError(f"{index_path}: cannot read: {e.strerror or e}") from None
-        except ValueError as e:
-            raise CheckpointError(f"{index_path}: {e}") from None
+        index = read_json(index_path, MAX_INDEX_BYTES, CheckpointError, "cannot read: it is a broken link")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: not a valid index (expected a 'weight_map' object)")

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .json_input import parse_json
-from .regular_files import read_regular
+from .regular_files import read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -108,14 +107,7 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            raw = parse_json(read_regular(path, MAX_CONFIG_BYTES))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json here; is this a gpt-oss model directory?") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-        except ValueError as e:  # not UTF-8, invalid, nested too deeply, too large
-            raise ConfigError(f"{path}: {e}") from None
+        raw = read_json(path, MAX_CONFIG_BYTES, ConfigError, "no config.json here; is this a gpt-oss model directory?")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(raw, source=str(path))

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .json_input import parse_json
 
 
 class NotRegularFile(OSError):
@@ -55,6 +58,20 @@ def read_regular(path: str | Path, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def read_json(path: Path, limit: int, error: type[Exception], missing: str | None = None) -> Any:
+    """The JSON in the regular file at `path` (at most `limit` bytes), every failure raised as `error("PATH: why")`:
+    `missing` where there is no file (else the system's reason, as for any file that cannot be read), or why its
+    bytes are not the JSON we read (too large, not UTF-8, invalid, nested too deeply)."""
+    try:
+        return parse_json(read_regular(path, limit))
+    except FileNotFoundError as e:
+        raise error(f"{path}: {missing or f'cannot read: {e.strerror or e}'}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # FileTooLarge, JsonInputError
+        raise error(f"{path}: {e}") from None
 
 
 def printable(text: str, limit: int = 120) -> str:
