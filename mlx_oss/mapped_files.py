@@ -28,13 +28,10 @@ def changed_message(path: Path | str, was: int, now: int) -> str:
     return f"{path}: changed on disk since it was loaded (was {was} bytes, now {now}); load the model again"
 
 
-def watch(path: Path, size: int) -> None:
-    """Have the watcher name `path` if this process dies while `path` is shorter than `size` bytes."""
+def watch(path: Path, size: int, inode: int) -> None:
+    """Have the watcher name `path` if this process dies while the file `inode` there is shorter than `size` bytes
+    (the size and inode of the open file that is mapped, so a file put at `path` since is not taken for it)."""
     global _watcher, _failed
-    try:
-        inode = os.stat(path).st_ino
-    except OSError:
-        return
     line = f"{size} {inode} {os.fspath(Path(path).absolute())}\n"
     with _lock:
         if _failed or "\n" in line[:-1]:

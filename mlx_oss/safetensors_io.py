@@ -153,7 +153,7 @@ class SafetensorsFile:
         if self._map is None:
             self.check_unchanged()
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-            mapped_files.watch(self.path, self.size)
+            mapped_files.watch(self.path, self.size, inode=self._identity[1])
         return self._map
 
     def prefault(self, name: str) -> None:
