@@ -84,8 +84,7 @@ class Decoder:
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """Run `tokens` (one, to decode) after the cache; the logits row of what follows the last."""
-        self.fed[self.cache.length :] = tokens
-        return np.asarray(self.model.forward(tokens, self.cache, last_only=True)[-1])
+        return self.forward(tokens, last_only=True)[-1]
 
     def forward(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Run `tokens` after the cache; the logits rows of what follows each (`last_only`: the last only)."""
