@@ -595,11 +595,12 @@ def test_storage_errors_say_what_happened(tmp_path):
     store.close()
 
 
-def test_files_another_user_owns_say_permission_denied_or_open_read_only():
-    """As an ordinary user (root ignores file permissions): a file it may only read is shown read-only, one it may
-    not read is 'permission denied', each in its own words."""
+def test_without_root_powers_files_say_permission_denied_or_open_read_only():
+    """Without root's power to ignore file permissions: a file it may only read is shown read-only, one it may not
+    read is 'permission denied', each in its own words. The child stays root but gives up every capability, so it
+    still reaches the checkout and its venv wherever they lie (another user could not enter a private /tmp)."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to run as another user")
+        pytest.skip("needs root and setpriv to give up root's capabilities")
     folder = Path(tempfile.mkdtemp(prefix="mlx-oss-permissions-"))
     try:
         for name in ("readable.db", "unreadable.db"):
@@ -615,9 +616,9 @@ def test_files_another_user_owns_say_permission_denied_or_open_read_only():
             "    store = open_conversations(name)\n"
             "    print(bool(store.read_only), [c.title for c in store.list()], store.notice)\n"
         )
-        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        powerless = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
         files = [str(folder / "readable.db"), str(folder / "unreadable.db")]
-        out = subprocess.run([*nobody, sys.executable, "-c", script, *files], capture_output=True, text=True)
+        out = subprocess.run([*powerless, sys.executable, "-c", script, *files], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         readable, unreadable = out.stdout.splitlines()
         assert readable.startswith("True ['Mine'] The conversations in") and "are shown read-only" in readable
