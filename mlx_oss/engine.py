@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .cancel import CancelToken
 from .errors import MlxOssError
 from .generate import Completion, Decoder, GenerationStats
+from .grammar import TurnConstraints, constrainer
 from .harmony import (
     CALL,
     STOP_TOKENS,
@@ -104,15 +105,24 @@ class Engine:
             self._lock.release()
 
     def respond(
-        self, conversation: Conversation, sampling: SamplingParams | None = None, cancel: CancelToken | None = None
+        self,
+        conversation: Conversation,
+        sampling: SamplingParams | None = None,
+        cancel: CancelToken | None = None,
+        constraints: TurnConstraints | None = None,
     ) -> Iterator[Event]:
         """The assistant's next turn in `conversation` (which is not changed: append `Done.messages` yourself)."""
-        return self.generate(render_prompt(conversation), sampling, cancel)
+        return self.generate(render_prompt(conversation), sampling, cancel, constraints)
 
     def generate(
-        self, prompt: Sequence[int], sampling: SamplingParams | None = None, cancel: CancelToken | None = None
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams | None = None,
+        cancel: CancelToken | None = None,
+        constraints: TurnConstraints | None = None,
     ) -> Iterator[Event]:
-        """Events of the completion of `prompt`, ending with one `Done`.
+        """Events of the completion of `prompt`, ending with one `Done`; `constraints` hold the answer and the
+        tool calls to their grammars.
 
         Raises `ContextLimitError` (on the first `next`) when the prompt leaves no room to generate, and
         `EngineBusyError` when another generation on this engine is still running.
@@ -128,12 +138,15 @@ class Engine:
         if not self._lock.acquire(blocking=False):
             raise EngineBusyError("the engine is already generating; cancel that generation first")
         try:
-            yield from self._run(prompt, sampling or SamplingParams(), cancel or CancelToken())
+            yield from self._run(prompt, sampling or SamplingParams(), cancel or CancelToken(), constraints)
         finally:
             self._lock.release()
 
-    def _run(self, prompt: list[int], sampling: SamplingParams, cancel: CancelToken) -> Iterator[Event]:
+    def _run(
+        self, prompt: list[int], sampling: SamplingParams, cancel: CancelToken, constraints: TurnConstraints | None
+    ) -> Iterator[Event]:
         """The harmony layer: the completion's tokens as events, until a stop token or the loop's own end."""
+        constrain = constrainer(constraints) if constraints else None
         completion = Completion(
             self.decoder,
             prompt,
@@ -141,6 +154,7 @@ class Engine:
             max_tokens=sampling.max_tokens,
             context_length=self.context_length,
             cancel=cancel,
+            processors=[constrain] if constrain else (),
         )
         stream = HarmonyStream()
         stop_reason = None

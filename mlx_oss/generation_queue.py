@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
+from .grammar import TurnConstraints
 from .stops import StopFilter
 
 _FINISHED = object()  # the last item of every job's events, after its `Done` or its error
@@ -28,8 +29,14 @@ class QueueFull(Exception):
 class Job:
     """One generation: events cross from the worker thread to the submitting event loop."""
 
-    def __init__(self, prompt: list[int], sampling: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.prompt, self.sampling, self.loop = prompt, sampling, loop
+    def __init__(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        constraints: TurnConstraints | None = None,
+    ):
+        self.prompt, self.sampling, self.loop, self.constraints = prompt, sampling, loop, constraints
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = CancelToken()
 
@@ -45,13 +52,13 @@ class GenerationQueue:
         self._queued = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
 
-    def submit(self, prompt: list[int], sampling: SamplingParams) -> Job:
+    def submit(self, prompt: list[int], sampling: SamplingParams, constraints: TurnConstraints | None = None) -> Job:
         """The generation's job, from the running event loop; `QueueFull` if too many wait already."""
         with self._lock:
             if self._queued > self.max_waiting:  # one running plus `max_waiting` waiting
                 raise QueueFull
             self._queued += 1
-        job = Job(prompt, sampling, asyncio.get_running_loop())
+        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints)
         self._jobs.put(job)
         return job
 
@@ -60,7 +67,7 @@ class GenerationQueue:
             job = self._jobs.get()
             try:
                 if not job.cancel.cancelled:
-                    for event in self.engine.generate(job.prompt, job.sampling, job.cancel):
+                    for event in self.engine.generate(job.prompt, job.sampling, job.cancel, job.constraints):
                         job.push(event)
             except Exception as e:  # noqa: BLE001 - the caller answers it
                 job.push(e)

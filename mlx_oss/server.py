@@ -25,6 +25,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import grammar
 from .api.chat_completions import ChatChunks, completion, parse_chat
 from .api.conversation import ParsedRequest, same_model
 from .api.fields import ApiError, context_exceeded, items_limit
@@ -33,6 +34,7 @@ from .api.wire import StreamFormat, new_id, now
 from .engine import Engine
 from .errors import MlxOssError
 from .generation_queue import GenerationQueue, Job, QueueFull, Turn, pieces
+from .grammar import GrammarError
 from .harmony import render_prompt
 from .intake import Guard, parse_body, read_body
 from .render_limits import check_render_cost
@@ -98,18 +100,18 @@ class Server:
         completion_id, created = new_id("chatcmpl-"), now()
         if parsed.stream:
             chunks = ChatChunks(completion_id, created, self.model_id, parsed.include_usage)
-            return self._streaming(job, parsed.stop, chunks, "POST /v1/chat/completions (streaming)")
+            return self._streaming(job, parsed, chunks, "POST /v1/chat/completions (streaming)")
         turn = await self._collect(job, request, parsed.stop)
-        return JSONResponse(completion(completion_id, created, self.model_id, turn))
+        return JSONResponse(completion(completion_id, created, self.model_id, turn), headers=warning_headers(parsed))
 
     async def responses(self, request: HttpRequest) -> Response:
         parsed, job = await self._start(request, parse_responses)
         response_id = new_id("resp_")
         if parsed.stream:
             events = ResponseEvents(response_id, self.model_id, parsed.echo)
-            return self._streaming(job, parsed.stop, events, "POST /v1/responses (streaming)")
+            return self._streaming(job, parsed, events, "POST /v1/responses (streaming)")
         turn = await self._collect(job, request, parsed.stop)
-        return JSONResponse(response(response_id, self.model_id, turn, parsed.echo))
+        return JSONResponse(response(response_id, self.model_id, turn, parsed.echo), headers=warning_headers(parsed))
 
     # -- from request to generation and back ------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Server:
         async with self._parsing:
             parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
         try:
-            return parsed, self.generations.submit(prompt, parsed.sampling)
+            return parsed, self.generations.submit(prompt, parsed.sampling, parsed.constraints)
         except QueueFull:
             raise ApiError(
                 429, "the server is busy with other requests; try again shortly", code="server_busy"
@@ -131,7 +133,10 @@ class Server:
         try:
             parsed = parse(parse_body(body), self.model_id, items_limit(self.engine.context_length))
             check_render_cost(parsed.conversation, self.engine.context_length)
+            grammar.check(parsed.constraints)
             prompt = render_prompt(parsed.conversation)
+        except GrammarError as e:
+            raise ApiError(400, str(e), e.param, "invalid_grammar") from None
         except RecursionError:  # a value nested almost as deep as the parser allows, re-encoded one level deeper
             raise ApiError(400, "the request is nested too deeply") from None
         except BaseException as e:  # the tokenizer's Rust panics arrive as PanicException, a BaseException
@@ -162,8 +167,9 @@ class Server:
         return turn
 
     @staticmethod
-    def _streaming(job: Job, stops: list[str], format: StreamFormat, where: str) -> StreamingResponse:
+    def _streaming(job: Job, parsed: ParsedRequest, format: StreamFormat, where: str) -> StreamingResponse:
         """The turn as server-sent events in `format`, as it is generated."""
+        stops = parsed.stop
 
         async def stream() -> AsyncIterator[str]:
             turn = Turn()
@@ -180,7 +186,19 @@ class Server:
             finally:
                 job.cancel.cancel()  # the client left, or we are done: either way nothing more to generate
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=warning_headers(parsed))
+
+
+WARNING_HEADER = "x-mlx-oss-warning"
+
+
+def warning_headers(parsed: ParsedRequest) -> dict[str, str]:
+    """What the request asked for that this server left out (a hosted tool it does not run, say), in one header
+    that clients may show; printable ASCII only, as a header must be."""
+    if not parsed.warnings:
+        return {}
+    text = "; ".join(parsed.warnings)
+    return {WARNING_HEADER: "".join(c if " " <= c <= "~" else "?" for c in text)[:2000]}
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from typing import Any
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
 from . import fields as f
-from .conversation import ConversationBuilder, ParsedRequest, arguments, check_model, effort, sampling
+from .conversation import (
+    ConversationBuilder,
+    ParsedRequest,
+    arguments,
+    check_model,
+    effort,
+    function_tools,
+    sampling,
+)
 from .fields import MAX_ITEMS, ApiError
 from .wire import new_id, sse
 
@@ -80,7 +88,8 @@ def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> ChatReques
             raise ApiError(
                 400, f"'{where}.role' must be system, developer, user, assistant or tool, not {f.shown(role)}", where
             )
-    built.close(body, "messages", max_items, nested_tools=True)
+    built.close("messages", max_items)
+    built.offer(function_tools(body, max_items, nested=True), body.get("tool_choice"))
     options = f.obj(body, "stream_options")
     return ChatRequest(
         built.conversation(effort(body.get("reasoning_effort"), "reasoning_effort")),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import SamplingParams
+from ..grammar import TurnConstraints
 from ..harmony import REASONING_EFFORTS, Conversation, Message, Tool
 from . import fields as f
 from .fields import ApiError
@@ -27,6 +28,8 @@ class ParsedRequest:
     sampling: SamplingParams
     stream: bool = False
     stop: list[str] = field(default_factory=list)
+    constraints: TurnConstraints = field(default_factory=TurnConstraints)  # grammars of the answer and tool calls
+    warnings: list[str] = field(default_factory=list)  # what was asked but left out (sent back in a header)
 
 
 def same_model(requested: str, served: str) -> bool:
@@ -175,8 +178,8 @@ class ConversationBuilder:
     def tool_result(self, call_id: str, output: str) -> None:
         self.messages.append(Message.tool_result(FUNCTIONS + self._calls[call_id], output))
 
-    def close(self, body: dict, param: str, max_items: int, nested_tools: bool) -> list[Tool]:
-        """Checks the messages' count and end, then reads the request's tools and tool choice; the tools offered."""
+    def close(self, param: str, max_items: int) -> None:
+        """Checks the messages' count and end: at least one, no more than fit, and an end the model can answer."""
         messages = self.messages
         if not messages:
             raise ApiError(400, f"'{param}' must hold at least one user message", param)
@@ -190,13 +193,15 @@ class ConversationBuilder:
             raise ApiError(400, f"the last of '{param}' must be a user or tool message, not an assistant answer", param)
         if messages[-1].role == "assistant":
             raise ApiError(400, f"the tool calls at the end of '{param}' need their tool results", param)
-        tools = function_tools(body, max_items, nested=nested_tools)
+
+    def offer(self, tools: list[Tool], tool_choice: Any) -> list[Tool]:
+        """Offers `tools` as the request's `tool_choice` asks (see `apply_tool_choice`); the tools offered."""
         joined = "\n\n".join(self.instructions) or None
-        self._tools, self._joined = apply_tool_choice(body.get("tool_choice"), tools, joined)
+        self._tools, self._joined = apply_tool_choice(tool_choice, tools, joined)
         return self._tools
 
     def conversation(self, reasoning_effort: str) -> Conversation:
-        """The conversation, once `close` has checked it."""
+        """The conversation, once `close` has checked it and `offer` has given its tools."""
         return Conversation(
             self.messages,
             reasoning_effort=reasoning_effort,

@@ -12,7 +12,16 @@ from typing import Any
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
 from . import fields as f
-from .conversation import ConversationBuilder, ParsedRequest, arguments, check_model, chosen_name, effort, sampling
+from .conversation import (
+    ConversationBuilder,
+    ParsedRequest,
+    arguments,
+    check_model,
+    chosen_name,
+    effort,
+    function_tools,
+    sampling,
+)
 from .fields import MAX_ITEMS, ApiError
 from .wire import new_id, now, sse
 
@@ -77,7 +86,8 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
             built.tool_result(call_id, _tool_output(item.get("output"), f"{where}.output"))
         else:
             raise ApiError(400, f"'{where}.type' {f.shown(kind)} is not supported", where)
-    tools = built.close(body, "input", max_items, nested_tools=False)
+    built.close("input", max_items)
+    tools = built.offer(function_tools(body, max_items, nested=False), body.get("tool_choice"))
     reasoning = f.obj(body, "reasoning")
     parsed_sampling = sampling(body, ("max_output_tokens",))
     return ResponsesRequest(
