@@ -13,6 +13,7 @@ import hmac
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
+from .api import messages
 from .api.fields import ApiError
 from .hosts import host_name, is_loopback_name
 from .json_input import JsonInputError, parse_json
@@ -25,6 +26,15 @@ MAX_BODY_BYTES = 16 * 2**20
 # lock and builds an object per value, so this bounds both the pause and the memory, which the 16 MB a body
 # may hold would not: its values could outnumber a million several times.
 MAX_JSON_VALUES = 1_000_000
+ANTHROPIC_PATHS = "/v1/messages"  # its routes answer errors in Anthropic's shape
+KEYLESS_PATHS = frozenset({"/", "/health"})  # liveness checks (Claude Code's HEAD /) that reveal nothing
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    """`error` in the shape of the API `path` belongs to: Anthropic's for /v1/messages*, else OpenAI's."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return JSONResponse(messages.error_body(error), status_code=messages.anthropic_status(error))
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 def too_large(limit: int) -> ApiError:
@@ -64,9 +74,10 @@ def parse_body(body: bytes, max_values: int = MAX_JSON_VALUES):
 
 
 class Guard:
-    """ASGI middleware that refuses, in OpenAI's shape, requests the server must not answer: a POST that is not
+    """ASGI middleware that refuses, in the API's shape, requests the server must not answer: a POST that is not
     JSON (a web page may send text/plain to 127.0.0.1 unasked; JSON needs the browser's permission first), a
-    wrong API key, or without a key a Host that is not this computer's (DNS rebinding, see `hosts`)."""
+    wrong API key (OpenAI's `Authorization: Bearer` or Anthropic's `x-api-key`), or without a key a Host that is
+    not this computer's (DNS rebinding, see `hosts`)."""
 
     def __init__(self, app, api_key: str | None, allowed_hosts: frozenset[str]):
         self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
@@ -75,7 +86,7 @@ class Guard:
         if scope["type"] == "http":
             error = self.check(scope)
             if error is not None:
-                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+                await error_response(scope["path"], error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -84,12 +95,15 @@ class Guard:
         if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
             return ApiError(415, "send the request body as application/json")
         if self.api_key:
-            if scope["path"] == "/health":
+            if scope["path"] in KEYLESS_PATHS:
                 return None
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode())
+            keyed = hmac.compare_digest(headers.get(b"x-api-key", b""), self.api_key.encode())
+            if not (bearer or keyed):
                 return ApiError(
-                    401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                    code="invalid_api_key",
                 )
             return None
         header = headers.get(b"host", b"").decode("latin-1")

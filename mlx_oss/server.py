@@ -1,4 +1,5 @@
-"""The HTTP server (Starlette): `/v1/models`, `/v1/chat/completions`, `/v1/responses`. Routes only wire the
+"""The HTTP server (Starlette): `/v1/models`, `/v1/chat/completions`, `/v1/responses`, and Anthropic's
+`/v1/messages` and `/v1/messages/count_tokens`. Routes only wire the
 layers: `intake` checks a request before it costs anything, an `api` module parses its JSON into our types, the
 conversation is rendered here off the event loop, the `generation_queue` runs it, and the `api` module formats
 the turn, whole or streamed.
@@ -6,8 +7,9 @@ the turn, whole or streamed.
 One engine serves one generation at a time, in request order; at most `max_waiting` more requests wait, the rest
 are told the server is busy (429). A client that goes away mid-answer cancels its generation at the next token.
 The engine keeps its KV cache between requests, so the next request of the same conversation prefills only what
-is new. Every failure is answered in OpenAI's error shape: client errors (4xx) and clients that leave are not
-logged, a server error (500) is one line on stderr, never a traceback.
+is new. Every failure is answered in the API's error shape (Anthropic's on /v1/messages*, else OpenAI's):
+client errors (4xx) and clients that leave are not logged, a server error (500) is one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import grammar
 from .api.chat_completions import ChatChunks, completion, parse_chat
 from .api.conversation import ParsedRequest, same_model
 from .api.fields import ApiError, context_exceeded, items_limit
+from .api.messages import MessageEvents, SequenceStops, message, parse_messages
 from .api.responses import ResponseEvents, parse_responses, response
 from .api.wire import StreamFormat, new_id, now
 from .engine import Engine
@@ -36,7 +39,7 @@ from .errors import MlxOssError
 from .generation_queue import GenerationQueue, Job, QueueFull, Turn, pieces
 from .grammar import GrammarError
 from .harmony import render_prompt
-from .intake import Guard, parse_body, read_body
+from .intake import Guard, error_response, parse_body, read_body
 from .render_limits import check_render_cost
 from .stops import StopFilter
 
@@ -72,7 +75,10 @@ class Server:
             Route("/v1/models/{model:path}", _answering(self.model), methods=["GET"]),
             Route("/v1/chat/completions", _answering(self.chat_completions), methods=["POST"]),
             Route("/v1/responses", _answering(self.responses), methods=["POST"]),
-            Route("/health", lambda request: JSONResponse({"status": "ok"}), methods=["GET"]),
+            Route("/v1/messages", _answering(self.messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", _answering(self.count_tokens), methods=["POST"]),
+            Route("/health", _alive, methods=["GET"]),
+            Route("/", _alive, methods=["GET"]),  # and HEAD: Claude Code's check that the server is there
         ]
         return Starlette(
             routes=routes,
@@ -83,17 +89,23 @@ class Server:
     # -- endpoints -------------------------------------------------------------------------------------------
 
     async def models(self, request: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        listing = {"object": "list", "data": [self._model_card(request)]}
+        if _anthropic(request):  # Anthropic's list is paged
+            listing |= {"has_more": False, "first_id": self.model_id, "last_id": self.model_id}
+        return JSONResponse(listing)
 
     async def model(self, request: HttpRequest) -> Response:
         if not same_model(request.path_params["model"], self.model_id):
             raise ApiError(
                 404, f"The model '{request.path_params['model']}' does not exist", "model", "model_not_found"
             )
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card(request))
 
-    def _model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mlx-oss"}
+    def _model_card(self, request: HttpRequest) -> dict:
+        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mlx-oss"}
+        if _anthropic(request):  # an Anthropic client (Claude Code's /model) reads these
+            card |= {"type": "model", "display_name": self.model_id, "created_at": "1970-01-01T00:00:00Z"}
+        return card
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         parsed, job = await self._start(request, parse_chat)
@@ -101,7 +113,7 @@ class Server:
         if parsed.stream:
             chunks = ChatChunks(completion_id, created, self.model_id, parsed.include_usage)
             return self._streaming(job, parsed, chunks, "POST /v1/chat/completions (streaming)")
-        turn = await self._collect(job, request, parsed.stop)
+        turn = await self._collect(job, request, StopFilter(parsed.stop))
         return JSONResponse(completion(completion_id, created, self.model_id, turn), headers=warning_headers(parsed))
 
     async def responses(self, request: HttpRequest) -> Response:
@@ -110,8 +122,26 @@ class Server:
         if parsed.stream:
             events = ResponseEvents(response_id, self.model_id, parsed.echo)
             return self._streaming(job, parsed, events, "POST /v1/responses (streaming)")
-        turn = await self._collect(job, request, parsed.stop)
+        turn = await self._collect(job, request, StopFilter(parsed.stop))
         return JSONResponse(response(response_id, self.model_id, turn, parsed.echo), headers=warning_headers(parsed))
+
+    async def messages(self, request: HttpRequest) -> Response:
+        parsed, job = await self._start(request, parse_messages)
+        message_id, stops = new_id("msg_"), SequenceStops(parsed.stop)
+        if parsed.stream:
+            events = MessageEvents(message_id, self.model_id, len(job.prompt), parsed.thinking, stops)
+            return self._streaming(job, parsed, events, "POST /v1/messages (streaming)", stops)
+        turn = await self._collect(job, request, stops)
+        answer = message(message_id, self.model_id, turn, parsed.thinking, stops)
+        return JSONResponse(answer, headers=warning_headers(parsed))
+
+    async def count_tokens(self, request: HttpRequest) -> Response:
+        """The prompt's length as the engine would render it, without generating."""
+        body = await read_body(request)
+        counting = functools.partial(parse_messages, counting=True)
+        async with self._parsing:
+            parsed, prompt = await asyncio.to_thread(self._render, body, counting)
+        return JSONResponse({"input_tokens": len(prompt)}, headers=warning_headers(parsed))
 
     # -- from request to generation and back ------------------------------------------------------------------
 
@@ -130,6 +160,13 @@ class Server:
     def _prepare(self, body: bytes, parse: Parser[Parsed]) -> tuple[Parsed, list[int]]:
         """The request and its prompt tokens, on a worker thread: large bodies take a while to parse and render,
         and meanwhile the event loop answers everyone else."""
+        parsed, prompt = self._render(body, parse)
+        if len(prompt) >= self.engine.context_length:
+            raise context_exceeded(self.engine.context_length, f"{len(prompt)} tokens long")
+        return parsed, prompt
+
+    def _render(self, body: bytes, parse: Parser[Parsed]) -> tuple[Parsed, list[int]]:
+        """The request and its prompt tokens, however long (counting tokens needs no room to generate)."""
         try:
             parsed = parse(parse_body(body), self.model_id, items_limit(self.engine.context_length))
             check_render_cost(parsed.conversation, self.engine.context_length)
@@ -144,12 +181,10 @@ class Server:
                 raise
             log.error("the tokenizer failed on a request: %s", str(e).splitlines()[0] if str(e) else "panic")
             raise ApiError(400, "the tokenizer could not read this conversation") from None
-        if len(prompt) >= self.engine.context_length:
-            raise context_exceeded(self.engine.context_length, f"{len(prompt)} tokens long")
         return parsed, prompt
 
     @staticmethod
-    async def _collect(job: Job, request: HttpRequest, stops: list[str]) -> Turn:
+    async def _collect(job: Job, request: HttpRequest, stops: StopFilter) -> Turn:
         """The whole turn; if the client leaves before it is done, the generation is cancelled."""
         turn = Turn()
 
@@ -160,23 +195,26 @@ class Server:
 
         watcher = asyncio.create_task(watch())
         try:
-            async for _ in pieces(job, StopFilter(stops), turn):
+            async for _ in pieces(job, stops, turn):
                 pass
         finally:
             watcher.cancel()
         return turn
 
     @staticmethod
-    def _streaming(job: Job, parsed: ParsedRequest, format: StreamFormat, where: str) -> StreamingResponse:
-        """The turn as server-sent events in `format`, as it is generated."""
-        stops = parsed.stop
+    def _streaming(
+        job: Job, parsed: ParsedRequest, format: StreamFormat, where: str, stops: StopFilter | None = None
+    ) -> StreamingResponse:
+        """The turn as server-sent events in `format`, as it is generated; `stops` ends the answer (by default
+        at the request's stop sequences)."""
+        stops = stops or StopFilter(parsed.stop)
 
         async def stream() -> AsyncIterator[str]:
             turn = Turn()
             try:
                 for text in format.start():
                     yield text
-                async for piece in pieces(job, StopFilter(stops), turn):
+                async for piece in pieces(job, stops, turn):
                     for text in format.piece(piece, turn):
                         yield text
                 for text in format.end(turn):
@@ -205,7 +243,7 @@ def warning_headers(parsed: ParsedRequest) -> dict[str, str]:
 
 
 def _answering(endpoint):
-    """`endpoint`, answering every error in OpenAI's shape itself: Starlette's handler for unexpected errors
+    """`endpoint`, answering every error in its API's shape itself: Starlette's handler for unexpected errors
     answers too, but then re-raises them for the server to log with a traceback."""
 
     @functools.wraps(endpoint)
@@ -215,8 +253,7 @@ def _answering(endpoint):
         except ClientDisconnect:  # the client left while sending its request: nobody to answer
             return Response(status_code=400)
         except Exception as e:  # noqa: BLE001
-            error = _as_api_error(e, f"{request.method} {request.url.path}")
-            return JSONResponse(error.body(), status_code=error.status)
+            return error_response(request.url.path, _as_api_error(e, f"{request.method} {request.url.path}"))
 
     return answer
 
@@ -232,8 +269,17 @@ def _as_api_error(error: Exception, where: str) -> ApiError:
 
 
 async def _not_found(request: HttpRequest, exc) -> Response:
-    return JSONResponse(ApiError(404, f"no route {request.url.path}").body(), status_code=404)
+    return error_response(request.url.path, ApiError(404, f"no route {request.url.path}"))
 
 
 async def _not_allowed(request: HttpRequest, exc) -> Response:
-    return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(), status_code=405)
+    return error_response(request.url.path, ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+
+async def _alive(request: HttpRequest) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _anthropic(request: HttpRequest) -> bool:
+    """Whether an Anthropic client asks (its SDKs send `anthropic-version` on every request)."""
+    return "anthropic-version" in request.headers
