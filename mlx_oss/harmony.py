@@ -30,11 +30,13 @@ RETURN, CALL, END_OF_TEXT = 200002, 200012, 199999
 STOP_TOKENS = frozenset({RETURN, CALL, END_OF_TEXT})  # the assistant's turn is over: answered, or a tool is called
 
 REASONING_EFFORTS = ("low", "medium", "high")
+FUNCTIONS = "functions"  # harmony's namespace of the client's function tools
 ROLES = ("user", "assistant", "tool")
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 MESSAGE_ENDS = frozenset({END, RETURN, CALL, END_OF_TEXT})
 HEADER, CONTENT, EXPECT_START = "header", "content", "expect start"
 NON_TEXT_TOKENS = 1090  # o200k_harmony's ids after the vocabulary's ranks: harmony's special and reserved tokens
+JSON_CONTENT = "<|constrain|>json"  # the content type of a call whose arguments are JSON
 MAX_HEADER_TOKENS = 64  # a real header (`<|channel|>commentary to=functions.f <|constrain|>json`) is ~12 tokens
 
 
@@ -43,11 +45,22 @@ MAX_HEADER_TOKENS = 64  # a real header (`<|channel|>commentary to=functions.f <
 
 @dataclass(frozen=True)
 class Tool:
-    """A function the model may call: `parameters` is a JSON schema of its arguments (None: no arguments)."""
+    """A function the model may call: `parameters` is a JSON schema of its arguments (None: no arguments).
+
+    Harmony declares tools in namespaces: the client's functions in `functions` (calls go to
+    `functions.NAME`), a group of tools an API names (a Responses `namespace` tool) in a namespace of its own
+    (`NAMESPACE.NAME`).
+    """
 
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
+    namespace: str = FUNCTIONS
+
+    @property
+    def recipient(self) -> str:
+        """Where the model sends a call: `functions.get_weather`."""
+        return f"{self.namespace}.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -83,8 +96,9 @@ class Message:
         return cls("assistant", text, channel="final")
 
     @classmethod
-    def tool_call(cls, recipient: str, arguments: str) -> Message:
-        return cls("assistant", arguments, channel="commentary", recipient=recipient, content_type="<|constrain|>json")
+    def tool_call(cls, recipient: str, arguments: str, content_type: str | None = JSON_CONTENT) -> Message:
+        """A call of `recipient` with `arguments`: JSON (`<|constrain|>json`), or freeform text (None)."""
+        return cls("assistant", arguments, channel="commentary", recipient=recipient, content_type=content_type)
 
     @classmethod
     def tool_result(cls, tool: str, content: str) -> Message:
@@ -99,9 +113,10 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     reasoning_effort: str = "medium"
     instructions: str | None = None
-    tools: list[Tool] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)  # in every namespace, declared in order of first appearance
     current_date: str | None = None  # YYYY-MM-DD
     knowledge_cutoff: str = DEFAULT_KNOWLEDGE_CUTOFF
+    namespace_descriptions: dict[str, str] = field(default_factory=dict)  # shown above a namespace's tools
 
     def __post_init__(self):
         check_reasoning_effort(self.reasoning_effort)
@@ -194,10 +209,15 @@ def to_harmony_messages(conversation: Conversation) -> list:
         developer = oh.DeveloperContent.new()
         if conversation.instructions:
             developer = developer.with_instructions(conversation.instructions)
-        if conversation.tools:
-            developer = developer.with_function_tools(
-                [oh.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in conversation.tools]
-            )
+        for namespace, tools in _namespaces(conversation.tools).items():
+            described = [oh.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools]
+            if namespace == FUNCTIONS:
+                developer = developer.with_function_tools(described)
+            else:
+                description = conversation.namespace_descriptions.get(namespace) or None
+                developer = developer.with_tools(
+                    oh.ToolNamespaceConfig(name=namespace, description=description, tools=described)
+                )
         messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     for m in conversation.messages:
         author = oh.Author.new(oh.Role(m.role), m.author) if m.author else oh.Author(role=oh.Role(m.role))
@@ -210,6 +230,14 @@ def to_harmony_messages(conversation: Conversation) -> list:
             message = message.with_content_type(m.content_type)
         messages.append(message)
     return messages
+
+
+def _namespaces(tools: list[Tool]) -> dict[str, list[Tool]]:
+    """The tools by namespace, `functions` first (harmony's own order), the others as they first appear."""
+    grouped: dict[str, list[Tool]] = {FUNCTIONS: []}
+    for tool in tools:
+        grouped.setdefault(tool.namespace, []).append(tool)
+    return {name: found for name, found in grouped.items() if found}
 
 
 def render_prompt(conversation: Conversation) -> list[int]:
@@ -285,7 +313,7 @@ class ToolCall:
 
     @property
     def function_name(self) -> str:
-        return self.recipient.removeprefix("functions.")
+        return self.recipient.removeprefix(FUNCTIONS + ".")
 
 
 ParseEvent = ReasoningDelta | AnswerDelta | ToolCall

@@ -13,11 +13,13 @@ from typing import Any
 
 from ..engine import SamplingParams
 from ..grammar import TurnConstraints
-from ..harmony import REASONING_EFFORTS, Conversation, Message, Tool
+from ..harmony import JSON_CONTENT, Conversation, Message, Tool
 from . import fields as f
+from . import tools as t
 from .fields import ApiError
+from .tools import Toolbox, chat_tools, choose, constraints, responses_tools
 
-FUNCTIONS = "functions."  # harmony's namespace of the client's function tools
+FUNCTIONS = t.FUNCTIONS + "."  # harmony's namespace of the client's function tools, as recipients begin
 
 
 @dataclass
@@ -63,72 +65,28 @@ def sampling(body: dict, max_names: tuple[str, ...]) -> SamplingParams:
     )
 
 
+# Efforts other models take, as the nearest of gpt-oss's three: an agent set up for them must not get a 400.
+EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
+
+
 def effort(value: Any, param: str) -> str:
+    """A reasoning effort: gpt-oss's low, medium or high; none and minimal are low, xhigh is high."""
     if value is None:
         return "medium"
-    if value == "minimal":
-        return "low"
-    if not isinstance(value, str) or value not in REASONING_EFFORTS:
-        raise ApiError(400, f"'{param}' must be one of low, medium, high, not {f.shown(value)}", param)
-    return value
+    if not isinstance(value, str) or value not in EFFORTS:
+        raise ApiError(400, f"'{param}' must be one of {', '.join(EFFORTS)}, not {f.shown(value)}", param)
+    return EFFORTS[value]
 
 
 def tool(spec: dict, param: str) -> Tool:
-    """A function tool from its `name`, `description` and `parameters`."""
-    name, parameters = spec.get("name"), spec.get("parameters")
-    if not isinstance(name, str) or not name or not name.replace("_", "a").replace("-", "a").isalnum():
-        raise ApiError(
-            400, f"'{param}.name' must be a function name (letters, digits, _ and -), not {f.shown(name)}", param
-        )
-    description = f.string(spec, "description", f"{param}.description") or ""
-    if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
-        raise ApiError(400, f"'{param}.parameters' of '{name}' must be a JSON schema of type object", param)
-    if f.nesting(parameters, f.MAX_SCHEMA_DEPTH) > f.MAX_SCHEMA_DEPTH:
-        raise ApiError(
-            400, f"'{param}.parameters' of '{name}' is nested more than {f.MAX_SCHEMA_DEPTH} levels deep", param
-        )
-    return Tool(name, description, parameters or None)
+    """A function tool from its `name`, `description` and `parameters` (for APIs that read their own tools)."""
+    return t.function(spec, param, t.FUNCTIONS, False)
 
 
 def function_tools(body: dict, limit: int, nested: bool) -> list[Tool]:
-    """The request's function tools: chat's `{"type": "function", "function": {...}}` (`nested`) or responses'
-    flat `{"type": "function", "name", ...}`."""
-    tools = []
-    for i, t in enumerate(f.items(body, "tools", limit)):
-        kind = t.get("type", "function" if nested else None) if isinstance(t, dict) else None
-        spec = (t.get("function") if nested else t) if kind == "function" else None
-        if not isinstance(spec, dict):
-            raise ApiError(400, f"'tools[{i}]' must be a function tool", f"tools[{i}]")
-        tools.append(tool(spec, f"tools[{i}].function" if nested else f"tools[{i}]"))
-    return tools
-
-
-def chosen_name(choice: dict) -> Any:
-    """The function a `tool_choice` object names: chat's `{"function": {"name"}}` or responses' `{"name"}`."""
-    function = choice.get("function")
-    return function.get("name") if isinstance(function, dict) else choice.get("name")
-
-
-def apply_tool_choice(choice: Any, tools: list[Tool], instructions: str | None) -> tuple[list[Tool], str | None]:
-    """`none` hides the tools; `required` or a named function asks for a call in the instructions (harmony has
-    no way to force one)."""
-    if choice is None or choice == "auto":
-        return tools, instructions
-    if choice == "none":
-        return [], instructions
-    if choice == "required":
-        if not tools:
-            raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice")
-        ask = "Call one of the functions before you answer."
-    elif isinstance(choice, dict) and isinstance(name := chosen_name(choice), str):
-        if name not in {t.name for t in tools}:
-            raise ApiError(400, f"tool_choice names {f.shown(name)}, which is not among the tools", "tool_choice")
-        ask = f"Call the function {name} before you answer."
-    else:
-        raise ApiError(
-            400, f"'tool_choice' must be none, auto, required or a function, not {f.json_type(choice)}", "tool_choice"
-        )
-    return tools, f"{instructions}\n\n{ask}" if instructions else ask
+    """The request's function tools: chat's `{"type": "function", "function": {...}}` (`nested`) or the
+    Responses API's tools (see `tools.responses_tools`, which also reads custom, namespace and hosted ones)."""
+    return (chat_tools(body, limit) if nested else responses_tools(body, limit)).tools
 
 
 def arguments(value: Any, param: str) -> str:
@@ -147,9 +105,11 @@ class ConversationBuilder:
     def __init__(self, instructions: str | None = None):
         self.instructions: list[str] = [instructions] if instructions else []
         self.messages: list[Message] = []
-        self._calls: dict[str, str] = {}  # call id -> function name
+        self._calls: dict[str, str] = {}  # call id -> the recipient called
         self._tools: list[Tool] = []
+        self._namespaces: dict[str, str] = {}
         self._joined: str | None = None  # the instructions with what the tool choice asks, once closed
+        self.constraints = TurnConstraints()  # what the offered tools' calls must match, once offered
 
     def instruction(self, role: str, content: Any, where: str) -> None:
         """A system or developer message's `content` (read after its place is checked)."""
@@ -160,6 +120,14 @@ class ConversationBuilder:
     def user(self, text: str) -> None:
         self.messages.append(Message.user(text))
 
+    def note(self, text: str) -> None:
+        """A note from the server about the conversation: with the instructions before it begins, else said
+        by the user where it happened."""
+        if self.messages:
+            self.user(text)
+        else:
+            self.instructions.append(text)
+
     def reasoning(self, text: str) -> None:
         if text:
             self.messages.append(Message.reasoning(text))
@@ -167,16 +135,21 @@ class ConversationBuilder:
     def answer(self, text: str) -> None:
         self.messages.append(Message.answer(text))
 
-    def tool_call(self, call_id: str, name: str, arguments: str) -> None:
-        self._calls[call_id] = name
-        self.messages.append(Message.tool_call(FUNCTIONS + name, arguments))
+    def tool_call(
+        self, call_id: str, name: str, arguments: str, namespace: str | None = None, freeform: bool = False
+    ) -> None:
+        """A call of the tool `name` (in `namespace`, else the functions): JSON `arguments`, or a freeform
+        tool's input text."""
+        recipient = f"{namespace or t.FUNCTIONS}.{name}"
+        self._calls[call_id] = recipient
+        self.messages.append(Message.tool_call(recipient, arguments, None if freeform else JSON_CONTENT))
 
     def called(self, call_id: str) -> bool:
         """Whether an earlier message made the call `call_id` (a result answers one)."""
         return call_id in self._calls
 
     def tool_result(self, call_id: str, output: str) -> None:
-        self.messages.append(Message.tool_result(FUNCTIONS + self._calls[call_id], output))
+        self.messages.append(Message.tool_result(self._calls[call_id], output))
 
     def close(self, param: str, max_items: int) -> None:
         """Checks the messages' count and end: at least one, no more than fit, and an end the model can answer."""
@@ -194,10 +167,18 @@ class ConversationBuilder:
         if messages[-1].role == "assistant":
             raise ApiError(400, f"the tool calls at the end of '{param}' need their tool results", param)
 
-    def offer(self, tools: list[Tool], tool_choice: Any) -> list[Tool]:
-        """Offers `tools` as the request's `tool_choice` asks (see `apply_tool_choice`); the tools offered."""
+    def offer(self, tools: list[Tool] | Toolbox, tool_choice: Any) -> list[Tool]:
+        """Offers `tools` as the request's `tool_choice` asks (see `tools.choose`): `none` hides them, a required
+        call is asked for in the instructions and in `constraints.must_call`; the tools offered."""
+        box = tools if isinstance(tools, Toolbox) else Toolbox(tools=list(tools))
+        choice = choose(tool_choice, box)
         joined = "\n\n".join(self.instructions) or None
-        self._tools, self._joined = apply_tool_choice(tool_choice, tools, joined)
+        if choice.ask:
+            joined = f"{joined}\n\n{choice.ask}" if joined else choice.ask
+        self._tools, self._joined = list(choice.tools), joined
+        offered = {t.namespace for t in choice.tools}
+        self._namespaces = {name: text for name, text in box.namespaces.items() if name in offered}
+        self.constraints = constraints(choice.tools, choice.must_call)
         return self._tools
 
     def conversation(self, reasoning_effort: str) -> Conversation:
@@ -208,4 +189,5 @@ class ConversationBuilder:
             instructions=self._joined,
             tools=self._tools,
             current_date=time.strftime("%Y-%m-%d"),
+            namespace_descriptions=self._namespaces,
         )

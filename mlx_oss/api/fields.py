@@ -138,8 +138,21 @@ def identifier(value: Any, param: str) -> str:
     return str(value)
 
 
-def text(content: Any, param: str) -> str:
-    """A message's content: a string, or a list of text parts."""
+# Parts a message may hold that this text-only model cannot read: each becomes a note in the text where it was,
+# so an agent that attaches a screenshot or a file goes on (and the model knows something was there).
+OMITTED = {
+    "input_image": "image",
+    "image_url": "image",
+    "image": "image",
+    "input_file": "file",
+    "file": "file",
+    "input_audio": "audio",
+}
+
+
+def text(content: Any, param: str, omitted: list[str] | None = None) -> str:
+    """A message's content: a string, or a list of text parts. Images, files and audio become a short note
+    ("[image omitted: this model reads text only]"), whose kind is added to `omitted` if given."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -150,9 +163,19 @@ def text(content: Any, param: str) -> str:
         texts = []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "input_text", "output_text"):
-                raise ApiError(400, f"'{param}[{i}]' has type {shown(kind)}; only text parts are supported", param)
-            texts.append(string(part, "text", f"{param}[{i}].text") or "")
+            if kind in ("text", "input_text", "output_text"):
+                texts.append(string(part, "text", f"{param}[{i}].text") or "")
+            elif kind == "refusal":
+                texts.append(string(part, "refusal", f"{param}[{i}].refusal") or "")
+            elif kind in OMITTED:
+                name = part.get("filename")[:200] if isinstance(part.get("filename"), str) else None
+                texts.append(f"[{OMITTED[kind]} {name + ' ' if name else ''}omitted: this model reads text only]")
+                if omitted is not None:
+                    omitted.append(OMITTED[kind])
+            else:
+                raise ApiError(
+                    400, f"'{param}[{i}]' has type {shown(kind)}; only text, image and file parts are read", param
+                )
         return "".join(texts)
     raise ApiError(400, f"'{param}' must be a string or a list of text parts, not {json_type(content)}", param)
 
