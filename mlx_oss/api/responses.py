@@ -1,5 +1,22 @@
 """OpenAI's Responses API: a request read into our types, a turn formatted as a response or as its streaming
-events. The model's reasoning is a `reasoning` output item of its own, never part of the answer's message.
+events, as agents (Codex CLI, the openai-agents SDK) use it. The model's reasoning is a `reasoning` output item of
+its own, never part of the answer's message.
+
+Reasoning is shown as the client asks:
+
+- Always as the item's `reasoning_text` content (and `response.reasoning_text.*` events), which clients that show
+  raw reasoning read (Codex with `show_raw_agent_reasoning`).
+- With `reasoning.summary` (auto, concise or detailed; Codex asks for auto) also as the item's one summary part,
+  streamed as `response.reasoning_summary_part.added`, `response.reasoning_summary_text.delta` / `.done` and
+  `response.reasoning_summary_part.done`. gpt-oss has no summarizer, and a client that asks for a summary wants
+  to see what the model thought, so the summary is the chain of thought itself: unfiltered, as the model wrote
+  it. This is what makes the reasoning show in Codex without settings.
+- With `include: ["reasoning.encrypted_content"]` (Codex, `store: false`) the item carries `encrypted_content`:
+  the reasoning base64'd, not encrypted (see `response_input.encrypt_reasoning`), so that the item sent back
+  restores the chain of thought before a pending tool call.
+
+Tool calls come back as the tool was offered (see `tools`): `function_call` (with `namespace` for a namespace's
+tool), `custom_tool_call` with `input`, `local_shell_call` with `action`.
 """
 
 from __future__ import annotations
@@ -12,124 +29,143 @@ from typing import Any
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
 from . import fields as f
-from .conversation import (
-    ConversationBuilder,
-    ParsedRequest,
-    arguments,
-    check_model,
-    chosen_name,
-    effort,
-    function_tools,
-    sampling,
-)
+from .conversation import ConversationBuilder, ParsedRequest, check_model, effort, sampling
 from .fields import MAX_ITEMS, ApiError
+from .response_input import encrypt_reasoning, read_input
+from .tools import CUSTOM, LOCAL_SHELL, Offered, responses_tools
 from .wire import new_id, now, sse
+
+SUMMARIES = ("auto", "concise", "detailed")
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+TRUNCATIONS = ("auto", "disabled")
+MAX_METADATA = 16  # key-value pairs, as OpenAI allows
+
+
+@dataclass
+class Shapes:
+    """How this request's output is shown: the offered tools by recipient (a call's item type and name), whether
+    reasoning also goes in a summary, and whether reasoning items carry `encrypted_content`."""
+
+    tools: dict[str, Offered] = field(default_factory=dict)
+    summary: bool = False
+    encrypted: bool = False
+
+
+class Echo(dict):
+    """The request's fields a response shows back (instructions, tools, reasoning, metadata, ...), and, beside
+    them, the `Shapes` of its output: the server hands both to the formatters in one value."""
+
+    def __init__(self, fields: dict, shapes: Shapes):
+        super().__init__(fields)
+        self.shapes = shapes
 
 
 @dataclass
 class ResponsesRequest(ParsedRequest):
-    echo: dict[str, Any] = field(default_factory=dict)  # shown back in the response: instructions, tools, ...
+    echo: Echo = field(default_factory=lambda: Echo({}, Shapes()))
 
 
 def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> ResponsesRequest:
     """A Responses API request; `max_items` bounds its input items and tools."""
     body = f.request_object(body)
     check_model(body, served)
-    if body.get("previous_response_id") is not None:
-        raise ApiError(
-            400,
-            "previous_response_id is not supported (responses are not stored): send the whole conversation in 'input'",
-            "previous_response_id",
-        )
+    for name, why in (
+        ("previous_response_id", "responses are not stored: send the whole conversation in 'input'"),
+        ("conversation", "conversations are not stored: send the whole conversation in 'input'"),
+        ("prompt", "stored prompts are OpenAI's: send the instructions and input themselves"),
+    ):
+        if body.get(name) is not None:
+            raise ApiError(400, f"{name} is not supported ({why})", name)
+    if f.boolean(body, "background"):
+        raise ApiError(400, "background responses are not supported: this server answers while you wait", "background")
     raw = body.get("input")
     items = [{"role": "user", "content": raw}] if isinstance(raw, str) else f.items(body, "input", max_items)
     if not items:
         raise ApiError(400, "'input' must be a string or a non-empty list of items", "input")
     instructions = f.string(body, "instructions")
-    text_format = f.obj(f.obj(body, "text"), "format", "text.format")
+    text = f.obj(body, "text")
+    text_format = f.obj(text, "format", "text.format")
     if text_format.get("type", "text") != "text":
         raise ApiError(400, "text.format other than text is not supported; ask for the format in the input", "text")
+    warnings: list[str] = []
     built = ConversationBuilder(instructions)
-    for i, item in enumerate(items):
-        where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise ApiError(400, f"'{where}' must be an object", where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            text = f.text(item.get("content"), f"{where}.content")
-            if role in ("system", "developer"):
-                built.instruction(role, text, where)
-            elif role == "user":
-                built.user(text)
-            elif role == "assistant":
-                built.answer(text)
-            else:
-                raise ApiError(
-                    400, f"'{where}.role' must be system, developer, user or assistant, not {f.shown(role)}", where
-                )
-        elif kind == "reasoning":
-            built.reasoning(
-                _reasoning_text(f.items(item, "content", MAX_ITEMS, f"{where}.content"), f"{where}.content")
-            )
-        elif kind == "function_call":
-            if not isinstance(item.get("name"), str):
-                raise ApiError(400, f"'{where}' needs a function name", where)
-            call_id = f.identifier(item.get("call_id"), f"{where}.call_id")
-            built.tool_call(call_id, item["name"], arguments(item.get("arguments", ""), f"{where}.arguments"))
-        elif kind == "function_call_output":
-            call_id = f.identifier(item.get("call_id"), f"{where}.call_id")
-            if not built.called(call_id):
-                raise ApiError(
-                    400, f"'{where}' answers call_id {f.shown(call_id)}, which no earlier function_call made", where
-                )
-            built.tool_result(call_id, _tool_output(item.get("output"), f"{where}.output"))
-        else:
-            raise ApiError(400, f"'{where}.type' {f.shown(kind)} is not supported", where)
+    read_input(items, built, warnings)
     built.close("input", max_items)
-    tools = built.offer(function_tools(body, max_items, nested=False), body.get("tool_choice"))
+    box = responses_tools(body, max_items)
+    offered = built.offer(box, body.get("tool_choice"))
+    warnings += box.warnings
     reasoning = f.obj(body, "reasoning")
+    summary = reasoning.get("summary", reasoning.get("generate_summary"))
+    if summary is not None and summary not in SUMMARIES:
+        raise ApiError(
+            400, f"'reasoning.summary' must be auto, concise or detailed, not {f.shown(summary)}", "reasoning.summary"
+        )
+    include = [f.string({"v": v}, "v", f"include[{i}]") for i, v in enumerate(f.items(body, "include", 64))]
     parsed_sampling = sampling(body, ("max_output_tokens",))
+    shapes = Shapes(
+        {t.recipient: t for t in offered if isinstance(t, Offered)}, summary is not None, ENCRYPTED_REASONING in include
+    )
     return ResponsesRequest(
         built.conversation(effort(reasoning.get("effort"), "reasoning.effort")),
         parsed_sampling,
         stream=f.boolean(body, "stream"),
-        echo={
-            "instructions": instructions,
-            "tools": [
-                {"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
-                for t in tools
-            ],
-            "tool_choice": _choice_echo(body.get("tool_choice")),
-            "temperature": parsed_sampling.temperature,
-            "top_p": parsed_sampling.top_p,
-            "max_output_tokens": parsed_sampling.max_tokens,
-        },
+        constraints=built.constraints,
+        warnings=warnings,
+        echo=Echo(_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling), shapes),
     )
 
 
-def _tool_output(value: Any, param: str) -> str:
-    """A function_call_output's `output`: a string, text parts, or (as some clients send) a JSON object."""
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, str | list):
-        return f.text(value, param)
-    raise ApiError(400, f"'{param}' must be a string, not {f.json_type(value)}", param)
-
-
-def _reasoning_text(parts: list, param: str) -> str:
-    texts = []
-    for j, part in enumerate(parts):
-        if not isinstance(part, dict):
-            raise ApiError(400, f"'{param}[{j}]' must be a reasoning_text part", param)
-        texts.append(f.string(part, "text", f"{param}[{j}].text") or "")
-    return "".join(texts)
+def _echoed(body: dict, instructions, tools: list, reasoning: dict, summary, include: list, parsed) -> dict:
+    """The request's fields as the response shows them, each checked for the type OpenAI documents."""
+    metadata = f.obj(body, "metadata")
+    if len(metadata) > MAX_METADATA or not all(isinstance(v, str) for v in metadata.values()):
+        raise ApiError(400, f"'metadata' must hold at most {MAX_METADATA} string values", "metadata")
+    truncation = body.get("truncation") or "disabled"
+    if truncation not in TRUNCATIONS:
+        raise ApiError(400, f"'truncation' must be auto or disabled, not {f.shown(truncation)}", "truncation")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (
+        isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20
+    ):
+        raise ApiError(
+            400, f"'top_logprobs' must be an integer from 0 to 20, not {f.shown(top_logprobs)}", "top_logprobs"
+        )
+    text = f.obj(body, "text")
+    verbosity = f.string(text, "verbosity", "text.verbosity")
+    parallel = body.get("parallel_tool_calls")
+    store = body.get("store")
+    return {
+        "instructions": instructions,
+        "tools": tools,
+        "tool_choice": _choice_echo(body.get("tool_choice")),
+        "temperature": parsed.temperature,
+        "top_p": parsed.top_p,
+        "max_output_tokens": parsed.max_tokens,
+        "parallel_tool_calls": True if parallel is None else f.boolean(body, "parallel_tool_calls"),
+        "store": True if store is None else f.boolean(body, "store"),
+        "metadata": metadata,
+        "text": {"format": {"type": "text"}, **({"verbosity": verbosity} if verbosity else {})},
+        "truncation": truncation,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": summary},
+        "include": include,
+        "prompt_cache_key": f.string(body, "prompt_cache_key"),
+        "user": f.string(body, "user"),
+        "safety_identifier": f.string(body, "safety_identifier"),
+        "service_tier": f.string(body, "service_tier") or "default",
+        "top_logprobs": top_logprobs,
+        "max_tool_calls": f.positive_int(body, "max_tool_calls"),
+        "background": False,
+    }
 
 
 def _choice_echo(choice: Any) -> str | dict:
-    """The tool_choice as a response shows it: what was asked, rebuilt (never the client's object itself)."""
+    """The tool_choice as a response shows it: what was asked, rebuilt from its known fields."""
     if isinstance(choice, dict):
-        return {"type": "function", "name": chosen_name(choice)}
+        kept = {k: choice[k] for k in ("type", "name", "namespace", "mode", "tools") if k in choice}
+        function = choice.get("function")
+        if "name" not in kept and isinstance(function, dict) and isinstance(function.get("name"), str):
+            kept["name"] = function["name"]
+        return {"type": "function", **kept}
     return choice or "auto"
 
 
@@ -155,7 +191,7 @@ def response(response_id: str, model: str, turn: Turn | None, echo: dict, items:
         usage = response_usage(turn)
         incomplete = "max_output_tokens" if turn.done.stop_reason in ("length", "context_limit") else None
         status = "incomplete" if incomplete else "completed"
-        output = items if items is not None else output_items(turn)
+        output = items if items is not None else output_items(turn, _shapes(echo))
     return {
         "id": response_id,
         "object": "response",
@@ -163,7 +199,7 @@ def response(response_id: str, model: str, turn: Turn | None, echo: dict, items:
         "status": status,
         "model": model,
         "output": output,
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": True,
         "error": None,
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "metadata": {},
@@ -172,18 +208,32 @@ def response(response_id: str, model: str, turn: Turn | None, echo: dict, items:
     }
 
 
-def output_items(turn: Turn) -> list[dict]:
+def _shapes(echo: dict) -> Shapes:
+    return echo.shapes if isinstance(echo, Echo) else Shapes()
+
+
+def output_items(turn: Turn, shapes: Shapes | None = None) -> list[dict]:
+    shapes = shapes or Shapes()
     items = []
     if turn.reasoning:
-        items.append(reasoning_item(new_id("rs_"), turn.reasoning))
+        items.append(reasoning_item(new_id("rs_"), turn.reasoning, shapes))
     if turn.answer or not (turn.calls or turn.reasoning):
         items.append(message_item(new_id("msg_"), turn.answer, "completed"))
-    items += [call_item(new_id("fc_"), call) for call in turn.calls]
+    items += [call_item(call, shapes) for call in turn.calls]
     return items
 
 
-def reasoning_item(item_id: str, text: str) -> dict:
-    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+def reasoning_item(item_id: str, text: str, shapes: Shapes | None = None) -> dict:
+    shapes = shapes or Shapes()
+    item = {
+        "type": "reasoning",
+        "id": item_id,
+        "summary": [{"type": "summary_text", "text": text}] if shapes.summary else [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+    if shapes.encrypted:
+        item["encrypted_content"] = encrypt_reasoning(text)
+    return item
 
 
 def message_item(item_id: str, text: str, status: str) -> dict:
@@ -191,23 +241,66 @@ def message_item(item_id: str, text: str, status: str) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def call_item(item_id: str, call: ToolCall) -> dict:
-    return {
-        "type": "function_call",
-        "id": item_id,
-        "call_id": new_id("call_"),
-        "name": call.function_name,
-        "arguments": call.arguments,
-        "status": "completed",
-    }
+def call_item(call: ToolCall, shapes: Shapes | None = None) -> dict:
+    """A call as the offered tool's kind answers it: a local_shell_call with its `action`, a custom_tool_call
+    with its `input`, else a function_call (with `namespace` for a tool in one; a recipient the model made up
+    goes back as a function named after it)."""
+    tool = (shapes or Shapes()).tools.get(call.recipient)
+    call_id = new_id("call_")
+    if tool is not None and tool.kind == LOCAL_SHELL:
+        action = _shell_action(call.arguments)
+        if action is not None:
+            return {
+                "type": "local_shell_call",
+                "id": new_id("lsh_"),
+                "call_id": call_id,
+                "status": "completed",
+                "action": action,
+            }
+    if tool is not None and tool.kind == CUSTOM:
+        item = {
+            "type": "custom_tool_call",
+            "id": new_id("ctc_"),
+            "call_id": call_id,
+            "name": tool.name,
+            "input": call.arguments,
+        }
+    else:
+        namespace, _, name = call.recipient.rpartition(".") if tool is None else (tool.namespace, "", tool.name)
+        item = {
+            "type": "function_call",
+            "id": new_id("fc_"),
+            "call_id": call_id,
+            "name": name,
+            "arguments": call.arguments,
+        }
+        if namespace and namespace != "functions":
+            item["namespace"] = namespace
+    item["status"] = "completed"
+    return item
+
+
+def _shell_action(arguments: str) -> dict | None:
+    """A local_shell call's arguments as OpenAI's exec action; None if they are not one."""
+    try:
+        action = json.loads(arguments)
+    except ValueError:
+        return None
+    command = action.get("command") if isinstance(action, dict) else None
+    if not isinstance(command, list) or not all(isinstance(part, str) for part in command):
+        return None
+    keys = ("working_directory", "timeout_ms", "env", "user")
+    return {"type": "exec", "command": command, **{key: action.get(key) for key in keys}}
 
 
 class ResponseEvents:
     """The Responses API's streaming events for one turn: items open and close as the model moves from
-    reasoning to answer to tool calls."""
+    reasoning to answer to tool calls; the last event is `response.completed`, or `response.incomplete` for a
+    turn cut short by its token limit."""
 
     def __init__(self, response_id: str, model: str, echo: dict):
         self.response_id, self.model, self.echo = response_id, model, echo
+        self.shapes = _shapes(echo)
         self.sequence = 0
         self.items: list[dict] = []
         self.open: tuple[str, str, str] | None = None  # (kind, item id, text so far)
@@ -218,12 +311,15 @@ class ResponseEvents:
         return f"event: {kind}\n" + sse(body)
 
     def start(self) -> list[str]:
-        return [self.event("response.created", response=response(self.response_id, self.model, None, self.echo))]
+        started = response(self.response_id, self.model, None, self.echo)
+        return [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
 
     def end(self, turn: Turn) -> Iterator[str]:
         yield from self.close()
         done = response(self.response_id, self.model, turn, self.echo, self.items)
-        yield self.event("response.completed", response=done)
+        yield self.event(
+            "response.incomplete" if done["status"] == "incomplete" else "response.completed", response=done
+        )
 
     def error(self, error: ApiError) -> str:
         return self.event("error", message=error.message, code=error.code, param=error.param)
@@ -235,39 +331,56 @@ class ResponseEvents:
             out += self.close()
         index = len(self.items)
         if isinstance(piece, ToolCall):
-            item = call_item(new_id("fc_"), piece)
-            out.append(self.event("response.output_item.added", output_index=index, item={**item, "arguments": ""}))
-            where = {"item_id": item["id"], "output_index": index}
-            out.append(self.event("response.function_call_arguments.delta", **where, delta=piece.arguments))
-            out.append(self.event("response.function_call_arguments.done", **where, arguments=piece.arguments))
-            out.append(self.event("response.output_item.done", output_index=index, item=item))
-            self.items.append(item)
-            return out
+            return out + self._call(piece, index)
         if self.open is None:
-            item_id = new_id("rs_" if kind == "reasoning" else "msg_")
-            self.open = (kind, item_id, "")
-            if kind == "reasoning":
-                item = {"type": "reasoning", "id": item_id, "summary": [], "content": []}
-                out.append(self.event("response.output_item.added", output_index=index, item=item))
-            else:
-                out.append(
-                    self.event(
-                        "response.output_item.added", output_index=index, item=message_item(item_id, "", "in_progress")
-                    )
-                )
-                out.append(
-                    self.event(
-                        "response.content_part.added",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        part={"type": "output_text", "text": "", "annotations": []},
-                    )
-                )
+            out += self._open(kind, index)
         _, item_id, so_far = self.open
         self.open = (kind, item_id, so_far + piece.text)
-        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        out.append(self.event(name, item_id=item_id, output_index=index, content_index=0, delta=piece.text))
+        where = {"item_id": item_id, "output_index": index}
+        if kind == "answer":
+            out.append(self.event("response.output_text.delta", **where, content_index=0, delta=piece.text))
+            return out
+        out.append(self.event("response.reasoning_text.delta", **where, content_index=0, delta=piece.text))
+        if self.shapes.summary:
+            out.append(self.event("response.reasoning_summary_text.delta", **where, summary_index=0, delta=piece.text))
+        return out
+
+    def _open(self, kind: str, index: int) -> list[str]:
+        item_id = new_id("rs_" if kind == "reasoning" else "msg_")
+        self.open = (kind, item_id, "")
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": item_id, "summary": [], "content": []}
+            out = [self.event("response.output_item.added", output_index=index, item=item)]
+            if self.shapes.summary:
+                part = {"type": "summary_text", "text": ""}
+                where = {"item_id": item_id, "output_index": index, "summary_index": 0}
+                out.append(self.event("response.reasoning_summary_part.added", **where, part=part))
+            return out
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            self.event("response.output_item.added", output_index=index, item=message_item(item_id, "", "in_progress")),
+            self.event("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=part),
+        ]
+
+    def _call(self, call: ToolCall, index: int) -> list[str]:
+        item = call_item(call, self.shapes)
+        out = []
+        where = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "function_call":
+            added = {**item, "arguments": "", "status": "in_progress"}
+            out.append(self.event("response.output_item.added", output_index=index, item=added))
+            out.append(self.event("response.function_call_arguments.delta", **where, delta=call.arguments))
+            out.append(self.event("response.function_call_arguments.done", **where, arguments=call.arguments))
+        elif item["type"] == "custom_tool_call":
+            added = {**item, "input": "", "status": "in_progress"}
+            out.append(self.event("response.output_item.added", output_index=index, item=added))
+            out.append(self.event("response.custom_tool_call_input.delta", **where, delta=call.arguments))
+            out.append(self.event("response.custom_tool_call_input.done", **where, input=call.arguments))
+        else:
+            added = {**item, "status": "in_progress"}
+            out.append(self.event("response.output_item.added", output_index=index, item=added))
+        out.append(self.event("response.output_item.done", output_index=index, item=item))
+        self.items.append(item)
         return out
 
     def close(self) -> list[str]:
@@ -277,23 +390,20 @@ class ResponseEvents:
         kind, item_id, text = self.open
         self.open = None
         index = len(self.items)
+        where = {"item_id": item_id, "output_index": index}
         if kind == "reasoning":
-            item = reasoning_item(item_id, text)
-            out = [
-                self.event(
-                    "response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text
-                )
-            ]
+            item = reasoning_item(item_id, text, self.shapes)
+            out = [self.event("response.reasoning_text.done", **where, content_index=0, text=text)]
+            if self.shapes.summary:
+                part = item["summary"][0]
+                out.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text))
+                out.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part))
         else:
             item = message_item(item_id, text, "completed")
             part = item["content"][0]
             out = [
-                self.event(
-                    "response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text
-                ),
-                self.event(
-                    "response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part
-                ),
+                self.event("response.output_text.done", **where, content_index=0, text=text),
+                self.event("response.content_part.done", **where, content_index=0, part=part),
             ]
         out.append(self.event("response.output_item.done", output_index=index, item=item))
         self.items.append(item)
