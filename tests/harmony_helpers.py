@@ -63,3 +63,31 @@ class ScriptedModel:
         logits = np.zeros((1, self.config.vocab_size), np.float32)
         logits[0, self.script[step] if 0 <= step < len(self.script) else 0] = 30.0
         return logits
+
+
+class PromptScriptedModel(ScriptedModel):
+    """A model whose next tokens depend on the prompt: at each generation it plays the harmony tokens of
+    `respond(prompt text)` (a reply such as `<|channel|>final<|message|>Done.<|return|>`), so a client that
+    drives several turns by itself (an agent running tools between them) gets the turn its conversation calls
+    for. `prompts` keeps every prompt seen, as text.
+    """
+
+    def __init__(self, respond, **options):
+        super().__init__(**options)
+        self.respond = respond
+        self.prompts: list[str] = []
+        self._decoding_after: tuple[int, int] | None = None  # (cache length, token) a decode step continues
+        self._prefilled = -1  # the cache length after the last prefill chunk (the next chunk continues there)
+
+    def forward(self, token_ids, cache: TokenCache, last_only: bool = False) -> np.ndarray:
+        fed = [int(t) for t in token_ids]
+        if self._decoding_after is None or (cache.length, fed) != (self._decoding_after[0], [self._decoding_after[1]]):
+            prompt = cache.tokens + fed  # a prompt (or its next chunk): what to say depends on all of it
+            if cache.length == self._prefilled and self.prompts:
+                self.prompts.pop()  # the prompt's earlier chunk
+            self.prompts.append(encoding().decode(prompt))
+            self.expect(prompt, harmony_tokens(self.respond(self.prompts[-1])))
+            self._prefilled = len(prompt)
+        logits = super().forward(token_ids, cache, last_only)
+        self._decoding_after = (cache.length, int(np.argmax(logits[-1])))
+        return logits

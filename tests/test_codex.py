@@ -1,0 +1,148 @@
+"""The real Codex CLI (npm `@openai/codex`, pinned in scripts/test.sh, installed into `.venv/node`) against the
+server, on a model whose turns depend on the prompt: asked to write a file, it calls Codex's `exec_command` tool;
+once the command's output is in the prompt, it answers. Codex runs the command itself, so the file on disk, the
+answer on stdout and the requests the server saw prove the whole tool round trip, as Codex sends it (a ~17k
+character prompt, namespace and hosted tools, reasoning sent back with store false).
+
+Codex gets nothing but a provider entry in its config. It runs in its workspace-write sandbox (its bundled
+bubblewrap works in CI's containers); every connection it tries beyond loopback (plugin sync, update checks)
+goes to a closed local port through the proxy variables, so it fails at once instead of waiting on a network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from harmony_helpers import PromptScriptedModel
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from mlx_oss.engine import Engine  # noqa: E402
+from mlx_oss.server import Server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CODEX = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "codex"
+CODEX_VERSION = "0.171.0"  # as scripts/test.sh installs it
+MODEL = "gpt-oss-20b"
+COMMAND = "printf 'hello from codex' > made.txt"
+ANSWER = "I wrote made.txt."
+CLOSED_PORT_PROXY = "http://127.0.0.1:9"
+
+
+def codex_turn(prompt: str) -> str:
+    """Codex's agent loop, scripted: call exec_command until its output is in the prompt, then answer."""
+    if "<|start|>functions.exec_command to=assistant" in prompt:
+        thought = "<|channel|>analysis<|message|>The file is there.<|end|>"
+        return f"{thought}<|start|>assistant<|channel|>final<|message|>{ANSWER}<|return|>"
+    call = json.dumps({"cmd": COMMAND})
+    return (
+        "<|channel|>analysis<|message|>I will write the file.<|end|><|start|>assistant<|channel|>commentary "
+        f"to=functions.exec_command <|constrain|>json<|message|>{call}<|call|>"
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(server: Server, seen: list[dict]):
+    """The server's app under uvicorn on 127.0.0.1 in this process, recording each request's path and JSON."""
+    app = server.app()
+
+    async def recording(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            chunks = []
+
+            async def replay():
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    seen.append({"path": scope["path"], "body": json.loads(b"".join(chunks) or b"null")})
+                return message
+
+            return await app(scope, replay, send)
+        return await app(scope, receive, send)
+
+    port = free_port()
+    runner = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not runner.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        runner.should_exit = True
+        thread.join(timeout=30)
+
+
+def codex_binary() -> Path:
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed: the Codex CLI test needs it (scripts/test.sh installs @openai/codex)")
+    assert CODEX.exists(), (
+        f"npm is here but {CODEX} is missing: scripts/test.sh installs @openai/codex@{CODEX_VERSION} there "
+        "(did npm install fail?)"
+    )
+    return CODEX
+
+
+def test_codex_exec_runs_a_tool_round_trip(tmp_path):
+    codex = codex_binary()
+    model = PromptScriptedModel(codex_turn)
+    seen: list[dict] = []
+    home, codex_home, work = tmp_path / "home", tmp_path / "codex-home", tmp_path / "work"
+    for folder in (home, codex_home, work):
+        folder.mkdir()
+    with serving(Server(Engine(model), MODEL), seen) as url:
+        (codex_home / "config.toml").write_text(
+            f'model = "{MODEL}"\nmodel_provider = "local"\n\n'
+            f'[model_providers.local]\nname = "mlx-oss"\nbase_url = "{url}/v1"\nwire_api = "responses"\n'
+        )
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(home),
+            "CODEX_HOME": str(codex_home),
+            "TMPDIR": str(tmp_path),
+            "NO_COLOR": "1",
+            **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+        command = [str(codex), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write"]
+        done = subprocess.run(
+            [*command, "Write 'hello from codex' into made.txt"],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (work / "made.txt").read_text() == "hello from codex", done.stderr[-4000:]
+    assert done.stdout.strip().endswith(ANSWER)
+    turns = [request["body"] for request in seen if request["path"] == "/v1/responses"]
+    assert len(turns) >= 2
+    first, last = turns[0], turns[-1]
+    assert first["stream"] is True and first["store"] is False
+    assert {tool["type"] for tool in first["tools"]} >= {"function"}
+    kinds = [item.get("type") for item in last["input"]]
+    assert kinds[-3:] == ["reasoning", "function_call", "function_call_output"]
+    reasoning = last["input"][-3]
+    assert reasoning["summary"][0]["text"] == "I will write the file."  # Codex showed and kept our reasoning
+    assert "I will write the file." in done.stderr + done.stdout
+    # the chain of thought before the pending call reached the model again
+    assert "<|channel|>analysis<|message|>I will write the file." in model.prompts[-1]
