@@ -11,8 +11,10 @@ from typing import Any
 
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
+from ..grammar import TurnConstraints
 from . import fields as f
 from .conversation import (
+    FUNCTIONS,
     ConversationBuilder,
     ParsedRequest,
     arguments,
@@ -22,6 +24,7 @@ from .conversation import (
     sampling,
 )
 from .fields import MAX_ITEMS, ApiError
+from .formats import format_instructions, response_format
 from .wire import new_id, sse
 
 # The engine's stop reasons as a choice's finish_reason.
@@ -43,9 +46,7 @@ def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> ChatReques
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, "only n=1 is supported", "n")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise ApiError(400, "response_format is not supported; ask for the format in the messages", "response_format")
+    answer = response_format(body["response_format"]) if body.get("response_format") is not None else None
     built = ConversationBuilder()
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
@@ -89,7 +90,12 @@ def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> ChatReques
                 400, f"'{where}.role' must be system, developer, user, assistant or tool, not {f.shown(role)}", where
             )
     built.close("messages", max_items)
-    built.offer(function_tools(body, max_items, nested=True), body.get("tool_choice"))
+    if (told := format_instructions(body.get("response_format"))) is not None:
+        built.instructions.append(told)
+    offered = built.offer(function_tools(body, max_items, nested=True), body.get("tool_choice"))
+    # With the answer constrained, a turn may call only the recipients listed, so the offered tools are (their
+    # arguments free until their own grammars are built).
+    calls = {FUNCTIONS + t.name: None for t in offered} if answer else {}
     options = f.obj(body, "stream_options")
     return ChatRequest(
         built.conversation(effort(body.get("reasoning_effort"), "reasoning_effort")),
@@ -97,6 +103,7 @@ def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> ChatReques
         stream=f.boolean(body, "stream"),
         stop=f.stops(body),
         include_usage=f.boolean(options, "include_usage", "stream_options.include_usage"),
+        constraints=TurnConstraints(answer=answer, calls=calls),
     )
 
 
