@@ -69,7 +69,8 @@ class PromptScriptedModel(ScriptedModel):
     """A model whose next tokens depend on the prompt: at each generation it plays the harmony tokens of
     `respond(prompt text)` (a reply such as `<|channel|>final<|message|>Done.<|return|>`), so a client that
     drives several turns by itself (an agent running tools between them) gets the turn its conversation calls
-    for. `prompts` keeps every prompt seen, as text.
+    for. A long prompt is prefilled in chunks, so `respond` also sees its beginnings (their replies are never
+    played). `prompts` keeps every prompt seen, as text.
     """
 
     def __init__(self, respond, **options):

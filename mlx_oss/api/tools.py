@@ -150,7 +150,7 @@ def function(spec: dict, param: str, namespace: str, strict_default: bool | None
     grammar = (
         Grammar("json_schema", parameters, strict=strict, param=f"{param}.parameters")
         if parameters
-        else Grammar("json_object", param=param)
+        else Grammar("json_object", strict=strict, param=param)
     )
     return Offered(name, description, parameters, namespace, FUNCTION, grammar)
 
