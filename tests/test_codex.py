@@ -100,7 +100,8 @@ def codex_binary() -> Path:
     return CODEX
 
 
-def test_codex_exec_runs_a_tool_round_trip(tmp_path):
+@pytest.mark.parametrize(("effort", "harmony_effort"), [(None, "medium"), ("xhigh", "high"), ("none", "low")])
+def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
     codex = codex_binary()
     model = PromptScriptedModel(codex_turn)
     seen: list[dict] = []
@@ -122,6 +123,8 @@ def test_codex_exec_runs_a_tool_round_trip(tmp_path):
             "NO_PROXY": "127.0.0.1,localhost",
         }
         command = [str(codex), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write"]
+        if effort:  # efforts of OpenAI's newer models, which Codex users set: they were a 400
+            command += ["-c", f'model_reasoning_effort="{effort}"']
         done = subprocess.run(
             [*command, "Write 'hello from codex' into made.txt"],
             cwd=work,
@@ -138,6 +141,7 @@ def test_codex_exec_runs_a_tool_round_trip(tmp_path):
     assert len(turns) >= 2
     first, last = turns[0], turns[-1]
     assert first["stream"] is True and first["store"] is False
+    assert first["reasoning"].get("effort") == effort and f"Reasoning: {harmony_effort}" in model.prompts[-1]
     assert {tool["type"] for tool in first["tools"]} >= {"function"}
     kinds = [item.get("type") for item in last["input"]]
     assert kinds[-3:] == ["reasoning", "function_call", "function_call_output"]

@@ -66,11 +66,19 @@ def sampling(body: dict, max_names: tuple[str, ...]) -> SamplingParams:
 
 
 # Efforts other models take, as the nearest of gpt-oss's three: an agent set up for them must not get a 400.
-EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
+EFFORTS = {
+    "none": "low",
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "high",
+}
 
 
 def effort(value: Any, param: str) -> str:
-    """A reasoning effort: gpt-oss's low, medium or high; none and minimal are low, xhigh is high."""
+    """A reasoning effort: gpt-oss's low, medium or high; none and minimal are low, xhigh and max are high."""
     if value is None:
         return "medium"
     if not isinstance(value, str) or value not in EFFORTS:
