@@ -331,7 +331,7 @@ def junk_server():
         yield model, url
 
 
-def test_the_openai_client_gets_json_that_matches_its_schema(junk_server):
+def test_the_openai_client_gets_json_that_matches_its_schema_whole_and_streamed(junk_server):
     openai = pytest.importorskip("openai")
     model, url = junk_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -344,6 +344,10 @@ def test_the_openai_client_gets_json_that_matches_its_schema(junk_server):
     reply = client.chat.completions.create(model="scripted", messages=messages, response_format=fmt, temperature=0)
     assert parses_as_weather(reply.choices[0].message.content), reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model="scripted", messages=messages, response_format=fmt, temperature=0, stream=True
+    )
+    assert parses_as_weather("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 
     bad = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"properties": {"a": {"format": "x"}}}}}
     bad["json_schema"]["strict"] = True
