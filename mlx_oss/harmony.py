@@ -113,7 +113,7 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     reasoning_effort: str = "medium"
     instructions: str | None = None
-    tools: list[Tool] = field(default_factory=list)  # in every namespace, declared in order of first appearance
+    tools: list[Tool] = field(default_factory=list)  # of every namespace
     current_date: str | None = None  # YYYY-MM-DD
     knowledge_cutoff: str = DEFAULT_KNOWLEDGE_CUTOFF
     namespace_descriptions: dict[str, str] = field(default_factory=dict)  # shown above a namespace's tools
@@ -233,11 +233,11 @@ def to_harmony_messages(conversation: Conversation) -> list:
 
 
 def _namespaces(tools: list[Tool]) -> dict[str, list[Tool]]:
-    """The tools by namespace, `functions` first (harmony's own order), the others as they first appear."""
-    grouped: dict[str, list[Tool]] = {FUNCTIONS: []}
+    """The tools by namespace (harmony renders the namespaces in the order of their names)."""
+    grouped: dict[str, list[Tool]] = {}
     for tool in tools:
         grouped.setdefault(tool.namespace, []).append(tool)
-    return {name: found for name, found in grouped.items() if found}
+    return grouped
 
 
 def render_prompt(conversation: Conversation) -> list[int]:

@@ -321,3 +321,36 @@ def test_unfinished_answer_is_kept_as_a_message():
     events, stream = feed_all(harmony_tokens("<|channel|>final<|message|>The answer is"))
     assert stream.messages() == [Message.answer("The answer is")]
     assert not stream.malformed
+
+
+def test_tools_in_namespaces_match_harmony_s_namespace_declarations():
+    """A Responses `namespace` tool is a harmony namespace beside `functions`; its calls go to NAMESPACE.NAME."""
+    close = Tool(
+        "close_agent", "Close an agent.", {"type": "object", "properties": {"id": {"type": "string"}}}, "agents"
+    )
+    messages = [
+        Message.user("Close a1"),
+        Message.tool_call("agents.close_agent", '{"id": "a1"}'),
+        Message.tool_result("agents.close_agent", "closed"),
+    ]
+    convo = conversation(messages, tools=[close, WEATHER], namespace_descriptions={"agents": "Sub-agents."})
+    developer = oh.DeveloperContent.new().with_function_tools([hm_tool(WEATHER)])
+    developer = developer.with_tools(
+        oh.ToolNamespaceConfig(name="agents", description="Sub-agents.", tools=[hm_tool(close)])
+    )
+    calls = [hm_call("agents.close_agent", '{"id": "a1"}'), hm_result("agents.close_agent", "closed")]
+    ours = render_prompt(convo)
+    assert ours == theirs([hm_user("Close a1"), *calls], developer=developer)
+    rendered = text(ours)
+    assert "## agents\n\n// Sub-agents.\nnamespace agents {" in rendered and "namespace functions {" in rendered
+    assert close.recipient == "agents.close_agent" and WEATHER.recipient == "functions.get_weather"
+
+
+def test_a_freeform_call_has_no_json_content_type():
+    call = Message.tool_call("functions.apply_patch", "*** Begin Patch", content_type=None)
+    rendered = text(
+        render_prompt(conversation([Message.user("Patch"), call, Message.tool_result(call.recipient, "ok")]))
+    )
+    assert (
+        "<|start|>assistant to=functions.apply_patch<|channel|>commentary<|message|>*** Begin Patch<|call|>" in rendered
+    )
