@@ -80,6 +80,7 @@ THOUGHT = "<|channel|>analysis<|message|>The user wants JSON. Let me <think> abo
     [
         (ANSWER, f"{THOUGHT}<|channel|>final<|message|>{GOOD}<|return|>"),
         (ANSWER, f"{THOUGHT}{THOUGHT}<|channel|>final<|message|>{GOOD}<|return|>"),
+        (ANSWER, f"{THOUGHT.replace('JSON', '天気 🌤️🦜')}<|channel|>final<|message|>{GOOD.replace('Paris', '東京 🗼')}"),
         (
             ANSWER,
             '<|channel|>final<|message|>{\n  "city": "Paris",\n  "celsius": -3,\n  "sunny": false,\n  "tags": []\n}',
