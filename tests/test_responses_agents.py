@@ -206,8 +206,9 @@ def test_function_tools_are_strict_as_each_api_defaults():
 def test_custom_tools_are_freeform_functions_with_their_grammar():
     parsed = parse([PATCH, {"type": "custom", "name": "note"}], tool_choice={"type": "custom", "name": "apply_patch"})
     assert parsed.constraints.calls == {
-        "functions.apply_patch": Grammar("lark", PATCH["format"]["definition"], param="tools[0].format")
-    }  # note: free text, no grammar
+        "functions.apply_patch": Grammar("lark", PATCH["format"]["definition"], param="tools[0].format"),
+        "functions.note": None,  # free text
+    }
     assert parsed.constraints.must_call == frozenset({"functions.apply_patch"})
     prompt = encoding().decode(render_prompt(parsed.conversation))
     assert "type apply_patch = () => any;" in prompt and "freeform text, not JSON" in prompt

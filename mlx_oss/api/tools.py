@@ -341,9 +341,8 @@ def _allowed(choice: dict, box: Toolbox) -> Choice:
     return Choice(kept, frozenset(t.recipient for t in kept), "Call one of the tools before you answer.")
 
 
-def constraints(offered: list[Offered], must_call: frozenset[str]) -> TurnConstraints:
-    """The grammar each offered tool's calls must match, and the calls the turn must make."""
-    return TurnConstraints(
-        calls={t.recipient: t.grammar for t in offered if getattr(t, "grammar", None) is not None},
-        must_call=must_call,
-    )
+def constraints(offered: list[Tool], must_call: frozenset[str]) -> TurnConstraints:
+    """Every offered tool's recipient with the grammar its calls must match (None: a freeform tool's free text;
+    the grammar engine lets a constrained turn call only the recipients listed), and the calls the turn must
+    make."""
+    return TurnConstraints(calls={t.recipient: getattr(t, "grammar", None) for t in offered}, must_call=must_call)
