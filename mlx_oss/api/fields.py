@@ -103,6 +103,17 @@ def items(body: dict, name: str, limit: int, param: str | None = None) -> list:
     return value
 
 
+def strings(body: dict, name: str, limit: int, param: str | None = None) -> list[str]:
+    """An optional list of strings (at most `limit`); missing or null is an empty list."""
+    found = items(body, name, limit, param)
+    for i, value in enumerate(found):
+        if not isinstance(value, str):
+            raise ApiError(
+                400, f"'{param or name}[{i}]' must be a string, not {json_type(value)}", f"{param or name}[{i}]"
+            )
+    return found
+
+
 def number(body: dict, name: str, low: float, high: float, default: float) -> float:
     value = body.get(name)
     if value is None:

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import AnswerDelta, ReasoningDelta, ToolCall
+from ..engine import AnswerDelta, ReasoningDelta, SamplingParams, ToolCall
 from ..generation_queue import Turn
 from . import fields as f
 from .conversation import ConversationBuilder, ParsedRequest, check_model, effort, sampling
 from .fields import MAX_ITEMS, ApiError
+from .logprobs import top_count
 from .response_input import encrypt_reasoning, read_input
 from .tools import CUSTOM, LOCAL_SHELL, Offered, responses_tools
 from .wire import new_id, now, sse
@@ -39,6 +40,7 @@ SUMMARIES = ("auto", "concise", "detailed")
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
 TRUNCATIONS = ("auto", "disabled")
 MAX_METADATA = 16  # key-value pairs, as OpenAI allows
+MAX_INCLUDES = 64  # OpenAI knows about ten
 
 
 @dataclass
@@ -100,7 +102,7 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
         raise ApiError(
             400, f"'reasoning.summary' must be auto, concise or detailed, not {f.shown(summary)}", "reasoning.summary"
         )
-    include = [f.string({"v": v}, "v", f"include[{i}]") for i, v in enumerate(f.items(body, "include", 64))]
+    include = f.strings(body, "include", MAX_INCLUDES)
     parsed_sampling = sampling(body, ("max_output_tokens",))
     shapes = Shapes(
         {t.recipient: t for t in offered if isinstance(t, Offered)}, summary is not None, ENCRYPTED_REASONING in include
@@ -115,7 +117,15 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
     )
 
 
-def _echoed(body: dict, instructions, tools: list, reasoning: dict, summary, include: list, parsed) -> dict:
+def _echoed(
+    body: dict,
+    instructions: str | None,
+    tools: list[dict],
+    reasoning: dict,
+    summary: str | None,
+    include: list[str],
+    parsed: SamplingParams,
+) -> dict:
     """The request's fields as the response shows them, each checked for the type OpenAI documents."""
     metadata = f.obj(body, "metadata")
     if len(metadata) > MAX_METADATA or not all(isinstance(v, str) for v in metadata.values()):
@@ -124,12 +134,8 @@ def _echoed(body: dict, instructions, tools: list, reasoning: dict, summary, inc
     if truncation not in TRUNCATIONS:
         raise ApiError(400, f"'truncation' must be auto or disabled, not {f.shown(truncation)}", "truncation")
     top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None and (
-        isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20
-    ):
-        raise ApiError(
-            400, f"'top_logprobs' must be an integer from 0 to 20, not {f.shown(top_logprobs)}", "top_logprobs"
-        )
+    if top_logprobs is not None:
+        top_count(top_logprobs, "top_logprobs")
     text = f.obj(body, "text")
     verbosity = f.string(text, "verbosity", "text.verbosity")
     parallel = body.get("parallel_tool_calls")
