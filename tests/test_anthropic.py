@@ -13,7 +13,7 @@ from test_server import exchange, serving
 anthropic = pytest.importorskip("anthropic")
 
 from mlx_oss.api.fields import ApiError  # noqa: E402
-from mlx_oss.api.messages import UNPARSED, parse_messages  # noqa: E402
+from mlx_oss.api.messages import UNPARSED, parse_messages, tool_input  # noqa: E402
 from mlx_oss.engine import Engine  # noqa: E402
 from mlx_oss.harmony import CALL as CALL_TOKEN  # noqa: E402
 from mlx_oss.harmony import RETURN, render_prompt  # noqa: E402
@@ -162,21 +162,15 @@ def test_a_tool_use_round_trip(scripted):
     assert pairs[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
-def test_arguments_that_are_not_a_json_object_never_break_the_answer(scripted):
-    model, client, _ = scripted
-    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER]}
-    broken = CALL.replace('{"city": "Paris"}', '{"city": Paris')
-    expect(model, body, broken, CALL_TOKEN)
-    reply = client.messages.create(model="scripted", max_tokens=200, **body)
-    use = reply.content[-1]
-    assert use.input == {UNPARSED: '{"city": Paris'}
-    again = body["messages"] + [
-        {"role": "assistant", "content": [use.model_dump()]},
-        {
-            "role": "user",
-            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "bad", "is_error": True}],
-        },
-    ]
+def test_arguments_that_are_not_a_json_object_never_break_the_answer():
+    """The grammar engine keeps a constrained call's arguments a JSON object; should one still come out otherwise,
+    its text goes to the client whole under one key, and back to the model as it wrote it."""
+    assert tool_input('{"city": "Paris"}') == {"city": "Paris"} and tool_input("  ") == {}
+    for text in ('{"city": Paris', '["Paris"]', "Paris"):
+        assert tool_input(text) == {UNPARSED: text}
+    call = {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {UNPARSED: '{"city": Paris'}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": "bad", "is_error": True}
+    again = [*HI, {"role": "assistant", "content": [call]}, {"role": "user", "content": [result]}]
     conversation = parse_messages({"model": "m", "max_tokens": 9, "messages": again}, "m").conversation
     assert conversation.messages[-2].content == '{"city": Paris'  # the model's own text goes back as it wrote it
     assert conversation.messages[-1].content == "Error: bad"
@@ -321,7 +315,8 @@ ASSISTANT_CALL = {"role": "assistant", "content": [{"type": "tool_use", "id": "t
         ({"model": 5}, "model"),
         ({"messages": "hi"}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [*HI, {"role": "system", "content": 5}]}, "messages[1].content"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0]"),
@@ -407,3 +402,19 @@ def test_images_documents_and_thinking_sent_back_are_read():
     assert [m.channel for m in messages] == [None, "analysis", "final", None]
     assert "image" in messages[0].content and messages[0].content.endswith("What is this?")
     assert messages[1].content == "An image I cannot see." and "document" in messages[3].content
+
+
+def test_system_messages_amid_the_conversation_are_said_where_they_are():
+    """Claude Code sends `{"role": "system"}` messages after the first user message (the SDK's MessageParam has
+    them): the first one before any other is an instruction, later ones are read where they come."""
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "system": "Be brief.",
+        "messages": [*HI, {"role": "system", "content": [{"type": "text", "text": "Agents: Explore."}]}],
+    }
+    conversation = parse_messages(body, "m").conversation
+    assert conversation.instructions == "Be brief."
+    assert [m.content for m in conversation.messages] == ["Hi", "Agents: Explore."]
+    first = parse_messages(body | {"system": None, "messages": body["messages"][::-1]}, "m").conversation
+    assert first.instructions == "Agents: Explore." and [m.content for m in first.messages] == ["Hi"]

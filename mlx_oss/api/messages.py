@@ -94,7 +94,7 @@ def parse_messages(body: Any, served: str, max_items: int = MAX_ITEMS, counting:
         warnings.append("top_k is ignored (temperature and top_p are used)")
     f.obj(body, "metadata")
     built = ConversationBuilder()
-    system = _system(body.get("system"))
+    system = _system(body.get("system"), "system")
     if system:
         built.instruction("system", system, "system")
     raw = f.items(body, "messages", max_items)
@@ -109,8 +109,16 @@ def parse_messages(body: Any, served: str, max_items: int = MAX_ITEMS, counting:
             _user(built, content, f"{where}.content")
         elif role == "assistant":
             _assistant(built, content, f"{where}.content")
+        elif role == "system":  # Claude Code sends them amid the conversation: said there, as the user's words
+            text = _system(content, f"{where}.content")
+            if i == 0 and not system:
+                built.instruction("system", text, where)
+            elif text:
+                built.user(text)
         else:
-            raise ApiError(400, f"'{where}.role' must be user or assistant, not {f.shown(role)}", f"{where}.role")
+            raise ApiError(
+                400, f"'{where}.role' must be user, assistant or system, not {f.shown(role)}", f"{where}.role"
+            )
     built.close("messages", max_items)
     tools, grammars = _tools(body, max_items, warnings)
     choice, must_call = _tool_choice(body.get("tool_choice"), tools)
@@ -178,13 +186,15 @@ def effort_of(thinking: dict, effort: Any) -> tuple[str, str]:
     return shown, level
 
 
-def _system(value: Any) -> str:
-    """The system prompt: a string or text blocks (Claude Code sends several, some with cache_control)."""
+def _system(value: Any, where: str) -> str:
+    """A system prompt: a string or text blocks (Claude Code sends several, some with cache_control)."""
     if value is None or isinstance(value, str):
         return value or ""
     if not isinstance(value, list):
-        raise ApiError(400, f"'system' must be a string or a list of text blocks, not {f.json_type(value)}", "system")
-    return "\n\n".join(_text_block(block, f"system[{i}]") for i, block in enumerate(value))
+        raise ApiError(400, f"'{where}' must be a string or a list of text blocks, not {f.json_type(value)}", where)
+    if len(value) > MAX_ITEMS:
+        raise ApiError(400, f"'{where}' holds {len(value)} blocks; at most {MAX_ITEMS} are read", where)
+    return "\n\n".join(_text_block(block, f"{where}[{i}]") for i, block in enumerate(value))
 
 
 def _text_block(block: Any, where: str) -> str:
