@@ -89,6 +89,8 @@ class PromptScriptedModel(ScriptedModel):
             self.prompts.append(encoding().decode(prompt))
             self.expect(prompt, harmony_tokens(self.respond(self.prompts[-1])))
             self._prefilled = len(prompt)
+        else:
+            self._prefilled = -1  # decoding: the next prompt is a new one, even where it starts
         logits = super().forward(token_ids, cache, last_only)
         self._decoding_after = (cache.length, int(np.argmax(logits[-1])))
         return logits

@@ -4,7 +4,8 @@ once the command's output is in the prompt, it answers. Codex runs the command i
 answer on stdout and the requests the server saw prove the whole tool round trip, as Codex sends it (a ~17k
 character prompt, namespace and hosted tools, reasoning sent back with store false).
 
-Codex gets nothing but a provider entry in its config. It runs in its workspace-write sandbox (its bundled
+Codex gets nothing but a provider entry in its config (and, for the freeform apply_patch test, a model catalog
+that says this model takes it, as Codex's own catalog does for OpenAI's models). It runs in its workspace-write sandbox (its bundled
 bubblewrap works in CI's containers); every connection it tries beyond loopback (plugin sync, update checks)
 goes to a closed local port through the proxy variables, so it fails at once instead of waiting on a network.
 """
@@ -35,6 +36,7 @@ MODEL = "gpt-oss-20b"
 COMMAND = "printf 'hello from codex' > made.txt"
 ANSWER = "I wrote made.txt."
 CLOSED_PORT_PROXY = "http://127.0.0.1:9"
+CATALOG = Path(__file__).parent / "data" / f"codex_{CODEX_VERSION}_model_catalog.json"
 
 
 def codex_turn(prompt: str) -> str:
@@ -100,10 +102,11 @@ def codex_binary() -> Path:
     return CODEX
 
 
-@pytest.mark.parametrize(("effort", "harmony_effort"), [(None, "medium"), ("xhigh", "high"), ("none", "low")])
-def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
+def run_codex(tmp_path: Path, turn, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict], PromptScriptedModel]:
+    """`codex exec` asked to write made.txt in `tmp_path/work`, against the server on a model that plays `turn`;
+    (the finished process, the server's requests, the model)."""
     codex = codex_binary()
-    model = PromptScriptedModel(codex_turn)
+    model = PromptScriptedModel(turn)
     seen: list[dict] = []
     home, codex_home, work = tmp_path / "home", tmp_path / "codex-home", tmp_path / "work"
     for folder in (home, codex_home, work):
@@ -122,9 +125,7 @@ def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
             **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
             "NO_PROXY": "127.0.0.1,localhost",
         }
-        command = [str(codex), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write"]
-        if effort:  # efforts of OpenAI's newer models, which Codex users set: they were a 400
-            command += ["-c", f'model_reasoning_effort="{effort}"']
+        command = [str(codex), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", *flags]
         done = subprocess.run(
             [*command, "Write 'hello from codex' into made.txt"],
             cwd=work,
@@ -135,14 +136,21 @@ def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
             timeout=180,
         )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert (work / "made.txt").read_text() == "hello from codex", done.stderr[-4000:]
+    return done, [request["body"] for request in seen if request["path"] == "/v1/responses"], model
+
+
+@pytest.mark.parametrize(("effort", "harmony_effort"), [(None, "medium"), ("xhigh", "high"), ("none", "low")])
+def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
+    # efforts of OpenAI's newer models, which Codex users set: they were a 400
+    flags = ["-c", f'model_reasoning_effort="{effort}"'] if effort else []
+    done, turns, model = run_codex(tmp_path, codex_turn, *flags)
+    assert (tmp_path / "work" / "made.txt").read_text() == "hello from codex", done.stderr[-4000:]
     assert done.stdout.strip().endswith(ANSWER)
-    turns = [request["body"] for request in seen if request["path"] == "/v1/responses"]
     assert len(turns) >= 2
     first, last = turns[0], turns[-1]
     assert first["stream"] is True and first["store"] is False
     assert first["reasoning"].get("effort") == effort and f"Reasoning: {harmony_effort}" in model.prompts[-1]
-    assert {tool["type"] for tool in first["tools"]} >= {"function"}
+    assert {tool["type"] for tool in first["tools"]} >= {"function", "namespace", "web_search"}
     kinds = [item.get("type") for item in last["input"]]
     assert kinds[-3:] == ["reasoning", "function_call", "function_call_output"]
     reasoning = last["input"][-3]
@@ -150,3 +158,28 @@ def test_codex_exec_runs_a_tool_round_trip(tmp_path, effort, harmony_effort):
     assert "I will write the file." in done.stderr + done.stdout
     # the chain of thought before the pending call reached the model again
     assert "<|channel|>analysis<|message|>I will write the file." in model.prompts[-1]
+
+
+PATCH = "*** Begin Patch\n*** Add File: made.txt\n+hello from a patch\n*** End Patch\n"
+
+
+def patch_turn(prompt: str) -> str:
+    """Codex's freeform apply_patch, scripted: the patch as the call's content (no JSON), then an answer."""
+    if "<|start|>functions.apply_patch to=assistant" in prompt:
+        return f"<|channel|>final<|message|>{ANSWER}<|return|>"
+    return f"<|channel|>commentary to=functions.apply_patch<|message|>{PATCH}<|call|>"
+
+
+def test_codex_s_freeform_apply_patch_round_trip(tmp_path):
+    """Codex offers apply_patch as a custom tool with a lark grammar to models whose metadata say so (its own
+    model catalog format, in tests/data): the call goes back as a custom_tool_call, under that grammar."""
+    catalog = CATALOG.read_text()
+    done, turns, model = run_codex(tmp_path, patch_turn, "-c", f"model_catalog_json={json.dumps(str(CATALOG))}")
+    assert json.loads(catalog)["models"][0]["apply_patch_tool_type"] == "freeform"
+    assert (tmp_path / "work" / "made.txt").read_text() == "hello from a patch\n", done.stderr[-4000:]
+    assert done.stdout.strip().endswith(ANSWER)
+    (patch,) = [tool for tool in turns[0]["tools"] if tool["type"] == "custom"]
+    assert patch["name"] == "apply_patch" and patch["format"]["syntax"] == "lark"
+    call, output = turns[-1]["input"][-2:]
+    assert (call["type"], call["input"], output["type"]) == ("custom_tool_call", PATCH, "custom_tool_call_output")
+    assert len(model.prompts) == 2
