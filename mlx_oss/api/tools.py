@@ -309,7 +309,7 @@ def choose(choice: Any, box: Toolbox) -> Choice:
         return Choice(tools, frozenset({tool.recipient}), f"Call the tool {tool.recipient} before you answer.")
     if kind == LOCAL_SHELL and box.find("local_shell"):
         return Choice(tools, frozenset({f"{FUNCTIONS}.local_shell"}), "Call functions.local_shell before you answer.")
-    if isinstance(kind, str) and (kind in HOSTED or kind == "mcp"):
+    if isinstance(kind, str) and kind in HOSTED:
         box.warnings.append(f"tool_choice ({kind[:40]}) left out: a hosted tool this server does not run yet")
         return Choice(tools)
     raise ApiError(
