@@ -5,20 +5,25 @@ answer on stdout and the requests the server saw prove the whole tool round trip
 character prompt, namespace and hosted tools, reasoning sent back with store false).
 
 Codex gets nothing but a provider entry in its config (and, for the freeform apply_patch test, a model catalog
-that says this model takes it, as Codex's own catalog does for OpenAI's models). It runs in its workspace-write sandbox (its bundled
-bubblewrap works in CI's containers); every connection it tries beyond loopback (plugin sync, update checks)
-goes to a closed local port through the proxy variables, so it fails at once instead of waiting on a network.
+that says this model takes it, as Codex's own catalog does for OpenAI's models). It runs in its workspace-write
+sandbox, whose bundled bubblewrap works in this project's containers; where it cannot (no user namespaces), the
+test says so in a warning and runs Codex with `--dangerously-bypass-approvals-and-sandbox`. Every connection
+Codex tries beyond loopback (plugin sync, update checks) goes to a closed local port through the proxy variables,
+so it fails at once instead of waiting on a network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +107,20 @@ def codex_binary() -> Path:
     return CODEX
 
 
+@functools.cache
+def sandbox_flags(codex: Path) -> tuple[str, ...]:
+    """Codex's workspace-write sandbox where its bubblewrap runs here (a probe writes a file through it), else
+    no sandbox, with a warning: the test is about the server, not about the container."""
+    with tempfile.TemporaryDirectory() as folder:
+        env = {"PATH": os.environ["PATH"], "HOME": folder, "CODEX_HOME": folder}
+        probe = [str(codex), "sandbox", "-c", 'sandbox_mode="workspace-write"', "--", "sh", "-c", "echo ok > probe"]
+        subprocess.run(probe, cwd=folder, env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        if Path(folder, "probe").exists():
+            return ("--sandbox", "workspace-write")
+    warnings.warn("Codex's bubblewrap sandbox cannot run here: Codex runs without its sandbox", stacklevel=1)
+    return ("--dangerously-bypass-approvals-and-sandbox",)
+
+
 def run_codex(tmp_path: Path, turn, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict], PromptScriptedModel]:
     """`codex exec` asked to write made.txt in `tmp_path/work`, against the server on a model that plays `turn`;
     (the finished process, the server's requests, the model)."""
@@ -125,7 +144,7 @@ def run_codex(tmp_path: Path, turn, *flags: str) -> tuple[subprocess.CompletedPr
             **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
             "NO_PROXY": "127.0.0.1,localhost",
         }
-        command = [str(codex), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", *flags]
+        command = [str(codex), "exec", "--skip-git-repo-check", *sandbox_flags(codex), *flags]
         done = subprocess.run(
             [*command, "Write 'hello from codex' into made.txt"],
             cwd=work,
