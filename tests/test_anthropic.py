@@ -4,6 +4,7 @@ under uvicorn on a model that plays a script of harmony tokens (random weights n
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -418,3 +419,16 @@ def test_system_messages_amid_the_conversation_are_said_where_they_are():
     assert [m.content for m in conversation.messages] == ["Hi", "Agents: Explore."]
     first = parse_messages(body | {"system": None, "messages": body["messages"][::-1]}, "m").conversation
     assert first.instructions == "Agents: Explore." and [m.content for m in first.messages] == ["Hi"]
+
+
+def test_a_full_queue_is_anthropics_overloaded_error():
+    """Busy is Anthropic's 529 (overloaded_error), which its clients and Claude Code retry, not OpenAI's 429."""
+    model = ScriptedModel(step_delay=0.05)
+    model.expect([0] * 10_000, [])  # plays nothing: each answer runs until max_tokens
+    body = {"model": "m", "max_tokens": 30, "messages": HI}
+    with serving(Server(Engine(model), "scripted", max_waiting=0)) as url, ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/messages", json=body, timeout=60), range(3)))
+    codes = sorted(r.status_code for r in replies)
+    assert 200 in codes and 529 in codes, codes
+    busy = next(r for r in replies if r.status_code == 529).json()
+    assert busy["type"] == "error" and busy["error"]["type"] == "overloaded_error"

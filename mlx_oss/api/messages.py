@@ -450,9 +450,10 @@ def error_body(error: ApiError) -> dict:
 
 
 def error_type(error: ApiError) -> str:
-    if error.status in ERROR_TYPES:
-        return ERROR_TYPES[error.status]
-    return "invalid_request_error" if error.status < 500 else "api_error"
+    status = anthropic_status(error)
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "invalid_request_error" if status < 500 else "api_error"
 
 
 def anthropic_status(error: ApiError) -> int:
