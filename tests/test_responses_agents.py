@@ -212,7 +212,7 @@ def test_custom_tools_are_freeform_functions_with_their_grammar():
     assert parsed.constraints.must_call == frozenset({"functions.apply_patch"})
     prompt = encoding().decode(render_prompt(parsed.conversation))
     assert "type apply_patch = () => any;" in prompt and "freeform text, not JSON" in prompt
-    assert "Call the tool functions.apply_patch before you answer." in prompt
+    assert "Call the function apply_patch before you answer." in prompt
     assert parsed.echo["tools"][0]["format"] == PATCH["format"]
 
 

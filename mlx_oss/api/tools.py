@@ -66,6 +66,7 @@ LOCAL_SHELL_ACTION = {
     "required": ["command"],
     "additionalProperties": False,
 }
+REQUIRED = "Call one of the functions before you answer."  # what tool_choice "required" asks, in the instructions
 LOCAL_SHELL_DESCRIPTION = "Runs a shell command on the user's computer and returns its output."
 
 
@@ -289,7 +290,7 @@ def choose(choice: Any, box: Toolbox) -> Choice:
     if choice == "required":
         if not tools:
             raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice")
-        return Choice(tools, frozenset(t.recipient for t in tools), "Call one of the tools before you answer.")
+        return Choice(tools, frozenset(t.recipient for t in tools), REQUIRED)
     if not isinstance(choice, dict):
         raise ApiError(
             400, f"'tool_choice' must be none, auto, required or a tool, not {f.json_type(choice)}", "tool_choice"
@@ -306,15 +307,24 @@ def choose(choice: Any, box: Toolbox) -> Choice:
         tool = box.find(name, namespace if isinstance(namespace, str) else None)
         if tool is None:
             raise ApiError(400, f"tool_choice names {f.shown(name)}, which is not among the tools", "tool_choice")
-        return Choice(tools, frozenset({tool.recipient}), f"Call the tool {tool.recipient} before you answer.")
+        return Choice(tools, frozenset({tool.recipient}), _call_asked(tool))
     if kind == LOCAL_SHELL and box.find("local_shell"):
-        return Choice(tools, frozenset({f"{FUNCTIONS}.local_shell"}), "Call functions.local_shell before you answer.")
+        return Choice(
+            tools, frozenset({f"{FUNCTIONS}.local_shell"}), "Call the function local_shell before you answer."
+        )
     if isinstance(kind, str) and kind in HOSTED:
         box.warnings.append(f"tool_choice ({kind[:40]}) left out: a hosted tool this server does not run yet")
         return Choice(tools)
     raise ApiError(
         400, f"'tool_choice' names a tool of type {f.shown(kind)}, which is not among the tools", "tool_choice"
     )
+
+
+def _call_asked(tool: Tool) -> str:
+    """The instruction that asks for a call of `tool`: by its name for a function (as before namespaces), by its
+    recipient for a tool in a namespace."""
+    name = tool.name if tool.namespace == FUNCTIONS else tool.recipient
+    return f"Call the function {name} before you answer."
 
 
 def _allowed(choice: dict, box: Toolbox) -> Choice:
@@ -338,7 +348,7 @@ def _allowed(choice: dict, box: Toolbox) -> Choice:
         return Choice(kept)
     if not kept:
         raise ApiError(400, "tool_choice 'allowed_tools' in mode required needs tools", "tool_choice")
-    return Choice(kept, frozenset(t.recipient for t in kept), "Call one of the tools before you answer.")
+    return Choice(kept, frozenset(t.recipient for t in kept), REQUIRED)
 
 
 def constraints(offered: list[Tool], must_call: frozenset[str]) -> TurnConstraints:
