@@ -96,6 +96,34 @@ def test_an_agents_sdk_agent_runs_a_tool_round_trip(api):
     assert WEATHER_RESULT in model.prompts[-1] and '{"celsius": 21}' in model.prompts[-1]
 
 
+def test_an_agents_sdk_local_shell_runs_through_local_shell_calls():
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    ran = []
+
+    def shell(request) -> str:
+        ran.append(request.data.action.command)
+        return "a.txt"
+
+    def turn(prompt: str) -> str:
+        if "<|start|>functions.local_shell to=assistant" in prompt:
+            return "<|channel|>final<|message|>There is a.txt.<|return|>"
+        return '<|channel|>commentary to=functions.local_shell <|constrain|>json<|message|>{"command": ["ls"]}<|call|>'
+
+    model = PromptScriptedModel(turn)
+    with serving(model) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        tools = [agents.LocalShellTool(executor=shell)]
+        agent = agents.Agent(name="shell", tools=tools, model=agents.OpenAIResponsesModel("gpt-oss-20b", client))
+        result = agents.Runner.run_sync(agent, "List the files")
+    assert ran == [["ls"]] and result.final_output == "There is a.txt."
+    # the call sent back (with the action's empty fields as null) reads as the model wrote it
+    assert (
+        'to=functions.local_shell<|channel|>commentary <|constrain|>json<|message|>{"command": ["ls"]}<|call|>'
+        in (model.prompts[-1])
+    )
+
+
 # -- what Codex sends, through the official client ---------------------------------------------------------------
 
 

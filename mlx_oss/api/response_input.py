@@ -105,7 +105,7 @@ def read_input(items: list, built: ConversationBuilder, warnings: list[str]) -> 
         elif kind == "local_shell_call":
             call_id = f.identifier(item.get("call_id", item.get("id")), f"{where}.call_id")
             action = f.obj(item, "action", f"{where}.action")
-            shown = {k: v for k, v in action.items() if k != "type"}
+            shown = {k: v for k, v in action.items() if k != "type" and v is not None}  # as the model wrote it
             built.tool_call(call_id, "local_shell", json.dumps(shown, ensure_ascii=False))
         elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
             id_field = "id" if kind == "local_shell_call_output" and "call_id" not in item else "call_id"
