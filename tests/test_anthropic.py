@@ -4,6 +4,7 @@ under uvicorn on a model that plays a script of harmony tokens (random weights n
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -432,3 +433,13 @@ def test_a_full_queue_is_anthropics_overloaded_error():
     assert 200 in codes and 529 in codes, codes
     busy = next(r for r in replies if r.status_code == 529).json()
     assert busy["type"] == "error" and busy["error"]["type"] == "overloaded_error"
+
+
+def test_a_conversation_too_long_is_said_as_anthropic_says_it(scripted):
+    """Claude Code reads "prompt is too long: N tokens > M maximum" to compact the conversation and go on."""
+    _, client, _ = scripted
+    long = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="scripted", max_tokens=5, messages=long)
+    message = refused.value.body["error"]["message"]
+    assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum \(This model's context holds 4096", message)

@@ -22,6 +22,7 @@ Decisions, each for a client that must keep working rather than for a perfect mi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -446,7 +447,16 @@ def event(kind: str, **fields) -> str:
 
 
 def error_body(error: ApiError) -> dict:
-    return {"type": "error", "error": {"type": error_type(error), "message": error.message}}
+    return {"type": "error", "error": {"type": error_type(error), "message": _message(error)}}
+
+
+def _message(error: ApiError) -> str:
+    """The error's message; a conversation too long for the context leads with Anthropic's own words ("prompt is
+    too long: N tokens > M maximum"), which Claude Code reads to compact the conversation and try again."""
+    lengths = re.search(r"holds (\d+) tokens, but the conversation is \D*(\d+) tokens", error.message)
+    if error.code != "context_length_exceeded" or lengths is None:
+        return error.message
+    return f"prompt is too long: {lengths[2]} tokens > {lengths[1]} maximum ({error.message})"
 
 
 def error_type(error: ApiError) -> str:
