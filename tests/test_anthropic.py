@@ -443,3 +443,14 @@ def test_a_conversation_too_long_is_said_as_anthropic_says_it(scripted):
         client.messages.create(model="scripted", max_tokens=5, messages=long)
     message = refused.value.body["error"]["message"]
     assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum \(This model's context holds 4096", message)
+
+
+def test_the_model_list_reads_as_anthropics(scripted):
+    _, client, url = scripted
+    (card,) = client.models.list().data
+    assert (card.id, card.type, card.display_name) == ("scripted", "model", "scripted")
+    assert client.models.retrieve("scripted").id == "scripted"
+    assert httpx.get(f"{url}/v1/models").json() == {  # without anthropic-version: OpenAI's list, as before
+        "object": "list",
+        "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "mlx-oss"}],
+    }
