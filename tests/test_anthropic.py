@@ -261,11 +261,15 @@ def test_an_error_after_the_stream_began_is_an_error_event():
     assert pairs[-1][1]["error"]["type"] == "api_error" and "fell over" in pairs[-1][1]["error"]["message"]
 
 
-def test_hosted_tools_are_left_out_with_a_warning(scripted):
+def test_hosted_tools_are_left_out_with_a_warning_and_the_clients_own_declared(scripted):
     model, client, _ = scripted
-    tools = [WEATHER, {"type": "web_search_20250305", "name": "web_search"}]
+    tools = [WEATHER, {"type": "web_search_20250305", "name": "web_search"}, {"type": "bash_20250124", "name": "bash"}]
+    tools += [{"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}]
     parsed = parse_messages({"model": "m", "max_tokens": 5, "messages": HI, "tools": tools}, "m")
-    assert [t.name for t in parsed.conversation.tools] == ["get_weather"]
+    assert [t.name for t in parsed.conversation.tools] == ["get_weather", "bash", "str_replace_based_edit_tool"]
+    assert parsed.conversation.tools[1].parameters["properties"]["command"]["type"] == "string"
+    assert parsed.constraints.calls["functions.bash"].param == "tools[2].input_schema"
+    assert len(parsed.warnings) == 1
     assert "web_search" in parsed.warnings[0] and "left out" in parsed.warnings[0]
     assert parsed.constraints.calls["functions.get_weather"].param == "tools[0].input_schema"
     expect(model, {"messages": HI, "tools": tools}, ANSWER, RETURN)

@@ -12,9 +12,9 @@ Decisions, each for a client that must keep working rather than for a perfect mi
   so clients that read `content[0].text` find the text. Signatures are not checked: a thinking block sent back
   is the model's own reasoning, whatever its signature.
 - Images and documents are replaced by a short note in the text: a 400 would stop an agent whose tool returned
-  a screenshot, and the model reads text only. Tools Anthropic defines (`web_search_...`, `bash_...`,
-  `text_editor_...`) are left out with a warning: their schemas live in Anthropic's models, and the hosted ones
-  run on Anthropic's servers.
+  a screenshot, and the model reads text only. Of the tools Anthropic defines, the two the client runs itself
+  (`bash_...`, `text_editor_...`) are declared with the inputs Anthropic documents (their schemas live in
+  Claude); the rest (`web_search_...`, code execution, computer use, memory) are left out with a warning.
 - `top_k` is accepted and ignored (said in the warning header); `disable_parallel_tool_use` holds anyway, since
   a harmony turn ends at its first call.
 """
@@ -59,6 +59,41 @@ OVERLOADED = 529  # Anthropic's status for a server too busy for anyone (our ful
 SIGNATURE = "mlx-oss"  # every thinking block's signature: clients need one, and this server checks none
 UNPARSED = "mlx_oss_unparsed_input"  # a tool_use input that was not a JSON object: the model's text, kept whole
 THINKING_SHOWN, THINKING_OMITTED, THINKING_HIDDEN = "shown", "omitted", "hidden"
+# Tools Anthropic defines that the client runs: their schemas live in Claude, so they are declared here as
+# Anthropic documents them (bash_20250124; text_editor_20250124 and later), and a call goes back as its tool_use.
+CLIENT_TOOLS = {
+    "bash_": (
+        "Run a command in a persistent bash shell; its output is the result.",
+        {
+            "type": "object",
+            "properties": {
+                "command": {"type": "string", "description": "The bash command to run."},
+                "restart": {"type": "boolean", "description": "Restart the shell instead of running a command."},
+            },
+        },
+    ),
+    "text_editor_": (
+        "View, create and edit text files: view a file (with line numbers) or a directory, create a file, "
+        "replace a unique string, insert text after a line.",
+        {
+            "type": "object",
+            "properties": {
+                "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "undo_edit"]},
+                "path": {"type": "string", "description": "The file or directory."},
+                "view_range": {
+                    "type": "array",
+                    "items": {"type": "integer"},
+                    "description": "view: first and last line, 1-based; -1 is the end of the file.",
+                },
+                "file_text": {"type": "string", "description": "create: the new file's content."},
+                "old_str": {"type": "string", "description": "str_replace: the text to replace, exactly once."},
+                "new_str": {"type": "string", "description": "str_replace: the new text; insert: the text."},
+                "insert_line": {"type": "integer", "description": "insert: the line after which (0: the start)."},
+            },
+            "required": ["command", "path"],
+        },
+    ),
+}
 NOTE_FOR = {
     "image": "[an image was attached here; this model reads text only]",
     "document": "[a document was attached here; this model reads text only]",
@@ -301,8 +336,9 @@ def _arguments(value: Any, where: str) -> str:
 
 
 def _tools(body: dict, limit: int, warnings: list[str]) -> tuple[list[Tool], dict[str, Grammar]]:
-    """The custom tools and the grammar of each one's input (by recipient); tools Anthropic defines are left out
-    with a warning."""
+    """The custom tools and the grammar of each one's input (by recipient); of the tools Anthropic defines, the
+    client's bash and text editor are declared with their documented inputs, the others left out with a warning
+    (hosted ones run on Anthropic's servers; computer use and memory need what this model lacks)."""
     tools, grammars = [], {}
     for i, spec in enumerate(f.items(body, "tools", limit)):
         where = f"tools[{i}]"
@@ -310,9 +346,12 @@ def _tools(body: dict, limit: int, warnings: list[str]) -> tuple[list[Tool], dic
             raise ApiError(400, f"'{where}' must be a tool object", where)
         kind = spec.get("type")
         if kind not in (None, "custom"):
-            name = spec.get("name") if isinstance(spec.get("name"), str) else "?"
-            warnings.append(f"{where} ({name[:60]}, {f.shown(kind)[:60]}) is a tool Anthropic defines; left out")
-            continue
+            known = next((v for k, v in CLIENT_TOOLS.items() if isinstance(kind, str) and kind.startswith(k)), None)
+            if known is None:
+                name = spec.get("name") if isinstance(spec.get("name"), str) else "?"
+                warnings.append(f"{where} ({name[:60]}, {f.shown(kind)[:60]}) is a tool Anthropic defines; left out")
+                continue
+            spec = {"name": spec.get("name"), "description": known[0], "input_schema": known[1]}
         schema = spec.get("input_schema")
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ApiError(400, f"'{where}.input_schema' must be a JSON schema of type object", f"{where}.input_schema")
