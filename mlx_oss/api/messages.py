@@ -15,6 +15,8 @@ Decisions, each for a client that must keep working rather than for a perfect mi
   a screenshot, and the model reads text only. Of the tools Anthropic defines, the two the client runs itself
   (`bash_...`, `text_editor_...`) are declared with the inputs Anthropic documents (their schemas live in
   Claude); the rest (`web_search_...`, code execution, computer use, memory) are left out with a warning.
+- Blocks of kinds this server cannot use (a hosted tool's `server_tool_use` and results in a conversation begun
+  with Claude, kinds newer than this module) are left out with a warning rather than refused.
 - `top_k` is accepted and ignored (said in the warning header); `disable_parallel_tool_use` holds anyway, since
   a harmony turn ends at its first call.
 """
@@ -142,9 +144,9 @@ def parse_messages(body: Any, served: str, max_items: int = MAX_ITEMS, counting:
             raise ApiError(400, f"'{where}' must be an object", where)
         role, content = message.get("role"), message.get("content")
         if role == "user":
-            _user(built, content, f"{where}.content")
+            _user(built, content, f"{where}.content", warnings)
         elif role == "assistant":
-            _assistant(built, content, f"{where}.content")
+            _assistant(built, content, f"{where}.content", warnings)
         elif role == "system":  # Claude Code sends them amid the conversation: said there, as the user's words
             text = _system(content, f"{where}.content")
             if i == 0 and not system:
@@ -255,7 +257,7 @@ def _blocks(content: Any, where: str) -> list[dict]:
     return content
 
 
-def _user(built: ConversationBuilder, content: Any, where: str) -> None:
+def _user(built: ConversationBuilder, content: Any, where: str, warnings: list[str]) -> None:
     """A user turn: its text (images and documents as a note) and tool results, in their order."""
     texts: list[str] = []
 
@@ -284,7 +286,7 @@ def _user(built: ConversationBuilder, content: Any, where: str) -> None:
         elif kind in ("thinking", "redacted_thinking", "tool_use"):
             raise ApiError(400, f"'{here}': a {kind} block belongs in an assistant message", here)
         else:
-            raise ApiError(400, f"'{here}.type' {f.shown(kind)} is not supported in a user message", here)
+            _left_out(kind, here, warnings)
     flush()
 
 
@@ -304,7 +306,7 @@ def _result_text(content: Any, where: str) -> str:
     return "\n\n".join(parts)
 
 
-def _assistant(built: ConversationBuilder, content: Any, where: str) -> None:
+def _assistant(built: ConversationBuilder, content: Any, where: str, warnings: list[str]) -> None:
     """An assistant turn: its reasoning (thinking blocks), text and tool calls, in their order."""
     for j, block in enumerate(_blocks(content, where)):
         kind, here = block["type"], f"{where}[{j}]"
@@ -323,7 +325,13 @@ def _assistant(built: ConversationBuilder, content: Any, where: str) -> None:
             call_id = f.identifier(block.get("id"), f"{here}.id")
             built.tool_call(call_id, name, _arguments(block.get("input"), f"{here}.input"))
         else:
-            raise ApiError(400, f"'{here}.type' {f.shown(kind)} is not supported in an assistant message", here)
+            _left_out(kind, here, warnings)
+
+
+def _left_out(kind: str, where: str, warnings: list[str]) -> None:
+    """A block this server cannot use (a hosted tool's use and result from a conversation begun with Claude, a
+    kind newer than this module): left out and said, never a 400 that stops an agent mid-conversation."""
+    warnings.append(f"{where} (a {kind[:60]!r} block) was left out")
 
 
 def _arguments(value: Any, where: str) -> str:
