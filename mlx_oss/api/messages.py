@@ -105,8 +105,6 @@ NOTE_FOR = {
 @dataclass
 class MessagesRequest(ParsedRequest):
     thinking: str = THINKING_HIDDEN  # thinking blocks: shown, omitted (empty, with a signature) or hidden
-    max_tokens: int | None = None
-    served_as: str = ""  # the model name the client asked for
 
 
 # -- the request -----------------------------------------------------------------------------------------------
@@ -169,17 +167,14 @@ def parse_messages(body: Any, served: str, max_items: int = MAX_ITEMS, counting:
         must_call=must_call,
     )
     shown, effort = effort_of(f.obj(body, "thinking"), output_config.get("effort"))
-    parsed_sampling = sampling(body, ("max_tokens",))
     return MessagesRequest(
         built.conversation(effort),
-        parsed_sampling,
+        sampling(body, ("max_tokens",)),
         stream=f.boolean(body, "stream"),
         stop=_stop_sequences(body),
         constraints=constraints,
         warnings=warnings,
         thinking=shown,
-        max_tokens=parsed_sampling.max_tokens,
-        served_as=model,
     )
 
 
