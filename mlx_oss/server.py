@@ -111,10 +111,12 @@ class Server:
         parsed, job = await self._start(request, parse_chat)
         completion_id, created = new_id("chatcmpl-"), now()
         if parsed.stream:
-            chunks = ChatChunks(completion_id, created, self.model_id, parsed.include_usage)
+            scored = parsed.sampling.logprobs is not None
+            chunks = ChatChunks(completion_id, created, self.model_id, parsed.include_usage, scored)
             return self._streaming(job, parsed, chunks, "POST /v1/chat/completions (streaming)")
         turn = await self._collect(job, request, StopFilter(parsed.stop))
-        return JSONResponse(completion(completion_id, created, self.model_id, turn), headers=warning_headers(parsed))
+        answer = completion(completion_id, created, self.model_id, turn, parsed.sampling.logprobs is not None)
+        return JSONResponse(answer, headers=warning_headers(parsed))
 
     async def responses(self, request: HttpRequest) -> Response:
         parsed, job = await self._start(request, parse_responses)

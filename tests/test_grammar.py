@@ -356,3 +356,25 @@ def test_the_openai_client_gets_json_that_matches_its_schema_whole_and_streamed(
         client.chat.completions.create(model="scripted", messages=messages, response_format=bad)
     error = raised.value.body
     assert error["param"] == "response_format.json_schema.schema" and "#/properties/a" in error["message"]
+
+
+def test_responses_text_format_and_strict_chat_tools_hold_through_the_server(junk_server):
+    openai = pytest.importorskip("openai")
+    model, url = junk_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    fmt = {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}
+    body = {"model": "scripted", "input": "Weather in Paris?", "text": {"format": fmt}}
+    from mlx_oss.api.responses import parse_responses
+
+    model.expect(render_prompt(parse_responses(body, "scripted").conversation), harmony_tokens(JUNK_ANSWER))
+    reply = client.responses.create(model="scripted", input="Weather in Paris?", text={"format": fmt}, temperature=0)
+    assert parses_as_weather(reply.output_text), reply.output_text
+    assert reply.text.format.type == "json_schema" and reply.text.format.name == "weather"
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER, "strict": True}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    chat = {"model": "scripted", "messages": messages, "tools": [tool]}
+    model.expect(render_prompt(parse_chat(chat, "scripted").conversation), harmony_tokens(JUNK_CALL))
+    call = client.chat.completions.create(model="scripted", messages=messages, tools=[tool], temperature=0)
+    (made,) = call.choices[0].message.tool_calls
+    assert made.function.name == "get_weather" and parses_as_weather(made.function.arguments)

@@ -75,3 +75,45 @@ def test_wire_entries_and_request_fields():
         with pytest.raises(ApiError) as caught:
             logprobs.chat_request(body)
         assert caught.value.param == param
+
+
+def test_the_openai_client_reads_scores_in_chat_and_responses():
+    """Chat's `logprobs`/`top_logprobs` and the Responses API's `include` give the answer tokens' entries, whole
+    and streamed, and none when not asked for."""
+    openai = pytest.importorskip("openai")
+    from test_server import serving
+
+    from mlx_oss.api.chat_completions import parse_chat
+    from mlx_oss.server import Server
+
+    model = ScriptedModel()
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = render_prompt(parse_chat({"model": "scripted", "messages": messages}, "scripted").conversation)
+    answer = harmony_tokens("Hello there, friend")
+    script = [*harmony_tokens("<|channel|>final<|message|>"), *answer, 200002]
+    with serving(Server(Engine(model), "scripted", max_waiting=1)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def ask(**options):
+            model.expect(prompt, script)
+            return client.chat.completions.create(model="scripted", messages=messages, temperature=0, **options)
+
+        scored = ask(logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        assert [e.token for e in scored] == [encoding().decode([t]) for t in answer]
+        assert all(e.logprob == pytest.approx(0, abs=1e-6) and len(e.top_logprobs) == 2 for e in scored)
+        assert scored[0].top_logprobs[0].token == scored[0].token and scored[0].top_logprobs[1].logprob < -20
+        assert ask().choices[0].logprobs is None
+        chunks = [c for c in ask(logprobs=True, stream=True) if c.choices]
+        streamed = [e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert streamed == [e.token for e in scored]
+
+        def respond(**options):
+            model.expect(prompt, script)
+            return client.responses.create(model="scripted", input="Hi", temperature=0, **options)
+
+        text = respond(include=["message.output_text.logprobs"], top_logprobs=1).output[0].content[0]
+        assert [e.token for e in text.logprobs] == [e.token for e in scored] and len(text.logprobs[0].top_logprobs) == 1
+        assert not respond().output[0].content[0].logprobs
+        events = list(respond(include=["message.output_text.logprobs"], stream=True))
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        assert [e.token for d in deltas for e in d.logprobs] == [e.token for e in scored]

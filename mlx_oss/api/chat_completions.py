@@ -5,16 +5,16 @@ into the answer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
-from ..grammar import TurnConstraints
 from . import fields as f
+from . import logprobs as scores
 from .conversation import (
-    FUNCTIONS,
     ConversationBuilder,
     ParsedRequest,
     arguments,
@@ -92,18 +92,17 @@ def parse_chat(body: Any, served: str, max_items: int = MAX_ITEMS) -> ChatReques
     built.close("messages", max_items)
     if (told := format_instructions(body.get("response_format"))) is not None:
         built.instructions.append(told)
-    offered = built.offer(function_tools(body, max_items, nested=True), body.get("tool_choice"))
-    # With the answer constrained, a turn may call only the recipients listed, so the offered tools are (their
-    # arguments free until their own grammars are built).
-    calls = {FUNCTIONS + t.name: None for t in offered} if answer else {}
+    built.offer(function_tools(body, max_items, nested=True), body.get("tool_choice"))
     options = f.obj(body, "stream_options")
     return ChatRequest(
         built.conversation(effort(body.get("reasoning_effort"), "reasoning_effort")),
-        sampling(body, ("max_completion_tokens", "max_tokens")),
+        dataclasses.replace(
+            sampling(body, ("max_completion_tokens", "max_tokens")), logprobs=scores.chat_request(body)
+        ),
         stream=f.boolean(body, "stream"),
         stop=f.stops(body),
         include_usage=f.boolean(options, "include_usage", "stream_options.include_usage"),
-        constraints=TurnConstraints(answer=answer, calls=calls),
+        constraints=dataclasses.replace(built.constraints, answer=answer),
     )
 
 
@@ -124,8 +123,13 @@ def tool_call_json(index: int, call: ToolCall) -> dict:
     return {"index": index, "id": new_id("call_"), "type": "function", "function": function}
 
 
-def completion(completion_id: str, created: int, model: str, turn: Turn) -> dict:
-    """The whole turn as one chat completion."""
+def chat_logprobs(scored) -> dict:
+    """A choice's `logprobs`: the answer's tokens (reasoning and tool calls are not scored, as OpenAI's)."""
+    return {"content": scores.content(scored), "refusal": None}
+
+
+def completion(completion_id: str, created: int, model: str, turn: Turn, logprobs: bool = False) -> dict:
+    """The whole turn as one chat completion (`logprobs`: with the answer tokens' scores)."""
     message: dict = {"role": "assistant", "content": turn.answer or (None if turn.calls else "")}
     if turn.reasoning:
         message["reasoning_content"] = turn.reasoning
@@ -139,7 +143,14 @@ def completion(completion_id: str, created: int, model: str, turn: Turn) -> dict
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": FINISH[turn.stop_reason], "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": FINISH[turn.stop_reason],
+                "logprobs": chat_logprobs(turn.logprobs) if logprobs else None,
+            }
+        ],
         "usage": usage,
     }
 
@@ -148,16 +159,24 @@ class ChatChunks:
     """A streamed chat completion: a chunk per piece of the turn, one that gives the finish reason, usage if
     asked, then `[DONE]`."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool, logprobs: bool = False):
         self.completion_id, self.created, self.model, self.include_usage = completion_id, created, model, include_usage
+        self.logprobs = logprobs
 
-    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, scored=None) -> str:
         body = {
             "id": self.completion_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "finish_reason": finish,
+                    "logprobs": chat_logprobs(scored) if scored is not None else None,
+                }
+            ],
         }
         if usage is not None:
             body["choices"], body["usage"] = [], usage
@@ -170,7 +189,7 @@ class ChatChunks:
         if isinstance(piece, ReasoningDelta):
             return [self.chunk({"reasoning_content": piece.text})]
         if isinstance(piece, AnswerDelta):
-            return [self.chunk({"content": piece.text})]
+            return [self.chunk({"content": piece.text}, scored=piece.logprobs if self.logprobs else None)]
         return [self.chunk({"tool_calls": [tool_call_json(len(turn.calls) - 1, piece)]})]
 
     def end(self, turn: Turn) -> Iterator[str]:

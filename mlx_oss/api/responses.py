@@ -21,6 +21,7 @@ tool), `custom_tool_call` with `input`, `local_shell_call` with `action`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,15 +30,17 @@ from typing import Any
 from ..engine import AnswerDelta, ReasoningDelta, SamplingParams, ToolCall
 from ..generation_queue import Turn
 from . import fields as f
+from . import logprobs as scores
 from .conversation import ConversationBuilder, ParsedRequest, check_model, effort, sampling
 from .fields import MAX_ITEMS, ApiError
-from .logprobs import top_count
+from .formats import format_instructions, text_format
 from .response_input import encrypt_reasoning, read_input
 from .tools import CUSTOM, LOCAL_SHELL, Offered, responses_tools
 from .wire import new_id, now, sse
 
 SUMMARIES = ("auto", "concise", "detailed")
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+TEXT_LOGPROBS = "message.output_text.logprobs"
 TRUNCATIONS = ("auto", "disabled")
 MAX_METADATA = 16  # key-value pairs, as OpenAI allows
 MAX_INCLUDES = 64  # OpenAI knows about ten
@@ -51,6 +54,7 @@ class Shapes:
     tools: dict[str, Offered] = field(default_factory=dict)
     summary: bool = False
     encrypted: bool = False
+    logprobs: bool = False  # the answer's text parts carry their tokens' log-probabilities
 
 
 class Echo(dict):
@@ -86,13 +90,13 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
         raise ApiError(400, "'input' must be a string or a non-empty list of items", "input")
     instructions = f.string(body, "instructions")
     text = f.obj(body, "text")
-    text_format = f.obj(text, "format", "text.format")
-    if text_format.get("type", "text") != "text":
-        raise ApiError(400, "text.format other than text is not supported; ask for the format in the input", "text")
+    answer = text_format(text["format"]) if text.get("format") is not None else None
     warnings: list[str] = []
     built = ConversationBuilder(instructions)
     read_input(items, built, warnings)
     built.close("input", max_items)
+    if (told := format_instructions(text.get("format"))) is not None:
+        built.instructions.append(told)
     box = responses_tools(body, max_items)
     offered = built.offer(box, body.get("tool_choice"))
     warnings += box.warnings
@@ -103,15 +107,23 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
             400, f"'reasoning.summary' must be auto, concise or detailed, not {f.shown(summary)}", "reasoning.summary"
         )
     include = f.strings(body, "include", MAX_INCLUDES)
-    parsed_sampling = sampling(body, ("max_output_tokens",))
+    top = body.get("top_logprobs")
+    top = scores.top_count(top, "top_logprobs") if top is not None else None
+    scored = TEXT_LOGPROBS in include or top is not None
+    parsed_sampling = dataclasses.replace(
+        sampling(body, ("max_output_tokens",)), logprobs=(top or 0) if scored else None
+    )
     shapes = Shapes(
-        {t.recipient: t for t in offered if isinstance(t, Offered)}, summary is not None, ENCRYPTED_REASONING in include
+        {t.recipient: t for t in offered if isinstance(t, Offered)},
+        summary is not None,
+        ENCRYPTED_REASONING in include,
+        scored,
     )
     return ResponsesRequest(
         built.conversation(effort(reasoning.get("effort"), "reasoning.effort")),
         parsed_sampling,
         stream=f.boolean(body, "stream"),
-        constraints=built.constraints,
+        constraints=dataclasses.replace(built.constraints, answer=answer),
         warnings=warnings,
         echo=Echo(_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling), shapes),
     )
@@ -133,9 +145,6 @@ def _echoed(
     truncation = body.get("truncation") or "disabled"
     if truncation not in TRUNCATIONS:
         raise ApiError(400, f"'truncation' must be auto or disabled, not {f.shown(truncation)}", "truncation")
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None:
-        top_count(top_logprobs, "top_logprobs")
     text = f.obj(body, "text")
     verbosity = f.string(text, "verbosity", "text.verbosity")
     parallel = body.get("parallel_tool_calls")
@@ -150,7 +159,7 @@ def _echoed(
         "parallel_tool_calls": True if parallel is None else f.boolean(body, "parallel_tool_calls"),
         "store": True if store is None else f.boolean(body, "store"),
         "metadata": metadata,
-        "text": {"format": {"type": "text"}, **({"verbosity": verbosity} if verbosity else {})},
+        "text": {"format": _format_echo(text.get("format")), **({"verbosity": verbosity} if verbosity else {})},
         "truncation": truncation,
         "reasoning": {"effort": reasoning.get("effort"), "summary": summary},
         "include": include,
@@ -158,10 +167,18 @@ def _echoed(
         "user": f.string(body, "user"),
         "safety_identifier": f.string(body, "safety_identifier"),
         "service_tier": f.string(body, "service_tier") or "default",
-        "top_logprobs": top_logprobs,
+        "top_logprobs": parsed.logprobs,
         "max_tool_calls": f.positive_int(body, "max_tool_calls"),
         "background": False,
     }
+
+
+def _format_echo(value: Any) -> dict:
+    """The text.format as a response shows it (already checked by `formats.text_format`), rebuilt from its
+    known fields."""
+    if not isinstance(value, dict):
+        return {"type": "text"}
+    return {k: value[k] for k in ("type", "name", "schema", "strict", "description") if k in value}
 
 
 def _choice_echo(choice: Any) -> str | dict:
@@ -224,7 +241,8 @@ def output_items(turn: Turn, shapes: Shapes | None = None) -> list[dict]:
     if turn.reasoning:
         items.append(reasoning_item(new_id("rs_"), turn.reasoning, shapes))
     if turn.answer or not (turn.calls or turn.reasoning):
-        items.append(message_item(new_id("msg_"), turn.answer, "completed"))
+        scored = scores.content(turn.logprobs) if shapes.logprobs else None
+        items.append(message_item(new_id("msg_"), turn.answer, "completed", scored))
     items += [call_item(call, shapes) for call in turn.calls]
     return items
 
@@ -242,8 +260,12 @@ def reasoning_item(item_id: str, text: str, shapes: Shapes | None = None) -> dic
     return item
 
 
-def message_item(item_id: str, text: str, status: str) -> dict:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+def message_item(item_id: str, text: str, status: str, logprobs: list[dict] | None = None) -> dict:
+    """An answer's message item; `logprobs`, when asked for, the entries of its tokens."""
+    part = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    content = [part] if status == "completed" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
@@ -310,6 +332,7 @@ class ResponseEvents:
         self.sequence = 0
         self.items: list[dict] = []
         self.open: tuple[str, str, str] | None = None  # (kind, item id, text so far)
+        self.scored: list[dict] = []  # the open message's token entries, when log-probabilities are asked for
 
     def event(self, kind: str, **fields) -> str:
         body = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -344,7 +367,11 @@ class ResponseEvents:
         self.open = (kind, item_id, so_far + piece.text)
         where = {"item_id": item_id, "output_index": index}
         if kind == "answer":
-            out.append(self.event("response.output_text.delta", **where, content_index=0, delta=piece.text))
+            entries = scores.content(piece.logprobs) if self.shapes.logprobs else []
+            self.scored += entries
+            out.append(
+                self.event("response.output_text.delta", **where, content_index=0, delta=piece.text, logprobs=entries)
+            )
             return out
         out.append(self.event("response.reasoning_text.delta", **where, content_index=0, delta=piece.text))
         if self.shapes.summary:
@@ -405,10 +432,10 @@ class ResponseEvents:
                 out.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text))
                 out.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part))
         else:
-            item = message_item(item_id, text, "completed")
-            part = item["content"][0]
+            item = message_item(item_id, text, "completed", self.scored if self.shapes.logprobs else None)
+            part, entries, self.scored = item["content"][0], self.scored, []
             out = [
-                self.event("response.output_text.done", **where, content_index=0, text=text),
+                self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=entries),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]
         out.append(self.event("response.output_item.done", output_index=index, item=item))
