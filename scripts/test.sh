@@ -11,13 +11,20 @@ if [ "$(uname -s)" = Linux ]; then
     "${pip[@]}" torch==2.13.0
 fi
 "${pip[@]}" -e '.[test]'
-# tests/test_codex.py drives the real Codex CLI (pinned) against the server; it skips only where npm is missing.
-# A failed install leaves it missing, and that test fails saying so; the rest still run.
-codex_version=0.171.0
-if command -v npm >/dev/null &&
-    ! grep -qs "\"version\": \"$codex_version\"" .venv/node/node_modules/@openai/codex/package.json; then
-    npm install --prefix .venv/node --no-save --no-audit --no-fund --loglevel=error "@openai/codex@$codex_version" \
-        >/dev/null || echo "scripts/test.sh: npm could not install @openai/codex@$codex_version" >&2
+# tests/test_codex.py and tests/test_claude_code.py drive the real agents (pinned) against the server; they skip
+# only where npm is missing. A failed install leaves them missing, and those tests fail saying so; the rest still
+# run. Both go in one command: `npm install --no-save` of one package removes the other.
+agents=("@openai/codex@0.171.0" "@anthropic-ai/claude-code@2.1.332")
+installed() {  # every pinned agent is in .venv/node at its version
+    local spec name
+    for spec in "${agents[@]}"; do
+        name=${spec%@*}
+        grep -qs "\"version\": \"${spec##*@}\"" ".venv/node/node_modules/$name/package.json" || return 1
+    done
+}
+if command -v npm >/dev/null && ! installed; then
+    npm install --prefix .venv/node --no-save --no-audit --no-fund --loglevel=error "${agents[@]}" >/dev/null ||
+        echo "scripts/test.sh: npm could not install ${agents[*]}" >&2
 fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -28,7 +28,7 @@ from mlx_oss.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAUDE = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "claude"
-CLAUDE_VERSION = "2.1.197"  # as scripts/test.sh installs it
+CLAUDE_VERSION = "2.1.332"  # as scripts/test.sh installs it
 MODEL = "gpt-oss-20b"
 KEY = "local-key"
 COMMAND = "printf 'hello from claude' > made.txt && cat made.txt"
@@ -103,7 +103,8 @@ def test_claude_code_runs_a_tool_round_trip(tmp_path, key_variable):
     assert first["thinking"]["type"] in ("adaptive", "enabled")
     call_turn, result_turn = last["messages"][-2], last["messages"][-1]
     assert [block["type"] for block in call_turn["content"]] == ["thinking", "tool_use"]
-    assert call_turn["content"][0]["thinking"] == THOUGHT and call_turn["content"][0]["signature"]
+    # Claude Code asks for the thinking omitted: its text comes back in our signature, and reaches the model
+    assert call_turn["content"][0]["thinking"] in ("", THOUGHT) and call_turn["content"][0]["signature"]
     assert call_turn["content"][1]["input"]["command"] == COMMAND
     (tool_result,) = result_turn["content"]
     assert tool_result["type"] == "tool_result" and "hello from claude" in json.dumps(tool_result["content"])

@@ -21,8 +21,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from mlx_oss.api.chat_completions import parse_chat  # noqa: E402
 from mlx_oss.api.fields import ApiError  # noqa: E402
-from mlx_oss.api.response_input import decrypt_reasoning, encrypt_reasoning  # noqa: E402
 from mlx_oss.api.responses import ResponseEvents, parse_responses, response  # noqa: E402
+from mlx_oss.api.wire import decrypt_reasoning, encrypt_reasoning  # noqa: E402
 from mlx_oss.engine import Done, Engine, GenerationStats, ToolCall  # noqa: E402
 from mlx_oss.generation_queue import Turn  # noqa: E402
 from mlx_oss.grammar import Grammar  # noqa: E402

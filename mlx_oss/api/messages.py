@@ -37,7 +37,7 @@ from ..stops import StopFilter
 from . import fields as f
 from .conversation import FUNCTIONS, ConversationBuilder, ParsedRequest, same_model, sampling, tool
 from .fields import MAX_ITEMS, ApiError
-from .wire import new_id, sse
+from .wire import decrypt_reasoning, encrypt_reasoning, new_id, sse
 
 # The engine's stop reasons as Anthropic's.
 STOP_REASONS = {
@@ -58,7 +58,6 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 OVERLOADED = 529  # Anthropic's status for a server too busy for anyone (our full queue), which clients retry
-SIGNATURE = "mlx-oss"  # every thinking block's signature: clients need one, and this server checks none
 UNPARSED = "mlx_oss_unparsed_input"  # a tool_use input that was not a JSON object: the model's text, kept whole
 THINKING_SHOWN, THINKING_OMITTED, THINKING_HIDDEN = "shown", "omitted", "hidden"
 # Tools Anthropic defines that the client runs: their schemas live in Claude, so they are declared here as
@@ -305,8 +304,9 @@ def _assistant(built: ConversationBuilder, content: Any, where: str, warnings: l
     """An assistant turn: its reasoning (thinking blocks), text and tool calls, in their order."""
     for j, block in enumerate(_blocks(content, where)):
         kind, here = block["type"], f"{where}[{j}]"
-        if kind == "thinking":
-            built.reasoning(f.string(block, "thinking", f"{here}.thinking") or "")
+        if kind == "thinking":  # shown, or omitted and kept in our signature (see `wire.encrypt_reasoning`)
+            shown = f.string(block, "thinking", f"{here}.thinking")
+            built.reasoning(shown or decrypt_reasoning(f.string(block, "signature", f"{here}.signature") or "") or "")
         elif kind == "redacted_thinking":
             continue  # encrypted by Anthropic: nothing this model could read
         elif kind == "text":
@@ -462,7 +462,7 @@ def message(message_id: str, model: str, turn: Turn, thinking: str, stops: Seque
     content: list[dict] = []
     if turn.reasoning and thinking != THINKING_HIDDEN:
         shown = turn.reasoning if thinking == THINKING_SHOWN else ""
-        content.append({"type": "thinking", "thinking": shown, "signature": SIGNATURE})
+        content.append({"type": "thinking", "thinking": shown, "signature": encrypt_reasoning(turn.reasoning)})
     if turn.answer or not turn.calls:  # an empty text block rather than none: clients read content[0].text
         content.append({"type": "text", "text": turn.answer})
     for call in turn.calls:
@@ -526,6 +526,7 @@ class MessageEvents:
     index: int = -1  # the open or last block's index
     open: str | None = None  # the open block's type: thinking or text
     answered: bool = False  # a text or tool_use block was sent
+    thought: str = ""  # the open thinking block's reasoning, signed when it closes
     sent: list[str] = field(default_factory=list)
 
     def start(self) -> list[str]:
@@ -561,6 +562,7 @@ class MessageEvents:
             if self.thinking == THINKING_HIDDEN:
                 return []
             out = self.opened("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.thought += piece.text
             if self.thinking == THINKING_SHOWN:
                 delta = {"type": "thinking_delta", "thinking": piece.text}
                 out.append(event("content_block_delta", index=self.index, delta=delta))
@@ -585,7 +587,8 @@ class MessageEvents:
             return []
         out = []
         if self.open == "thinking":
-            delta = {"type": "signature_delta", "signature": SIGNATURE}
+            delta = {"type": "signature_delta", "signature": encrypt_reasoning(self.thought)}
+            self.thought = ""
             out.append(event("content_block_delta", index=self.index, delta=delta))
         out.append(event("content_block_stop", index=self.index))
         self.open = None

@@ -17,14 +17,13 @@ mislead it:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Any
 
 from . import fields as f
 from .conversation import ConversationBuilder, arguments
 from .fields import MAX_ITEMS, ApiError
+from .wire import decrypt_reasoning
 
 # Items of tools OpenAI runs (and other item kinds only OpenAI makes): nothing of them can reach the model here.
 HOSTED_ITEMS = frozenset(
@@ -53,25 +52,6 @@ HOSTED_ITEMS = frozenset(
     }
 )
 COMPACTED = "[Earlier turns of this conversation were compacted by another service and cannot be shown here.]"
-REASONING_PREFIX = "mlx-oss:v1:"  # our `encrypted_content`: the reasoning text, base64'd (see `encrypt_reasoning`)
-
-
-def encrypt_reasoning(text: str) -> str:
-    """A reasoning item's `encrypted_content`, when `include` asks for it: the chain of thought itself, base64'd
-    behind a prefix, NOT encrypted. A client with `store: false` sends it back with the item, and so the
-    reasoning that led to a pending tool call reaches the model again, as harmony asks; it never leaves the
-    client's own computer, which already sees the reasoning in the item's content."""
-    return REASONING_PREFIX + base64.b64encode(text.encode()).decode("ascii")
-
-
-def decrypt_reasoning(value: str) -> str | None:
-    """The reasoning text of our own `encrypted_content`; None for anyone else's (OpenAI's cannot be read)."""
-    if not value.startswith(REASONING_PREFIX):
-        return None
-    try:
-        return base64.b64decode(value[len(REASONING_PREFIX) :], validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
 
 
 def read_input(items: list, built: ConversationBuilder, warnings: list[str]) -> None:

@@ -12,7 +12,7 @@ Reasoning is shown as the client asks:
   to see what the model thought, so the summary is the chain of thought itself: unfiltered, as the model wrote
   it. This is what makes the reasoning show in Codex without settings.
 - With `include: ["reasoning.encrypted_content"]` (Codex, `store: false`) the item carries `encrypted_content`:
-  the reasoning base64'd, not encrypted (see `response_input.encrypt_reasoning`), so that the item sent back
+  the reasoning base64'd, not encrypted (see `wire.encrypt_reasoning`), so that the item sent back
   restores the chain of thought before a pending tool call.
 
 Tool calls come back as the tool was offered (see `tools`): `function_call` (with `namespace` for a namespace's
@@ -34,9 +34,9 @@ from . import logprobs as scores
 from .conversation import ConversationBuilder, ParsedRequest, check_model, effort, sampling
 from .fields import MAX_ITEMS, ApiError
 from .formats import format_instructions, text_format
-from .response_input import encrypt_reasoning, read_input
+from .response_input import read_input
 from .tools import CUSTOM, LOCAL_SHELL, Offered, responses_tools
-from .wire import new_id, now, sse
+from .wire import encrypt_reasoning, new_id, now, sse
 
 SUMMARIES = ("auto", "concise", "detailed")
 ENCRYPTED_REASONING = "reasoning.encrypted_content"

@@ -3,6 +3,8 @@ streamed answer takes, so that the server streams every API the same way."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
 import time
@@ -12,6 +14,27 @@ from typing import Protocol
 from ..engine import AnswerDelta, ReasoningDelta, ToolCall
 from ..generation_queue import Turn
 from .fields import ApiError
+
+REASONING_PREFIX = "mlx-oss:v1:"  # our reasoning tokens: the reasoning text, base64'd (see `encrypt_reasoning`)
+
+
+def encrypt_reasoning(text: str) -> str:
+    """The chain of thought as an opaque token a client keeps and sends back (a Responses reasoning item's
+    `encrypted_content`, an Anthropic thinking block's `signature`): the text itself, base64'd behind a prefix,
+    NOT encrypted. A client that stores nothing on the server, or asks not to be shown the reasoning, sends it
+    back with the turn, and so the reasoning that led to a pending tool call reaches the model again, as harmony
+    asks; it never leaves the user's own computer."""
+    return REASONING_PREFIX + base64.b64encode(text.encode()).decode("ascii")
+
+
+def decrypt_reasoning(value: str) -> str | None:
+    """The reasoning text of our own token; None for anyone else's (OpenAI's and Anthropic's cannot be read)."""
+    if not value.startswith(REASONING_PREFIX):
+        return None
+    try:
+        return base64.b64decode(value[len(REASONING_PREFIX) :], validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def new_id(prefix: str) -> str:
