@@ -20,15 +20,12 @@ built once per process.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,14 +204,12 @@ def tokenizer():
 def _build_tokenizer():
     import llguidance
 
-    from .harmony import END_OF_TEXT, VOCABULARY_FILE, encoding
+    from .harmony import END_OF_TEXT, NON_TEXT_TOKENS, token_bytes
 
-    harmony = encoding()  # unpacks and checks the vocabulary file, and says where it is
-    ranks = {}
-    for line in (Path(os.environ["TIKTOKEN_ENCODINGS_BASE"]) / VOCABULARY_FILE).read_bytes().splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    specials = {harmony.decode([i]): i for i in range(len(ranks), VOCAB_SIZE)}
+    table = token_bytes()
+    texts = len(table) - NON_TEXT_TOKENS  # the vocabulary's ranks; harmony's special tokens follow
+    ranks = {table[i]: i for i in range(texts)}
+    specials = {table[i].decode(): i for i in range(texts, len(table))}
     return llguidance.LLTokenizer.from_tiktoken(
         encoder=ranks, special_tokens=specials, pattern=O200K_PATTERN, eos_token=END_OF_TEXT, n_vocab=VOCAB_SIZE
     )
