@@ -122,10 +122,10 @@ class Server:
         parsed, job = await self._start(request, parse_responses)
         response_id = new_id("resp_")
         if parsed.stream:
-            events = ResponseEvents(response_id, self.model_id, parsed.echo)
+            events = ResponseEvents(response_id, self.model_id, parsed)
             return self._streaming(job, parsed, events, "POST /v1/responses (streaming)")
         turn = await self._collect(job, request, StopFilter(parsed.stop))
-        return JSONResponse(response(response_id, self.model_id, turn, parsed.echo), headers=warning_headers(parsed))
+        return JSONResponse(response(response_id, self.model_id, turn, parsed), headers=warning_headers(parsed))
 
     async def messages(self, request: HttpRequest) -> Response:
         parsed, job = await self._start(request, parse_messages)

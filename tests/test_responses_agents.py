@@ -266,7 +266,7 @@ def test_calls_come_back_as_the_tool_was_offered():
         ],
         done=Done("tool_call", GenerationStats(5, 0, 9, 0.1, 1.0, 1.0)),
     )
-    out = response("resp_1", "m", turn, parsed.echo)["output"]
+    out = response("resp_1", "m", turn, parsed)["output"]
     assert [item["type"] for item in out] == ["custom_tool_call", "local_shell_call", "function_call", "function_call"]
     assert out[0]["name"] == "apply_patch" and out[0]["input"] == "*** Begin Patch\n"
     assert out[1]["action"] == {
@@ -280,7 +280,7 @@ def test_calls_come_back_as_the_tool_was_offered():
     assert (out[2]["name"], out[2]["namespace"]) == ("find", "crm")
     assert out[3]["name"] == "unknown" and "namespace" not in out[3]
     assert parsed.constraints.calls["functions.local_shell"].kind == "json_schema"
-    events = ResponseEvents("resp_1", "m", parsed.echo)
+    events = ResponseEvents("resp_1", "m", parsed)
     streamed = "".join(events.piece(turn.calls[0], turn))
     assert "response.custom_tool_call_input.delta" in streamed and "response.custom_tool_call_input.done" in streamed
 

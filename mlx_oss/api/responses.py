@@ -57,18 +57,10 @@ class Shapes:
     logprobs: bool = False  # the answer's text parts carry their tokens' log-probabilities
 
 
-class Echo(dict):
-    """The request's fields a response shows back (instructions, tools, reasoning, metadata, ...), and, beside
-    them, the `Shapes` of its output: the server hands both to the formatters in one value."""
-
-    def __init__(self, fields: dict, shapes: Shapes):
-        super().__init__(fields)
-        self.shapes = shapes
-
-
 @dataclass
 class ResponsesRequest(ParsedRequest):
-    echo: Echo = field(default_factory=lambda: Echo({}, Shapes()))
+    echo: dict[str, Any] = field(default_factory=dict)  # the request's fields a response shows back
+    shapes: Shapes = field(default_factory=Shapes)
 
 
 def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> ResponsesRequest:
@@ -125,7 +117,8 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
         stream=f.boolean(body, "stream"),
         constraints=dataclasses.replace(built.constraints, answer=answer),
         warnings=warnings,
-        echo=Echo(_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling), shapes),
+        echo=_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling),
+        shapes=shapes,
     )
 
 
@@ -206,7 +199,9 @@ def response_usage(turn: Turn) -> dict:
     }
 
 
-def response(response_id: str, model: str, turn: Turn | None, echo: dict, items: list | None = None) -> dict:
+def response(
+    response_id: str, model: str, turn: Turn | None, request: ResponsesRequest, items: list | None = None
+) -> dict:
     """The response object: in progress while `turn` is None or unfinished; else with the turn's output (or
     `items`, the ones already streamed) and usage."""
     status, output, usage, incomplete = "in_progress", [], None, None
@@ -214,7 +209,7 @@ def response(response_id: str, model: str, turn: Turn | None, echo: dict, items:
         usage = response_usage(turn)
         incomplete = "max_output_tokens" if turn.done.stop_reason in ("length", "context_limit") else None
         status = "incomplete" if incomplete else "completed"
-        output = items if items is not None else output_items(turn, _shapes(echo))
+        output = items if items is not None else output_items(turn, request.shapes)
     return {
         "id": response_id,
         "object": "response",
@@ -227,12 +222,8 @@ def response(response_id: str, model: str, turn: Turn | None, echo: dict, items:
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "metadata": {},
         "usage": usage,
-        **echo,
+        **request.echo,
     }
-
-
-def _shapes(echo: dict) -> Shapes:
-    return echo.shapes if isinstance(echo, Echo) else Shapes()
 
 
 def output_items(turn: Turn, shapes: Shapes | None = None) -> list[dict]:
@@ -326,9 +317,9 @@ class ResponseEvents:
     reasoning to answer to tool calls; the last event is `response.completed`, or `response.incomplete` for a
     turn cut short by its token limit."""
 
-    def __init__(self, response_id: str, model: str, echo: dict):
-        self.response_id, self.model, self.echo = response_id, model, echo
-        self.shapes = _shapes(echo)
+    def __init__(self, response_id: str, model: str, request: ResponsesRequest):
+        self.response_id, self.model, self.request = response_id, model, request
+        self.shapes = request.shapes
         self.sequence = 0
         self.items: list[dict] = []
         self.open: tuple[str, str, str] | None = None  # (kind, item id, text so far)
@@ -340,12 +331,12 @@ class ResponseEvents:
         return f"event: {kind}\n" + sse(body)
 
     def start(self) -> list[str]:
-        started = response(self.response_id, self.model, None, self.echo)
+        started = response(self.response_id, self.model, None, self.request)
         return [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
 
     def end(self, turn: Turn) -> Iterator[str]:
         yield from self.close()
-        done = response(self.response_id, self.model, turn, self.echo, self.items)
+        done = response(self.response_id, self.model, turn, self.request, self.items)
         yield self.event(
             "response.incomplete" if done["status"] == "incomplete" else "response.completed", response=done
         )
