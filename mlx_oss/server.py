@@ -164,7 +164,8 @@ class Server:
         and meanwhile the event loop answers everyone else."""
         parsed, prompt = self._render(body, parse)
         if len(prompt) >= self.engine.context_length:
-            raise context_exceeded(self.engine.context_length, f"{len(prompt)} tokens long")
+            limit = self.engine.model.config.max_position_embeddings
+            raise context_exceeded(self.engine.context_length, f"{len(prompt)} tokens long", limit)
         return parsed, prompt
 
     def _render(self, body: bytes, parse: Parser[Parsed]) -> tuple[Parsed, list[int]]:

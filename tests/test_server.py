@@ -277,7 +277,7 @@ def test_a_burst_of_concurrent_requests_is_answered(client, model_id):
             "must be a JSON schema of type object",
             "tools[0].function",
         ),
-        ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "context holds 1024 tokens", "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "larger --context (this model", "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "'temperature'", "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "'seed' must be an integer", "seed"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": 5}, 400, "'tools' must be a list", "tools"),

@@ -33,11 +33,18 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def context_exceeded(context_length: int, length: str) -> ApiError:
-    """The 400 for a conversation that does not fit the context; `length` says how long it is."""
+def context_exceeded(context_length: int, length: str, model_limit: int | None = None) -> ApiError:
+    """The 400 for a conversation that does not fit the context; `length` says how long it is. Where the server
+    was started with less context than the model has (`model_limit`), the message says how to get more: agents'
+    first prompts alone are 5k (Codex) to 16k (Claude Code) tokens."""
+    more = (
+        f", or start the server with a larger --context (this model takes up to {model_limit})"
+        if model_limit and model_limit > context_length
+        else ""
+    )
     return ApiError(
         400,
-        f"This model's context holds {context_length} tokens, but the conversation is {length}; shorten it",
+        f"This model's context holds {context_length} tokens, but the conversation is {length}; shorten it{more}",
         "messages",
         "context_length_exceeded",
     )
