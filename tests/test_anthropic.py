@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from harmony_helpers import ScriptedModel, harmony_tokens
-from test_server import exchange, serving
+from serving import serving
+from test_server import exchange
 
 anthropic = pytest.importorskip("anthropic")
 

@@ -309,7 +309,7 @@ def test_the_screenshot_script_renders_three_windows(tmp_path):
 def test_the_server_starts_and_stops_from_the_app(qtbot, app_dir, tiny_checkpoint):
     import httpx
     import openai
-    from test_server import free_port
+    from serving import free_port
 
     window = open_window(qtbot)
     server = window.settings_view.server

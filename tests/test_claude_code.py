@@ -14,20 +14,15 @@ waiting on a network.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from harmony_helpers import PromptScriptedModel
-from test_codex import CLOSED_PORT_PROXY, serving
+from serving import agent_binary, run_agent, serving
 
 from mlx_oss.engine import Engine
 from mlx_oss.server import Server
 
-ROOT = Path(__file__).resolve().parent.parent
-CLAUDE = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "claude"
 CLAUDE_VERSION = "2.1.332"  # as scripts/test.sh installs it
 MODEL = "gpt-oss-20b"
 KEY = "local-key"
@@ -51,13 +46,7 @@ def claude_turn(prompt: str) -> str:
 
 
 def claude_binary() -> Path:
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the Claude Code test needs it (scripts/test.sh installs it)")
-    assert CLAUDE.exists(), (
-        f"npm is here but {CLAUDE} is missing: scripts/test.sh installs @anthropic-ai/claude-code@{CLAUDE_VERSION} "
-        "there (did npm install fail?)"
-    )
-    return CLAUDE
+    return agent_binary("claude", f"@anthropic-ai/claude-code@{CLAUDE_VERSION}")
 
 
 @pytest.mark.parametrize("key_variable", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])  # x-api-key, Bearer
@@ -70,28 +59,14 @@ def test_claude_code_runs_a_tool_round_trip(tmp_path, key_variable):
     work.mkdir()
     with serving(Server(Engine(model), MODEL, api_key=KEY), seen) as url:
         env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "TMPDIR": str(tmp_path),
-            "NO_COLOR": "1",
             "ANTHROPIC_BASE_URL": url,
             key_variable: KEY,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             "DISABLE_TELEMETRY": "1",
             "DISABLE_AUTOUPDATER": "1",
-            **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
-            "NO_PROXY": "127.0.0.1,localhost",
         }
-        done = subprocess.run(
-            [str(claude), "-p", "Write 'hello from claude' into made.txt", "--model", MODEL]
-            + ["--allowedTools", "Bash", "--output-format", "json"],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        prompt = ["-p", "Write 'hello from claude' into made.txt", "--model", MODEL, "--allowedTools", "Bash"]
+        done = run_agent([str(claude), *prompt, "--output-format", "json"], work, home, env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     result = json.loads(done.stdout)
     assert result["is_error"] is False and result["result"] == ANSWER, result

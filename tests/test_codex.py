@@ -14,33 +14,25 @@ so it fails at once instead of waiting on a network.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import shutil
 import subprocess
 import tempfile
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 from harmony_helpers import PromptScriptedModel
+from serving import agent_binary, run_agent, serving
 
-uvicorn = pytest.importorskip("uvicorn")
+from mlx_oss.engine import Engine
+from mlx_oss.server import Server
 
-from mlx_oss.engine import Engine  # noqa: E402
-from mlx_oss.server import Server  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-CODEX = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "codex"
 CODEX_VERSION = "0.171.0"  # as scripts/test.sh installs it
 MODEL = "gpt-oss-20b"
 COMMAND = "printf 'hello from codex' > made.txt"
 ANSWER = "I wrote made.txt."
-CLOSED_PORT_PROXY = "http://127.0.0.1:9"
 CATALOG = Path(__file__).parent / "data" / f"codex_{CODEX_VERSION}_model_catalog.json"
 
 
@@ -56,55 +48,8 @@ def codex_turn(prompt: str) -> str:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(server: Server, seen: list[dict]):
-    """The server's app under uvicorn on 127.0.0.1 in this process, recording each request's path and JSON."""
-    app = server.app()
-
-    async def recording(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            chunks = []
-
-            async def replay():
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    seen.append({"path": scope["path"], "body": json.loads(b"".join(chunks) or b"null")})
-                return message
-
-            return await app(scope, replay, send)
-        return await app(scope, receive, send)
-
-    port = free_port()
-    runner = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not runner.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        runner.should_exit = True
-        thread.join(timeout=30)
-
-
 def codex_binary() -> Path:
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the Codex CLI test needs it (scripts/test.sh installs @openai/codex)")
-    assert CODEX.exists(), (
-        f"npm is here but {CODEX} is missing: scripts/test.sh installs @openai/codex@{CODEX_VERSION} there "
-        "(did npm install fail?)"
-    )
-    return CODEX
+    return agent_binary("codex", f"@openai/codex@{CODEX_VERSION}")
 
 
 @functools.cache
@@ -135,24 +80,9 @@ def run_codex(tmp_path: Path, turn, *flags: str) -> tuple[subprocess.CompletedPr
             f'model = "{MODEL}"\nmodel_provider = "local"\n\n'
             f'[model_providers.local]\nname = "mlx-oss"\nbase_url = "{url}/v1"\nwire_api = "responses"\n'
         )
-        env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "CODEX_HOME": str(codex_home),
-            "TMPDIR": str(tmp_path),
-            "NO_COLOR": "1",
-            **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
-            "NO_PROXY": "127.0.0.1,localhost",
-        }
         command = [str(codex), "exec", "--skip-git-repo-check", *sandbox_flags(codex), *flags]
-        done = subprocess.run(
-            [*command, "Write 'hello from codex' into made.txt"],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=180,
+        done = run_agent(
+            [*command, "Write 'hello from codex' into made.txt"], work, home, {"CODEX_HOME": str(codex_home)}
         )
     assert done.returncode == 0, done.stderr[-4000:]
     return done, [request["body"] for request in seen if request["path"] == "/v1/responses"], model

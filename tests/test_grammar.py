@@ -323,7 +323,7 @@ def test_a_chat_request_puts_the_schema_in_the_constraints_and_the_instructions(
 @pytest.fixture
 def junk_server():
     """(model, url): the real app under uvicorn on a `JunkModel`."""
-    from test_server import serving
+    from serving import serving
 
     from mlx_oss.server import Server
 

@@ -81,7 +81,7 @@ def test_the_openai_client_reads_scores_in_chat_and_responses():
     """Chat's `logprobs`/`top_logprobs` and the Responses API's `include` give the answer tokens' entries, whole
     and streamed, and none when not asked for."""
     openai = pytest.importorskip("openai")
-    from test_server import serving
+    from serving import serving
 
     from mlx_oss.api.chat_completions import parse_chat
     from mlx_oss.server import Server

@@ -5,19 +5,15 @@ the parsing of every tool and input item kind they send, on a model whose turns 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from harmony_helpers import PromptScriptedModel, harmony_tokens
+from serving import serving
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 from mlx_oss.api.chat_completions import parse_chat  # noqa: E402
 from mlx_oss.api.fields import ApiError  # noqa: E402
@@ -43,29 +39,9 @@ def weather_turn(prompt: str) -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(model, name: str = "gpt-oss-20b"):
-    """The real server app under uvicorn on 127.0.0.1, in this process; yields its URL."""
-    port = free_port()
-    runner = uvicorn.Server(
-        uvicorn.Config(Server(Engine(model), name).app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not runner.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        runner.should_exit = True
-        thread.join(timeout=30)
+def served(model, name: str = "gpt-oss-20b"):
+    """The real server on `model`, under uvicorn in this process; a context that yields its URL."""
+    return serving(Server(Engine(model), name))
 
 
 # -- the openai-agents SDK -------------------------------------------------------------------------------------
@@ -84,7 +60,7 @@ def test_an_agents_sdk_agent_runs_a_tool_round_trip(api):
         return '{"celsius": 21}'
 
     model = PromptScriptedModel(weather_turn)
-    with serving(model) as url:
+    with served(model) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         kind = agents.OpenAIResponsesModel if api == "responses" else agents.OpenAIChatCompletionsModel
         agent = agents.Agent(
@@ -111,7 +87,7 @@ def test_an_agents_sdk_local_shell_runs_through_local_shell_calls():
         return '<|channel|>commentary to=functions.local_shell <|constrain|>json<|message|>{"command": ["ls"]}<|call|>'
 
     model = PromptScriptedModel(turn)
-    with serving(model) as url:
+    with served(model) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         tools = [agents.LocalShellTool(executor=shell)]
         agent = agents.Agent(name="shell", tools=tools, model=agents.OpenAIResponsesModel("gpt-oss-20b", client))
@@ -140,7 +116,7 @@ def test_codex_s_request_is_answered_with_a_namespace_call():
         )
 
     model = PromptScriptedModel(turn)
-    with serving(model) as url:
+    with served(model) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         extra = {k: body[k] for k in ("prompt_cache_key", "client_metadata", "include", "store", "parallel_tool_calls")}
         raw = client.responses.with_raw_response.create(
@@ -393,7 +369,7 @@ def test_compaction_is_a_note_and_item_references_are_refused():
 
 def test_reasoning_streams_as_a_summary_and_a_cut_turn_is_incomplete():
     reasoning = "<|channel|>analysis<|message|>Thinking it over."
-    with serving(PromptScriptedModel(lambda prompt: reasoning)) as url:
+    with served(PromptScriptedModel(lambda prompt: reasoning)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         events = list(
             client.responses.create(
@@ -457,7 +433,7 @@ def test_the_full_round_trip_over_http_with_custom_tools():
             return "<|channel|>final<|message|>Patched.<|return|>"
         return "<|channel|>commentary to=functions.apply_patch<|message|>*** Begin Patch\n*** End Patch<|call|>"
 
-    with serving(PromptScriptedModel(turn)) as url:
+    with served(PromptScriptedModel(turn)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         first = client.responses.create(model="gpt-oss-20b", input="Patch it", tools=[PATCH])
         (call,) = first.output

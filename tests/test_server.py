@@ -7,7 +7,6 @@ a script of harmony tokens.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,16 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from harmony_helpers import ScriptedModel, harmony_tokens
+from serving import free_port, serving, wait_until_up
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 import mlx_oss  # noqa: E402
 from mlx_oss.api.chat_completions import parse_chat  # noqa: E402
@@ -50,25 +48,6 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("the server did not come up")
 
 
 def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -440,22 +419,6 @@ def test_listening_beyond_this_computer_needs_a_flag_and_a_key(tiny_checkpoint, 
 
 
 # -- tool calls, on a scripted model ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(server: Server) -> Iterator[str]:
-    """The server's app under uvicorn on 127.0.0.1, in this process; yields its URL."""
-    port = free_port()
-    runner = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url)
-        yield url
-    finally:
-        runner.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture
