@@ -38,6 +38,8 @@ HEADER, CONTENT, EXPECT_START = "header", "content", "expect start"
 NON_TEXT_TOKENS = 1090  # o200k_harmony's ids after the vocabulary's ranks: harmony's special and reserved tokens
 JSON_CONTENT = "<|constrain|>json"  # the content type of a call whose arguments are JSON
 MAX_HEADER_TOKENS = 64  # a real header (`<|channel|>commentary to=functions.f <|constrain|>json`) is ~12 tokens
+# gpt-oss's built-in tools, as openai-harmony declares them in the system message: each namespace's recipients
+BUILTIN_RECIPIENTS = {"browser": ("browser.search", "browser.open", "browser.find"), "python": ("python",)}
 
 
 # -- the conversation ------------------------------------------------------------------------------------------
@@ -96,14 +98,28 @@ class Message:
         return cls("assistant", text, channel="final")
 
     @classmethod
-    def tool_call(cls, recipient: str, arguments: str, content_type: str | None = JSON_CONTENT) -> Message:
+    def tool_call(
+        cls, recipient: str, arguments: str, content_type: str | None = JSON_CONTENT, channel: str = "commentary"
+    ) -> Message:
         """A call of `recipient` with `arguments`: JSON (`<|constrain|>json`), or freeform text (None)."""
-        return cls("assistant", arguments, channel="commentary", recipient=recipient, content_type=content_type)
+        return cls("assistant", arguments, channel=channel, recipient=recipient, content_type=content_type)
 
     @classmethod
-    def tool_result(cls, tool: str, content: str) -> Message:
-        """What `tool` (the recipient of a call, e.g. `functions.get_weather`) returned."""
-        return cls("tool", content, channel="commentary", recipient="assistant", author=tool)
+    def tool_result(cls, tool: str, content: str, channel: str = "commentary") -> Message:
+        """What `tool` (the recipient of a call, e.g. `functions.get_weather`) returned, on the call's channel."""
+        return cls("tool", content, channel=channel, recipient="assistant", author=tool)
+
+    @classmethod
+    def builtin_call(cls, recipient: str, content: str, content_type: str | None = "code") -> Message:
+        """A call of a built-in tool (`python`, `browser.search`): on the analysis channel, as part of the chain of
+        thought; gpt-oss types its content `code` (python's source, the browser's JSON arguments)."""
+        return cls.tool_call(recipient, content, content_type, channel="analysis")
+
+    @classmethod
+    def builtin_result(cls, recipient: str, content: str) -> Message:
+        """A built-in tool's result: spoken by the recipient called, on the analysis channel (as openai/gpt-oss's
+        tools answer: the call's channel)."""
+        return cls.tool_result(recipient, content, channel="analysis")
 
 
 @dataclass
@@ -117,15 +133,26 @@ class Conversation:
     current_date: str | None = None  # YYYY-MM-DD
     knowledge_cutoff: str = DEFAULT_KNOWLEDGE_CUTOFF
     namespace_descriptions: dict[str, str] = field(default_factory=dict)  # shown above a namespace's tools
+    # gpt-oss's built-in tools declared in the system message ("python", "browser"); `mlx_oss.agent` runs them
+    builtin_tools: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_reasoning_effort(self.reasoning_effort)
+        unknown = [name for name in self.builtin_tools if name not in BUILTIN_RECIPIENTS]
+        if unknown:
+            raise MlxOssError(f"unknown built-in tool {unknown[0]!r}; gpt-oss has {', '.join(BUILTIN_RECIPIENTS)}")
 
 
 def check_reasoning_effort(effort: str) -> str:
     if effort not in REASONING_EFFORTS:
         raise MlxOssError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, not {effort!r}")
     return effort
+
+
+def builtin_namespace(recipient: str | None) -> str | None:
+    """The built-in tool a call goes to (`browser` for `browser.search`), or None for any other recipient."""
+    namespace = (recipient or "").split(".", 1)[0]
+    return namespace if namespace in BUILTIN_RECIPIENTS else None
 
 
 def drop_earlier_reasoning(messages: list[Message]) -> list[Message]:
@@ -135,6 +162,10 @@ def drop_earlier_reasoning(messages: list[Message]) -> list[Message]:
     but to keep the reasoning that led to a pending tool call. Every analysis message before the last final
     message goes. (openai-harmony 0.0.8's `auto_drop_analysis` drops only the analysis before the *first*
     final message, which keeps the reasoning of the second and later turns.)
+
+    Built-in tool calls and their results sit on the analysis channel: they are part of the chain of thought, so
+    an answered turn's go with its reasoning (as harmony's own drop and openai/gpt-oss's reference chat render
+    them), while the turn in progress keeps every call, result and thought between them.
     """
     last_final = max((i for i, m in enumerate(messages) if m.channel == "final"), default=-1)
     return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
@@ -204,6 +235,8 @@ def to_harmony_messages(conversation: Conversation) -> list:
     )
     if conversation.current_date:
         system = system.with_conversation_start_date(conversation.current_date)
+    for name in conversation.builtin_tools:
+        system = system.with_tools(_builtin_config(oh, name, conversation.namespace_descriptions.get(name)))
     messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
     if conversation.instructions or conversation.tools:
         developer = oh.DeveloperContent.new()
@@ -230,6 +263,15 @@ def to_harmony_messages(conversation: Conversation) -> list:
             message = message.with_content_type(m.content_type)
         messages.append(message)
     return messages
+
+
+def _builtin_config(oh, name: str, description: str | None):
+    """openai-harmony's declaration of a built-in tool (what `with_python_tool()` / `with_browser_tool()` render,
+    the text gpt-oss was trained on), its description replaced when one is given (say, where python's files go)."""
+    config = oh.ToolNamespaceConfig.python() if name == "python" else oh.ToolNamespaceConfig.browser()
+    if description:
+        config = oh.ToolNamespaceConfig(name=config.name, description=description, tools=config.tools)
+    return config
 
 
 def _namespaces(tools: list[Tool]) -> dict[str, list[Tool]]:
@@ -363,10 +405,10 @@ class HarmonyStream:
         events: list[ParseEvent] = []
         if self._state == CONTENT and token not in MESSAGE_ENDS:
             delta = self._parser.last_content_delta
-            if delta:
+            if delta and self._parser.current_recipient is None:  # a call's content comes whole, as a ToolCall
                 if self._parser.current_channel == "analysis":
                     events.append(ReasoningDelta(delta))
-                elif self._parser.current_recipient is None:
+                else:
                     events.append(AnswerDelta(delta, self._parser.current_channel or "final"))
         elif self._state == CONTENT:
             self._state = EXPECT_START

@@ -144,6 +144,71 @@ def test_tool_round_trip_conversation_matches_harmony_and_keeps_pending_reasonin
     ) in rendered
 
 
+def hm_builtin_call(recipient, content):
+    message = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("analysis")
+    return message.with_recipient(recipient).with_content_type("code")
+
+
+def hm_builtin_result(recipient, content):
+    author = oh.Author.new(oh.Role.TOOL, recipient)
+    return oh.Message.from_author_and_content(author, content).with_channel("analysis").with_recipient("assistant")
+
+
+def theirs_with_builtins(messages: list, auto_drop: bool = True) -> list[int]:
+    """openai-harmony's rendering with python and browser declared by its own `with_*_tool()`."""
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.MEDIUM)
+    system = system.with_conversation_start_date("2026-11-25").with_python_tool().with_browser_tool()
+    convo = oh.Conversation.from_messages([oh.Message.from_role_and_content(oh.Role.SYSTEM, system), *messages])
+    config = oh.RenderConversationConfig(auto_drop_analysis=auto_drop)
+    return encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT, config)
+
+
+def test_builtin_tools_are_declared_as_harmony_declares_them():
+    convo = conversation([Message.user("Hi")], builtin_tools=("python", "browser"))
+    ours = render_prompt(convo)
+    assert ours == theirs_with_builtins([hm_user("Hi")])
+    rendered = text(ours)
+    assert "# Tools\n\n## browser\n\n// Tool for browsing." in rendered
+    assert "type search = (_: {" in rendered and "## python\n\nUse this tool to execute Python code" in rendered
+    assert "Calls to these tools must go to the commentary channel" not in rendered  # no function tools
+    own = conversation([Message.user("Hi")], builtin_tools=("python",), namespace_descriptions={"python": "Run it."})
+    assert "## python\n\nRun it.\n\n" in text(render_prompt(own)) and "## browser" not in text(render_prompt(own))
+    with pytest.raises(MlxOssError, match="unknown built-in tool 'shell'"):
+        Conversation(builtin_tools=("shell",))
+
+
+def test_builtin_calls_and_results_render_like_harmony_and_go_with_an_answered_turns_reasoning():
+    """A python call and its result are on the analysis channel: kept (with the reasoning around them) while the
+    turn goes on, dropped with its chain of thought once the turn is answered, as harmony's own drop does."""
+    turn = [
+        Message.user("What is 2**100?"),
+        Message.reasoning("Use python."),
+        Message.builtin_call("python", "print(2**100)"),
+        Message.builtin_result("python", "1267650600228229401496703205376"),
+        Message.reasoning("Got it."),
+    ]
+    hm_turn = [
+        hm_user("What is 2**100?"),
+        hm_assistant("Use python.", "analysis"),
+        hm_builtin_call("python", "print(2**100)"),
+        hm_builtin_result("python", "1267650600228229401496703205376"),
+        hm_assistant("Got it.", "analysis"),
+    ]
+    convo = conversation(list(turn), builtin_tools=("python", "browser"))
+    ours = render_prompt(convo)
+    assert ours == theirs_with_builtins(hm_turn)
+    assert (
+        "<|start|>assistant to=python<|channel|>analysis code<|message|>print(2**100)<|call|>"
+        "<|start|>python to=assistant<|channel|>analysis<|message|>1267650600228229401496703205376<|end|>"
+    ) in text(ours)
+
+    convo.messages += [Message.answer("1267650600228229401496703205376"), Message.user("And 2**10?")]
+    hm_next = [*hm_turn, hm_assistant("1267650600228229401496703205376", "final"), hm_user("And 2**10?")]
+    ours = render_prompt(convo)
+    assert ours == theirs_with_builtins(hm_next)  # harmony's auto drop: the answered turn's analysis goes
+    assert "print(2**100)" not in text(ours) and "Use python." not in text(ours)
+
+
 def test_reasoning_of_an_answered_turn_is_dropped_like_harmony_does():
     messages = [
         Message.user("What is 2 + 2?"),
@@ -272,6 +337,9 @@ WELL_FORMED = [
     ' <|constrain|>json<|message|>{"location":"Paris"}<|call|>',
     "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary"
     "<|message|>{}<|call|>",
+    "<|channel|>analysis<|message|>Compute it.<|end|><|start|>assistant<|channel|>analysis to=python code<|message|>"
+    "print(2 + 2)<|call|>",  # a built-in call: its code is no reasoning delta, it comes whole as the ToolCall
+    ' to=browser.search<|channel|>analysis code<|message|>{"query": "mlx"}<|call|>',
 ]
 
 
