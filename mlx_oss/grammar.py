@@ -88,11 +88,16 @@ class TurnConstraints:
     Once anything is constrained, the turn may call only the recipients in `calls` (or in `must_call`, when it is
     given): an API module lists every tool it offers there, with None for a freeform tool whose content is free
     text. `must_call` rules out a final answer. A commentary preamble (text to the user before a call) is allowed
-    only when `answer` is None: the APIs show it as part of the answer, which would then not match."""
+    only when `answer` is None: the APIs show it as part of the answer, which would then not match.
+
+    `builtin` names the built-in tools' recipients (`python`, `browser.search`) the agent loop runs: gpt-oss calls
+    them on the analysis channel with free content, and such a call ends only a step of the turn (the loop runs it
+    and generates on), so it stays allowed whatever `must_call` says. It constrains nothing by itself."""
 
     answer: Grammar | None = None
     calls: Mapping[str, Grammar | None] = field(default_factory=dict)
     must_call: frozenset[str] = frozenset()
+    builtin: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return self.answer is not None or bool(self.calls) or bool(self.must_call)
@@ -122,7 +127,8 @@ def turn_grammar(constraints: TurnConstraints) -> str:
     messages (and preambles, when the answer is free), each ending `<|end|><|start|>assistant`, then either the
     final answer ending `<|return|>` or one call ending `<|call|>`. A call's header may name its recipient after
     the channel (`<|channel|>commentary to=functions.f <|constrain|>json`, as gpt-oss usually writes it) or
-    before it (`to=functions.f<|channel|>commentary`); its content type is optional.
+    before it (`to=functions.f<|channel|>commentary`); its content type is optional. A built-in tool's call is
+    the same on the analysis channel (`<|channel|>analysis to=python code`), its content free.
     """
     subgrammars: list[dict] = []
 
@@ -146,6 +152,13 @@ def turn_grammar(constraints: TurnConstraints) -> str:
         rules.append(
             f'call{i}: (<|channel|> "commentary" {target} | {target} <|channel|> "commentary") '
             f'(" " <|constrain|>? {kind})? <|message|> {content(grammar)} <|call|>'
+        )
+    for i, recipient in enumerate(sorted(constraints.builtin)):
+        target = json.dumps(" to=" + recipient, ensure_ascii=False)
+        endings.append(f"builtin{i}")
+        rules.append(
+            f'builtin{i}: (<|channel|> "analysis" {target} | {target} <|channel|> "analysis") '
+            '(" " <|constrain|>? CONTENT_TYPE)? <|message|> TEXT <|call|>'
         )
     messages = ['<|channel|> "analysis" <|message|> TEXT <|end|> <|start|> "assistant"']
     if constraints.answer is None:
@@ -256,7 +269,9 @@ def _key(constraints: TurnConstraints) -> str:
     calls = sorted((name, described(g)) for name, g in constraints.calls.items())
     try:
         return json.dumps(
-            [described(constraints.answer), calls, sorted(constraints.must_call)], sort_keys=True, default=repr
+            [described(constraints.answer), calls, sorted(constraints.must_call), sorted(constraints.builtin)],
+            sort_keys=True,
+            default=repr,
         )
     except (TypeError, ValueError, RecursionError) as e:
         raise GrammarError(f"a grammar cannot be read: {e}") from None

@@ -9,6 +9,7 @@ constraint that did the work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -125,6 +126,32 @@ def test_must_call_rules_out_the_final_answer_and_other_recipients():
     assert first_refused(constraints, "<|channel|>commentary to=functions.patch<|message|>x<|call|>") is not None
     call = f"{THOUGHT}<|channel|>commentary to={GET_WEATHER} <|constrain|>json<|message|>{GOOD}<|call|>"
     assert first_refused(constraints, call) is None
+
+
+PYTHON_CALL = "<|channel|>analysis to=python code<|message|>import json\nprint(json.dumps({'a': 1}))<|call|>"
+BUILTIN = frozenset({"python", "browser.search", "browser.open", "browser.find"})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{THOUGHT}{PYTHON_CALL}",
+        ' to=browser.search<|channel|>analysis code<|message|>{"query": "gpt-oss"}<|call|>',
+        '<|channel|>analysis to=browser.open <|constrain|>json<|message|>{"id": 3}<|call|>',
+        '<|channel|>analysis to=browser.find<|message|>{"pattern": "x"}<|call|>',
+        f"{THOUGHT}<|channel|>final<|message|>{GOOD}<|return|>",  # answering stays allowed, held to its schema
+    ],
+)
+def test_builtin_tools_are_callable_on_the_analysis_channel_beside_the_constraints(text):
+    assert first_refused(dataclasses.replace(ANSWER, builtin=BUILTIN), text) is None
+
+
+def test_builtin_calls_stay_allowed_when_a_function_must_be_called_and_only_the_listed_ones():
+    must = TurnConstraints(calls=TOOLS.calls, must_call=frozenset({GET_WEATHER}), builtin=frozenset({"python"}))
+    assert first_refused(must, PYTHON_CALL) is None  # the loop runs it and generates on: the turn goes on
+    refused = first_refused(must, '<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>')
+    assert refused is not None and first_refused(ANSWER, PYTHON_CALL) is not None  # not listed: masked
+    assert not TurnConstraints(builtin=BUILTIN)  # built-in recipients alone constrain nothing
 
 
 @pytest.mark.parametrize(
