@@ -301,6 +301,12 @@ def text_to_page(document: str, url: str, title: str | None = None) -> Page:
     return Page(url=url, title=title or domain_of(url), text=f"\nURL: {url}\n" + text)
 
 
+def title_of(document: str) -> str | None:
+    """An HTML page's `<title>` without parsing the whole page (for `view_source`)."""
+    match = re.search(r"<title[^>]*>(.*?)</title", document[:100_000], re.IGNORECASE | re.DOTALL)
+    return merge_whitespace(html.unescape(match.group(1))).strip().translate(_LOOKALIKES) or None if match else None
+
+
 @dataclass(frozen=True)
 class SearchResult:
     title: str
