@@ -21,7 +21,7 @@ from mlx_oss.tools import Citation, ToolSettings
 from mlx_oss.tools import search as search_module
 from mlx_oss.tools.browser import BrowserTool
 from mlx_oss.tools.pages import citations_as_markdown, html_to_page, link_citations, unfinished_citation
-from mlx_oss.tools.search import FetchLimits, address_allowed, parse_duckduckgo
+from mlx_oss.tools.search import FetchLimits, address_allowed, parse_duckduckgo, with_scheme
 
 ARTICLE = (
     """<!doctype html><html><head><title>The Otter Page</title><script>var hidden = 1;</script></head>
@@ -298,6 +298,10 @@ def test_cancel_stops_a_fetch(server):
         "http://[::1]:1/",
         "http://[::ffff:127.0.0.1]:1/",
         "http://100.64.0.1/",
+        "http://0.0.0.0:1/",
+        "localhost:1/page",
+        "http://2130706433:1/",  # 127.0.0.1 as one number: resolved, then refused where it connects
+        "http://127.1:1/",
     ],
 )
 def test_refused_urls(server, url):
@@ -376,6 +380,28 @@ def test_bad_calls_read_as_the_reference_says(server):
     assert not call(tool, "open", loc=1.0, num_lines=2).error  # JSON numbers may come as floats
 
 
+def test_duckduckgo_without_results_list_says_so(server):
+    tool = make_tool(server)
+    tool.settings.search_url = base(server) + "/second.html"  # a page with no results list, as a captcha would be
+    out = call(tool, "search", query="otters")
+    assert out.error and "DuckDuckGo answered without a results list" in out.text
+
+
+def test_page_text_follows_html2text_layout():
+    document = (
+        "<h2>Title</h2><p>Text<br>next line</p><ol><li>first</li><li>second<ul><li>inner</li></ul></li></ol>"
+        "<table><tr><th>k</th><td>v</td></tr><tr><td>k2</td><td>v2</td></tr></table>"
+        "<a href='/x'><img src='i.png' alt='logo'></a><hr><pre>a\n  b</pre>"
+    )
+    page = html_to_page(document, "https://site.org/")
+    assert page.title == "site.org"  # no <title>: the domain
+    assert page.text.split("\n") == [
+        "", "URL: https://site.org/", "## Title", "", "Text", "next line", "",
+        "  1. first", "  2. second", "    * inner", "", "k v", "k2 v2", "", "[Image 0: logo]", "",
+        "* * *", "", "a", "  b",
+    ]  # fmt: skip
+
+
 def test_settings_that_cannot_search():
     assert "search_url" in BrowserTool(ToolSettings(search_backend="searxng")).unavailable()
     assert "unknown search backend `bing`" in BrowserTool(ToolSettings(search_backend="bing")).unavailable()
@@ -387,6 +413,9 @@ def test_pure_helpers():
     assert address_allowed("93.184.216.34") and address_allowed("2606:4700::1111")
     page = html_to_page("<title>T</title><p>a 【0†fake】 link</p>", "https://x.org/")
     assert "〖0†fake〗" in page.text and page.links == {}
+    assert with_scheme("example.com/a") == "https://example.com/a"
+    assert with_scheme("localhost:8080/") == "https://localhost:8080/"
+    assert with_scheme("file:/etc/passwd") == "file:/etc/passwd" and with_scheme("http://x/") == "http://x/"
     assert parse_duckduckgo("<a class='result__a' href='https://direct.example/'>Direct</a>")[0].url == (
         "https://direct.example/"
     )

@@ -35,7 +35,7 @@ from .pages import (
     title_of,
     view_end,
 )
-from .search import FetchError, FetchLimits, backend_problem, fetch, search_page_url
+from .search import FetchError, FetchLimits, backend_problem, fetch, search_page_url, with_scheme
 from .search import search as search_web
 
 log = logging.getLogger("mlx_oss.tools.browser")
@@ -103,6 +103,8 @@ class BrowserTool:
         arguments = _arguments(content)
         if arguments is None:
             return _error(json.dumps({"error": "Invalid function arguments"}))
+        if cancel.cancelled:
+            return _error("cancelled")
         method = getattr(self, function)
         try:
             inspect.signature(method).bind(cancel=cancel, **arguments)
@@ -162,7 +164,7 @@ class BrowserTool:
         loc, num_lines = _integer(loc, "loc"), _integer(num_lines, "num_lines")
         start_line: int | None = None
         if isinstance(id, str):
-            url, direct = id.strip(), True
+            url, direct = with_scheme(id), True
             stay = False
         else:
             id = _integer(id, "id")  # noqa: A001

@@ -32,7 +32,7 @@ CITATION_PATTERN = re.compile(r"【(?P<cursor>\d+)†(?P<content>[^†】]+)(?:�
 # Page text that could pass for a link or a citation is changed to look-alikes, as the reference does.
 _LOOKALIKES = str.maketrans({"【": "〖", "】": "〗", "◼": "◾", "\u200b": None})
 
-_SKIPPED = {"script", "style", "noscript", "template", "svg", "math", "head", "iframe", "object", "canvas", "select"}
+_SKIPPED = {"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "canvas", "select"}
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 _PARAGRAPHS = {
     "p", "div", "section", "article", "header", "footer", "main", "aside", "nav", "form", "fieldset", "figure",
@@ -138,8 +138,7 @@ class _PageText(HTMLParser):
     # Parsing.
     def handle_starttag(self, tag, attrs):
         if tag in _SKIPPED:
-            if tag == "head" or tag not in _VOID:
-                self._skip_depth += tag != "head"
+            self._skip_depth += 1
             return
         if tag == "title":
             self._in_title = True
@@ -194,8 +193,7 @@ class _PageText(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in _SKIPPED:
-            if tag != "head" and self._skip_depth:
-                self._skip_depth -= 1
+            self._skip_depth = max(self._skip_depth - 1, 0)
             return
         if tag == "title":
             self._in_title = False

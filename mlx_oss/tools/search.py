@@ -81,6 +81,15 @@ def host_allowed_by_user(host: str, allowed_hosts) -> bool:
     return any(host == h.lower().strip("[]").rstrip(".") for h in allowed_hosts)
 
 
+def with_scheme(url: str) -> str:
+    """`example.com/page` (or `localhost:8080`) as `https://…`: models often leave the scheme out. A URL with a
+    scheme keeps it, to be judged by `check_url`."""
+    url = url.strip()
+    if "://" in url or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:(?!\d)", url):
+        return url
+    return "https://" + url
+
+
 def check_url(url: str, allowed_hosts=()) -> str:
     """The URL if it may be fetched as far as its text tells (scheme, a literal address or `localhost`); the
     addresses a name resolves to are checked when connecting. Raises FetchError(refused=True)."""
@@ -357,6 +366,11 @@ def search(
     else:
         fetched = fetch(url, limits, allowed, cancel, params={"q": query})
         results = parse_duckduckgo(fetched.text)
+        if not results and "no-results" not in fetched.text:
+            raise FetchError(
+                "DuckDuckGo answered without a results list (it may be asking for a captcha); "
+                "try again later, or set up a SearXNG server"
+            )
     return results[:topn]
 
 
