@@ -1,8 +1,10 @@
 """`python -m mlx_oss.chat`: talk to gpt-oss in the terminal.
 
-Answers stream as they are generated, the reasoning set apart (dimmed) above the answer. Ctrl-C stops the
-current answer and keeps the chat; /reset, /effort, /reasoning, /quit and /help are the commands. With stdin
-not a terminal the chat answers what was piped in (answer on stdout, reasoning and figures on stderr) and exits.
+Answers stream as they are generated, the reasoning set apart (dimmed) above the answer. With `--tools
+python,browser` gpt-oss may run Python and browse before it answers: each call and its output are shown dimmed.
+Ctrl-C stops the current turn (a running tool included) and keeps the chat; /reset, /effort, /reasoning, /tools,
+/quit and /help are the commands. With stdin not a terminal the chat answers what was piped in (answer on
+stdout, reasoning, tool calls and figures on stderr) and exits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
+from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from .cli import format_count, non_negative_int, number_from, positive_int, run
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
@@ -24,12 +29,15 @@ from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, Reas
 from .layouts import parameter_count
 from .loading import BACKENDS
 from .render_limits import MAX_RUN, longest_run
+from .tools import BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 
 PROG = "python -m mlx_oss.chat"
 COMMANDS = """commands:
   /reset                   start a new conversation
   /effort low|medium|high  set the reasoning effort
   /reasoning show|hide     show or hide the model's reasoning
+  /tools                   list the built-in tools (python, browser) and whether each is on
+  /tools NAME on|off       let the model use a tool, or stop it
   /quit                    leave the chat (Ctrl-D works too)
   /help                    this list
 Ctrl-C stops the current answer."""
@@ -37,8 +45,12 @@ STOP_NOTES = {
     "length": "stopped at --max-tokens",
     "context_limit": "the context is full: /reset to start over",
     "cancelled": "stopped",
-    "tool_call": "the model called a tool; this chat has none",
+    "tool_call": "the model called a tool this chat does not have",
+    STEP_LIMIT: "stopped: too many tool calls in one turn",
 }
+# Where each built-in tool's class lives (imported when the tool is first turned on: the tools are written
+# separately and may be missing from an install, which then costs one line, not the chat).
+TOOL_CLASSES = {"python": ("mlx_oss.tools.python", "PythonTool"), "browser": ("mlx_oss.tools.browser", "BrowserTool")}
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
@@ -85,15 +97,32 @@ class Display:
         elif isinstance(event, ToolCall):
             self._switch("tool")
             self.side_stream.write(f"[tool call {event.recipient}: {event.arguments}]\n")
+        elif isinstance(event, ToolStarted):
+            self._tool_block(f"{event.recipient} call:", event.content)
+        elif isinstance(event, ToolFinished):
+            output = event.output
+            shown = output.display or output.text
+            shown += "".join(f"\n[file: {path}]" for path in output.files)
+            error = "error, " if output.error else ""
+            self._tool_block(f"{event.recipient} output ({error}{event.seconds:.1f} s):", shown)
         elif isinstance(event, Done):
             self._switch(None)
             self.side_stream.write(self._style(DIM, format_stats(event)) + "\n")
             self.side_stream.flush()
 
+    def _tool_block(self, label: str, text: str) -> None:
+        """A tool call or its output, dimmed like reasoning (it is part of the model's working), shown whatever
+        /reasoning says: what ran on the user's computer is never hidden."""
+        self._switch("tool")
+        self.side_stream.write(self._style(BOLD, label) + "\n" + self._style(DIM, text.rstrip("\n")) + "\n")
+        self.side_stream.flush()
+
     def _switch(self, section: str | None) -> None:
         """End the section written last (with a blank line after reasoning) before `section` begins."""
         if self._section == "reasoning":
             self.side_stream.write("\n\n" if section == "answer" else "\n")
+        elif self._section == "tool" and section == "answer":
+            self.side_stream.write("\n")
         elif self._section == "answer":
             self.answer_stream.write("\n")
         self.answer_stream.flush()
@@ -107,12 +136,82 @@ class ChatSettings:
     show_reasoning: bool
 
 
-class ChatSession:
-    """One conversation with one engine: send a user message, stream the answer, keep the history."""
+def session_work_dir() -> Path:
+    """python's working folder for one chat session: its own folder under the user data dir, named by when the
+    chat started, so files from earlier chats stay where they were."""
+    import platformdirs
 
-    def __init__(self, engine: Engine, conversation: Conversation, settings: ChatSettings):
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return platformdirs.user_data_path("mlx-oss") / "python" / f"chat_{stamp}_{os.getpid()}"
+
+
+class ChatTools:
+    """The built-in tools of one chat session: each built when first turned on (its module imported then), kept
+    while the chat runs (python's variables survive being turned off and on), closed when the chat ends."""
+
+    def __init__(self, settings: ToolSettings, say=print):
+        self.settings, self.say = settings, say
+        self.built: dict[str, BuiltinTool] = {}
+        self.enabled: list[str] = []
+        self.problems: dict[str, str] = {}  # why a tool cannot be turned on
+
+    def turn_on(self, name: str) -> bool:
+        """Turns `name` on, or says in one line why it cannot be."""
+        tool = self.built.get(name) or self._build(name)
+        if tool is None:
+            return False
+        problem = tool.unavailable()
+        if problem:
+            self.problems[name] = problem
+            self.say(f"({name} is not available: {problem})")
+            return False
+        self.problems.pop(name, None)
+        if name not in self.enabled:
+            self.enabled.append(name)
+        return True
+
+    def turn_off(self, name: str) -> None:
+        if name in self.enabled:
+            self.enabled.remove(name)
+
+    def running(self) -> dict[str, BuiltinTool]:
+        return {name: self.built[name] for name in self.enabled}
+
+    def close(self) -> None:
+        for tool in self.built.values():
+            with contextlib.suppress(Exception):
+                tool.close()
+
+    def _build(self, name: str) -> BuiltinTool | None:
+        module_name, class_name = TOOL_CLASSES[name]
+        try:
+            tool_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            self.problems[name] = f"its module cannot be loaded ({e})"
+            self.say(f"({name} is not available: {self.problems[name]})")
+            return None
+        if name == PYTHON:
+            if self.settings.work_dir is None:
+                self.settings.work_dir = session_work_dir()
+            self.settings.work_dir.mkdir(parents=True, exist_ok=True)
+            tool = tool_class(self.settings, self.settings.work_dir)
+            self.say(f"(python's working folder: {self.settings.work_dir})")
+        else:
+            tool = tool_class(self.settings)
+        self.built[name] = tool
+        return tool
+
+
+class ChatSession:
+    """One conversation with one engine: send a user message, stream the turn (tool calls included), keep the
+    history."""
+
+    def __init__(
+        self, engine: Engine, conversation: Conversation, settings: ChatSettings, tools: ChatTools | None = None
+    ):
         self.engine, self.settings = engine, settings
         self.conversation = conversation
+        self.tools = tools or ChatTools(ToolSettings(), say=lambda line: None)
 
     def reset(self) -> None:
         self.conversation.messages.clear()
@@ -124,17 +223,19 @@ class ChatSession:
                 "cannot take; break the run up"
             )
         self.conversation.current_date = datetime.date.today().isoformat()
+        self.conversation.builtin_tools = tuple(self.tools.enabled)
+        start = len(self.conversation.messages)
         self.conversation.messages.append(Message.user(text))
         done = None
         try:
-            for event in self.engine.respond(self.conversation, self.settings.sampling, cancel):
+            tools = self.tools.running()
+            for event in run_turn(self.engine, self.conversation, tools, self.settings.sampling, cancel):
                 display.event(event)
                 if isinstance(event, Done):
                     done = event
         except BaseException:
-            self.conversation.messages.pop()
+            del self.conversation.messages[start:]  # the turn never happened: ask again
             raise
-        self.conversation.messages.extend(done.messages)
         return done
 
 
@@ -153,12 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=positive_int, help="most tokens per answer, reasoning included (default: no limit)"
     )
     p.add_argument(
+        "--tools",
+        type=tool_names,
+        default=(),
+        metavar="python,browser",
+        help="built-in tools the model may use: python (sandboxed, in a working folder) and browser (web search)",
+    )
+    p.add_argument(
         "--show-reasoning",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="show the model's reasoning above the answer (default: shown)",
     )
     return p
+
+
+def tool_names(text: str) -> tuple[str, ...]:
+    """`--tools`: comma-separated built-in tool names."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BUILTIN_TOOLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown tool {unknown[0]!r}: the tools are {', '.join(BUILTIN_TOOLS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,15 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import load
 
     model = load(path, backend=args.backend)
-    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning))
-    if piped is not None:
-        return answer_piped(session, piped)
-    print(
-        f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} backend "
-        f"({model.backend_reason}), reasoning {args.reasoning})\n"
-        "/help lists the commands, /quit leaves, Ctrl-C stops an answer."
-    )
-    return chat_loop(session)
+    say = print if interactive else lambda line: print(line, file=sys.stderr)
+    tools = ChatTools(ToolSettings(enabled=args.tools), say)
+    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning), tools)
+    try:
+        for name in args.tools:
+            tools.turn_on(name)
+        if piped is not None:
+            return answer_piped(session, piped)
+        print(
+            f"mlx-oss chat: {path} ({format_count(parameter_count(model.config))} parameters, {model.backend} "
+            f"backend ({model.backend_reason}), reasoning {args.reasoning}"
+            f"{', tools ' + ', '.join(tools.enabled) if tools.enabled else ''})\n"
+            "/help lists the commands, /quit leaves, Ctrl-C stops an answer."
+        )
+        return chat_loop(session)
+    finally:
+        tools.close()
 
 
 def model_directory(arg: str, backend: str, interactive: bool) -> Path:
@@ -302,11 +427,31 @@ def run_command(session: ChatSession, text: str) -> str | None:
     elif name == "/reasoning" and arg in ("show", "hide"):
         session.settings = replace(session.settings, show_reasoning=arg == "show")
         print(f"(reasoning {'shown' if arg == 'show' else 'hidden'})")
+    elif name == "/tools":
+        tools_command(session.tools, arg)
     elif name == "/help":
         print(COMMANDS)
     else:
         print(f"(unknown command {text!r})\n{COMMANDS}")
     return None
+
+
+def tools_command(tools: ChatTools, arg: str) -> None:
+    """`/tools` lists the tools; `/tools NAME on|off` turns one on or off (from the next message on)."""
+    name, _, state = arg.partition(" ")
+    state = state.strip()
+    if not arg:
+        for tool in BUILTIN_TOOLS:
+            problem = tools.problems.get(tool)
+            print(f"({tool}: {'on' if tool in tools.enabled else 'not available: ' + problem if problem else 'off'})")
+    elif name in BUILTIN_TOOLS and state in ("on", "off"):
+        if state == "off":
+            tools.turn_off(name)
+            print(f"({name} off)")
+        elif tools.turn_on(name):
+            print(f"({name} on)")
+    else:
+        print(f"(/tools NAME on|off, NAME one of {', '.join(BUILTIN_TOOLS)})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from mlx_oss.harmony import encoding
+from mlx_oss.tools import ToolOutput
 
 
 def harmony_tokens(text: str) -> list[int]:
@@ -94,3 +95,41 @@ class PromptScriptedModel(ScriptedModel):
         logits = super().forward(token_ids, cache, last_only)
         self._decoding_after = (cache.length, int(np.argmax(logits[-1])))
         return logits
+
+
+class FakeTool:
+    """A built-in tool (the `BuiltinTool` contract) that answers `output`, records its calls, and can wait to be
+    cancelled; built like the real ones (`FakeTool(settings, work_dir)`) so the chat can import it in their place."""
+
+    name = "python"
+
+    def __init__(self, settings=None, work_dir=None, *, output="4\n", unavailable=None, wait_for_cancel=False):
+        self.settings, self.work_dir = settings, work_dir
+        self.output, self.reason, self.wait_for_cancel = output, unavailable, wait_for_cancel
+        self.calls: list[tuple[str, str]] = []
+        self.running = threading.Event()
+        self.saw_cancel = False
+        self.closed = False
+
+    def unavailable(self):
+        return self.reason
+
+    def run(self, recipient, content, cancel):
+        self.calls.append((recipient, content))
+        if self.wait_for_cancel:
+            self.running.set()
+            self.saw_cancel = cancel.wait(30)
+            return ToolOutput("KeyboardInterrupt", error=True)
+        return ToolOutput(self.output, display=f"full: {self.output}")
+
+    def close(self):
+        self.closed = True
+
+
+class UnavailableBrowser(FakeTool):
+    """A browser that cannot run here, as BrowserTool(settings) is built."""
+
+    name = "browser"
+
+    def __init__(self, settings=None):
+        super().__init__(settings, unavailable="offline (no network)")

@@ -7,7 +7,7 @@ import threading
 
 import openai_harmony as oh
 import pytest
-from harmony_helpers import PromptScriptedModel
+from harmony_helpers import FakeTool, PromptScriptedModel
 
 from mlx_oss.agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from mlx_oss.engine import AnswerDelta, ContextLimitError, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
@@ -19,30 +19,6 @@ CALL = "<|channel|>analysis<|message|>Use python.<|end|><|start|>assistant<|chan
 PYTHON_CALL = CALL + "print(2 + 2)<|call|>"
 ANSWER = "<|channel|>analysis<|message|>It printed 4.<|end|><|start|>assistant<|channel|>final<|message|>4.<|return|>"
 RESULT_HEADER = "<|start|>python to=assistant<|channel|>analysis<|message|>"
-
-
-class FakeTool:
-    """A built-in tool that answers what it is told to, records its calls, and can wait to be cancelled."""
-
-    def __init__(self, name="python", output="4\n", unavailable=None, wait_for_cancel=False):
-        self.name, self.output, self.reason, self.wait_for_cancel = name, output, unavailable, wait_for_cancel
-        self.calls: list[tuple[str, str]] = []
-        self.running = threading.Event()
-        self.saw_cancel = False
-
-    def unavailable(self):
-        return self.reason
-
-    def run(self, recipient, content, cancel):
-        self.calls.append((recipient, content))
-        if self.wait_for_cancel:
-            self.running.set()
-            self.saw_cancel = cancel.wait(30)
-            return ToolOutput("KeyboardInterrupt", error=True)
-        return ToolOutput(self.output, display=f"full: {self.output}")
-
-    def close(self):
-        pass
 
 
 def answers_after_a_result(prompt: str) -> str:

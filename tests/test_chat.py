@@ -11,9 +11,10 @@ import sys
 
 import pexpect
 import pytest
-from harmony_helpers import ScriptedModel, harmony_tokens
+from harmony_helpers import PromptScriptedModel, ScriptedModel, harmony_tokens
 
-from mlx_oss.chat import ChatSession, ChatSettings, Display, run_command
+from mlx_oss import chat
+from mlx_oss.chat import ChatSession, ChatSettings, ChatTools, Display, run_command
 from mlx_oss.cli import format_count
 from mlx_oss.config import ModelConfig
 from mlx_oss.engine import CancelToken, Done, Engine, GenerationStats, SamplingParams
@@ -21,6 +22,7 @@ from mlx_oss.errors import MlxOssError
 from mlx_oss.harmony import AnswerDelta, Conversation, Message, ReasoningDelta, encoding, render_prompt
 from mlx_oss.layouts import parameter_count
 from mlx_oss.store import resolve_model
+from mlx_oss.tools import ToolSettings
 
 CHAT = [sys.executable, "-m", "mlx_oss.chat"]
 
@@ -266,4 +268,103 @@ def test_a_run_the_tokenizer_cannot_take_is_one_clear_line(tiny):
     assert out.stderr == (
         "python -m mlx_oss.chat: error: the message has more than 20000 letters, symbols or spaces in a row, "
         "which the tokenizer cannot take; break the run up\n"
+    )
+
+
+PYTHON_TURN = (
+    "<|channel|>analysis<|message|>Use python.<|end|><|start|>assistant<|channel|>analysis to=python code<|message|>"
+    "print(2 + 2)<|call|>"
+)
+ANSWER_TURN = "<|channel|>analysis<|message|>It is 4.<|end|><|start|>assistant<|channel|>final<|message|>4.<|return|>"
+
+
+def test_tool_calls_show_dimmed_with_their_output_then_the_answer(tmp_path, monkeypatch):
+    """`--tools python` as the chat runs it: the tool is built from its module (here a fake in its place) with a
+    working folder, the model's call and the tool's full output are shown dimmed, then the answer."""
+    monkeypatch.setitem(chat.TOOL_CLASSES, "python", ("harmony_helpers", "FakeTool"))
+    said: list[str] = []
+    tools = ChatTools(ToolSettings(work_dir=tmp_path / "work"), say=said.append)
+    assert tools.turn_on("python") and said == [f"(python's working folder: {tmp_path / 'work'})"]
+    assert (tmp_path / "work").is_dir() and tools.built["python"].work_dir == tmp_path / "work"
+
+    model = PromptScriptedModel(lambda prompt: ANSWER_TURN if "<|start|>python to=assistant" in prompt else PYTHON_TURN)
+    session = ChatSession(Engine(model), Conversation(), ChatSettings(SamplingParams(temperature=0), True), tools)
+    out = io.StringIO()
+    done = session.send("2 + 2?", Display(out, out, color=True, show_reasoning=False), CancelToken())
+    assert done.stop_reason == "stop"
+    assert out.getvalue().startswith(
+        f"{chat.BOLD}python call:{chat.RESET}\n{chat.DIM}print(2 + 2){chat.RESET}\n{chat.BOLD}python output ("
+    )
+    assert f" s):{chat.RESET}\n{chat.DIM}full: 4{chat.RESET}\n\n4.\n" in out.getvalue()  # then the answer
+    assert "## python" in model.prompts[0]  # declared to the model
+    assert session.conversation.messages[-3] == Message.builtin_result("python", "4\n")
+
+    run_command(session, "/tools python off")
+    session.send("Again?", Display(out, out, color=False, show_reasoning=False), CancelToken())
+    assert "## python" not in model.prompts[-1]  # off: no longer declared, so the model is not offered it
+    tools.close()
+    assert tools.built["python"].closed
+
+
+def test_tools_that_cannot_be_had_are_one_line_and_the_chat_goes_on(monkeypatch, capsys):
+    monkeypatch.setitem(chat.TOOL_CLASSES, "python", ("mlx_oss.tools.no_such_module", "PythonTool"))
+    monkeypatch.setitem(chat.TOOL_CLASSES, "browser", ("harmony_helpers", "UnavailableBrowser"))
+    session = ChatSession(Engine(ScriptedModel()), Conversation(), ChatSettings(SamplingParams(), True))
+    session.tools.say = print
+    run_command(session, "/tools python on")
+    run_command(session, "/tools browser on")
+    run_command(session, "/tools")
+    run_command(session, "/tools browser sideways")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("(python is not available: its module cannot be loaded (No module named ")
+    assert printed[1:] == [
+        "(browser is not available: offline (no network))",
+        f"(python: not available: {session.tools.problems['python']})",
+        "(browser: not available: offline (no network))",
+        "(/tools NAME on|off, NAME one of python, browser)",
+    ]
+    assert session.tools.enabled == []
+
+
+def test_the_tools_flag_and_command_in_the_terminal(tiny, tmp_path):
+    """The real CLI with fakes in the tools' place (random weights never call a tool): the flag turns them on,
+    one line says what could not be, /tools lists and toggles."""
+    runner = (
+        "import sys; from mlx_oss import chat; from mlx_oss.cli import run; "
+        "chat.TOOL_CLASSES.update(python=('harmony_helpers', 'FakeTool'), browser=('harmony_helpers', "
+        "'UnavailableBrowser')); run(lambda: chat.main(sys.argv[1:]), chat.PROG)"
+    )
+    env = {**chat_env(), "PYTHONPATH": os.path.dirname(__file__), "XDG_DATA_HOME": str(tmp_path)}
+    args = ["-c", runner, "--model", str(tiny), "--max-tokens", "2", "--tools", "python,browser"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect(r"\(python's working folder: (\S+)\)")
+        assert child.match.group(1).startswith(str(tmp_path / "mlx-oss" / "python" / "chat_"))
+        child.expect_exact("(browser is not available: offline (no network))")
+        child.expect_exact("reasoning medium, tools python)")
+        child.expect_exact(">>> ")
+        child.sendline("/tools")
+        child.expect_exact("(python: on)")
+        child.expect_exact("(browser: not available: offline (no network))")
+        child.expect_exact(">>> ")
+        child.sendline("/tools python off")
+        child.expect_exact("(python off)")
+        child.sendline("/tools python on")
+        child.expect_exact("(python on)")
+        child.expect_exact(">>> ")
+        child.sendline("hello")
+        child.expect(r"\[2 tokens")
+        child.expect_exact(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_an_unknown_tool_is_refused_before_anything_loads():
+    out = subprocess.run([*CHAT, "--model", "/no/such/dir", "--tools", "python,shell"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == (
+        "python -m mlx_oss.chat: error: argument --tools: unknown tool 'shell': the tools are python, browser"
     )
