@@ -18,6 +18,7 @@ Every read and write failure is a `StorageError` whose words say what happened (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import time
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_oss.errors import MlxOssError
+from mlx_oss.harmony import Message
+from mlx_oss.tools import BUILTIN_TOOLS, Citation, ToolOutput
 
 from .file_errors import (
     SQLITE_AUTH,
@@ -40,7 +43,7 @@ from .file_errors import (
     sqlite_error_words,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: built-in tools (a conversation's toggles, its tool calls, each turn's harmony messages)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY,
@@ -60,6 +63,36 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
+# Version 2, added to a version 1 file in place (its chats stay as they were: no tools, no harmony messages).
+# `harmony` holds the turn's messages as the model saw them (reasoning, tool calls, tool results, answer), so a
+# reopened conversation renders the very prompt the loop would have; a file's PNGs are kept in `tool_files`
+# because the model may overwrite its plot in the working folder on a later call.
+TOOLS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tool_calls (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    recipient TEXT NOT NULL,
+    content TEXT NOT NULL,
+    output TEXT NOT NULL DEFAULT '',
+    display TEXT NOT NULL DEFAULT '',
+    citations TEXT NOT NULL DEFAULT '[]',
+    error INTEGER NOT NULL DEFAULT 0,
+    seconds REAL,
+    state TEXT NOT NULL DEFAULT 'running'
+);
+CREATE INDEX IF NOT EXISTS tool_calls_by_message ON tool_calls (message_id, id);
+CREATE TABLE IF NOT EXISTS tool_files (
+    id INTEGER PRIMARY KEY,
+    call_id INTEGER NOT NULL REFERENCES tool_calls(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    data BLOB
+);
+"""
+MIGRATIONS = {  # columns version 2 adds to version 1's tables
+    "conversations": [("tools", "TEXT NOT NULL DEFAULT ''")],
+    "messages": [("harmony", "TEXT")],
+}
+KEPT_FILE_BYTES = 8 * 1024 * 1024  # a picture larger than this is shown from the working folder, not kept
 STATES = ("done", "streaming", "stopped", "interrupted", "failed")
 # Seconds a write waits for another program that holds the file. Writes happen on the GUI thread, one per streamed
 # piece: another mlx-oss writing the same file holds it for microseconds, so a longer wait only means a window
@@ -83,6 +116,24 @@ class StoredMessage:
     reasoning: str = ""
     state: str = "done"  # streaming while it is written; stopped (by the user), interrupted (crash), failed
     stats: dict = field(default_factory=dict)
+    harmony: list[Message] | None = None  # the turn as the model saw it (None: written before tools, or cut off)
+    tool_calls: list[StoredToolCall] = field(default_factory=list)
+
+
+@dataclass
+class StoredToolCall:
+    """One built-in tool call of an answer, as shown: what the model sent and what came back."""
+
+    id: int
+    recipient: str
+    content: str
+    output: str = ""  # what the model read
+    display: str = ""  # what the user sees (the full output)
+    citations: tuple[Citation, ...] = ()
+    error: bool = False
+    seconds: float | None = None
+    state: str = "running"  # running while the tool runs; done; interrupted (the app was closed meanwhile)
+    files: list[tuple[str, bytes | None]] = field(default_factory=list)  # (path, its bytes when kept)
 
 
 @dataclass(frozen=True)
@@ -101,6 +152,7 @@ class ConversationStore:
         self.busy_timeout = busy_timeout  # seconds to wait, when opening, for another process that holds the file
         self.notice: str | None = None
         self.read_only: str | None = None  # why nothing can be added, when that is so
+        self.has_tools = True  # False for a version 1 file shown read-only: it has no tool columns to read
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -131,6 +183,8 @@ class ConversationStore:
         store.path, store.busy_timeout, store.read_only = Path(":memory:"), 0.0, None
         store.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         store.db.executescript(SCHEMA)
+        _migrate(store.db)
+        store.has_tools = True
         store.notice = (
             f"{sentence(f'Conversations are not being saved: {reason}')} The chats of this session are lost when "
             "the window closes; fix this and restart mlx-oss to keep them."
@@ -176,6 +230,7 @@ class ConversationStore:
                 f"cannot read the conversations in {self.path} ({why}): {sqlite_error_words(e, self.path)}"
             ) from None
         self.read_only = why
+        self.has_tools = _has_tool_schema(self.db)
         self.notice = f"The conversations in {self.path} are shown read-only: {why}."
 
     def _set_aside(self, error: sqlite3.Error) -> None:
@@ -213,8 +268,9 @@ class ConversationStore:
                 error.sqlite_errorcode = SQLITE_CORRUPT  # set aside like any damaged file
                 raise error
             db.executescript(SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            _migrate(db)
             db.execute("UPDATE messages SET state='interrupted' WHERE state='streaming'")
+            db.execute("UPDATE tool_calls SET state='interrupted' WHERE state='running'")
             db.execute(f"PRAGMA busy_timeout={int(WRITE_WAIT * 1000)}")
         except sqlite3.DatabaseError:
             db.close()
@@ -292,14 +348,52 @@ class ConversationStore:
     # -- messages --------------------------------------------------------------------------------------------
 
     def messages(self, conversation: int) -> list[StoredMessage]:
+        harmony = "harmony" if self.has_tools else "NULL"
         rows = self._read(
-            "SELECT id, role, content, reasoning, state, stats FROM messages WHERE conversation_id = ? ORDER BY id",
+            f"SELECT id, role, content, reasoning, state, stats, {harmony} FROM messages WHERE conversation_id = ? "
+            "ORDER BY id",
             (conversation,),
         )
+        calls = self._tool_calls(conversation)
         return [
-            StoredMessage(i, role, content, reasoning, state, json.loads(stats or "{}"))
-            for i, role, content, reasoning, state, stats in rows
+            StoredMessage(
+                i,
+                role,
+                content,
+                reasoning,
+                state,
+                json.loads(stats or "{}"),
+                [message_from_json(m) for m in json.loads(turn)] if turn else None,
+                calls.get(i, []),
+            )
+            for i, role, content, reasoning, state, stats, turn in rows
         ]
+
+    def _tool_calls(self, conversation: int) -> dict[int, list[StoredToolCall]]:
+        """The tool calls of a conversation's answers, by answer."""
+        if not self.has_tools:
+            return {}
+        rows = self._read(
+            "SELECT t.id, t.message_id, recipient, t.content, output, display, citations, error, seconds, t.state "
+            "FROM tool_calls t JOIN messages m ON m.id = t.message_id WHERE m.conversation_id = ? ORDER BY t.id",
+            (conversation,),
+        )
+        files: dict[int, list] = {}
+        for call, path, data in self._read(
+            "SELECT f.call_id, f.path, f.data FROM tool_files f JOIN tool_calls t ON t.id = f.call_id "
+            "JOIN messages m ON m.id = t.message_id WHERE m.conversation_id = ? ORDER BY f.id",
+            (conversation,),
+        ):
+            files.setdefault(call, []).append((path, data))
+        found: dict[int, list[StoredToolCall]] = {}
+        for call, message, recipient, content, output, display, citations, error, seconds, state in rows:
+            cited = tuple(Citation(**c) for c in json.loads(citations or "[]"))
+            found.setdefault(message, []).append(
+                StoredToolCall(
+                    call, recipient, content, output, display, cited, bool(error), seconds, state, files.get(call, [])
+                )
+            )
+        return found
 
     def add(self, conversation: int, role: str, content: str = "", state: str = "done") -> int:
         message = self._write(
@@ -321,6 +415,46 @@ class ConversationStore:
             raise ValueError(f"unknown message state {state!r}")
         self._write("UPDATE messages SET state = ?, stats = ? WHERE id = ?", (state, json.dumps(stats or {}), message))
 
+    def add_tool_call(self, message: int, recipient: str, content: str) -> int:
+        """A built-in tool call the model just made, written before the tool runs (a crash shows it cut off)."""
+        return self._write(
+            "INSERT INTO tool_calls (message_id, recipient, content) VALUES (?, ?, ?)", (message, recipient, content)
+        ).lastrowid
+
+    def finish_tool_call(
+        self, call: int, output: ToolOutput, seconds: float, files: list[tuple[str, bytes | None]] = ()
+    ) -> None:
+        """What the call returned; `files` are the files it made, with the bytes of those worth keeping (pictures)."""
+        citations = json.dumps([dataclasses.asdict(c) for c in output.citations])
+        with self.transaction():
+            self._write(
+                "UPDATE tool_calls SET output = ?, display = ?, citations = ?, error = ?, seconds = ?, state = 'done' "
+                "WHERE id = ?",
+                (output.text, output.display, citations, int(output.error), seconds, call),
+            )
+            for path, data in files:
+                self._write("INSERT INTO tool_files (call_id, path, data) VALUES (?, ?, ?)", (call, path, data))
+
+    def set_harmony(self, message: int, turn: list[Message]) -> None:
+        """The turn's messages as the model saw them: what is sent again in the next turns."""
+        self._write(
+            "UPDATE messages SET harmony = ? WHERE id = ?",
+            (json.dumps([message_to_json(m) for m in turn], ensure_ascii=False), message),
+        )
+
+    def tools(self, conversation: int) -> tuple[str, ...]:
+        """The built-in tools this conversation has switched on."""
+        if not self.has_tools:
+            return ()
+        rows = self._read("SELECT tools FROM conversations WHERE id = ?", (conversation,))
+        return tuple(t for t in (rows[0][0] if rows else "").split(",") if t in BUILTIN_TOOLS)
+
+    def set_tools(self, conversation: int, tools: tuple[str, ...]) -> None:
+        self._write(
+            "UPDATE conversations SET tools = ? WHERE id = ?",
+            (",".join(t for t in BUILTIN_TOOLS if t in tools), conversation),
+        )
+
     def delete_message(self, message: int) -> None:
         self._write("DELETE FROM messages WHERE id = ?", (message,))
 
@@ -330,7 +464,30 @@ class ConversationStore:
         return {
             "title": self.title(conversation),
             "messages": [
-                {"role": m.role, "content": m.content, "reasoning": m.reasoning, "state": m.state, "stats": m.stats}
+                {
+                    "role": m.role,
+                    "content": m.content,
+                    "reasoning": m.reasoning,
+                    "state": m.state,
+                    "stats": m.stats,
+                    **({"harmony": [message_to_json(h) for h in m.harmony]} if m.harmony else {}),
+                    **(
+                        {
+                            "tool_calls": [
+                                {
+                                    "recipient": c.recipient,
+                                    "content": c.content,
+                                    "output": c.display or c.output,
+                                    "error": c.error,
+                                    "files": [path for path, _ in c.files],
+                                }
+                                for c in m.tool_calls
+                            ]
+                        }
+                        if m.tool_calls
+                        else {}
+                    ),
+                }
                 for m in self.messages(conversation)
             ],
         }
@@ -342,10 +499,54 @@ class ConversationStore:
             if m.reasoning:
                 quoted = "\n".join(f"> {line}" if line else ">" for line in m.reasoning.splitlines())
                 parts.append(f"<details><summary>Reasoning</summary>\n\n{quoted}\n\n</details>\n")
+            for call in m.tool_calls:
+                fence = "````" if "```" in call.content + call.display + call.output else "```"
+                parts.append(
+                    f"<details><summary>{call.recipient}</summary>\n\n{fence}\n{call.content}\n{fence}\n\n"
+                    f"{fence}\n{call.display or call.output}\n{fence}\n\n</details>\n"
+                )
             parts.append(m.content.rstrip() + "\n")
             if m.state in ("stopped", "interrupted", "failed"):
                 parts.append(f"*({m.state})*\n")
         return "\n".join(parts)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _has_tool_schema(db: sqlite3.Connection) -> bool:
+    return all({name for name, _ in columns} <= _columns(db, table) for table, columns in MIGRATIONS.items()) and bool(
+        _columns(db, "tool_calls")
+    )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a version 1 file (or a new one) to this version, all at once or not at all."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, columns in MIGRATIONS.items():
+            have = _columns(db, table)
+            for name, declaration in columns:
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        for statement in TOOLS_SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def message_to_json(message: Message) -> dict:
+    return {k: v for k, v in dataclasses.asdict(message).items() if v is not None}
+
+
+def message_from_json(data: dict) -> Message:
+    fields = {f.name for f in dataclasses.fields(Message)}
+    return Message(**{k: v for k, v in data.items() if k in fields})
 
 
 def open_conversations(path: str | Path) -> ConversationStore:
