@@ -25,12 +25,16 @@ from mlx_oss.harmony import REASONING_EFFORTS
 from mlx_oss.json_input import JsonInputError, parse_json
 from mlx_oss.loading import BACKENDS
 from mlx_oss.store import DEFAULT_MODEL
+from mlx_oss.tools import ToolSettings
 
 from .file_errors import aside_path, os_error_words
 
 APP_DIR_ENV = "MLX_OSS_APP_DIR"
 MAX_CONTEXT = 131072  # tokens: the longest context gpt-oss was trained for
 MAX_TOKENS = 1_000_000
+SEARCH_BACKENDS = ("duckduckgo", "searxng")
+MAX_PYTHON_TIMEOUT = 3600.0  # seconds
+MAX_PYTHON_MEMORY = 1 << 20  # MB
 _KINDS = {str: "text", float: "a number", int: "a whole number"}
 _repr = reprlib.Repr()  # a value quoted in a message stays short, whatever the file holds
 _repr.maxstring = _repr.maxother = 40
@@ -53,6 +57,11 @@ def config_dir() -> Path:
     return Path(platformdirs.user_config_dir("mlx-oss", appauthor=False))
 
 
+def work_dir(conversation: int) -> Path:
+    """The conversation's working folder: python's files (plots, data), one click away in the chat."""
+    return data_dir() / "work" / f"conversation-{conversation}"
+
+
 def settings_path() -> Path:
     return config_dir() / "settings.json"
 
@@ -73,9 +82,27 @@ class AppSettings:
     max_tokens: int = 0  # 0: no limit but the context
     context_length: int = 8192  # tokens of conversation the engine keeps (KV cache memory grows with it)
     system_prompt: str = ""
+    # The built-in tools (each conversation switches them on for itself): where `browser` searches, and the limits
+    # of a `python` call.
+    # (the address before the backend: a file is read field by field, and searxng is checked against its address)
+    search_url: str = ""  # a SearXNG instance's address (the backend that needs one)
+    search_backend: str = "duckduckgo"  # needs no key
+    python_timeout_s: float = 120.0  # the model is told 120 s
+    python_memory_mb: int = 2048
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, None, self.max_tokens or None)
+
+    def tool_settings(self, enabled: tuple[str, ...] = (), work_dir: Path | None = None) -> ToolSettings:
+        """What the tools are built with (`enabled` and the working folder are the conversation's)."""
+        return ToolSettings(
+            enabled=enabled,
+            work_dir=work_dir,
+            python_timeout_s=self.python_timeout_s,
+            python_memory_mb=self.python_memory_mb,
+            search_backend=self.search_backend,
+            search_url=self.search_url or None,
+        )
 
     def problems(self) -> list[str]:
         """What is wrong with these values, in words (empty when they can be used)."""
@@ -92,6 +119,14 @@ class AppSettings:
             found.append(f"max tokens must be between 0 (no limit) and {MAX_TOKENS}")
         if not 256 <= self.context_length <= MAX_CONTEXT:
             found.append(f"the context must be between 256 and {MAX_CONTEXT} tokens")
+        if self.search_backend not in SEARCH_BACKENDS:
+            found.append(f"the search backend must be one of {', '.join(SEARCH_BACKENDS)}")
+        elif self.search_backend == "searxng" and not self.search_url.startswith(("http://", "https://")):
+            found.append("SearXNG needs its address (http:// or https://)")
+        if not 1 <= self.python_timeout_s <= MAX_PYTHON_TIMEOUT:
+            found.append(f"the python time limit must be between 1 and {MAX_PYTHON_TIMEOUT:g} seconds")
+        if not 128 <= self.python_memory_mb <= MAX_PYTHON_MEMORY:
+            found.append(f"python's memory must be between 128 and {MAX_PYTHON_MEMORY} MB")
         if not self.model.strip():
             found.append("choose a model")
         return found

@@ -1,5 +1,5 @@
-"""Settings: model, backend, reasoning effort, sampling, context and system prompt; saved, used from the next
-message on."""
+"""Settings: model, backend, reasoning effort, sampling, context, system prompt and the built-in tools' backend and
+limits; saved, used from the next message on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QLabel,
+    QLineEdit,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
@@ -23,7 +25,7 @@ from mlx_oss.harmony import REASONING_EFFORTS
 from mlx_oss.loading import BACKENDS
 
 from .server_control import ServerControl
-from .settings import MAX_CONTEXT, MAX_TOKENS, AppSettings
+from .settings import MAX_CONTEXT, MAX_PYTHON_MEMORY, MAX_PYTHON_TIMEOUT, MAX_TOKENS, SEARCH_BACKENDS, AppSettings
 
 
 class SettingsView(QWidget):
@@ -54,6 +56,20 @@ class SettingsView(QWidget):
         form.addRow("Context length", self.context)
         form.addRow("System prompt", self.system_prompt)
         layout.addLayout(form)
+        tools = QGroupBox("Built-in tools (switched on per conversation, under the message box)")
+        tools_form = QFormLayout(tools)
+        self.search_backend = QComboBox()
+        self.search_backend.addItems(SEARCH_BACKENDS)
+        self.search_backend.setToolTip("duckduckgo needs no key; searxng is an instance you run or trust")
+        self.search_url = QLineEdit(placeholderText="https://searx.example.org (SearXNG only)")
+        self.python_timeout = QDoubleSpinBox(minimum=1, maximum=MAX_PYTHON_TIMEOUT, decimals=0, suffix=" s")
+        self.python_memory = QSpinBox(minimum=128, maximum=MAX_PYTHON_MEMORY, singleStep=256, suffix=" MB")
+        tools_form.addRow("Search backend", self.search_backend)
+        tools_form.addRow("SearXNG address", self.search_url)
+        tools_form.addRow("Python time limit per call", self.python_timeout)
+        tools_form.addRow("Python memory", self.python_memory)
+        self.search_backend.currentTextChanged.connect(lambda b: self.search_url.setEnabled(b == "searxng"))
+        layout.addWidget(tools)
         self.save_button = QPushButton("Save")
         self.save_button.clicked.connect(self.save)
         self.message = QLabel()
@@ -76,6 +92,11 @@ class SettingsView(QWidget):
         self.max_tokens.setValue(settings.max_tokens)
         self.context.setValue(settings.context_length)
         self.system_prompt.setPlainText(settings.system_prompt)
+        self.search_backend.setCurrentText(settings.search_backend)
+        self.search_url.setText(settings.search_url)
+        self.search_url.setEnabled(settings.search_backend == "searxng")
+        self.python_timeout.setValue(settings.python_timeout_s)
+        self.python_memory.setValue(settings.python_memory_mb)
 
     def update_models(self, model_names: list[str]) -> None:
         """New choices for the model box (after a download or a deletion), leaving the rest of the form as typed."""
@@ -95,6 +116,10 @@ class SettingsView(QWidget):
             max_tokens=self.max_tokens.value(),
             context_length=self.context.value(),
             system_prompt=self.system_prompt.toPlainText().strip(),
+            search_backend=self.search_backend.currentText(),
+            search_url=self.search_url.text().strip(),
+            python_timeout_s=float(self.python_timeout.value()),
+            python_memory_mb=self.python_memory.value(),
         )
 
     def save(self) -> None:
