@@ -1,9 +1,10 @@
-"""The chat: messages rendered as Markdown, the reasoning in a section that folds away, and the input bar."""
+"""The chat: messages rendered as Markdown, the reasoning in a section that folds away, the built-in tool calls in
+blocks that fold open, citations as links, and the input bar with the conversation's tool toggles."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtCore import Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -16,6 +17,11 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from mlx_oss.tools import Citation
+
+from .citations import link_citations, linkable
+from .tool_view import ToolBar, ToolCallView
 
 STATE_NOTES = {
     "stopped": "stopped",
@@ -34,6 +40,12 @@ def _text_label(markdown: bool) -> QLabel:
     label.setOpenExternalLinks(False)
     label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
     return label
+
+
+def open_link(url: str) -> None:
+    """A cited page opens in the system's browser; nothing but web pages is opened from an answer."""
+    if linkable(url):
+        QDesktopServices.openUrl(QUrl(url))
 
 
 def _message_area(name: str, colours: str) -> QLabel:
@@ -55,10 +67,20 @@ def _show(label: QLabel, text: str | None) -> None:
 class MessageView(QFrame):
     """One message. An assistant message has a folding reasoning section above its answer and a Copy button."""
 
-    def __init__(self, role: str, content: str = "", reasoning: str = "", state: str = "done", show_reasoning=False):
+    def __init__(
+        self,
+        role: str,
+        content: str = "",
+        reasoning: str = "",
+        state: str = "done",
+        show_reasoning=False,
+        citations: dict[int, Citation] | None = None,
+    ):
         super().__init__()
         self.role = role
         self.content, self.reasoning_text, self.state = content, reasoning, state
+        self.citations = citations if citations is not None else {}  # the pages the conversation opened, by cursor
+        self.tool_calls: list[ToolCallView] = []
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         layout = QVBoxLayout(self)
@@ -83,7 +105,10 @@ class MessageView(QFrame):
         self.reasoning_label.setStyleSheet("color: #666; font-style: italic; padding-left: 12px;")
         layout.addWidget(self.reasoning_toggle)
         layout.addWidget(self.reasoning_label)
+        self.tools_layout = QVBoxLayout()
+        layout.addLayout(self.tools_layout)
         self.answer_label = _text_label(markdown=True)
+        self.answer_label.linkActivated.connect(open_link)
         layout.addWidget(self.answer_label)
         self.reasoning_toggle.setChecked(show_reasoning)
         self._fold(show_reasoning)
@@ -98,12 +123,25 @@ class MessageView(QFrame):
         self.reasoning_toggle.setVisible(has_reasoning)
         self.reasoning_label.setText(self.reasoning_text)
         self.reasoning_label.setVisible(has_reasoning and self.reasoning_toggle.isChecked())
-        self.answer_label.setText(self.content or ("…" if self.state == "streaming" else ""))
+        text = link_citations(self.content, self.citations) if self.citations else self.content
+        self.answer_label.setText(text or ("…" if self.state == "streaming" else ""))
         self.copy_button.setVisible(self.role == "assistant" and self.state != "streaming" and bool(self.content))
         self.note.setText(STATE_NOTES.get(self.state, ""))
 
     def copy(self) -> None:
         QGuiApplication.clipboard().setText(self.content)
+
+    def add_tool_call(self, recipient: str, content: str) -> ToolCallView:
+        view = ToolCallView(recipient, content)
+        self.tools_layout.addWidget(view)
+        self.tool_calls.append(view)
+        return view
+
+    def cite(self, citations) -> None:
+        """Pages a call of this answer opened: their citations become links."""
+        for citation in citations:
+            self.citations[citation.cursor] = citation
+        self.refresh()
 
 
 class ChatView(QWidget):
@@ -132,6 +170,8 @@ class ChatView(QWidget):
         self.scroll.setWidget(self.column)
         layout.addWidget(self.scroll, 1)
 
+        self.tool_bar = ToolBar()
+        layout.addWidget(self.tool_bar)
         bar = QHBoxLayout()
         self.input = QPlainTextEdit()
         self.input.setPlaceholderText("Message gpt-oss (Ctrl+Enter sends)")
@@ -179,8 +219,15 @@ class ChatView(QWidget):
             view.deleteLater()
         self.messages = []
 
-    def add(self, role: str, content: str = "", reasoning: str = "", state: str = "done") -> MessageView:
-        view = MessageView(role, content, reasoning, state, show_reasoning=self.show_reasoning)
+    def add(
+        self,
+        role: str,
+        content: str = "",
+        reasoning: str = "",
+        state: str = "done",
+        citations: dict[int, Citation] | None = None,
+    ) -> MessageView:
+        view = MessageView(role, content, reasoning, state, show_reasoning=self.show_reasoning, citations=citations)
         self.column_layout.insertWidget(self.column_layout.count() - 1, view)
         self.messages.append(view)
         QTimer.singleShot(0, self, self._scroll_to_end)  # dropped if this view is gone by then

@@ -16,7 +16,8 @@ import datetime
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
@@ -45,20 +46,23 @@ from mlx_oss.store import ModelStore, resolve_model
 from .chat_view import ChatView, MessageView
 from .file_errors import os_error_words, sentence
 from .models_view import ModelsView
-from .settings import AppSettings, data_dir, load_for_window
+from .settings import AppSettings, data_dir, load_for_window, work_dir
 from .settings_view import SettingsView
 from .storage import DEFAULT_TITLE, StorageError, open_conversations
-from .workers import ModelHost
+from .workers import ModelHost, ToolCheck, ToolFactory, ToolRequest
 
 TITLE_LENGTH = 48
 
 
 def conversation_for(messages, settings: AppSettings) -> Conversation:
-    """What the model sees: the finished turns (reasoning included; harmony drops what the format says to)."""
+    """What the model sees: the finished turns (reasoning included; harmony drops what the format says to). A turn
+    with built-in tool calls is sent as the model saw it (its calls and their results), as stored with it."""
     turns: list[Message] = []
     for m in messages:
         if m.role == "user":
             turns.append(Message.user(m.content))
+        elif m.harmony and m.state in ("done", "stopped", "interrupted"):
+            turns.extend(m.harmony)
         elif m.state in ("done", "stopped", "interrupted") and m.content:
             if m.reasoning:
                 turns.append(Message.reasoning(m.reasoning))
@@ -72,7 +76,9 @@ def conversation_for(messages, settings: AppSettings) -> Conversation:
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, store: ModelStore | None = None, database: Path | None = None):
+    def __init__(
+        self, store: ModelStore | None = None, database: Path | None = None, tool_factory: ToolFactory | None = None
+    ):
         super().__init__()
         self.setWindowTitle("mlx-oss")
         self.resize(1100, 720)
@@ -82,7 +88,10 @@ class MainWindow(QMainWindow):
         # openai-harmony holds the GIL while it reads the vocabulary (a visible pause): do it before the window shows,
         # not on the model's thread while the user waits for an answer.
         encoding()
-        self.host = ModelHost(self.store)
+        self.tool_factory = tool_factory  # None: the real python and browser tools (tests pass their own)
+        self.host = ModelHost(self.store, tool_factory)
+        self.tool_check: ToolCheck | None = None
+        self.tool_call = None  # (stored id, view) of the built-in tool call running now
         QApplication.instance().aboutToQuit.connect(self.shut_down)
         self.loaded_key: tuple | None = None  # (model, backend, context) the engine holds
         self.loading = False
@@ -137,6 +146,11 @@ class MainWindow(QMainWindow):
         self.host.answer.connect(self._answer)
         self.host.finished.connect(self._finished)
         self.host.failed.connect(self._failed)
+        self.host.tool_started.connect(self._tool_started)
+        self.host.tool_finished.connect(self._tool_finished)
+        self.host.turn_messages.connect(self._turn_messages)
+        self.chat.tool_bar.tools_changed.connect(self._tools_changed)
+        self.chat.tool_bar.open_folder_requested.connect(self.open_work_dir)
 
         self.chat.show_notice("\n\n".join(filter(None, [self.conversations.notice, settings_notice])))
         self.new_button.setEnabled(self.writable)
@@ -144,6 +158,7 @@ class MainWindow(QMainWindow):
         if self.list.count():
             self.list.setCurrentRow(0)
         self.check_model()
+        self.check_tools()
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -237,10 +252,27 @@ class MainWindow(QMainWindow):
             except StorageError as e:
                 self._storage_failed(e)
                 messages = []
-            for m in messages:
-                self.chat.add(m.role, m.content, m.reasoning, m.state)
+            self._show_messages(messages)
+            try:
+                self.chat.tool_bar.set_tools(self.conversations.tools(conversation))
+            except StorageError as e:
+                self._storage_failed(e)
+        self.chat.tool_bar.folder_button.setEnabled(conversation is not None)
         if self.check_model():
             self.tabs.setCurrentWidget(self.chat)
+
+    def _show_messages(self, messages) -> None:
+        """The stored messages, each answer with its tool calls; a citation links to a page any call so far opened
+        (the browser's cursors go on from turn to turn)."""
+        citations: dict = {}
+        for m in messages:
+            for call in m.tool_calls:
+                citations.update({c.cursor: c for c in call.citations})
+            view = self.chat.add(m.role, m.content, m.reasoning, m.state, citations=dict(citations))
+            for call in m.tool_calls:
+                block = view.add_tool_call(call.recipient, call.content)
+                output = call.display or call.output
+                block.finish(output, call.error, call.seconds, call.files, call.citations, call.state)
 
     def rename_conversation(self, conversation: int, title: str) -> None:
         try:
@@ -255,6 +287,7 @@ class MainWindow(QMainWindow):
         except StorageError as e:
             self._storage_failed(e)
             return
+        self.host.close_tools_requested.emit(conversation)  # its python process ends (its folder stays)
         if conversation == self.current:
             self.open_conversation(None)
         self.refresh_list()
@@ -318,6 +351,7 @@ class MainWindow(QMainWindow):
             with self.conversations.transaction():  # the question and its answer's row, or neither
                 if conversation is None:
                     conversation = self.conversations.new()
+                    self.conversations.set_tools(conversation, self.chat.tool_bar.chosen())
                 if self.conversations.title(conversation) == DEFAULT_TITLE:
                     title = " ".join(text.split())
                     self.conversations.rename(
@@ -330,6 +364,7 @@ class MainWindow(QMainWindow):
             self._storage_failed(e, "Your message was not sent; it is back in the box.")
             return
         self.current = conversation
+        self.chat.tool_bar.folder_button.setEnabled(True)
         self.chat.add("user", text)
         self.refresh_list()
         self._start_answer(message)
@@ -383,9 +418,24 @@ class MainWindow(QMainWindow):
             self._end_stream("failed")
             return
         self.cancel = CancelToken()
-        self.host.generate_requested.emit(
-            conversation_for(history, self.settings), self.settings.sampling(), self.cancel
-        )
+        conversation = conversation_for(history, self.settings)
+        if self.streaming is not None:  # the answer's citations: the pages the conversation opened so far
+            self.streaming[1].citations.update(
+                {c.cursor: c for m in history for call in m.tool_calls for c in call.citations}
+            )
+        self.host.generate_requested.emit(conversation, self.settings.sampling(), self.cancel, self._tool_request())
+
+    def _tool_request(self) -> ToolRequest | None:
+        """The conversation's tools that can run here, each built with the settings of now."""
+        try:
+            chosen = self.conversations.tools(self.current)
+        except StorageError as e:
+            self._storage_failed(e)
+            return None
+        names = tuple(n for n in chosen if self.chat.tool_bar.reasons.get(n, "not checked") is None)
+        if not names:
+            return None
+        return ToolRequest(self.current, names, self.settings.tool_settings(names, work_dir(self.current)))
 
     def _reasoning(self, text: str) -> None:
         self._piece(reasoning=text)
@@ -402,14 +452,84 @@ class MainWindow(QMainWindow):
         try:
             self.conversations.append(self.streaming[0], content=content, reasoning=reasoning)
         except StorageError as e:
-            self.save_failed = True
-            if self.cancel is not None:
-                self.cancel.cancel()
-            self._storage_failed(
-                e, "The answer was stopped there; what was saved before is kept. Send again once this is fixed."
-            )
+            self._save_failed_mid_answer(e)
             return
         self.chat.stream(self.streaming[1], content=content, reasoning=reasoning)
+
+    def _tool_started(self, recipient: str, content: str) -> None:
+        """The model called a tool: the call is saved (a crash shows it cut off), then shown, open, while it runs."""
+        if self.streaming is None or self.save_failed:
+            return
+        try:
+            call = self.conversations.add_tool_call(self.streaming[0], recipient, content)
+        except StorageError as e:
+            self._save_failed_mid_answer(e)
+            return
+        self.chat._flush()
+        view = self.streaming[1].add_tool_call(recipient, content)
+        view.toggle.setChecked(True)
+        self.tool_call = (call, view)
+
+    def _tool_finished(self, finished, files) -> None:
+        if self.streaming is None or self.save_failed or self.tool_call is None:
+            return
+        call, view = self.tool_call
+        self.tool_call = None
+        output = finished.output
+        try:
+            self.conversations.finish_tool_call(call, output, finished.seconds, files)
+        except StorageError as e:
+            self._save_failed_mid_answer(e)
+            return
+        view.finish(output.display or output.text, output.error, finished.seconds, files, output.citations)
+        view.toggle.setChecked(False)  # done: folded, one click opens it again
+        if output.citations:
+            self.streaming[1].cite(output.citations)
+
+    def _turn_messages(self, messages: list) -> None:
+        """The turn's messages as the model saw them, stored with the answer: the next turns send them again."""
+        if self.streaming is None or self.save_failed or not messages:
+            return
+        try:
+            self.conversations.set_harmony(self.streaming[0], messages)
+        except StorageError as e:
+            self._save_failed_mid_answer(e)
+
+    def _save_failed_mid_answer(self, error: StorageError) -> None:
+        self.save_failed = True
+        if self.cancel is not None:
+            self.cancel.cancel()
+        self._storage_failed(
+            error, "The answer was stopped there; what was saved before is kept. Send again once this is fixed."
+        )
+
+    def _tools_changed(self, _enabled: tuple) -> None:
+        """A toggle of the input bar: the conversation keeps it (a chat not yet started takes it when it starts)."""
+        if self.current is not None and self.writable:
+            try:
+                self.conversations.set_tools(self.current, self.chat.tool_bar.chosen())
+            except StorageError as e:
+                self._storage_failed(e)
+
+    def open_work_dir(self) -> None:
+        """The conversation's working folder in the system's file manager (made if python has not yet run)."""
+        if self.current is None:
+            return
+        folder = work_dir(self.current)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.chat.show_banner(f"The working folder {folder} cannot be made: {os_error_words(e)}.")
+            return
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    def check_tools(self) -> None:
+        """Ask, off this thread, whether each tool can run here (with the settings of now)."""
+        if self.tool_check is not None:
+            self.tool_check.thread.wait()
+        self.tool_check = ToolCheck(self.settings.tool_settings(work_dir=data_dir() / "work"), self.tool_factory)
+        self.tool_check.checked.connect(self.chat.tool_bar.set_reasons)
+        self.tool_check.start()
 
     def _finished(self, done: Done) -> None:
         if self.streaming is None:  # a late answer to a request that was stopped or closed
@@ -449,6 +569,7 @@ class MainWindow(QMainWindow):
                 self._storage_failed(e, "The answer is kept; it will show as cut off.")
         self.chat.finish(view, state)
         self.streaming = None
+        self.tool_call = None
         self.cancel = None
         self.save_failed = False
         self.list.setEnabled(True)
@@ -472,7 +593,10 @@ class MainWindow(QMainWindow):
             self.chat.show_banner(None)
 
     def _settings_saved(self, settings: AppSettings) -> None:
+        tools_changed = settings.tool_settings() != self.settings.tool_settings()
         self.settings = settings
+        if tools_changed:
+            self.check_tools()
         self.settings_view.show_settings(settings, [m.name for m in self.store.list()])
         if self.check_model():
             self.chat.show_banner(None)
@@ -496,6 +620,8 @@ class MainWindow(QMainWindow):
             self.models.task.cancel.cancel()
             self.models.task.thread.wait()
         self.settings_view.server.stop()
+        if self.tool_check is not None:
+            self.tool_check.thread.wait()
         self.host.blockSignals(True)
         self.host.stop()
         self.host = None
