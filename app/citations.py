@@ -1,7 +1,8 @@
 """Browser citations in an answer (`【3†L10-L15】`: cursor 3, lines 10 to 15) as Markdown links to the cited page.
 
-The model cites a page by the cursor the browser gave it when the page was opened; the tool's outputs say which
-page each cursor is (`Citation`). A cursor no call of the conversation opened stays as the model wrote it.
+Where the citations are is the tools' rule (`pages.link_citations`, shared with the terminal and the server); what
+is here is the app's side: Markdown a label can show safely, and only web pages made links. A cursor no call of the
+conversation opened stays as the model wrote it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import re
 from urllib.parse import urlsplit
 
 from mlx_oss.tools import Citation
+from mlx_oss.tools.pages import link_citations as citation_spans
 
-CITATION = re.compile(r"【(\d+)†([^】\n]{0,40})】")
 LINKABLE = ("http", "https")
 
 
@@ -29,14 +30,8 @@ def _url(url: str) -> str:
 
 
 def link_citations(markdown: str, citations: dict[int, Citation]) -> str:
-    """`markdown` with each citation of a known page replaced by a link named after the page's site."""
-
-    def link(match: re.Match) -> str:
-        cited = citations.get(int(match.group(1)))
-        if cited is None or not linkable(cited.url):
-            return match.group(0)
-        site = urlsplit(cited.url).hostname or cited.url
-        where = f" {match.group(2)}" if match.group(2).startswith("L") else ""
-        return f"[【{_escape(site)}{_escape(where)}】]({_url(cited.url)})"
-
-    return CITATION.sub(link, markdown)
+    """`markdown` with each citation of a known web page replaced by ` ([site](url)) `, as the reference does."""
+    pages = [c for c in citations.values() if linkable(c.url)]
+    return "".join(
+        f" ([{_escape(piece)}]({_url(url)})) " if url else piece for piece, url in citation_spans(markdown, pages)
+    )

@@ -249,7 +249,7 @@ def test_a_citation_renders_as_a_link_that_opens_the_page(qtbot, app_dir, monkey
     (block,) = view.tool_calls
     assert block.recipient == "browser.open" and "example.org/boiling" in block.code.text()
     shown = view.answer_label.text()
-    assert "[【example.org L10-L15】](https://example.org/boiling)" in shown
+    assert "Mont Blanc ([example.org](https://example.org/boiling)) , though" in shown
     assert "【9†L1】" in shown  # no call opened page 9: the citation stays as written
     view.answer_label.linkActivated.emit("https://example.org/boiling")
     view.answer_label.linkActivated.emit("file:///etc/passwd")  # never opened from an answer
