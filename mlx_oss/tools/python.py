@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import queue
 import re
 import shutil
@@ -112,15 +113,17 @@ class PythonTool:
             return " / ".join(lines[-3:]) or "no message"
         return "no message"
 
-    def _stop(self) -> None:
+    def _stop(self, graceful: bool = True) -> None:
+        """Ends the kernel: asked to shut down when it still listens, killed with its sandbox either way."""
         if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.shutdown()
+            if graceful:
+                with contextlib.suppress(Exception):
+                    self._client.shutdown()
             with contextlib.suppress(Exception):
                 self._client.stop_channels()
             self._client = None
         if self._process is not None:
-            if self._process.alive():
+            if graceful and self._process.alive():
                 with contextlib.suppress(Exception):
                     self._process.popen.wait(2)
             self._process.kill()
@@ -188,12 +191,12 @@ class PythonTool:
                 self._interrupt()
             if interrupted_at is not None and now - interrupted_at > INTERRUPT_GRACE_S:
                 note += "\n[the kernel did not stop, so it was restarted: variables and imports are lost]"
-                self._stop()
+                self._stop(graceful=False)
                 break
             if not self._process.alive():
                 note += "\n[the Python process died (out of memory or killed); the next call starts a fresh one]"
                 error = True
-                self._stop()
+                self._stop(graceful=False)
                 break
             try:
                 message = client.get_iopub_msg(timeout=0.1)
@@ -224,10 +227,8 @@ class PythonTool:
         """A display's text: images saved to the working folder and named, else its plain text."""
         for mime, suffix in (("image/png", "png"), ("image/jpeg", "jpg"), ("image/gif", "gif")):
             if mime in data:
-                self._images += 1
-                path = self._free_name(suffix)
                 try:
-                    path.write_bytes(base64.b64decode(data[mime]))
+                    path = self._save(base64.b64decode(data[mime]), suffix)
                 except (OSError, ValueError) as error:
                     return f"[an image could not be saved: {error}]\n"
                 files.append(path)
@@ -237,9 +238,17 @@ class PythonTool:
             return text if text.endswith("\n") else text + "\n"
         return f"[display of type {', '.join(sorted(data))}]\n"
 
-    def _free_name(self, suffix: str) -> Path:
+    def _save(self, data: bytes, suffix: str) -> Path:
+        """Writes a new file in the working folder. The sandboxed code can plant a symlink there under the name we
+        would pick (`output_1.png -> ~/.bashrc`), so the file is created exclusively and never through a link."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         while True:
-            path = self.work_dir / f"output_{self._images}.{suffix}"
-            if not path.exists():
-                return path
             self._images += 1
+            path = self.work_dir / f"output_{self._images}.{suffix}"
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileExistsError:
+                continue
+            with open(fd, "wb") as out:
+                out.write(data)
+            return path
