@@ -4,21 +4,31 @@ One engine runs one generation at a time, on a worker thread, in submission orde
 wait, and one more is refused (`QueueFull`) rather than queued without bound. Events cross back to the caller's
 event loop; stop sequences end the answer there, and cancel the generation at its next token. Nothing here
 knows an API: the server answers `QueueFull`, and the `api` modules format the `Turn`.
+
+A job runs either as a plain generation (prompt tokens into `Engine.generate`) or, when its request enabled
+built-in tools the server runs, through the agent loop (`agent.run_turn` with the job's conversation): then the
+tool calls come as the loop's `ToolStarted` / `ToolFinished` between the model's steps, and the steps' `Done`s
+arrive as one, their figures summed (a client is told the whole turn's usage, as OpenAI's hosted tools bill it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+from . import agent
+from .agent import ToolFinished, ToolStarted
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
 from .grammar import TurnConstraints
+from .harmony import Conversation, builtin_namespace
 from .sampling import TokenLogprob
 from .stops import StopFilter
+from .tools import BuiltinTool, Citation
 
 _FINISHED = object()  # the last item of every job's events, after its `Done` or its error
 
@@ -28,7 +38,8 @@ class QueueFull(Exception):
 
 
 class Job:
-    """One generation: events cross from the worker thread to the submitting event loop."""
+    """One generation: events cross from the worker thread to the submitting event loop. With `tools` (built-in
+    tools by name) it runs through the agent loop on `conversation`, which then grows by the turn's steps."""
 
     def __init__(
         self,
@@ -36,8 +47,11 @@ class Job:
         sampling: SamplingParams,
         loop: asyncio.AbstractEventLoop,
         constraints: TurnConstraints | None = None,
+        conversation: Conversation | None = None,
+        tools: Mapping[str, BuiltinTool] | None = None,
     ):
         self.prompt, self.sampling, self.loop, self.constraints = prompt, sampling, loop, constraints
+        self.conversation, self.tools = conversation, dict(tools or {})
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = CancelToken()
 
@@ -45,21 +59,37 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+AgentLoop = Callable[..., object]  # agent.run_turn's signature
+
+
 class GenerationQueue:
-    def __init__(self, engine: Engine, max_waiting: int = 8):
+    """`agent_loop` runs the jobs with built-in tools (`agent.run_turn`; a test may give a stand-in)."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 8, agent_loop: AgentLoop | None = None):
         self.engine, self.max_waiting = engine, max_waiting
+        self.agent_loop = agent_loop
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._queued = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
 
-    def submit(self, prompt: list[int], sampling: SamplingParams, constraints: TurnConstraints | None = None) -> Job:
-        """The generation's job, from the running event loop; `QueueFull` if too many wait already."""
+    def submit(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        constraints: TurnConstraints | None = None,
+        conversation: Conversation | None = None,
+        tools: Mapping[str, BuiltinTool] | None = None,
+    ) -> Job:
+        """The generation's job, from the running event loop; `QueueFull` if too many wait already. With `tools`
+        the job runs `conversation` (whose rendering `prompt` is) through the agent loop."""
+        if tools and conversation is None:
+            raise ValueError("a job with built-in tools needs its conversation")
         with self._lock:
             if self._queued > self.max_waiting:  # one running plus `max_waiting` waiting
                 raise QueueFull
             self._queued += 1
-        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints)
+        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints, conversation, tools)
         self._jobs.put(job)
         return job
 
@@ -68,7 +98,7 @@ class GenerationQueue:
             job = self._jobs.get()
             try:
                 if not job.cancel.cancelled:
-                    for event in self.engine.generate(job.prompt, job.sampling, job.cancel, job.constraints):
+                    for event in self._events(job):
                         job.push(event)
             except Exception as e:  # noqa: BLE001 - the caller answers it
                 job.push(e)
@@ -76,6 +106,37 @@ class GenerationQueue:
                 with self._lock:
                     self._queued -= 1
                 job.push(_FINISHED)
+
+    def _events(self, job: Job):
+        """The job's events: the engine's, or the agent loop's with its steps' `Done`s summed into the last one and
+        the engine's `ToolCall` of a built-in tool left out (its `ToolStarted` says it)."""
+        if not job.tools:
+            yield from self.engine.generate(job.prompt, job.sampling, job.cancel, job.constraints)
+            return
+        loop = self.agent_loop or agent.run_turn
+        done: Done | None = None
+        for event in loop(self.engine, job.conversation, job.tools, job.sampling, job.cancel, job.constraints):
+            if isinstance(event, Done):
+                done = event if done is None else _summed(done, event)
+            elif isinstance(event, ToolCall) and builtin_namespace(event.recipient) in job.tools:
+                continue
+            else:
+                yield event
+        if done is not None:
+            yield done
+
+
+def _summed(first: Done, then: Done) -> Done:
+    """`then`, the turn's later step, with the token counts of both (the first step's time to first token)."""
+    a, b = first.stats, then.stats
+    stats = dataclasses.replace(
+        b,
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        reused_tokens=a.reused_tokens + b.reused_tokens,
+        generated_tokens=a.generated_tokens + b.generated_tokens,
+        time_to_first_token_s=a.time_to_first_token_s,
+    )
+    return dataclasses.replace(then, stats=stats, messages=[*first.messages, *then.messages])
 
 
 @dataclass
@@ -89,6 +150,12 @@ class Turn:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the answer's tokens, when asked for
     done: Done | None = None
     stopped_by_sequence: bool = False
+    tool_runs: list[ToolFinished] = field(default_factory=list)  # the built-in tools' calls, in order
+
+    @property
+    def citations(self) -> dict[int, Citation]:
+        """The pages the browser opened in this turn, by cursor (what the answer's `【cursor†Lx-Ly】` cite)."""
+        return {c.cursor: c for run in self.tool_runs for c in run.output.citations}
 
     @property
     def stop_reason(self) -> str:
@@ -98,9 +165,12 @@ class Turn:
         return self.done.stop_reason
 
 
-async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[ReasoningDelta | AnswerDelta | ToolCall]:
-    """The turn's reasoning, answer (cut at the first stop sequence) and tool calls as they come; `turn` collects
-    them and the final `Done`. The generation's error raises here."""
+Piece = ReasoningDelta | AnswerDelta | ToolCall | ToolStarted | ToolFinished
+
+
+async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[Piece]:
+    """The turn's reasoning, answer (cut at the first stop sequence), tool calls and built-in tools' runs as they
+    come; `turn` collects them and the final `Done`. The generation's error raises here."""
     scores: list[TokenLogprob] = []
     while (item := await job.events.get()) is not _FINISHED:
         if isinstance(item, Exception):
@@ -122,6 +192,10 @@ async def pieces(job: Job, stops: StopFilter, turn: Turn) -> AsyncIterator[Reaso
                 scores = []
         elif isinstance(item, ToolCall):
             turn.calls.append(item)
+            yield item
+        elif isinstance(item, ToolStarted | ToolFinished):
+            if isinstance(item, ToolFinished):
+                turn.tool_runs.append(item)
             yield item
         elif isinstance(item, Done):
             rest = stops.flush()
