@@ -12,7 +12,14 @@ mislead it:
 - `compaction` (Codex's remote compaction) holds OpenAI's encrypted summary of the conversation before it, which
   no one else can read: the model gets a note that earlier turns were compacted and are not shown, and the
   warning header says so. Codex compacts locally for other providers, so its own clients do not meet this.
-- Hosted tools' items (`web_search_call`, `image_generation_call`, `mcp_call`, ...): left out, with a warning.
+- `code_interpreter_call` and `web_search_call` (this server's own built-in tool runs, or OpenAI's), when the
+  request enabled the built-in tool that makes them (`python`, `browser`: a server with --tools), become its
+  call and result as gpt-oss writes them (`python` with the code and its logs; `browser.search`, `.open`,
+  `.find` with their arguments), on the analysis channel: a turn still in progress (a function call after a
+  python run, say) goes on with them, and an answered turn's are dropped with its reasoning, as harmony asks. A
+  web search's pages are not in the item, so its result says so. Without the tool they are left out, with a
+  warning: the model would read calls of a tool it was not given.
+- Other hosted tools' items (`image_generation_call`, `mcp_call`, ...): left out, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..harmony import Message
+from ..tools import BROWSER, PYTHON
 from . import fields as f
 from .conversation import ConversationBuilder, arguments
 from .fields import MAX_ITEMS, ApiError
@@ -51,11 +60,15 @@ HOSTED_ITEMS = frozenset(
         "configuration_update",
     }
 )
+NOT_KEPT = "[What the browser showed here was not kept in the conversation; open the page again to read it.]"
 COMPACTED = "[Earlier turns of this conversation were compacted by another service and cannot be shown here.]"
 
 
-def read_input(items: list, built: ConversationBuilder, warnings: list[str]) -> None:
-    """Every input item into `built`, in order; what is left out goes to `warnings`."""
+def read_input(
+    items: list, built: ConversationBuilder, warnings: list[str], builtin: frozenset[str] = frozenset()
+) -> None:
+    """Every input item into `built`, in order; what is left out goes to `warnings`. `builtin` names the built-in
+    tools the request enabled, whose items are read."""
     omitted: list[str] = []
     skipped: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -95,6 +108,14 @@ def read_input(items: list, built: ConversationBuilder, warnings: list[str]) -> 
                     400, f"'{where}' answers call_id {f.shown(call_id)}, which no earlier call in 'input' made", where
                 )
             built.tool_result(call_id, tool_output(item.get("output"), f"{where}.output", omitted))
+        elif kind == "code_interpreter_call" and PYTHON in builtin:
+            code = f.string(item, "code", f"{where}.code") or ""
+            built.messages.append(Message.builtin_call("python", code))
+            built.messages.append(Message.builtin_result("python", _logs(item, where)))
+        elif kind == "web_search_call" and BROWSER in builtin:
+            recipient, content = _web_call(f.obj(item, "action", f"{where}.action"), where)
+            built.messages.append(Message.builtin_call(recipient, content))
+            built.messages.append(Message.builtin_result(recipient, NOT_KEPT))
         elif kind == "compaction":
             built.note(COMPACTED)
             skipped["compaction (its encrypted summary cannot be read here)"] = 1
@@ -112,6 +133,35 @@ def read_input(items: list, built: ConversationBuilder, warnings: list[str]) -> 
         warnings.append(f"input {kind}s omitted: this model reads text only (a note stands in their place)")
     if skipped:
         warnings.append("input items left out: " + ", ".join(f"{kind} x{n}" for kind, n in skipped.items()))
+
+
+def _logs(item: dict, where: str) -> str:
+    """A code_interpreter_call's outputs as python's result: its logs; an image is a note (the model reads text)."""
+    texts = []
+    for j, output in enumerate(f.items(item, "outputs", MAX_ITEMS, f"{where}.outputs")):
+        if isinstance(output, dict) and output.get("type") == "logs":
+            texts.append(f.string(output, "logs", f"{where}.outputs[{j}].logs") or "")
+        elif isinstance(output, dict) and output.get("type") == "image":
+            texts.append("[an image the code made]")
+    return "\n".join(texts)
+
+
+def _web_call(action: dict, where: str) -> tuple[str, str]:
+    """A web_search_call's action as the browser call gpt-oss makes: search by query, open by URL, find a
+    pattern."""
+    kind = action.get("type")
+    if kind == "search":
+        query = f.string(action, "query", f"{where}.action.query")
+        if query is None:
+            queries = [q for q in action.get("queries") or [] if isinstance(q, str)]
+            query = " ".join(queries)
+        return "browser.search", json.dumps({"query": query}, ensure_ascii=False)
+    if kind == "open_page":
+        return "browser.open", json.dumps({"id": f.string(action, "url", f"{where}.action.url") or ""})
+    if kind in ("find_in_page", "find"):
+        pattern = f.string(action, "pattern", f"{where}.action.pattern") or ""
+        return "browser.find", json.dumps({"pattern": pattern}, ensure_ascii=False)
+    raise ApiError(400, f"'{where}.action.type' must be search, open_page or find_in_page, not {f.shown(kind)}", where)
 
 
 def _message(item: dict, where: str, built: ConversationBuilder, omitted: list[str]) -> None:

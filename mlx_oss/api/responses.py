@@ -17,18 +17,39 @@ Reasoning is shown as the client asks:
 
 Tool calls come back as the tool was offered (see `tools`): `function_call` (with `namespace` for a namespace's
 tool), `custom_tool_call` with `input`, `local_shell_call` with `action`.
+
+Hosted tools the server runs itself (`--tools`: gpt-oss's built-in `python` and `browser`) come back as OpenAI's
+items for them, in the order the model ran them between its reasoning and its answer:
+
+- `code_interpreter_call` {id, status, code, container_id, outputs: [{type: logs, logs}, {type: image, url}]}:
+  the logs are what the user sees in full (the model reads them truncated), an image a `data:` URL of the PNG the
+  code made (the client may be on another computer: a path would not reach it). Streamed as
+  `response.code_interpreter_call.in_progress`, `response.code_interpreter_call_code.delta` / `.done`,
+  `.interpreting` while it runs, then `.completed`.
+- `web_search_call` {id, status, action}: the action is `search` {query, sources: the pages found, when `include`
+  asks for `web_search_call.action.sources`}, `open_page` {url} or `find_in_page` {url, pattern}. Streamed as
+  `response.web_search_call.in_progress`, `.searching`, `.completed`.
+- The answer's browser citations (`【cursor†Lx-Ly】`, as gpt-oss writes them) stay in its text as written, so the
+  deltas add up to it, and each is a `url_citation` annotation {start_index, end_index, url, title} over its span,
+  announced by `response.output_text.annotation.added` before the text is done.
+
+A call that failed (a traceback, a time limit, a page that would not load) has status `failed`, its logs say why.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import AnswerDelta, ReasoningDelta, SamplingParams, ToolCall
-from ..generation_queue import Turn
+from ..agent import ToolFinished, ToolStarted
+from ..engine import ReasoningDelta, SamplingParams, ToolCall
+from ..generation_queue import Piece, Turn
+from ..tools import PYTHON, Citation, ToolOutput
 from . import fields as f
 from . import logprobs as scores
 from .conversation import ConversationBuilder, ParsedRequest, check_model, effort, sampling
@@ -44,6 +65,17 @@ TEXT_LOGPROBS = "message.output_text.logprobs"
 TRUNCATIONS = ("auto", "disabled")
 MAX_METADATA = 16  # key-value pairs, as OpenAI allows
 MAX_INCLUDES = 64  # OpenAI knows about ten
+SEARCH_SOURCES = "web_search_call.action.sources"
+CONTAINER_ID = "cntr_mlx_oss"  # the server's one python (its kernel and working folder), as a container's id
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".svg": "image/svg+xml",
+}
+MAX_IMAGE_BYTES = 8 << 20  # a bigger picture is left out of the item (it stays in the working folder)
+CITATION = re.compile(r"【(\d+)†[^】\n]{0,40}】")  # gpt-oss's browser citation: 【cursor†Lx-Ly】
 
 
 @dataclass
@@ -55,16 +87,21 @@ class Shapes:
     summary: bool = False
     encrypted: bool = False
     logprobs: bool = False  # the answer's text parts carry their tokens' log-probabilities
+    sources: bool = False  # web_search_call search actions carry the pages found
 
 
 @dataclass
 class ResponsesRequest(ParsedRequest):
     echo: dict[str, Any] = field(default_factory=dict)  # the request's fields a response shows back
     shapes: Shapes = field(default_factory=Shapes)
+    builtin: tuple[str, ...] = ()  # the built-in tools the server runs for this request's hosted ones
 
 
-def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> ResponsesRequest:
-    """A Responses API request; `max_items` bounds its input items and tools."""
+def parse_responses(
+    body: Any, served: str, max_items: int = MAX_ITEMS, runs: frozenset[str] = frozenset()
+) -> ResponsesRequest:
+    """A Responses API request; `max_items` bounds its input items and tools; `runs` names the built-in tools the
+    server runs (`python`, `browser`), which a request's code_interpreter and web_search then enable."""
     body = f.request_object(body)
     check_model(body, served)
     for name, why in (
@@ -84,12 +121,13 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
     text = f.obj(body, "text")
     answer = text_format(text["format"]) if text.get("format") is not None else None
     warnings: list[str] = []
+    box = responses_tools(body, max_items, runs)
+    builtin = () if body.get("tool_choice") == "none" else tuple(box.builtin)
     built = ConversationBuilder(instructions)
-    read_input(items, built, warnings)
+    read_input(items, built, warnings, frozenset(builtin))
     built.close("input", max_items)
     if (told := format_instructions(text.get("format"))) is not None:
         built.instructions.append(told)
-    box = responses_tools(body, max_items)
     offered = built.offer(box, body.get("tool_choice"))
     warnings += box.warnings
     reasoning = f.obj(body, "reasoning")
@@ -110,15 +148,20 @@ def parse_responses(body: Any, served: str, max_items: int = MAX_ITEMS) -> Respo
         summary is not None,
         ENCRYPTED_REASONING in include,
         scored,
+        SEARCH_SOURCES in include,
     )
+    conversation = built.conversation(effort(reasoning.get("effort"), "reasoning.effort"))
+    if builtin:
+        conversation.builtin_tools = builtin  # harmony declares them in the system message
     return ResponsesRequest(
-        built.conversation(effort(reasoning.get("effort"), "reasoning.effort")),
+        conversation,
         parsed_sampling,
         stream=f.boolean(body, "stream"),
         constraints=dataclasses.replace(built.constraints, answer=answer),
         warnings=warnings,
         echo=_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling),
         shapes=shapes,
+        builtin=builtin,
     )
 
 
@@ -251,9 +294,12 @@ def reasoning_item(item_id: str, text: str, shapes: Shapes | None = None) -> dic
     return item
 
 
-def message_item(item_id: str, text: str, status: str, logprobs: list[dict] | None = None) -> dict:
-    """An answer's message item; `logprobs`, when asked for, the entries of its tokens."""
-    part = {"type": "output_text", "text": text, "annotations": []}
+def message_item(
+    item_id: str, text: str, status: str, logprobs: list[dict] | None = None, annotations: list[dict] | None = None
+) -> dict:
+    """An answer's message item; `logprobs`, when asked for, the entries of its tokens; `annotations` its
+    citations."""
+    part = {"type": "output_text", "text": text, "annotations": annotations or []}
     if logprobs is not None:
         part["logprobs"] = logprobs
     content = [part] if status == "completed" else []
@@ -299,6 +345,87 @@ def call_item(call: ToolCall, shapes: Shapes | None = None) -> dict:
     return item
 
 
+def url_citations(text: str, citations: dict[int, Citation]) -> list[dict]:
+    """The `url_citation` annotations of an answer: one over each `【cursor†Lx-Ly】` whose cursor is a page the
+    browser opened in this turn (another one, from an earlier turn or made up, stays plain text)."""
+    found = []
+    for match in CITATION.finditer(text):
+        page = citations.get(int(match.group(1)))
+        if page is not None:
+            found.append(
+                {
+                    "type": "url_citation",
+                    "start_index": match.start(),
+                    "end_index": match.end(),
+                    "url": page.url,
+                    "title": page.title,
+                }
+            )
+    return found
+
+
+def builtin_item(item_id: str, recipient: str, content: str, output: ToolOutput | None, shapes: Shapes) -> dict:
+    """A built-in tool's call as OpenAI's hosted tool's item: running (`output` None) or done."""
+    status = "in_progress" if output is None else "failed" if output.error else "completed"
+    if recipient == PYTHON:
+        outputs = None
+        if output is not None:
+            outputs = [{"type": "logs", "logs": output.display or output.text}]
+            outputs += [{"type": "image", "url": url} for url in map(_image_url, output.files) if url]
+        return {
+            "type": "code_interpreter_call",
+            "id": item_id,
+            "status": status,
+            "code": content,
+            "container_id": CONTAINER_ID,
+            "outputs": outputs,
+        }
+    return {
+        "type": "web_search_call",
+        "id": item_id,
+        "status": status,
+        "action": _web_action(recipient, content, output, shapes),
+    }
+
+
+def _image_url(path) -> str | None:
+    """A picture the code made, as a `data:` URL; None for another file, or one too big to send."""
+    kind = IMAGE_TYPES.get(path.suffix.lower())
+    try:
+        if kind is None or path.stat().st_size > MAX_IMAGE_BYTES:
+            return None
+        return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return None
+
+
+def _web_action(recipient: str, content: str, output: ToolOutput | None, shapes: Shapes) -> dict:
+    """What a browser call did, as a web_search_call's action: search, open_page or find_in_page. The page's
+    URL is the one the browser reports (`output.citations`) or, for open, the URL the model gave."""
+    try:
+        arguments = json.loads(content)
+    except ValueError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    pages = list(output.citations) if output is not None else []
+    url = pages[-1].url if pages else None
+    action = recipient.rpartition(".")[2]
+    if action == "search":
+        query = arguments.get("query")
+        found = {"type": "search", "query": query if isinstance(query, str) else content}
+        if shapes.sources and output is not None:
+            found["sources"] = [{"type": "url", "url": page.url} for page in pages]
+        return found
+    if action == "find":
+        pattern = arguments.get("pattern")
+        return {"type": "find_in_page", "url": url or "", "pattern": pattern if isinstance(pattern, str) else ""}
+    given = arguments.get("id")
+    if url is None and isinstance(given, str) and given.startswith(("http://", "https://")):
+        url = given
+    return {"type": "open_page", "url": url}
+
+
 def _shell_action(arguments: str) -> dict | None:
     """A local_shell call's arguments as OpenAI's exec action; None if they are not one."""
     try:
@@ -324,6 +451,8 @@ class ResponseEvents:
         self.items: list[dict] = []
         self.open: tuple[str, str, str] | None = None  # (kind, item id, text so far)
         self.scored: list[dict] = []  # the open message's token entries, when log-probabilities are asked for
+        self.running: tuple[str, ToolStarted] | None = None  # the built-in tool call under way, by its item's id
+        self.citations: dict[int, Citation] = {}  # the pages the browser opened so far, by cursor
 
     def event(self, kind: str, **fields) -> str:
         body = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -336,6 +465,7 @@ class ResponseEvents:
 
     def end(self, turn: Turn) -> Iterator[str]:
         yield from self.close()
+        yield from self.close_tool()
         done = response(self.response_id, self.model, turn, self.request, self.items)
         yield self.event(
             "response.incomplete" if done["status"] == "incomplete" else "response.completed", response=done
@@ -344,12 +474,19 @@ class ResponseEvents:
     def error(self, error: ApiError) -> str:
         return self.event("error", message=error.message, code=error.code, param=error.param)
 
-    def piece(self, piece: ReasoningDelta | AnswerDelta | ToolCall, turn: Turn) -> list[str]:
-        kind = "call" if isinstance(piece, ToolCall) else "reasoning" if isinstance(piece, ReasoningDelta) else "answer"
+    def piece(self, piece: Piece, turn: Turn) -> list[str]:
+        if isinstance(piece, ToolCall | ToolStarted | ToolFinished):
+            kind = "call"
+        else:
+            kind = "reasoning" if isinstance(piece, ReasoningDelta) else "answer"
         out = []
         if self.open and self.open[0] != kind:
             out += self.close()
         index = len(self.items)
+        if isinstance(piece, ToolStarted):
+            return out + self._tool_started(piece, index)
+        if isinstance(piece, ToolFinished):
+            return out + self._tool_finished(piece, index)
         if isinstance(piece, ToolCall):
             return out + self._call(piece, index)
         if self.open is None:
@@ -407,6 +544,53 @@ class ResponseEvents:
         self.items.append(item)
         return out
 
+    def _tool_started(self, started: ToolStarted, index: int) -> list[str]:
+        """A built-in tool's item opens, running: a python call's code is streamed whole (it is known only once
+        the model has written it)."""
+        out = self.close_tool()
+        item_id = new_id("ci_" if started.recipient == PYTHON else "ws_")
+        self.running = (item_id, started)
+        item = builtin_item(item_id, started.recipient, started.content, None, self.shapes)
+        where = {"item_id": item_id, "output_index": index}
+        if item["type"] == "code_interpreter_call":
+            out.append(self.event("response.output_item.added", output_index=index, item={**item, "code": ""}))
+            out.append(self.event("response.code_interpreter_call.in_progress", **where))
+            out.append(self.event("response.code_interpreter_call_code.delta", **where, delta=started.content))
+            out.append(self.event("response.code_interpreter_call_code.done", **where, code=started.content))
+            out.append(self.event("response.code_interpreter_call.interpreting", **where))
+        else:
+            out.append(self.event("response.output_item.added", output_index=index, item=item))
+            out.append(self.event("response.web_search_call.in_progress", **where))
+            out.append(self.event("response.web_search_call.searching", **where))
+        return out
+
+    def _tool_finished(self, finished: ToolFinished, index: int) -> list[str]:
+        if self.running is None or self.running[1].recipient != finished.recipient:
+            out = self._tool_started(ToolStarted(finished.recipient, finished.content), index)
+        else:
+            out = []
+        item_id, _ = self.running
+        self.running = None
+        self.citations.update({c.cursor: c for c in finished.output.citations})
+        item = builtin_item(item_id, finished.recipient, finished.content, finished.output, self.shapes)
+        where = {"item_id": item_id, "output_index": index}
+        kind = "code_interpreter_call" if item["type"] == "code_interpreter_call" else "web_search_call"
+        out.append(self.event(f"response.{kind}.completed", **where))
+        out.append(self.event("response.output_item.done", output_index=index, item=item))
+        self.items.append(item)
+        return out
+
+    def close_tool(self) -> list[str]:
+        """The item of a built-in call that never finished (the turn was cancelled while it ran), as incomplete."""
+        if self.running is None:
+            return []
+        item_id, started = self.running
+        self.running = None
+        index = len(self.items)
+        item = {**builtin_item(item_id, started.recipient, started.content, None, self.shapes), "status": "incomplete"}
+        self.items.append(item)
+        return [self.event("response.output_item.done", output_index=index, item=item)]
+
     def close(self) -> list[str]:
         """The open reasoning or message item's closing events, if one is open."""
         if self.open is None:
@@ -423,9 +607,16 @@ class ResponseEvents:
                 out.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=text))
                 out.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=part))
         else:
-            item = message_item(item_id, text, "completed", self.scored if self.shapes.logprobs else None)
+            annotations = url_citations(text, self.citations)
+            item = message_item(item_id, text, "completed", self.scored if self.shapes.logprobs else None, annotations)
             part, entries, self.scored = item["content"][0], self.scored, []
             out = [
+                self.event(
+                    "response.output_text.annotation.added", **where, content_index=0, annotation_index=i, annotation=a
+                )
+                for i, a in enumerate(annotations)
+            ]
+            out += [
                 self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=entries),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]

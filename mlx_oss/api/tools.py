@@ -16,8 +16,10 @@ Kinds of tool, as OpenAI's Responses API names them:
 - `local_shell`: declared as the function `local_shell` taking OpenAI's exec action (command, working directory,
   timeout, env, user); a call comes back as a `local_shell_call` with that `action`.
 - hosted tools (`web_search`, `file_search`, `image_generation`, `mcp`, `code_interpreter`, computer use, ...):
-  OpenAI runs them on its side, this server runs none yet; they are left out of the prompt and named in the
-  answer's warning header, never refused: an agent that offers them goes on with the rest.
+  OpenAI runs them on its side. A server started with `--tools` runs two of them itself, as gpt-oss's built-in
+  tools, which harmony declares in the system message: `code_interpreter` is `python`, `web_search` (and its
+  preview and dated names) is `browser`. The rest, and these two on a server without them, are left out of the
+  prompt and named in the answer's warning header, never refused: an agent that offers them goes on with the rest.
 
 The strict flag of a function follows each API's default: chat's tools are strict only when they say so; the
 Responses API makes a tool strict "when the schema is compatible" (objects closed with `additionalProperties:
@@ -31,6 +33,7 @@ from typing import Any
 
 from ..grammar import Grammar, TurnConstraints
 from ..harmony import FUNCTIONS, Tool
+from ..tools import BROWSER, PYTHON
 from . import fields as f
 from .fields import ApiError
 
@@ -53,6 +56,14 @@ HOSTED = frozenset(
         "apply_patch",
     }
 )
+# The hosted tools a server with --tools runs, as the built-in tool that runs each.
+BUILTIN = {
+    "code_interpreter": PYTHON,
+    "web_search": BROWSER,
+    "web_search_preview": BROWSER,
+    "web_search_2025_08_26": BROWSER,
+    "web_search_preview_2025_03_11": BROWSER,
+}
 # OpenAI's exec action of a local_shell_call, as the arguments the model writes.
 LOCAL_SHELL_ACTION = {
     "type": "object",
@@ -85,6 +96,7 @@ class Toolbox:
 
     tools: list[Tool] = field(default_factory=list)  # Offered ones, but other APIs' plain Tools too
     namespaces: dict[str, str] = field(default_factory=dict)  # namespace -> its description
+    builtin: list[str] = field(default_factory=list)  # the built-in tools the server runs for hosted ones asked
     echo: list[dict] = field(default_factory=list)  # the tools as the response shows them
     warnings: list[str] = field(default_factory=list)
 
@@ -180,9 +192,10 @@ def custom(spec: dict, param: str, namespace: str) -> Offered:
     return Offered(name, f"{description}\n\n{note}" if description else note, None, namespace, CUSTOM, grammar)
 
 
-def responses_tools(body: dict, limit: int) -> Toolbox:
+def responses_tools(body: dict, limit: int, runs: frozenset[str] = frozenset()) -> Toolbox:
     """The tools of a Responses request (`tools`): functions, custom tools, namespaces of them, local_shell;
-    hosted tools and kinds this server does not know are left out with a warning."""
+    code_interpreter and web_search as the built-in tools when the server `runs` them (`python`, `browser`);
+    other hosted tools and kinds this server does not know are left out with a warning."""
     box = Toolbox()
     for i, spec in enumerate(f.items(body, "tools", limit)):
         param = f"tools[{i}]"
@@ -224,6 +237,10 @@ def responses_tools(body: dict, limit: int) -> Toolbox:
             )
             _add(box, offered, param, echo=False)
             box.echo.append({"type": LOCAL_SHELL})
+        elif BUILTIN.get(kind) in runs:
+            if BUILTIN[kind] not in box.builtin:
+                box.builtin.append(BUILTIN[kind])
+            box.echo.append(spec)
         else:
             what = "a hosted tool this server does not run yet" if kind in HOSTED else "a kind of tool it does not know"
             box.warnings.append(f"{param} ({kind[:40]}) left out: {what}")
@@ -312,6 +329,8 @@ def choose(choice: Any, box: Toolbox) -> Choice:
         return Choice(
             tools, frozenset({f"{FUNCTIONS}.local_shell"}), "Call the function local_shell before you answer."
         )
+    if isinstance(kind, str) and BUILTIN.get(kind) in box.builtin:
+        return Choice(tools)  # the model decides whether to run it: a built-in call cannot be forced
     if isinstance(kind, str) and kind in HOSTED:
         box.warnings.append(f"tool_choice ({kind[:40]}) left out: a hosted tool this server does not run yet")
         return Choice(tools)
