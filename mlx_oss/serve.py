@@ -6,6 +6,11 @@ then point any OpenAI client at http://127.0.0.1:8080/v1 (any API key, unless --
 
 Without --api-key, only requests addressed to this computer (Host localhost, 127.x.y.z or [::1]) are answered,
 so that no web page can reach the server under a name of its own (DNS rebinding); --allow-host adds a name.
+
+--tools python,browser runs gpt-oss's built-in tools for the Responses API's hosted ones (code_interpreter,
+web_search) on this computer: python in a sandbox, one kernel for the server, working in --work-dir (by default
+server-python under the user data folder); the browser searches through --search-backend. A tool that cannot run
+here (no sandbox, say) stops the server from starting, with why: it was asked for by name.
 """
 
 from __future__ import annotations
@@ -20,10 +25,31 @@ from .cli import non_negative_int, port, positive_int, run
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
+from .tools import BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
+from .tools.search import BACKENDS as SEARCH_BACKENDS
 
 PROG = "python -m mlx_oss.serve"
 DEFAULT_PORT = 8080
 KEY_ENV = "MLX_OSS_API_KEY"
+
+
+def tool_names(text: str) -> tuple[str, ...]:
+    """--tools: built-in tools by name, comma-separated (python,browser), each once."""
+    names = tuple(name.strip().lower() for name in text.split(","))
+    for name in names:
+        if name not in BUILTIN_TOOLS:
+            shown = repr(name) if name else "an empty name"
+            raise argparse.ArgumentTypeError(f"{shown} is not a built-in tool (they are {', '.join(BUILTIN_TOOLS)})")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a tool twice")
+    return names
+
+
+def search_url(text: str) -> str:
+    """--search-url: an http(s) address."""
+    if not text.startswith(("http://", "https://")) or len(text) < 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http or https URL")
+    return text
 
 
 def allowed_host(text: str) -> str:
@@ -68,7 +94,78 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="requests that may wait their turn while one runs (default 8; 0: only the running one)",
     )
+    p.add_argument(
+        "--tools",
+        type=tool_names,
+        default=(),
+        metavar="python,browser",
+        help="run these built-in tools for the Responses API's hosted code_interpreter (python) and web_search "
+        "(browser); without it a request for them gets a warning header and no tool",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="python's working folder, the only one its code may write (default: server-python under the user "
+        "data folder)",
+    )
+    p.add_argument(
+        "--search-backend",
+        choices=SEARCH_BACKENDS,
+        default="duckduckgo",
+        help="where the browser searches (default duckduckgo, which needs no key; searxng needs --search-url)",
+    )
+    p.add_argument("--search-url", type=search_url, metavar="URL", help="the search backend's address (searxng's)")
     return p
+
+
+def default_work_dir() -> Path:
+    """Python's working folder when --work-dir is not given: one for the server, under the user data folder."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("mlx-oss", appauthor=False)) / "server-python"
+
+
+def builtin_tools(args: argparse.Namespace) -> dict[str, BuiltinTool]:
+    """The tools --tools asks for, each checked to run here (else a one-line error saying why not)."""
+    if not args.tools:
+        return {}
+    if args.search_backend == "searxng" and not args.search_url:
+        raise MlxOssError("--search-backend searxng needs --search-url (the SearXNG server's address)")
+    work_dir = (args.work_dir or default_work_dir()).expanduser()
+    settings = ToolSettings(
+        enabled=args.tools, work_dir=work_dir, search_backend=args.search_backend, search_url=args.search_url
+    )
+    tools: dict[str, BuiltinTool] = {}
+    try:
+        for name in args.tools:
+            tools[name] = make_tool(name, settings)
+            why = tools[name].unavailable()
+            if why:
+                raise MlxOssError(f"--tools {name}: the tool cannot run here: {why}")
+    except BaseException:
+        for tool in tools.values():
+            tool.close()
+        raise
+    return tools
+
+
+def make_tool(name: str, settings: ToolSettings) -> BuiltinTool:
+    try:
+        if name == PYTHON:
+            from .tools.python import PythonTool
+
+            settings.work_dir.mkdir(parents=True, exist_ok=True)
+            return PythonTool(settings, settings.work_dir)
+        from .tools.browser import BrowserTool
+
+        return BrowserTool(settings)
+    except ImportError as e:
+        raise MlxOssError(
+            f"--tools {name} needs its extra ({e.name} is missing): pip install 'mlx-oss[tools]'"
+        ) from None
+    except OSError as e:
+        raise MlxOssError(f"--tools {name}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,22 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import load
     from .store import resolve_model
 
+    tools = builtin_tools(args)  # before the model loads: a tool that cannot run is said at once
     path = resolve_model(args.model, args.backend)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     model = load(path, backend=args.backend)
     encoding()  # read the vocabulary before the first request
     model_id = args.model if not Path(args.model).expanduser().is_dir() else Path(args.model).resolve().name
     engine = Engine(model, context_length=args.context)
-    server = Server(engine, model_id, args.api_key, args.max_waiting, tuple(args.allow_host))
+    server = Server(engine, model_id, args.api_key, args.max_waiting, tuple(args.allow_host), tools)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"serving {model_id} ({model.backend} backend) at http://{host}:{args.port}/v1"
-        + (" (API key required)" if args.api_key else ""),
+        + (" (API key required)" if args.api_key else "")
+        + (f"; tools: {', '.join(tools)}" if tools else ""),
         file=sys.stderr,
         flush=True,
     )
     logging.basicConfig(format="%(levelname)s:    %(message)s")  # the server's own one-line errors, as uvicorn's
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
+    finally:
+        for tool in tools.values():
+            tool.close()  # python's kernel and its sandbox end with the server
     return 0
 
 

@@ -4,6 +4,9 @@ layers: `intake` checks a request before it costs anything, an `api` module pars
 conversation is rendered here off the event loop, the `generation_queue` runs it, and the `api` module formats
 the turn, whole or streamed.
 
+With built-in tools (`tools`, from `--tools`), a Responses request that asks for code_interpreter or web_search
+runs through the agent loop: the server runs the model's python and browser calls itself, between its steps.
+
 One engine serves one generation at a time, in request order; at most `max_waiting` more requests wait, the rest
 are told the server is busy (429). A client that goes away mid-answer cancels its generation at the next token.
 The engine keeps its KV cache between requests, so the next request of the same conversation prefills only what
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -42,6 +45,7 @@ from .harmony import render_prompt
 from .intake import Guard, error_response, parse_body, read_body
 from .render_limits import check_render_cost
 from .stops import StopFilter
+from .tools import BuiltinTool
 
 log = logging.getLogger("mlx_oss.server")
 # Requests parsed and rendered at once: the work is CPU-bound, and a large body's parsed objects take up to a
@@ -54,7 +58,9 @@ Parser = Callable[[Any, str, int], Parsed]  # (body's JSON, served model id, mos
 
 class Server:
     """The app for one engine. Without `api_key`, only requests addressed to this computer (localhost, a loopback
-    address) or to one of `allowed_hosts` are answered."""
+    address) or to one of `allowed_hosts` are answered. `tools` are the built-in tools the server runs for the
+    Responses API's hosted ones, by name (`python`, `browser`): one of each for the whole server, so a python
+    variable or an open page lasts from one request of a conversation to the next (the server is one user's)."""
 
     def __init__(
         self,
@@ -63,9 +69,11 @@ class Server:
         api_key: str | None = None,
         max_waiting: int = 8,
         allowed_hosts: tuple[str, ...] = (),
+        tools: Mapping[str, BuiltinTool] | None = None,
     ):
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
         self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
+        self.tools = dict(tools or {})
         self.generations = GenerationQueue(engine, max_waiting)
         self._parsing = asyncio.Semaphore(PARSE_AT_ONCE)
 
@@ -119,13 +127,22 @@ class Server:
         return JSONResponse(answer, headers=warning_headers(parsed))
 
     async def responses(self, request: HttpRequest) -> Response:
-        parsed, job = await self._start(request, parse_responses)
+        parse = functools.partial(parse_responses, runs=frozenset(self.tools))
+        parsed, job = await self._start(request, parse)
         response_id = new_id("resp_")
+        events = ResponseEvents(response_id, self.model_id, parsed)
         if parsed.stream:
-            events = ResponseEvents(response_id, self.model_id, parsed)
             return self._streaming(job, parsed, events, "POST /v1/responses (streaming)")
-        turn = await self._collect(job, request, StopFilter(parsed.stop))
-        return JSONResponse(response(response_id, self.model_id, turn, parsed), headers=warning_headers(parsed))
+        if not job.tools:
+            turn = await self._collect(job, request, StopFilter(parsed.stop))
+            return JSONResponse(response(response_id, self.model_id, turn, parsed), headers=warning_headers(parsed))
+        # the tools' items sit between the model's steps: the stream's items, in the order they came, are the output
+        turn = await self._collect(job, request, StopFilter(parsed.stop), events.piece)
+        events.close()
+        events.close_tool()
+        return JSONResponse(
+            response(response_id, self.model_id, turn, parsed, events.items), headers=warning_headers(parsed)
+        )
 
     async def messages(self, request: HttpRequest) -> Response:
         parsed, job = await self._start(request, parse_messages)
@@ -152,8 +169,12 @@ class Server:
         body = await read_body(request)
         async with self._parsing:
             parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
+        builtin = getattr(parsed, "builtin", ())
+        tools = {name: self.tools[name] for name in builtin}
         try:
-            return parsed, self.generations.submit(prompt, parsed.sampling, parsed.constraints)
+            return parsed, self.generations.submit(
+                prompt, parsed.sampling, parsed.constraints, parsed.conversation if tools else None, tools
+            )
         except QueueFull:
             raise ApiError(
                 429, "the server is busy with other requests; try again shortly", code="server_busy"
@@ -187,8 +208,11 @@ class Server:
         return parsed, prompt
 
     @staticmethod
-    async def _collect(job: Job, request: HttpRequest, stops: StopFilter) -> Turn:
-        """The whole turn; if the client leaves before it is done, the generation is cancelled."""
+    async def _collect(
+        job: Job, request: HttpRequest, stops: StopFilter, each: Callable[[Any, Turn], Any] | None = None
+    ) -> Turn:
+        """The whole turn, each piece also handed to `each`; if the client leaves before it is done, the generation
+        is cancelled."""
         turn = Turn()
 
         async def watch() -> None:
@@ -198,8 +222,9 @@ class Server:
 
         watcher = asyncio.create_task(watch())
         try:
-            async for _ in pieces(job, stops, turn):
-                pass
+            async for piece in pieces(job, stops, turn):
+                if each is not None:
+                    each(piece, turn)
         finally:
             watcher.cancel()
         return turn
