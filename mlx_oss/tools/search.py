@@ -13,6 +13,7 @@ Backends: `duckduckgo` (its HTML endpoint, no key) and `searxng` (a self-hosted 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -116,6 +117,14 @@ def check_url(url: str, allowed_hosts=()) -> str:
     return url
 
 
+@functools.cache
+def _ssl_context():
+    """One verifying TLS context for every fetch: building one reads the CA bundle (about 50 ms)."""
+    import httpx
+
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def _guarded_client(limits: FetchLimits, allowed_hosts):
     """An httpx client whose every connection goes to a checked address (imported here: httpx is not light)."""
     import httpcore
@@ -143,11 +152,9 @@ def _guarded_client(limits: FetchLimits, allowed_hosts):
 
     class GuardedTransport(httpx.HTTPTransport):
         def __init__(self):
-            super().__init__(trust_env=False)
+            super().__init__(verify=_ssl_context(), trust_env=False)
             # httpx builds its pool without a way to pass a network backend; this is its pool with ours.
-            self._pool = httpcore.ConnectionPool(
-                ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=GuardedBackend()
-            )
+            self._pool = httpcore.ConnectionPool(ssl_context=_ssl_context(), network_backend=GuardedBackend())
 
     timeout = httpx.Timeout(limits.read_s, connect=limits.connect_s)
     return httpx.Client(
