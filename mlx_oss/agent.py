@@ -32,6 +32,7 @@ log = logging.getLogger("mlx_oss.agent")
 # until cancelled (with python's 120 s per call, 16 calls already bound a turn's tool time at half an hour).
 MAX_STEPS = 16
 STEP_LIMIT = "step_limit"  # Done.stop_reason of a turn the model would not end within its steps
+CANCELLED_CALL = "The user stopped this call before it ran."  # the result of a call cancelled as it was written
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def run_turn(
     The conversation is appended to as the turn goes (each step's messages, each call's result), so after the turn,
     whatever ended it, it holds the whole exchange; do not append `Done.messages` again. A built-in call always gets
     a result, so the conversation stays well formed: a tool the conversation does not run (not enabled, or
-    `unavailable()`) answers that it is unavailable and why, and the model goes on. Calls past `max_steps` are not
+    `unavailable()`) answers that it is unavailable and why, and the model goes on; a call cancelled while the
+    model wrote it answers that it did not run. Calls past `max_steps` are not
     run: the model is told the limit is reached and gets one more step to answer; a call in that step ends the turn
     with `STEP_LIMIT`. `sampling.max_tokens` bounds each step. `cancel` stops generation and is handed to the running
     tool. A prompt that outgrows the context after a tool result ends the turn with "context_limit" (the first
@@ -103,6 +105,9 @@ def run_turn(
             return
         turn.add_step(done, conversation)
         if done.stop_reason != "tool_call" or builtin_call is None:
+            unfinished = conversation.messages[-1] if turn.messages else None
+            if done.stop_reason == "cancelled" and unfinished and is_builtin(unfinished.recipient, conversation):
+                turn.add(Message.builtin_result(unfinished.recipient, CANCELLED_CALL), conversation)
             yield turn.done(done.stop_reason)
             return
         calls += 1
@@ -140,7 +145,7 @@ def call_tool(tools: Mapping[str, BuiltinTool], call: ToolCall, conversation, ca
     if reason:
         return unavailable_output(name, reason)
     if cancel.cancelled:
-        return ToolOutput("The user cancelled this call before it ran.", error=True)
+        return ToolOutput(CANCELLED_CALL, error=True)
     try:
         return tool.run(call.recipient, call.arguments, cancel)
     except Exception as e:  # the contract says run() never raises; a bug in a tool must not end the chat

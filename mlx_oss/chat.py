@@ -154,6 +154,7 @@ class ChatTools:
         self.built: dict[str, BuiltinTool] = {}
         self.enabled: list[str] = []
         self.problems: dict[str, str] = {}  # why a tool cannot be turned on
+        self.announced = False  # python's working folder was printed
 
     def turn_on(self, name: str) -> bool:
         """Turns `name` on, or says in one line why it cannot be."""
@@ -169,6 +170,15 @@ class ChatTools:
         if name not in self.enabled:
             self.enabled.append(name)
         return True
+
+    def reset(self) -> None:
+        """A new conversation: the tools on start afresh (python forgets its variables); the working folder stays."""
+        enabled = list(self.enabled)
+        self.close()
+        self.built.clear()
+        self.enabled.clear()
+        for name in enabled:
+            self.turn_on(name)
 
     def turn_off(self, name: str) -> None:
         if name in self.enabled:
@@ -195,7 +205,9 @@ class ChatTools:
                 self.settings.work_dir = session_work_dir()
             self.settings.work_dir.mkdir(parents=True, exist_ok=True)
             tool = tool_class(self.settings, self.settings.work_dir)
-            self.say(f"(python's working folder: {self.settings.work_dir})")
+            if not self.announced:
+                self.say(f"(python's working folder: {self.settings.work_dir})")
+                self.announced = True
         else:
             tool = tool_class(self.settings)
         self.built[name] = tool
@@ -215,6 +227,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.conversation.messages.clear()
+        self.tools.reset()
 
     def send(self, text: str, display: Display, cancel: CancelToken) -> Done:
         if longest_run(text) > MAX_RUN:  # the tokenizer's time goes with its square; a million overflow it

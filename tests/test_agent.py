@@ -4,10 +4,11 @@ the step limit, cancelling a running tool, a tool that cannot run, function call
 from __future__ import annotations
 
 import threading
+import time
 
 import openai_harmony as oh
 import pytest
-from harmony_helpers import FakeTool, PromptScriptedModel
+from harmony_helpers import FakeTool, PromptScriptedModel, harmony_tokens
 
 from mlx_oss.agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from mlx_oss.engine import AnswerDelta, ContextLimitError, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
@@ -158,6 +159,27 @@ def test_cancel_during_generation_keeps_what_was_said():
             cancel.cancel()
     assert events[-1].stop_reason == "cancelled" and tool.calls == []
     assert convo.messages[1].channel == "analysis" and convo.messages == [convo.messages[0], *events[-1].messages]
+
+
+def test_a_call_cancelled_as_it_is_written_is_answered_and_not_run():
+    from mlx_oss.cancel import CancelToken
+
+    model = PromptScriptedModel(lambda prompt: CALL + "x = 1\n" * 200 + "<|call|>", step_delay=0.002)
+    cancel, convo, tool = CancelToken(), python_conversation(), FakeTool()
+    written = len(harmony_tokens(CALL)) + 20  # decode steps until the call's code is being written
+
+    def cancel_mid_call():
+        while model.forward_calls < written:
+            time.sleep(0.001)
+        cancel.cancel()
+
+    canceller = threading.Thread(target=cancel_mid_call)
+    canceller.start()
+    list(run_turn(Engine(model), convo, {"python": tool}, cancel=cancel))
+    canceller.join()
+    call, result = convo.messages[-2:]
+    assert call.recipient == "python" and call.content.startswith("x = 1") and tool.calls == []
+    assert result == Message.builtin_result("python", "The user stopped this call before it ran.")
 
 
 @pytest.mark.parametrize(

@@ -299,6 +299,9 @@ def test_tool_calls_show_dimmed_with_their_output_then_the_answer(tmp_path, monk
     assert "## python" in model.prompts[0]  # declared to the model
     assert session.conversation.messages[-3] == Message.builtin_result("python", "4\n")
 
+    first = tools.built["python"]
+    run_command(session, "/reset")  # a new conversation: a fresh python, in the same folder, not announced again
+    assert first.closed and tools.built["python"] is not first and len(said) == 1 and tools.enabled == ["python"]
     run_command(session, "/tools python off")
     session.send("Again?", Display(out, out, color=False, show_reasoning=False), CancelToken())
     assert "## python" not in model.prompts[-1]  # off: no longer declared, so the model is not offered it
