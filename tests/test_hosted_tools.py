@@ -198,6 +198,35 @@ def test_code_interpreter_streams_openai_s_events(picture):
     assert len({item.id for item in final.output}) == 4
 
 
+def test_python_runs_beside_function_tools_held_to_their_grammar(picture):
+    """With function tools the turn is held to a grammar; the built-in call stays allowed, then the function's."""
+
+    def turn(prompt: str) -> str:
+        if PYTHON_RESULT in prompt:
+            return '<|channel|>commentary to=functions.save <|constrain|>json<|message|>{"value": 42}<|call|>'
+        return "<|channel|>analysis to=python code<|message|>print(6*7)<|call|>"
+
+    save = {
+        "type": "function",
+        "name": "save",
+        "parameters": {
+            "type": "object",
+            "properties": {"value": {"type": "integer"}},
+            "required": ["value"],
+            "additionalProperties": False,
+        },
+    }
+    model = PromptScriptedModel(turn)
+    with served(model, {"python": FakePython(picture)}) as url:
+        reply = client(url).responses.create(model="gpt-oss-20b", input="Save 6*7", tools=[*CODE_INTERPRETER, save])
+    assert [item.type for item in reply.output] == ["code_interpreter_call", "function_call"]
+    assert (reply.output[1].name, reply.output[1].arguments) == ("save", '{"value": 42}')
+    parsed = parse_responses(
+        {"model": "m", "input": "x", "tools": [*CODE_INTERPRETER, save]}, "m", runs=frozenset({"python", "browser"})
+    )
+    assert parsed.constraints.builtin == {"python"} and set(parsed.constraints.calls) == {"functions.save"}
+
+
 # -- web_search -------------------------------------------------------------------------------------------------
 
 

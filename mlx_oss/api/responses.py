@@ -49,6 +49,7 @@ from typing import Any
 from ..agent import ToolFinished, ToolStarted
 from ..engine import ReasoningDelta, SamplingParams, ToolCall
 from ..generation_queue import Piece, Turn
+from ..harmony import BUILTIN_RECIPIENTS
 from ..tools import PYTHON, Citation, ToolOutput
 from . import fields as f
 from . import logprobs as scores
@@ -157,7 +158,11 @@ def parse_responses(
         conversation,
         parsed_sampling,
         stream=f.boolean(body, "stream"),
-        constraints=dataclasses.replace(built.constraints, answer=answer),
+        constraints=dataclasses.replace(
+            built.constraints,
+            answer=answer,
+            builtin=frozenset(r for name in builtin for r in BUILTIN_RECIPIENTS[name]),  # callable beside any grammar
+        ),
         warnings=warnings,
         echo=_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling),
         shapes=shapes,
