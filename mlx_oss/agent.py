@@ -75,11 +75,11 @@ def run_turn(
     whatever ended it, it holds the whole exchange; do not append `Done.messages` again. A built-in call always gets
     a result, so the conversation stays well formed: a tool the conversation does not run (not enabled, or
     `unavailable()`) answers that it is unavailable and why, and the model goes on; a call cancelled while the
-    model wrote it answers that it did not run. Calls past `max_steps` are not
-    run: the model is told the limit is reached and gets one more step to answer; a call in that step ends the turn
-    with `STEP_LIMIT`. `sampling.max_tokens` bounds each step. `cancel` stops generation and is handed to the running
-    tool. A prompt that outgrows the context after a tool result ends the turn with "context_limit" (the first
-    step's raises `ContextLimitError`, as `Engine.respond` does).
+    model wrote it answers that it did not run. Calls past `max_steps` are not run: the model is told the limit is
+    reached and gets one more step to answer; a call in that step ends the turn with `STEP_LIMIT`.
+    `sampling.max_tokens` bounds each step. `cancel` stops generation and is handed to the running tool. A prompt
+    that outgrows the context after a tool result ends the turn with "context_limit" (the first step's raises
+    `ContextLimitError`, as `Engine.respond` does).
     """
     cancel = cancel or CancelToken()
     if constraints:
