@@ -282,3 +282,23 @@ def test_planted_symlinks_do_not_redirect_saved_images(tool, outside):
     assert not list(outside.glob("planted-*"))
     (saved,) = out.files
     assert not saved.is_symlink() and saved.read_bytes() == png
+
+
+def test_a_dead_kernel_is_replaced_and_the_model_told(tmp_path):
+    tool = PythonTool(ToolSettings(), tmp_path)
+    try:
+        run(tool, "gone = 1")
+        tool._process.kill()  # as the OOM killer or a crash would
+        out = run(tool, "'gone' in globals()")
+        assert "fresh one" in out.text and "False" in out.text
+    finally:
+        tool.close()
+
+
+def test_python_itself_stays_read_only_under_a_working_folder_above_it(tmp_path):
+    """A working folder chosen above the venv (a project folder) gets no write access to the interpreter."""
+    from mlx_oss.tools.sandbox import Sandbox
+
+    argv = Sandbox()._linux_argv(["python"], Path(sys.prefix).parent, None)
+    work = argv.index(str(Path(sys.prefix).parent.resolve()))
+    assert argv[work + 2 : work + 5] == ["--ro-bind", str(Path(sys.prefix).resolve()), str(Path(sys.prefix).resolve())]

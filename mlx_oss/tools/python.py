@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..cancel import CancelToken
@@ -149,14 +150,19 @@ class PythonTool:
         why = self.unavailable()
         if why:
             return ToolOutput(text=f"The python tool is unavailable: {why}", error=True)
-        if self._process is None or not self._process.alive():
-            self._stop()
+        lost = self._process is not None and not self._process.alive()
+        if self._process is None or lost:
+            self._stop(graceful=False)
             try:
                 self._start()
             except Exception as error:  # noqa: BLE001 (the model reads what went wrong)
-                self._stop()
+                self._stop(graceful=False)
                 return ToolOutput(text=f"The Python kernel could not start: {error}", error=True)
-        return self._execute(content, cancel)
+        output = self._execute(content, cancel)
+        if lost:  # state the model counts on is gone: say so
+            note = "[the previous Python process had ended; this call ran in a fresh one]\n"
+            output = replace(output, text=note + output.text, display=note + output.display)
+        return output
 
     def _execute(self, code: str, cancel: CancelToken) -> ToolOutput:
         client = self._client

@@ -34,6 +34,7 @@ MAX_PROCESSES = 128  # threads count too: a kernel holds about 10, BLAS a few mo
 MAX_FILE_BYTES = 1 << 30
 TMP_BYTES = 256 << 20
 SANDBOX_UID = 65534
+_PROBED: dict[tuple, str | None] = {}  # a conversation's tool need not start a sandbox to learn what another did
 
 # Sets the limits inside the sandbox, then becomes the kernel: argv[1:] = memory bytes, processes, file bytes, cmd...
 _LAUNCHER = """\
@@ -127,9 +128,14 @@ class Sandbox:
     # -- can it run here? -------------------------------------------------------------------------------------------
 
     def unavailable(self) -> str | None:
-        """None when the sandbox works here (probed once by running `true` inside it), else why not."""
+        """None when the sandbox works here (probed once per bwrap by running Python inside it), else why not."""
         if self._why is False:
-            self._why = self._probe()
+            key = (self.platform, self._bwrap or find_bwrap(), os.geteuid())
+            if key not in _PROBED:
+                _PROBED[key] = self._probe()
+            self._why = _PROBED[key]
+            if self._why is None and self.platform.startswith("linux"):
+                self._bwrap = key[1]
         return self._why
 
     def _probe(self) -> str | None:
@@ -244,7 +250,11 @@ class Sandbox:
         command += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
         if runtime_dir is not None:
             command += ["--bind", str(runtime_dir), str(runtime_dir)]
-        command += ["--bind", str(work_dir), str(work_dir), "--chdir", str(work_dir), "--"]
+        command += ["--bind", str(work_dir), str(work_dir)]
+        for root in roots:  # a working folder chosen above the venv must not make Python writable
+            if root.is_relative_to(work_dir):
+                command += ["--ro-bind", str(root), str(root)]
+        command += ["--chdir", str(work_dir), "--"]
         return command + self._launch(argv)
 
     def _darwin_argv(self, argv: list[str], work_dir: Path, runtime_dir: Path) -> list[str]:
