@@ -8,7 +8,10 @@ that must resolve elsewhere go through a patched resolver.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -344,6 +347,47 @@ def test_a_name_that_resolves_to_loopback_is_refused(server, monkeypatch):
     assert out.error and "Refused: `rebind.example` resolves to 127.0.0.1" in out.text
     allowed = make_tool(server, allowed=("rebind.example",))
     assert not call(allowed, "open", id=f"http://rebind.example:{server.server_port}/second.html").error
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for `tls.example`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+         "-subj", "/CN=tls.example", "-addext", "subjectAltName=DNS:tls.example"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.requests, httpd.queries = [], []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd, cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server, monkeypatch):
+    """The guard connects to the address it checked, while TLS still verifies the certificate against the name."""
+    httpd, cert = tls_server
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        search_module.socket,
+        "getaddrinfo",
+        lambda host, *a, **k: real("127.0.0.1" if host.endswith(".example") else host, *a, **k),
+    )
+    monkeypatch.setattr(search_module, "address_allowed", lambda address: True)  # as if 127.0.0.1 were public
+    monkeypatch.setattr(search_module, "_ssl_context", lambda: ssl.create_default_context(cafile=str(cert)))
+    tool = make_tool(httpd, allowed=())
+    ok = call(tool, "open", id=f"https://tls.example:{httpd.server_port}/second.html")
+    assert ok.text.startswith(f"[0] Second (https://tls.example:{httpd.server_port}/second.html)"), ok.text
+    wrong = call(tool, "open", id=f"https://other.example:{httpd.server_port}/second.html")
+    assert wrong.error and "CERTIFICATE_VERIFY_FAILED" in wrong.text, wrong.text
 
 
 def test_offline_is_unavailable_not_an_exception(server, monkeypatch):

@@ -42,7 +42,7 @@ log = logging.getLogger("mlx_oss.tools.browser")
 
 VIEW_TOKENS = 1024  # a view without num_lines shows about this many tokens, as the reference's view_tokens
 MAX_SEARCH_RESULTS = 20
-MAX_VIEW_LINES = 1000  # num_lines asked for beyond this shows this many (the text is what the model reads)
+MAX_VIEW_LINES = 300  # num_lines beyond this shows this many (~6k tokens; the scrollbar line says where it ended)
 VIEW_SOURCE_PREFIX = "view-source:"
 FUNCTIONS = ("search", "open", "find")
 

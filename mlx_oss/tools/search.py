@@ -100,6 +100,8 @@ def check_url(url: str, allowed_hosts=()) -> str:
         parts.port  # noqa: B018 (a bad port raises here)
     except ValueError as e:
         raise FetchError(f"Invalid URL `{url}`: {e}", refused=True) from e
+    if not parts.scheme:
+        raise FetchError(f"Invalid URL `{url}`", refused=True)
     if parts.scheme not in ("http", "https"):
         raise FetchError(f"Cannot open `{parts.scheme}:` URLs; only http and https", refused=True)
     if not host:
