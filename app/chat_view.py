@@ -215,7 +215,9 @@ class ChatView(QWidget):
         _show(self.banner, text)
 
     def clear(self) -> None:
-        for view in self.messages:
+        for view in self.messages:  # gone from the column now, not when the event loop gets to deleting it
+            view.hide()
+            self.column_layout.removeWidget(view)
             view.deleteLater()
         self.messages = []
 
@@ -234,7 +236,10 @@ class ChatView(QWidget):
         return view
 
     def remove_last(self) -> None:
-        self.messages.pop().deleteLater()
+        view = self.messages.pop()
+        view.hide()
+        self.column_layout.removeWidget(view)
+        view.deleteLater()
 
     def stream(self, view: MessageView, content: str = "", reasoning: str = "") -> None:
         view.content += content

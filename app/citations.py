@@ -32,6 +32,12 @@ def _url(url: str) -> str:
 def link_citations(markdown: str, citations: dict[int, Citation]) -> str:
     """`markdown` with each citation of a known web page replaced by ` ([site](url)) `, as the reference does."""
     pages = [c for c in citations.values() if linkable(c.url)]
-    return "".join(
-        f" ([{_escape(piece)}]({_url(url)})) " if url else piece for piece, url in citation_spans(markdown, pages)
-    )
+    parts = []
+    for piece, url in citation_spans(markdown, pages):
+        if url is None:
+            parts.append(piece)
+        else:  # no space left before the punctuation that follows a citation
+            parts.append(f" ([{_escape(piece)}]({_url(url)}))")
+            parts.append(" ")
+    text = "".join(parts)
+    return re.sub(r"\)\) +([.,;:!?)])", r"))\1", text)

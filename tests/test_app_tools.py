@@ -249,7 +249,7 @@ def test_a_citation_renders_as_a_link_that_opens_the_page(qtbot, app_dir, monkey
     (block,) = view.tool_calls
     assert block.recipient == "browser.open" and "example.org/boiling" in block.code.text()
     shown = view.answer_label.text()
-    assert "Mont Blanc ([example.org](https://example.org/boiling)) , though" in shown
+    assert "Mont Blanc ([example.org](https://example.org/boiling)), though" in shown
     assert "【9†L1】" in shown  # no call opened page 9: the citation stays as written
     view.answer_label.linkActivated.emit("https://example.org/boiling")
     view.answer_label.linkActivated.emit("file:///etc/passwd")  # never opened from an answer
@@ -331,3 +331,21 @@ def test_tool_settings_are_saved_and_rebuild_the_tools(qtbot, app_dir):
     assert (python.settings.python_timeout_s, python.settings.python_memory_mb) == (30.0, 1024)
     assert python.settings.search_url == "http://127.0.0.1:8888"
     window.close()
+
+
+def test_the_screenshots_of_the_tools_render_through_the_real_window(tmp_path):
+    """`app_runner.py --screenshots DIR` (what made docs/app-python-call.png and docs/app-cited-page.png): a second
+    chat shows only its own messages, the blocks and the links."""
+    import subprocess
+    import sys
+
+    runner = Path(__file__).with_name("app_runner.py")
+    out = subprocess.run(
+        [sys.executable, str(runner), "--screenshots", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    from PySide6.QtGui import QImage
+
+    for name in ("app-python-call.png", "app-cited-page.png"):
+        image = QImage(str(tmp_path / name))
+        assert (image.width(), image.height()) == (1180, 1040), name
