@@ -7,17 +7,16 @@ knows an API: the server answers `QueueFull`, and the `api` modules format the `
 
 A job runs either as a plain generation (prompt tokens into `Engine.generate`) or, when its request enabled
 built-in tools the server runs, through the agent loop (`agent.run_turn` with the job's conversation): then the
-tool calls come as the loop's `ToolStarted` / `ToolFinished` between the model's steps, and the steps' `Done`s
-arrive as one, their figures summed (a client is told the whole turn's usage, as OpenAI's hosted tools bill it).
+tool calls come as the loop's `ToolStarted` / `ToolFinished` between the model's steps, and the one `Done` at
+the end has the whole turn's figures (a client is told the whole turn's usage, as OpenAI's hosted tools bill it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from . import agent
@@ -25,7 +24,7 @@ from .agent import ToolFinished, ToolStarted
 from .cancel import CancelToken
 from .engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
 from .grammar import TurnConstraints
-from .harmony import Conversation, builtin_namespace
+from .harmony import Conversation
 from .sampling import TokenLogprob
 from .stops import StopFilter
 from .tools import BuiltinTool, Citation
@@ -49,9 +48,10 @@ class Job:
         constraints: TurnConstraints | None = None,
         conversation: Conversation | None = None,
         tools: Mapping[str, BuiltinTool] | None = None,
+        max_steps: int | None = None,
     ):
         self.prompt, self.sampling, self.loop, self.constraints = prompt, sampling, loop, constraints
-        self.conversation, self.tools = conversation, dict(tools or {})
+        self.conversation, self.tools, self.max_steps = conversation, dict(tools or {}), max_steps
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = CancelToken()
 
@@ -59,15 +59,9 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-AgentLoop = Callable[..., object]  # agent.run_turn's signature
-
-
 class GenerationQueue:
-    """`agent_loop` runs the jobs with built-in tools (`agent.run_turn`; a test may give a stand-in)."""
-
-    def __init__(self, engine: Engine, max_waiting: int = 8, agent_loop: AgentLoop | None = None):
+    def __init__(self, engine: Engine, max_waiting: int = 8):
         self.engine, self.max_waiting = engine, max_waiting
-        self.agent_loop = agent_loop
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._queued = 0
@@ -80,16 +74,18 @@ class GenerationQueue:
         constraints: TurnConstraints | None = None,
         conversation: Conversation | None = None,
         tools: Mapping[str, BuiltinTool] | None = None,
+        max_steps: int | None = None,
     ) -> Job:
         """The generation's job, from the running event loop; `QueueFull` if too many wait already. With `tools`
-        the job runs `conversation` (whose rendering `prompt` is) through the agent loop."""
+        the job runs `conversation` (whose rendering `prompt` is) through the agent loop, making at most
+        `max_steps` tool calls (None: the loop's own limit)."""
         if tools and conversation is None:
             raise ValueError("a job with built-in tools needs its conversation")
         with self._lock:
             if self._queued > self.max_waiting:  # one running plus `max_waiting` waiting
                 raise QueueFull
             self._queued += 1
-        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints, conversation, tools)
+        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints, conversation, tools, max_steps)
         self._jobs.put(job)
         return job
 
@@ -108,35 +104,13 @@ class GenerationQueue:
                 job.push(_FINISHED)
 
     def _events(self, job: Job):
-        """The job's events: the engine's, or the agent loop's with its steps' `Done`s summed into the last one and
-        the engine's `ToolCall` of a built-in tool left out (its `ToolStarted` says it)."""
+        """The job's events: the engine's, or the agent loop's."""
         if not job.tools:
-            yield from self.engine.generate(job.prompt, job.sampling, job.cancel, job.constraints)
-            return
-        loop = self.agent_loop or agent.run_turn
-        done: Done | None = None
-        for event in loop(self.engine, job.conversation, job.tools, job.sampling, job.cancel, job.constraints):
-            if isinstance(event, Done):
-                done = event if done is None else _summed(done, event)
-            elif isinstance(event, ToolCall) and builtin_namespace(event.recipient) in job.tools:
-                continue
-            else:
-                yield event
-        if done is not None:
-            yield done
-
-
-def _summed(first: Done, then: Done) -> Done:
-    """`then`, the turn's later step, with the token counts of both (the first step's time to first token)."""
-    a, b = first.stats, then.stats
-    stats = dataclasses.replace(
-        b,
-        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
-        reused_tokens=a.reused_tokens + b.reused_tokens,
-        generated_tokens=a.generated_tokens + b.generated_tokens,
-        time_to_first_token_s=a.time_to_first_token_s,
-    )
-    return dataclasses.replace(then, stats=stats, messages=[*first.messages, *then.messages])
+            return self.engine.generate(job.prompt, job.sampling, job.cancel, job.constraints)
+        steps = {} if job.max_steps is None else {"max_steps": job.max_steps}
+        return agent.run_turn(
+            self.engine, job.conversation, job.tools, job.sampling, job.cancel, job.constraints, **steps
+        )
 
 
 @dataclass

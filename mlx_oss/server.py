@@ -169,11 +169,16 @@ class Server:
         body = await read_body(request)
         async with self._parsing:
             parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
-        builtin = getattr(parsed, "builtin", ())
+        builtin = getattr(parsed, "builtin", ())  # only the Responses API runs built-in tools
         tools = {name: self.tools[name] for name in builtin}
         try:
             return parsed, self.generations.submit(
-                prompt, parsed.sampling, parsed.constraints, parsed.conversation if tools else None, tools
+                prompt,
+                parsed.sampling,
+                parsed.constraints,
+                parsed.conversation if tools else None,
+                tools,
+                getattr(parsed, "max_tool_calls", None),
             )
         except QueueFull:
             raise ApiError(

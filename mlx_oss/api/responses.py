@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..agent import ToolFinished, ToolStarted
+from ..agent import STEP_LIMIT, ToolFinished, ToolStarted
 from ..engine import ReasoningDelta, SamplingParams, ToolCall
 from ..generation_queue import Piece, Turn
 from ..harmony import BUILTIN_RECIPIENTS
@@ -66,6 +66,8 @@ TEXT_LOGPROBS = "message.output_text.logprobs"
 TRUNCATIONS = ("auto", "disabled")
 MAX_METADATA = 16  # key-value pairs, as OpenAI allows
 MAX_INCLUDES = 64  # OpenAI knows about ten
+# Turns cut short, by the reason a response gives: out of tokens, or still calling built-in tools past max_tool_calls
+INCOMPLETE = {"length": "max_output_tokens", "context_limit": "max_output_tokens", STEP_LIMIT: "max_tool_calls"}
 SEARCH_SOURCES = "web_search_call.action.sources"
 CONTAINER_ID = "cntr_mlx_oss"  # the server's one python (its kernel and working folder), as a container's id
 IMAGE_TYPES = {
@@ -96,6 +98,7 @@ class ResponsesRequest(ParsedRequest):
     echo: dict[str, Any] = field(default_factory=dict)  # the request's fields a response shows back
     shapes: Shapes = field(default_factory=Shapes)
     builtin: tuple[str, ...] = ()  # the built-in tools the server runs for this request's hosted ones
+    max_tool_calls: int | None = None  # of the built-in tools, in this turn (OpenAI's limit on its hosted ones)
 
 
 def parse_responses(
@@ -167,6 +170,7 @@ def parse_responses(
         echo=_echoed(body, instructions, box.echo, reasoning, summary, include, parsed_sampling),
         shapes=shapes,
         builtin=builtin,
+        max_tool_calls=f.positive_int(body, "max_tool_calls"),
     )
 
 
@@ -255,7 +259,7 @@ def response(
     status, output, usage, incomplete = "in_progress", [], None, None
     if turn is not None and turn.done is not None:
         usage = response_usage(turn)
-        incomplete = "max_output_tokens" if turn.done.stop_reason in ("length", "context_limit") else None
+        incomplete = INCOMPLETE.get(turn.done.stop_reason)
         status = "incomplete" if incomplete else "completed"
         output = items if items is not None else output_items(turn, request.shapes)
     return {
