@@ -1,12 +1,15 @@
 """The server's hosted tools (issue 18): with --tools, a Responses request's code_interpreter and web_search run as
 gpt-oss's built-in python and browser, server-side, through the agent loop, and come back as OpenAI's
 code_interpreter_call / web_search_call items and streaming events, which the openai SDK parses. The model is
-prompt-scripted and the tools are fakes: this is the server's part, not the tools'."""
+prompt-scripted; python is a fake (its real kernel is tested in its own file), the browser fake and real (against
+pages served on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
+import threading
 
 import httpx
 import pytest
@@ -15,15 +18,17 @@ from serving import serving
 
 openai = pytest.importorskip("openai")
 
-from mlx_oss import agent, serve  # noqa: E402
-from mlx_oss.agent import ToolFinished, ToolStarted  # noqa: E402
+from mlx_oss import serve  # noqa: E402
+from mlx_oss.agent import ToolStarted  # noqa: E402
 from mlx_oss.api.fields import ApiError  # noqa: E402
-from mlx_oss.api.responses import parse_responses  # noqa: E402
-from mlx_oss.engine import Done, Engine  # noqa: E402
+from mlx_oss.api.responses import ResponseEvents, parse_responses  # noqa: E402
+from mlx_oss.engine import Engine  # noqa: E402
 from mlx_oss.errors import MlxOssError  # noqa: E402
-from mlx_oss.harmony import Conversation, Message, builtin_namespace, encoding, render_prompt  # noqa: E402
+from mlx_oss.generation_queue import Turn  # noqa: E402
+from mlx_oss.harmony import encoding, render_prompt  # noqa: E402
 from mlx_oss.server import WARNING_HEADER, Server  # noqa: E402
-from mlx_oss.tools import Citation, ToolOutput  # noqa: E402
+from mlx_oss.tools import Citation, ToolOutput, ToolSettings  # noqa: E402
+from mlx_oss.tools.browser import BrowserTool  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 PYTHON_RESULT = "<|start|>python to=assistant"
@@ -78,39 +83,8 @@ class FakeBrowser:
         pass
 
 
-def stand_in_loop(engine, conversation, tools, sampling=None, cancel=None, constraints=None, max_steps=16):
-    """agent.run_turn's contract, until its body lands: a step, its built-in call run, the next step."""
-    for _ in range(max_steps + 1):
-        done = None
-        for event in engine.respond(conversation, sampling, cancel, constraints):
-            done = event if isinstance(event, Done) else done
-            yield event
-        conversation.messages.extend(done.messages)
-        call = done.messages[-1] if done.stop_reason == "tool_call" and done.messages else None
-        if call is None or builtin_namespace(call.recipient) not in tools:
-            return
-        yield ToolStarted(call.recipient, call.content)
-        output = tools[builtin_namespace(call.recipient)].run(call.recipient, call.content, cancel)
-        yield ToolFinished(call.recipient, call.content, output, 0.0)
-        conversation.messages.append(Message.builtin_result(call.recipient, output.text))
-
-
-def _skeleton() -> bool:
-    """Whether agent.run_turn is still the skeleton (then the stand-in runs the tests)."""
-    try:
-        next(agent.run_turn(None, Conversation(), {}))
-    except NotImplementedError:
-        return True
-    except Exception:  # noqa: BLE001 - the real loop, failing on the empty arguments
-        return False
-    return False
-
-
 def served(model, tools=None):
-    server = Server(Engine(model), "gpt-oss-20b", tools=tools)
-    if _skeleton():
-        server.generations.agent_loop = stand_in_loop
-    return serving(server)
+    return serving(Server(Engine(model), "gpt-oss-20b", tools=tools))
 
 
 def python_turn(prompt: str) -> str:
@@ -227,6 +201,29 @@ def test_python_runs_beside_function_tools_held_to_their_grammar(picture):
     assert parsed.constraints.builtin == {"python"} and set(parsed.constraints.calls) == {"functions.save"}
 
 
+def test_a_failed_call_a_cancelled_one_and_the_step_limit(picture):
+    class Failing(FakePython):
+        def run(self, recipient, content, cancel):
+            return ToolOutput("Traceback: ZeroDivisionError", error=True)
+
+    def again(prompt: str) -> str:  # calls python whatever it read
+        return "<|channel|>analysis to=python code<|message|>1/0<|call|>"
+
+    model = PromptScriptedModel(again)
+    with served(model, {"python": Failing(picture)}) as url:
+        reply = client(url).responses.create(model="gpt-oss-20b", input="x", tools=CODE_INTERPRETER, max_tool_calls=2)
+    assert [item.status for item in reply.output] == ["failed"] * 4  # two run, one told the limit, one ends it
+    assert reply.output[0].outputs[0].logs == "Traceback: ZeroDivisionError"
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_tool_calls"
+    # a call under way when the turn stops (a client that left) closes as incomplete
+    parsed = parse_responses({"model": "m", "input": "x", "tools": CODE_INTERPRETER}, "m", runs=frozenset({"python"}))
+    events = ResponseEvents("resp_1", "m", parsed)
+    events.piece(ToolStarted("python", "while True: pass"), Turn())
+    closed = events.close_tool()
+    assert json.loads(closed[-1].split("data: ", 1)[1])["item"]["status"] == "incomplete"
+    assert events.items[0]["code"] == "while True: pass"
+
+
 # -- web_search -------------------------------------------------------------------------------------------------
 
 
@@ -276,6 +273,66 @@ def test_web_search_streams_openai_s_events():
     assert kinds.index("response.output_text.annotation.added") < kinds.index("response.output_text.done")
     assert events[-1].response.output[1].action.url == "https://example.org/paris"
     assert events[-1].response.output[0].action.sources is None  # not asked for
+
+
+class Pages(http.server.BaseHTTPRequestHandler):
+    """A SearXNG that finds one page, and the page, on 127.0.0.1."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.path.startswith("/search?"):
+            body = json.dumps({"results": [{"title": "Paris", "url": f"{host}/paris", "content": "The capital."}]})
+            kind = "application/json"
+        elif self.path == "/paris":
+            body = "<html><head><title>Paris</title></head><body><p>Paris is the capital of France.</p></body></html>"
+            kind = "text/html; charset=utf-8"
+        else:
+            self.send_error(404)
+            return
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def pages():
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+
+
+def test_web_search_on_the_real_browser_against_local_pages(pages):
+    def turn(prompt: str) -> str:
+        if "<|start|>browser.find to=assistant" in prompt:
+            return f"<|channel|>final<|message|>{ANSWER}<|return|>"
+        if OPEN_RESULT in prompt:
+            return '<|channel|>analysis to=browser.find code<|message|>{"pattern": "capital"}<|call|>'
+        if SEARCH_RESULT in prompt:
+            return '<|channel|>analysis to=browser.open code<|message|>{"id": 0, "cursor": 0}<|call|>'
+        return '<|channel|>analysis to=browser.search code<|message|>{"query": "capital of France"}<|call|>'
+
+    settings = ToolSettings(
+        enabled=("browser",), search_backend="searxng", search_url=f"{pages}/search", allowed_hosts=("127.0.0.1",)
+    )
+    model = PromptScriptedModel(turn)
+    with served(model, {"browser": BrowserTool(settings)}) as url:
+        reply = client(url).responses.create(model="gpt-oss-20b", input="Capital?", tools=[{"type": "web_search"}])
+    actions = [item.action for item in reply.output if item.type == "web_search_call"]
+    assert [a.type for a in actions] == ["search", "open_page", "find_in_page"], model.prompts[-1]
+    assert all(item.status == "completed" for item in reply.output[:3])
+    assert actions[0].query == "capital of France"
+    assert actions[1].url == f"{pages}/paris"
+    assert (actions[2].url, actions[2].pattern) == (f"{pages}/paris", "capital")
+    assert "Paris is the capital of France." in model.prompts[-1]
+    (note,) = reply.output[-1].content[0].annotations
+    assert (note.url, note.title) == (f"{pages}/paris", "Paris")
 
 
 # -- without --tools, and what comes back ------------------------------------------------------------------------
