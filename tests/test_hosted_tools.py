@@ -29,6 +29,7 @@ from mlx_oss.harmony import encoding, render_prompt  # noqa: E402
 from mlx_oss.server import WARNING_HEADER, Server  # noqa: E402
 from mlx_oss.tools import Citation, ToolOutput, ToolSettings  # noqa: E402
 from mlx_oss.tools.browser import BrowserTool  # noqa: E402
+from mlx_oss.tools.python import PythonTool  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 PYTHON_RESULT = "<|start|>python to=assistant"
@@ -170,6 +171,28 @@ def test_code_interpreter_streams_openai_s_events(picture):
     assert final.status == "completed" and final.output_text == "6 times 7 is 42."
     assert [item.type for item in final.output] == ["reasoning", "code_interpreter_call", "reasoning", "message"]
     assert len({item.id for item in final.output}) == 4
+
+
+def test_the_real_python_keeps_its_variables_from_one_request_to_the_next(tmp_path):
+    """One kernel for the server: a later request (a later turn of the conversation) finds what an earlier one left."""
+    python = PythonTool(ToolSettings(enabled=("python",), work_dir=tmp_path), tmp_path)
+    if python.unavailable():
+        pytest.skip(f"the python tool cannot run here: {python.unavailable()}")
+
+    def turn(prompt: str) -> str:
+        if PYTHON_RESULT in prompt:
+            return "<|channel|>final<|message|>Done.<|return|>"
+        code = "print(x + 1)" if "again" in prompt else "x = 6 * 7\nprint(x)"
+        return f"<|channel|>analysis to=python code<|message|>{code}<|call|>"
+
+    try:
+        with served(PromptScriptedModel(turn), {"python": python}) as url:
+            first = client(url).responses.create(model="gpt-oss-20b", input="compute", tools=CODE_INTERPRETER)
+            second = client(url).responses.create(model="gpt-oss-20b", input="again", tools=CODE_INTERPRETER)
+    finally:
+        python.close()
+    assert first.output[0].outputs[0].logs.strip() == "42"
+    assert second.output[0].outputs[0].logs.strip() == "43"
 
 
 def test_python_runs_beside_function_tools_held_to_their_grammar(picture):
