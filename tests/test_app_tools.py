@@ -349,3 +349,55 @@ def test_the_screenshots_of_the_tools_render_through_the_real_window(tmp_path):
     for name in ("app-python-call.png", "app-cited-page.png"):
         image = QImage(str(tmp_path / name))
         assert (image.width(), image.height()) == (1180, 1040), name
+
+
+REAL_CODE = """import struct, zlib
+from IPython.display import Image, display
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+rows = b"".join(b"\\x00" + b"\\x00\\x80\\xff" * 24 for _ in range(16))
+header = struct.pack(">IIBBBBB", 24, 16, 8, 2, 0, 0, 0)
+png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+display(Image(data=png))
+answer = 6 * 7
+print(answer)"""
+
+
+def test_the_real_python_tool_runs_in_the_conversation_folder_and_its_picture_is_shown(qtbot, app_dir):
+    """The real sandboxed kernel, where this machine can run it: the block shows what it printed and the picture
+    it displayed, and the kernel keeps its variables for the next turn."""
+    from mlx_oss.tools.python import PythonTool
+
+    reason = PythonTool(AppSettings().tool_settings(), app_dir / "probe").unavailable()
+    if reason:
+        pytest.skip(f"the python tool cannot run here: {reason}")
+
+    def respond(prompt: str) -> str:
+        turn = turn_of(prompt)
+        if "<|start|>python" in turn:
+            return ANSWER
+        code = REAL_CODE if "First" in turn else "print(answer + 1)"
+        return f"<|channel|>analysis to=python code<|message|>{code}<|call|>"
+
+    window = MainWindow()  # the real tools
+    qtbot.addWidget(window)
+    window.show()
+    window.host.engine = Engine(PromptScriptedModel(respond), context_length=8192)
+    window.loaded_key = window._wanted_key()
+    qtbot.waitUntil(lambda: bool(window.chat.tool_bar.reasons), timeout=TIMEOUT_MS)
+    assert window.chat.tool_bar.toggles[PYTHON].isEnabled(), window.chat.tool_bar.reasons
+    window.chat.tool_bar.toggles[PYTHON].setChecked(True)
+    send(window, "First: compute and draw")
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=120_000)
+    (block,) = window.chat.messages[-1].tool_calls
+    assert not block.error and block.output_label.text() == "[image saved to output_1.png]\n42\n"
+    (picture,) = block.pictures
+    assert (picture.pixmap().width(), picture.pixmap().height()) == (24, 16)
+    assert Path(picture.toolTip()).parent == work_dir(window.current)
+    send(window, "Then: one more")  # the same kernel: `answer` is still there
+    qtbot.waitUntil(lambda: window.streaming is None, timeout=120_000)
+    (block,) = window.chat.messages[-1].tool_calls
+    assert block.output_label.text() == "43\n"
+    window.close()
