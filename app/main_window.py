@@ -92,6 +92,7 @@ class MainWindow(QMainWindow):
         self.host = ModelHost(self.store, tool_factory)
         self.tool_check: ToolCheck | None = None
         self.tool_call = None  # (stored id, view) of the built-in tool call running now
+        self.context_used: int | None = None  # what a turn of several steps left in the context
         QApplication.instance().aboutToQuit.connect(self.shut_down)
         self.loaded_key: tuple | None = None  # (model, backend, context) the engine holds
         self.loading = False
@@ -149,6 +150,7 @@ class MainWindow(QMainWindow):
         self.host.tool_started.connect(self._tool_started)
         self.host.tool_finished.connect(self._tool_finished)
         self.host.turn_messages.connect(self._turn_messages)
+        self.host.context_used.connect(self._context_used)
         self.chat.tool_bar.tools_changed.connect(self._tools_changed)
         self.chat.tool_bar.open_folder_requested.connect(self.open_work_dir)
 
@@ -495,6 +497,10 @@ class MainWindow(QMainWindow):
         except StorageError as e:
             self._save_failed_mid_answer(e)
 
+    def _context_used(self, tokens: int) -> None:
+        if self.streaming is not None:
+            self.context_used = tokens
+
     def _save_failed_mid_answer(self, error: StorageError) -> None:
         self.save_failed = True
         if self.cancel is not None:
@@ -546,7 +552,7 @@ class MainWindow(QMainWindow):
             "time_to_first_token_s": round(s.time_to_first_token_s, 3),
         }
         self.speed_label.setText(f"{s.decode_tokens_per_s:.1f} tokens/s")
-        used = s.prompt_tokens + s.generated_tokens
+        used = self.context_used if self.context_used is not None else s.prompt_tokens + s.generated_tokens
         self.context_label.setText(f"context {used} of {self.settings.context_length} tokens")
         if done.stop_reason == "context_limit":
             self.chat.show_banner("The context is full: start a new chat, or raise the context length in Settings.")
@@ -570,6 +576,7 @@ class MainWindow(QMainWindow):
         self.chat.finish(view, state)
         self.streaming = None
         self.tool_call = None
+        self.context_used = None
         self.cancel = None
         self.save_failed = False
         self.list.setEnabled(True)

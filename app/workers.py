@@ -19,7 +19,7 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 from mlx_oss.cancel import CancelToken
 from mlx_oss.engine import AnswerDelta, Done, Engine, ReasoningDelta, SamplingParams, ToolCall
 from mlx_oss.errors import MlxOssError
-from mlx_oss.harmony import Conversation
+from mlx_oss.harmony import Conversation, render_prompt
 from mlx_oss.tools import BROWSER, BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 
 PICTURES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
@@ -86,6 +86,7 @@ class ModelHost(QObject):
     tool_started = Signal(str, str)  # recipient, content (the code, the arguments)
     tool_finished = Signal(object, object)  # agent.ToolFinished, the files it made with kept bytes (kept_files)
     turn_messages = Signal(object)  # the turn's harmony messages (list[Message]): what later turns send again
+    context_used = Signal(int)  # tokens the conversation takes after a turn of several steps (their stats add up)
     finished = Signal(object)  # Done
     failed = Signal(str)
 
@@ -210,6 +211,8 @@ class ModelHost(QObject):
             self.failed.emit(_message(e))
             return
         self.turn_messages.emit(list(conversation.messages[before:]))
+        # A turn's stats add every step's prompt up; the size of the next prompt says what the conversation uses.
+        self.context_used.emit(len(render_prompt(conversation)))
         if done is None:
             self.failed.emit("the turn ended without an answer")
         else:

@@ -4,8 +4,10 @@ pictures, the links, the toggles, what is stored and what the next turn sends.""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -400,4 +402,87 @@ def test_the_real_python_tool_runs_in_the_conversation_folder_and_its_picture_is
     qtbot.waitUntil(lambda: window.streaming is None, timeout=120_000)
     (block,) = window.chat.messages[-1].tool_calls
     assert block.output_label.text() == "43\n"
+    window.close()
+
+
+class SlowPython(FakeTool):
+    """A python call that runs until it is cancelled (an endless loop the user stops)."""
+
+    def run(self, recipient: str, content: str, cancel) -> ToolOutput:
+        self.calls.append((recipient, content))
+        for _ in range(1000):
+            if cancel.cancelled:
+                return ToolOutput("KeyboardInterrupt: the user stopped the call", error=True)
+            time.sleep(0.01)
+        return ToolOutput("never stopped")
+
+
+def test_stop_while_a_tool_runs_ends_the_call_and_keeps_the_turn(qtbot, app_dir):
+    made = []
+
+    def factory(name, settings):
+        made.append(SlowPython(name, settings))
+        return made[-1]
+
+    window = MainWindow(tool_factory=factory)
+    qtbot.addWidget(window)
+    window.show()
+    window.host.engine = Engine(PromptScriptedModel(python_then_answer), context_length=8192)
+    window.loaded_key = window._wanted_key()
+    qtbot.waitUntil(lambda: bool(window.chat.tool_bar.reasons), timeout=TIMEOUT_MS)
+    window.chat.tool_bar.toggles[PYTHON].setChecked(True)
+    send(window, "Loop forever")
+    qtbot.waitUntil(lambda: window.tool_call is not None, timeout=TIMEOUT_MS)
+    assert window.tool_call[1].toggle.text() == "python · running…" and window.tool_call[1].body.isVisible()
+    window.chat.stop_button.click()
+    answered(qtbot, window)
+    view = window.chat.messages[-1]
+    (block,) = view.tool_calls
+    assert view.state == "stopped" and block.error and "error" in block.toggle.text()
+    assert block.output_label.text() == "KeyboardInterrupt: the user stopped the call"
+    (_, answer) = window.conversations.messages(window.current)
+    assert answer.state == "stopped" and answer.tool_calls[0].error
+    assert answer.harmony[-1] == Message.builtin_result("python", "KeyboardInterrupt: the user stopped the call")
+    conversation = window.current
+    window.delete_conversation(conversation)  # its python process ends
+    qtbot.waitUntil(lambda: all(t.closed for t in made[2:]), timeout=TIMEOUT_MS)
+    window.close()
+
+
+def test_a_call_cut_off_by_a_crash_shows_as_such_and_the_export_has_the_calls(qtbot, app_dir, tmp_path):
+    store = ConversationStore(app_dir / "conversations.db")
+    conversation = store.new("Crashed")
+    store.add(conversation, "user", "Run it")
+    answer = store.add(conversation, "assistant", state="streaming")
+    store.add_tool_call(answer, "python", "while True: pass")  # the app died while it ran
+    done = store.add(conversation, "assistant", "Done.")
+    call = store.add_tool_call(done, "python", "print(1)")
+    store.finish_tool_call(call, ToolOutput("1\n", display="1\n"), 0.25, [("/x/plot.png", png())])
+    store.close()
+    window, _ = open_window(qtbot, lambda _: ANSWER, Tools())
+    cut, finished = (m.tool_calls[0] for m in window.chat.messages[1:])
+    assert cut.toggle.text() == "python · cut off" and window.chat.messages[1].note.text().startswith("cut off")
+    assert finished.toggle.text() == "python · 0.2 s" and len(finished.pictures) == 1
+    window.export_conversation(conversation, tmp_path / "crashed.md")
+    window.export_conversation(conversation, tmp_path / "crashed.json")
+    markdown = (tmp_path / "crashed.md").read_text()
+    assert "<details><summary>python</summary>" in markdown and "while True: pass" in markdown
+    exported = json.loads((tmp_path / "crashed.json").read_text())
+    assert exported["messages"][2]["tool_calls"] == [
+        {"recipient": "python", "content": "print(1)", "output": "1\n", "error": False, "files": ["/x/plot.png"]}
+    ]
+    window.close()
+
+
+def test_the_context_figure_of_a_turn_with_tools_is_what_the_conversation_takes(qtbot, app_dir):
+    window, model = open_window(qtbot, python_then_answer, Tools())
+    window.chat.tool_bar.toggles[PYTHON].setChecked(True)
+    send(window, "What is 6 times 7?")
+    answered(qtbot, window)
+    stored = window.conversations.messages(window.current)
+    conversation = conversation_for(stored, window.settings)
+    conversation.builtin_tools = (PYTHON,)
+    used = len(render_prompt(conversation))
+    assert window.context_label.text() == f"context {used} of 8192 tokens"
+    assert used < window.conversations.messages(window.current)[1].stats["prompt_tokens"]  # two prompts, summed
     window.close()
