@@ -14,6 +14,7 @@ the end has the whole turn's figures (a client is told the whole turn's usage, a
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -29,6 +30,7 @@ from .sampling import TokenLogprob
 from .stops import StopFilter
 from .tools import BuiltinTool, Citation
 
+log = logging.getLogger("mlx_oss.generation_queue")
 _FINISHED = object()  # the last item of every job's events, after its `Done` or its error
 
 
@@ -38,7 +40,8 @@ class QueueFull(Exception):
 
 class Job:
     """One generation: events cross from the worker thread to the submitting event loop. With `tools` (built-in
-    tools by name) it runs through the agent loop on `conversation`, which then grows by the turn's steps."""
+    tools by name) it runs through the agent loop on `conversation`, which then grows by the turn's steps; those
+    of them made for this job alone (`owned`) are closed once it has run."""
 
     def __init__(
         self,
@@ -49,9 +52,11 @@ class Job:
         conversation: Conversation | None = None,
         tools: Mapping[str, BuiltinTool] | None = None,
         max_steps: int | None = None,
+        owned: tuple[BuiltinTool, ...] = (),
     ):
         self.prompt, self.sampling, self.loop, self.constraints = prompt, sampling, loop, constraints
         self.conversation, self.tools, self.max_steps = conversation, dict(tools or {}), max_steps
+        self.owned = owned
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = CancelToken()
 
@@ -75,17 +80,20 @@ class GenerationQueue:
         conversation: Conversation | None = None,
         tools: Mapping[str, BuiltinTool] | None = None,
         max_steps: int | None = None,
+        owned: tuple[BuiltinTool, ...] = (),
     ) -> Job:
         """The generation's job, from the running event loop; `QueueFull` if too many wait already. With `tools`
         the job runs `conversation` (whose rendering `prompt` is) through the agent loop, making at most
-        `max_steps` tool calls (None: the loop's own limit)."""
+        `max_steps` tool calls (None: the loop's own limit); the `owned` ones are closed after it (or at once, if
+        it is refused)."""
         if tools and conversation is None:
             raise ValueError("a job with built-in tools needs its conversation")
         with self._lock:
             if self._queued > self.max_waiting:  # one running plus `max_waiting` waiting
+                _close(owned)
                 raise QueueFull
             self._queued += 1
-        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints, conversation, tools, max_steps)
+        job = Job(prompt, sampling, asyncio.get_running_loop(), constraints, conversation, tools, max_steps, owned)
         self._jobs.put(job)
         return job
 
@@ -99,6 +107,7 @@ class GenerationQueue:
             except Exception as e:  # noqa: BLE001 - the caller answers it
                 job.push(e)
             finally:
+                _close(job.owned)
                 with self._lock:
                     self._queued -= 1
                 job.push(_FINISHED)
@@ -111,6 +120,14 @@ class GenerationQueue:
         return agent.run_turn(
             self.engine, job.conversation, job.tools, job.sampling, job.cancel, job.constraints, **steps
         )
+
+
+def _close(tools: tuple[BuiltinTool, ...]) -> None:
+    for tool in tools:
+        try:
+            tool.close()
+        except Exception:  # noqa: BLE001 - a tool that fails to close must not stop the queue
+            log.exception("closing the %s tool failed", getattr(tool, "name", "?"))
 
 
 @dataclass

@@ -16,16 +16,18 @@ here (no sandbox, say) stops the server from starting, with why: it was asked fo
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .cli import non_negative_int, port, positive_int, run
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
-from .tools import BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
+from .tools import BROWSER, BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 from .tools.search import BACKENDS as SEARCH_BACKENDS
 
 PROG = "python -m mlx_oss.serve"
@@ -126,8 +128,9 @@ def default_work_dir() -> Path:
     return Path(platformdirs.user_data_dir("mlx-oss", appauthor=False)) / "server-python"
 
 
-def builtin_tools(args: argparse.Namespace) -> dict[str, BuiltinTool]:
-    """The tools --tools asks for, each checked to run here (else a one-line error saying why not)."""
+def builtin_tools(args: argparse.Namespace) -> dict[str, BuiltinTool | Callable[[], BuiltinTool]]:
+    """The tools --tools asks for, each checked to run here (else a one-line error saying why not): python itself,
+    one kernel for the server; the browser as a factory, one for each request (see `Server`)."""
     if not args.tools:
         return {}
     if args.search_backend == "searxng" and not args.search_url:
@@ -136,18 +139,26 @@ def builtin_tools(args: argparse.Namespace) -> dict[str, BuiltinTool]:
     settings = ToolSettings(
         enabled=args.tools, work_dir=work_dir, search_backend=args.search_backend, search_url=args.search_url
     )
-    tools: dict[str, BuiltinTool] = {}
+    made: dict[str, BuiltinTool] = {}
     try:
         for name in args.tools:
-            tools[name] = make_tool(name, settings)
-            why = tools[name].unavailable()
+            made[name] = make_tool(name, settings)
+            why = made[name].unavailable()
             if why:
                 raise MlxOssError(f"--tools {name}: the tool cannot run here: {why}")
     except BaseException:
-        for tool in tools.values():
-            tool.close()
+        close_tools(made)
         raise
-    return tools
+    if BROWSER in made:
+        made[BROWSER].close()
+    return {name: tool if name == PYTHON else functools.partial(type(tool), settings) for name, tool in made.items()}
+
+
+def close_tools(tools) -> None:
+    """Ends the tools the server holds (python's kernel and its sandbox); a factory holds nothing."""
+    for tool in tools.values():
+        if not callable(tool):
+            tool.close()
 
 
 def make_tool(name: str, settings: ToolSettings) -> BuiltinTool:
@@ -208,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     finally:
-        for tool in tools.values():
-            tool.close()  # python's kernel and its sandbox end with the server
+        close_tools(tools)  # python's kernel and its sandbox end with the server
     return 0
 
 

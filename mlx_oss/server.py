@@ -59,8 +59,10 @@ Parser = Callable[[Any, str, int], Parsed]  # (body's JSON, served model id, mos
 class Server:
     """The app for one engine. Without `api_key`, only requests addressed to this computer (localhost, a loopback
     address) or to one of `allowed_hosts` are answered. `tools` are the built-in tools the server runs for the
-    Responses API's hosted ones, by name (`python`, `browser`): one of each for the whole server, so a python
-    variable or an open page lasts from one request of a conversation to the next (the server is one user's)."""
+    Responses API's hosted ones, by name (`python`, `browser`): a tool given as itself serves every request (python:
+    its kernel keeps a variable from one request of a conversation to the next, as its description promises; the
+    server is one user's), one given as a factory (a class, a partial) is made for each request and closed after
+    it (the browser: its pages are one turn's, so a long-running server does not pile them up)."""
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class Server:
         api_key: str | None = None,
         max_waiting: int = 8,
         allowed_hosts: tuple[str, ...] = (),
-        tools: Mapping[str, BuiltinTool] | None = None,
+        tools: Mapping[str, BuiltinTool | Callable[[], BuiltinTool]] | None = None,
     ):
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
         self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
@@ -170,7 +172,12 @@ class Server:
         async with self._parsing:
             parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
         builtin = getattr(parsed, "builtin", ())  # only the Responses API runs built-in tools
-        tools = {name: self.tools[name] for name in builtin}
+        tools, owned = {}, []
+        for name in builtin:
+            given = self.tools[name]  # a tool, or (callable) a factory of one for this request
+            tools[name] = given() if callable(given) else given
+            if callable(given):
+                owned.append(tools[name])
         try:
             return parsed, self.generations.submit(
                 prompt,
@@ -179,6 +186,7 @@ class Server:
                 parsed.conversation if tools else None,
                 tools,
                 getattr(parsed, "max_tool_calls", None),
+                tuple(owned),
             )
         except QueueFull:
             raise ApiError(

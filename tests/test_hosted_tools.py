@@ -62,7 +62,7 @@ class FakeBrowser:
 
     name = "browser"
 
-    def __init__(self):
+    def __init__(self, settings=None):
         self.ran = []
 
     def unavailable(self):
@@ -344,9 +344,17 @@ def test_web_search_on_the_real_browser_against_local_pages(pages):
     settings = ToolSettings(
         enabled=("browser",), search_backend="searxng", search_url=f"{pages}/search", allowed_hosts=("127.0.0.1",)
     )
+    made = []
+
+    def browser():  # one for each request, as serve makes it
+        made.append(BrowserTool(settings))
+        return made[-1]
+
     model = PromptScriptedModel(turn)
-    with served(model, {"browser": BrowserTool(settings)}) as url:
+    with served(model, {"browser": browser}) as url:
         reply = client(url).responses.create(model="gpt-oss-20b", input="Capital?", tools=[{"type": "web_search"}])
+        client(url).responses.create(model="gpt-oss-20b", input="Capital?", tools=[{"type": "web_search"}])
+    assert len(made) == 2 and made[0].pages == []  # the first request's pages were dropped when it ended
     actions = [item.action for item in reply.output if item.type == "web_search_call"]
     assert [a.type for a in actions] == ["search", "open_page", "find_in_page"], model.prompts[-1]
     assert all(item.status == "completed" for item in reply.output[:3])
@@ -481,6 +489,13 @@ def test_serve_says_why_a_tool_cannot_run(monkeypatch, tmp_path):
     with pytest.raises(MlxOssError, match="--tools python: the tool cannot run here: bubblewrap is not installed"):
         serve.builtin_tools(args)
     assert closed == ["python"]
+    monkeypatch.setattr(
+        serve, "make_tool", lambda name, settings: FakeBrowser() if name == "browser" else FakePython(0)
+    )
+    args = serve.build_parser().parse_args(["--model", "m", "--tools", "python,browser", "--work-dir", str(tmp_path)])
+    tools = serve.builtin_tools(args)
+    assert isinstance(tools["python"], FakePython)  # one kernel for the server
+    assert isinstance(tools["browser"](), FakeBrowser) and tools["browser"]() is not tools["browser"]()
     searx = serve.build_parser().parse_args(["--model", "m", "--tools", "browser", "--search-backend", "searxng"])
     with pytest.raises(MlxOssError, match="needs --search-url"):
         serve.builtin_tools(searx)
