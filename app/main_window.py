@@ -90,7 +90,8 @@ class MainWindow(QMainWindow):
         encoding()
         self.tool_factory = tool_factory  # None: the real python and browser tools (tests pass their own)
         self.host = ModelHost(self.store, tool_factory)
-        self.tool_check: ToolCheck | None = None
+        self.tool_check: ToolCheck | None = None  # the latest availability check
+        self.tool_checks: list[ToolCheck] = []  # the checks whose threads still run
         self.tool_call = None  # (stored id, view) of the built-in tool call running now
         self.context_used: int | None = None  # what a turn of several steps left in the context
         QApplication.instance().aboutToQuit.connect(self.shut_down)
@@ -530,12 +531,18 @@ class MainWindow(QMainWindow):
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
     def check_tools(self) -> None:
-        """Ask, off this thread, whether each tool can run here (with the settings of now)."""
-        if self.tool_check is not None:
-            self.tool_check.thread.wait()
-        self.tool_check = ToolCheck(self.settings.tool_settings(work_dir=data_dir() / "work"), self.tool_factory)
-        self.tool_check.checked.connect(self.chat.tool_bar.set_reasons)
-        self.tool_check.start()
+        """Ask, off this thread, whether each tool can run here with the settings of now. An earlier check still
+        running is not waited for: it finishes on its own and only the latest one's answer is shown."""
+        check = ToolCheck(self.settings.tool_settings(work_dir=data_dir() / "work"), self.tool_factory)
+        self.tool_check = check
+        self.tool_checks.append(check)
+        check.checked.connect(lambda reasons: self._tools_checked(check, reasons))
+        check.thread.finished.connect(lambda: self.tool_checks.remove(check))
+        check.start()
+
+    def _tools_checked(self, check: ToolCheck, reasons: dict) -> None:
+        if check is self.tool_check:
+            self.chat.tool_bar.set_reasons(reasons)
 
     def _finished(self, done: Done) -> None:
         if self.streaming is None:  # a late answer to a request that was stopped or closed
@@ -627,8 +634,8 @@ class MainWindow(QMainWindow):
             self.models.task.cancel.cancel()
             self.models.task.thread.wait()
         self.settings_view.server.stop()
-        if self.tool_check is not None:
-            self.tool_check.thread.wait()
+        for check in list(self.tool_checks):
+            check.thread.wait()
         self.host.blockSignals(True)
         self.host.stop()
         self.host = None

@@ -326,6 +326,8 @@ def test_tool_settings_are_saved_and_rebuild_the_tools(qtbot, app_dir):
         30.0,
         1024,
     )
+    qtbot.waitUntil(lambda: not window.tool_checks, timeout=TIMEOUT_MS)  # asked again, with the new backend
+    assert {t.settings.search_backend for t in tools.made[-2:]} == {"searxng"}
     window.chat.tool_bar.toggles[PYTHON].setChecked(True)
     send(window, "Go")
     answered(qtbot, window)
