@@ -92,7 +92,6 @@ MIGRATIONS = {  # columns version 2 adds to version 1's tables
     "conversations": [("tools", "TEXT NOT NULL DEFAULT ''")],
     "messages": [("harmony", "TEXT")],
 }
-KEPT_FILE_BYTES = 8 * 1024 * 1024  # a picture larger than this is shown from the working folder, not kept
 STATES = ("done", "streaming", "stopped", "interrupted", "failed")
 # Seconds a write waits for another program that holds the file. Writes happen on the GUI thread, one per streamed
 # piece: another mlx-oss writing the same file holds it for microseconds, so a longer wait only means a window
