@@ -71,12 +71,13 @@ class ToolCallView(QFrame):
         citations: tuple[Citation, ...] = (),
         state: str = "done",
     ) -> None:
-        """The call's result: `files` are (path, bytes kept with the conversation, or None)."""
+        """The call's result: `files` are (path, the picture's bytes, or None for a file not shown)."""
         self.output, self.error, self.seconds, self.state, self.citations = output, error, seconds, state, citations
         for path, data in files:
             picture = QPixmap()
-            if not (data and picture.loadFromData(data)) and not picture.load(path):
-                continue  # not a picture (a CSV the code wrote): it is in the working folder
+            # Only the bytes the model's thread read: a file is never read here (it may be large, on a slow disk).
+            if not (data and picture.loadFromData(data)):
+                continue  # not a picture (a CSV the code wrote), or too large to keep: it is in the working folder
             label = QLabel()
             label.setObjectName("toolPicture")
             label.setToolTip(path)
