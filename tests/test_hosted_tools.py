@@ -396,6 +396,12 @@ def test_a_server_with_python_only_warns_about_web_search(picture):
         {"model": "m", "input": "hi", "tools": CODE_INTERPRETER, "tool_choice": "none"}, "m", runs=frozenset({"python"})
     )
     assert none.builtin == () and none.conversation.builtin_tools == ()
+    chosen = parse_responses(
+        {"model": "m", "input": "hi", "tools": CODE_INTERPRETER, "tool_choice": {"type": "code_interpreter"}},
+        "m",
+        runs=frozenset({"python"}),
+    )
+    assert chosen.builtin == ("python",) and chosen.warnings == []
 
 
 def test_tool_items_sent_back_are_rendered_as_gpt_oss_wrote_them():

@@ -298,7 +298,8 @@ class Choice:
 
 def choose(choice: Any, box: Toolbox) -> Choice:
     """`none` hides the tools; `required`, a named tool or `allowed_tools` in mode required asks for a call;
-    `auto` (the default) leaves the choice to the model. A hosted tool's choice is auto, with a warning."""
+    `auto` (the default) leaves the choice to the model. A hosted tool's choice is auto: with a warning, or
+    without one for a built-in tool the server runs (the model decides whether to call it; nothing can force it)."""
     tools = box.tools
     if choice is None or choice == "auto":
         return Choice(tools)
