@@ -366,6 +366,45 @@ def test_web_search_on_the_real_browser_against_local_pages(pages):
     assert (note.url, note.title) == (f"{pages}/paris", "Paris")
 
 
+def test_codex_searches_the_web_through_the_server(tmp_path, pages):
+    """The real Codex CLI, which offers web_search to every model: the server runs the search and the page's opening,
+    Codex reads the web_search_call items it streams and prints the answer."""
+    from serving import run_agent
+    from test_codex import MODEL, codex_binary, sandbox_flags
+
+    codex = codex_binary()
+
+    def turn(prompt: str) -> str:
+        if OPEN_RESULT in prompt:
+            return f"<|channel|>final<|message|>{ANSWER}<|return|>"
+        if SEARCH_RESULT in prompt:
+            return '<|channel|>analysis to=browser.open code<|message|>{"id": 0, "cursor": 0}<|call|>'
+        return '<|channel|>analysis to=browser.search code<|message|>{"query": "capital of France"}<|call|>'
+
+    settings = ToolSettings(
+        enabled=("browser",), search_backend="searxng", search_url=f"{pages}/search", allowed_hosts=("127.0.0.1",)
+    )
+    model, seen = PromptScriptedModel(turn), []
+    home, codex_home, work = tmp_path / "home", tmp_path / "codex-home", tmp_path / "work"
+    for folder in (home, codex_home, work):
+        folder.mkdir()
+    server = Server(Engine(model), MODEL, tools={"browser": lambda: BrowserTool(settings)})
+    with serving(server, seen) as url:
+        (codex_home / "config.toml").write_text(
+            f'model = "{MODEL}"\nmodel_provider = "local"\n\n'
+            f'[model_providers.local]\nname = "mlx-oss"\nbase_url = "{url}/v1"\nwire_api = "responses"\n'
+        )
+        command = [str(codex), "exec", "--skip-git-repo-check", *sandbox_flags(codex), "What is the capital of France?"]
+        done = run_agent(command, work, home, {"CODEX_HOME": str(codex_home)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip().endswith(ANSWER), done.stdout[-2000:]
+    assert "Paris is the capital of France." in model.prompts[-1]  # the page the server opened
+    # Codex shows the server's web_search_call items as it shows OpenAI's
+    assert "web search: capital of France" in done.stderr and f"web search: {pages}/paris" in done.stderr
+    bodies = [r["body"] for r in seen if r["path"] == "/v1/responses"]
+    assert bodies and all(body["input"][-1]["role"] == "user" for body in bodies)  # no tool round trip via Codex
+
+
 # -- without --tools, and what comes back ------------------------------------------------------------------------
 
 
