@@ -28,7 +28,7 @@ from .grammar import TurnConstraints
 from .harmony import Conversation
 from .sampling import TokenLogprob
 from .stops import StopFilter
-from .tools import BuiltinTool, Citation
+from .tools import BuiltinTool
 
 log = logging.getLogger("mlx_oss.generation_queue")
 _FINISHED = object()  # the last item of every job's events, after its `Done` or its error
@@ -142,11 +142,6 @@ class Turn:
     done: Done | None = None
     stopped_by_sequence: bool = False
     tool_runs: list[ToolFinished] = field(default_factory=list)  # the built-in tools' calls, in order
-
-    @property
-    def citations(self) -> dict[int, Citation]:
-        """The pages the browser opened in this turn, by cursor (what the answer's `【cursor†Lx-Ly】` cite)."""
-        return {c.cursor: c for run in self.tool_runs for c in run.output.citations}
 
     @property
     def stop_reason(self) -> str:
