@@ -9,8 +9,8 @@ so that no web page can reach the server under a name of its own (DNS rebinding)
 
 --tools python,browser runs gpt-oss's built-in tools for the Responses API's hosted ones (code_interpreter,
 web_search) on this computer: python in a sandbox, one kernel for the server, working in --work-dir (by default
-server-python under the user data folder); the browser searches through --search-backend. A tool that cannot run
-here (no sandbox, say) stops the server from starting, with why: it was asked for by name.
+server-python under the user data folder); a browser for each request, searching through --search-backend. A tool
+that cannot run here (no sandbox, say) stops the server from starting, with why: it was asked for by name.
 """
 
 from __future__ import annotations
