@@ -67,6 +67,8 @@ class PythonTool:
         self.start_seconds: float | None = None  # the last kernel start's time, for the closing note and tests
 
     def unavailable(self) -> str | None:
+        if getattr(sys, "frozen", False):  # sys.executable is the app itself: there is no Python to start a kernel
+            return "the python tool needs a Python installation; the app bundle has none yet (pip install mlx-oss)"
         why = self.sandbox.unavailable()
         if why:
             return why

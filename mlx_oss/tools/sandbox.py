@@ -86,6 +86,9 @@ def find_bwrap() -> str | None:
     return shutil.which("bwrap")
 
 
+TRAINED_DATA_DIR = "/mnt/data"
+
+
 @dataclass
 class Limits:
     memory_mb: int = 2048
@@ -254,7 +257,9 @@ class Sandbox:
         for root in roots:  # a working folder chosen above the venv must not make Python writable
             if root.is_relative_to(work_dir):
                 command += ["--ro-bind", str(root), str(root)]
-        command += ["--chdir", str(work_dir), "--"]
+        # gpt-oss was trained to keep files in /mnt/data (harmony's python tool description says so): the working
+        # folder is there too, and the code starts in it.
+        command += ["--bind", str(work_dir), TRAINED_DATA_DIR, "--chdir", TRAINED_DATA_DIR, "--"]
         return command + self._launch(argv)
 
     def _darwin_argv(self, argv: list[str], work_dir: Path, runtime_dir: Path) -> list[str]:
