@@ -566,10 +566,12 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(served, model_id):
     assert status == 413 and body["error"]["code"] == "request_too_large" and "16 MB" in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error"
     chunk = b'"' + b"x" * (2**20 - 2) + b'"'
-    offered = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 40 + [b"0\r\n\r\n"]  # 40 MB, its length not told
+    offered = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 64 + [b"0\r\n\r\n"]  # 64 MB, its length not told
     status, body, sent = exchange(served, f"{head}Transfer-Encoding: chunked\r\n\r\n", offered)
     assert status == 413 and body["error"]["code"] == "request_too_large"
-    assert sent < MAX_BODY_BYTES + 8 * 2**20  # refused while it streamed in
+    # Refused while it streamed in: what the client got through is the limit plus what loopback's socket buffers
+    # took meanwhile (they grow to several MB each side, and more went in on a loaded machine), far from all 64 MB.
+    assert sent < MAX_BODY_BYTES + 16 * 2**20
 
 
 @pytest.mark.parametrize(
