@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 pytest.importorskip("PySide6", reason="the desktop app needs the app extra")
 
 from harmony_helpers import PromptScriptedModel  # noqa: E402
+from pictures import png  # noqa: E402
 from PySide6.QtGui import QDesktopServices  # noqa: E402
 
 from mlx_oss.app.main_window import MainWindow, conversation_for  # noqa: E402
@@ -32,17 +31,6 @@ PYTHON_CALL = (
     f"<|start|>assistant<|channel|>analysis to=python code<|message|>{CODE}<|call|>"
 )
 ANSWER = "<|channel|>final<|message|>It is **42**, and the plot is in the folder.<|return|>"
-
-
-def png(width: int = 40, height: int = 30) -> bytes:
-    """A real PNG (a red rectangle), made without any image library."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 class FakeTool:

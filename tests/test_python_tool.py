@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
+from pictures import png
 
 from mlx_oss.cancel import CancelToken
 from mlx_oss.tools import ToolSettings
@@ -71,20 +70,11 @@ def test_traceback_is_output_with_error(tool):
     assert "\x1b[" not in out.text  # no ANSI colours
 
 
-def _png(width: int = 4, height: int = 3) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
 def test_display_data_image_saved_to_folder(tool):
-    png = _png()
-    out = run(tool, f"from IPython.display import Image, display\ndisplay(Image(data={png!r}))\n'done'")
+    picture = png(4, 3)
+    out = run(tool, f"from IPython.display import Image, display\ndisplay(Image(data={picture!r}))\n'done'")
     assert not out.error
-    assert len(out.files) == 1 and out.files[0].parent == tool.work_dir and out.files[0].read_bytes() == png
+    assert len(out.files) == 1 and out.files[0].parent == tool.work_dir and out.files[0].read_bytes() == picture
     assert f"[image saved to {out.files[0].name}]" in out.text and "'done'" in out.text
 
 
@@ -270,18 +260,18 @@ def test_unavailable_without_bwrap(tmp_path, monkeypatch):
 
 def test_planted_symlinks_do_not_redirect_saved_images(tool, outside):
     """The code may plant links under the names images are saved as; saving must not write through them."""
-    png = _png()
+    picture = png(4, 3)
     code = (
         f"import os\nfor n in range(1, 40):\n"
         f"    if not os.path.lexists(f'output_{{n}}.png'):\n"
         f"        os.symlink({str(outside)!r} + f'/planted-{{n}}', f'output_{{n}}.png')\n"
-        f"from IPython.display import Image, display\ndisplay(Image(data={png!r}))"
+        f"from IPython.display import Image, display\ndisplay(Image(data={picture!r}))"
     )
     out = run(tool, code)
     assert not out.error, out.text
     assert not list(outside.glob("planted-*"))
     (saved,) = out.files
-    assert not saved.is_symlink() and saved.read_bytes() == png
+    assert not saved.is_symlink() and saved.read_bytes() == picture
 
 
 def test_a_dead_kernel_is_replaced_and_the_model_told(tmp_path):
