@@ -423,7 +423,9 @@ def test_stop_while_a_tool_runs_ends_the_call_and_keeps_the_turn(qtbot, app_dir)
     window.chat.tool_bar.toggles[PYTHON].setChecked(True)
     send(window, "Loop forever")
     qtbot.waitUntil(lambda: window.tool_call is not None, timeout=TIMEOUT_MS)
-    assert window.tool_call[1].toggle.text() == "python · running…" and window.tool_call[1].body.isVisible()
+    block = window.tool_call[1]
+    assert block.toggle.text() == "python · running…"
+    qtbot.waitUntil(block.body.isVisible, timeout=TIMEOUT_MS)  # shown once the window has laid it out
     window.chat.stop_button.click()
     answered(qtbot, window)
     view = window.chat.messages[-1]

@@ -143,13 +143,16 @@ def test_cannot_read_outside_the_working_folder(tool, outside):
         "        print(p, 'READ', open(p).read()[:40])\n"
         "    except Exception as e:\n"
         "        print(p, type(e).__name__)\n"
-        "import os\nprint(sorted(os.listdir(home)))\nprint('env', os.environ.get('MLX_OSS_TEST_SECRET'))"
+        "import os\ntry:\n    print(sorted(os.listdir(home)))\n"
+        "except OSError as e:\n    print('home', type(e).__name__)\n"
+        "print('env', os.environ.get('MLX_OSS_TEST_SECRET'))"
     )
     out = run(tool, code)
     print(out.text)
     assert SECRET not in out.text
     for p in paths[:-1]:
         assert f"{p} FileNotFoundError" in out.text  # not mounted in the sandbox at all
+    assert "home FileNotFoundError" in out.text  # the user's home is not there, wherever it is (CI's is in /tmp)
     assert "env None" in out.text  # the environment was cleared
     assert "/proc/1/environ READ" not in out.text or "MLX_OSS" not in out.text  # pid 1 is the sandbox's own
 
