@@ -128,7 +128,8 @@ def test_a_python_call_shows_its_code_output_and_plot_and_is_sent_again_after_re
     (picture,) = block.pictures
     assert (picture.pixmap().width(), picture.pixmap().height()) == (40, 30)
     block.toggle.setChecked(True)
-    assert block.body.isVisible() and picture.isVisible()
+    # A widget a layout adopts is shown by a queued event, not at once: wait for the event loop to get to it.
+    qtbot.waitUntil(lambda: block.body.isVisible() and picture.isVisible(), timeout=TIMEOUT_MS)
     block.toggle.setChecked(False)
     assert not block.body.isVisible()
     (python,) = [t for t in tools.made if t.calls]
