@@ -13,12 +13,15 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .bench_cache import fill_random
+from .bench_machine import cpu_model, read_bandwidth_gb_s, vector_flags
+from .bench_peer import PeerFigure, check_peer, gguf_beside, run_peer
 from .cli import run
 from .generate import Completion, Decoder
 from .loading import BACKENDS, load
@@ -75,24 +78,40 @@ class PrivateMemoryPeak:
 
 
 @dataclass
+class Prefill:
+    """A prompt of `prompt_tokens` run from an empty cache: the time to its first token, and tokens/s."""
+
+    prompt_tokens: int
+    ttft_s: float
+    tok_s: float
+
+
+@dataclass
+class Decode:
+    """Decoding after `context_tokens` positions: the mean step over the timed tokens."""
+
+    context_tokens: int
+    tok_s: float
+    step_s: float
+
+
+@dataclass
 class BenchResult:
     model: str
     backend: str
     backend_reason: str
+    cpu: str
+    cpu_flags: list[str]
     threads: int
-    prompt_tokens: int
     gen_tokens: int
-    context_tokens: int
     load_s: float
-    ttft_s: float
-    prefill_tok_s: float
-    decode_tok_s: float
-    decode_step_s: float
-    decode_context_tok_s: float | None  # decoding after `context_tokens` positions in the cache
-    decode_context_step_s: float | None
+    prefill: list[Prefill]
+    decode: list[Decode]  # the first after the first prompt (a short context), then one per `--context`
     load_rss_bytes: int
     peak_rss_bytes: int
     private_bytes: int
+    read_gb_s: float | None = None  # the memory's measured read speed, with --bandwidth
+    peer: list[PeerFigure] = field(default_factory=list)  # llama.cpp's figures, with --peer
 
 
 def thread_count() -> int:
@@ -108,14 +127,20 @@ def thread_count() -> int:
 
 
 def benchmark(
-    model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, context_tokens: int = 0, seed: int = 0
+    model_dir: Path,
+    backend: str,
+    prompt_tokens: Sequence[int],
+    gen_tokens: int,
+    contexts: Sequence[int] = (),
+    seed: int = 0,
 ) -> BenchResult:
-    """Load, prefill `prompt_tokens`, decode `gen_tokens`; with `context_tokens`, also decode `gen_tokens` after a
-    second cache filled with that many positions of random keys and values.
+    """Load; prefill a prompt of each length in `prompt_tokens` from an empty cache; decode `gen_tokens` after the
+    first prompt and after each of `contexts` positions (caches filled with random keys and values).
 
-    Both run the engine's token loop (`generate.Completion`, greedy), timed one token at a time. The steps at the
-    two lengths alternate, so that a machine that slows down for a while (a shared VM does) slows both alike rather
-    than skewing their ratio."""
+    Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. A short
+    untimed prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does.
+    The decode steps at the different contexts alternate, so that a machine that slows down for a while (a shared
+    VM does) slows all alike rather than skewing their ratios."""
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
@@ -123,42 +148,46 @@ def benchmark(
         load_rss = rss_bytes()
 
         rng = np.random.default_rng(seed)
-        prompt = rng.integers(0, model.config.vocab_size, prompt_tokens).tolist()
+        vocab = model.config.vocab_size
         greedy = make_sampler(SamplingParams(temperature=0))
-        short = iter(Completion(Decoder(model), prompt, greedy))
-        start = time.perf_counter()
-        token = next(short)
-        ttft_s = time.perf_counter() - start
-        completions = [short]
-        if context_tokens > prompt_tokens:
+        next(iter(Completion(Decoder(model), rng.integers(0, vocab, 8).tolist(), greedy)))  # warm-up, untimed
+        prefills, completions = [], []
+        for count in prompt_tokens:
+            completion = iter(Completion(Decoder(model), rng.integers(0, vocab, count).tolist(), greedy))
+            start = time.perf_counter()
+            token = next(completion)
+            ttft_s = time.perf_counter() - start
+            prefills.append(Prefill(count, round(ttft_s, 3), round(count / ttft_s, 3)))
+            completions = completions or [(count, completion)]  # decoding goes on after the first prompt
+        for count in contexts:
             cache = model.new_cache()
-            fill_random(model, cache, context_tokens, seed)
-            filler = rng.integers(0, model.config.vocab_size, context_tokens).tolist()  # what the cache stands for
-            completions.append(iter(Completion(Decoder(model, cache, filler), [*filler, token], greedy)))
-        for completion in completions:
-            next(completion)  # untimed: the first step may still compile or fault pages in
+            fill_random(model, cache, count, seed)
+            filler = rng.integers(0, vocab, count).tolist()  # what the cache stands for
+            completions.append((count, iter(Completion(Decoder(model, cache, filler), [*filler, token], greedy))))
+        for _, completion in completions:
+            next(completion)  # untimed: the first step after a prefill runs the prompt's last row again
         steps: list[list[float]] = [[] for _ in completions]
         for _ in range(gen_tokens):
-            for completion, times in zip(completions, steps, strict=True):
+            for (_, completion), times in zip(completions, steps, strict=True):
                 start = time.perf_counter()
                 next(completion)
                 times.append(time.perf_counter() - start)
-        short_steps, long_steps = steps[0], steps[1] if len(steps) > 1 else []
+    decodes = [
+        Decode(count, round(len(times) / sum(times), 3), round(sum(times) / len(times), 4))
+        for (count, _), times in zip(completions, steps, strict=True)
+        if times
+    ]
     return BenchResult(
         model=str(model_dir),
         backend=model.backend,
         backend_reason=model.backend_reason,
+        cpu=cpu_model(),
+        cpu_flags=vector_flags(),
         threads=thread_count(),
-        prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
-        context_tokens=context_tokens if long_steps else 0,
         load_s=round(load_s, 3),
-        ttft_s=round(ttft_s, 3),
-        prefill_tok_s=round(prompt_tokens / ttft_s, 3),
-        decode_tok_s=round(len(short_steps) / sum(short_steps), 3) if short_steps else 0.0,
-        decode_step_s=round(sum(short_steps) / len(short_steps), 3) if short_steps else 0.0,
-        decode_context_tok_s=round(len(long_steps) / sum(long_steps), 3) if long_steps else None,
-        decode_context_step_s=round(sum(long_steps) / len(long_steps), 3) if long_steps else None,
+        prefill=prefills,
+        decode=decodes,
         load_rss_bytes=load_rss,
         peak_rss_bytes=peak_rss_bytes(),
         private_bytes=private.peak,
@@ -167,53 +196,96 @@ def benchmark(
 
 def format_result(r: BenchResult) -> str:
     gib = 1024**3
-    return "\n".join(
-        [
-            f"model           {r.model}",
-            f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads)",
-            f"load            {r.load_s:.2f} s",
-            f"time to first   {r.ttft_s:.2f} s  ({r.prompt_tokens}-token prompt)",
-            f"prefill         {r.prefill_tok_s:.2f} tokens/s",
-            f"decode          {r.decode_tok_s:.2f} tokens/s  ({r.decode_step_s:.3f} s/token over {r.gen_tokens})",
-            *(
-                [
-                    f"decode at {r.context_tokens:<5} {r.decode_context_tok_s:.2f} tokens/s  "
-                    f"({r.decode_context_step_s:.3f} s/token; {r.decode_context_tok_s / r.decode_tok_s:.0%} of short)"
-                ]
-                if r.decode_context_tok_s
-                else []
-            ),
-            f"RSS after load  {r.load_rss_bytes / gib:.2f} GiB",
-            f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB  (memory-mapped weights count once touched)",
-            f"peak private    {r.private_bytes / gib:.2f} GiB",
-        ]
-    )
+    peer_prefill = {f.prompt_tokens: f for f in r.peer if f.prompt_tokens}
+    peer_decode = {f.context_tokens: f for f in r.peer if f.gen_tokens}
+
+    def beside(ours: float, peer: PeerFigure | None) -> str:
+        if peer is None:
+            return ""
+        return f"  | llama.cpp {peer.tok_s:.2f} ± {peer.stddev_tok_s:.2f} tokens/s, ours {ours / peer.tok_s:.2f}x"
+
+    short = r.decode[0].tok_s if r.decode else None
+    lines = [
+        f"model           {r.model}",
+        f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads)",
+        f"cpu             {r.cpu} ({' '.join(r.cpu_flags) or 'no vector extensions known'})",
+        *([f"memory reads    {r.read_gb_s:.1f} GB/s (all cores)"] if r.read_gb_s else []),
+        f"load            {r.load_s:.2f} s",
+    ]
+    for p in r.prefill:
+        lines.append(
+            f"prefill {p.prompt_tokens:<7} {p.tok_s:.2f} tokens/s  (first token after {p.ttft_s:.2f} s)"
+            + beside(p.tok_s, peer_prefill.get(p.prompt_tokens))
+        )
+    for i, d in enumerate(r.decode):
+        label = "decode" if i == 0 else f"decode at {d.context_tokens}"
+        share = f"; {d.tok_s / short:.0%} of short" if i and short else ""
+        lines.append(
+            f"{label:<15} {d.tok_s:.2f} tokens/s  ({d.step_s:.3f} s/token over {r.gen_tokens}{share})"
+            + beside(d.tok_s, peer_decode.get(0 if i == 0 else d.context_tokens))
+        )
+    lines += [
+        f"RSS after load  {r.load_rss_bytes / gib:.2f} GiB",
+        f"peak RSS        {r.peak_rss_bytes / gib:.2f} GiB  (memory-mapped weights count once touched)",
+        f"peak private    {r.private_bytes / gib:.2f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def token_counts(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of token counts (`128,512,2048`)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers such as 128,512") from None
+    if any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"{text!r} has a count below 0")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128, as pp128)")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=token_counts,
+        default=[128],
+        help="prompt lengths to prefill, comma-separated (default 128, as pp128; e.g. 128,512,2048)",
+    )
     parser.add_argument("--gen-tokens", type=int, default=8, help="tokens decoded, at each context (default 8)")
     parser.add_argument(
         "--context",
-        type=int,
-        default=4096,
-        help="also decode with this many positions in the cache, filled with random keys and values "
-        "(default 4096; 0 skips it)",
+        type=token_counts,
+        default=[4096],
+        help="also decode with these many positions in the cache, comma-separated, filled with random keys and "
+        "values (default 4096; 0 skips it)",
     )
     parser.add_argument(
         "--no-kernels", action="store_true", help="NumPy backend: plain NumPy, without the compiled kernels"
     )
+    parser.add_argument("--bandwidth", action="store_true", help="also measure the memory's read speed")
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        metavar="LLAMA_BENCH",
+        help="also run llama.cpp's llama-bench (this executable) on MODEL.gguf and print its figures beside ours",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    if args.prompt_tokens < 1 or args.gen_tokens < 0 or args.context < 0:
-        parser.error("--prompt-tokens must be at least 1, --gen-tokens and --context at least 0")
+    prompts, contexts = [n for n in args.prompt_tokens if n], [n for n in args.context if n]
+    if not prompts or args.gen_tokens < 0:
+        parser.error("--prompt-tokens needs a length of at least 1, --gen-tokens must be at least 0")
     if args.no_kernels:
         os.environ["MLX_OSS_KERNELS"] = "off"
-    result = benchmark(args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.context, args.seed)
+    if args.peer:
+        check_peer(args.peer, gguf_beside(args.model))
+    result = benchmark(args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed)
+    if args.bandwidth:
+        result.read_gb_s = read_bandwidth_gb_s()
+    if args.peer:
+        result.peer = run_peer(args.peer, gguf_beside(args.model), prompts, args.gen_tokens, contexts, result.threads)
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     return 0
 

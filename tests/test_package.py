@@ -50,28 +50,63 @@ def test_bench_prints_its_figures(tiny_checkpoint, backend):
         "--model",
         str(tiny_checkpoint),
         "--prompt-tokens",
-        "5",
+        "5,9",
         "--gen-tokens",
         "2",
         "--context",
-        "300",
+        "300,40",
         "--backend",
         backend,
         "--json",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
-    assert result["backend"] == backend and result["prompt_tokens"] == 5 and result["gen_tokens"] == 2
-    assert result["context_tokens"] == 300
-    keys = ["load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_context_tok_s", "peak_rss_bytes"]
-    for key in [*keys, "private_bytes", "threads"]:
+    assert result["backend"] == backend and result["gen_tokens"] == 2
+    assert [p["prompt_tokens"] for p in result["prefill"]] == [5, 9]
+    assert [d["context_tokens"] for d in result["decode"]] == [5, 300, 40]
+    for figure in [*result["prefill"], *result["decode"]]:
+        assert figure["tok_s"] > 0, figure
+    for key in ["load_s", "peak_rss_bytes", "private_bytes", "threads"]:
         assert result[key] > 0, key
+    assert result["cpu"] and result["peer"] == []
     if backend == "numpy":
         from mlx_oss.cpu import kernels
 
         assert ("numba kernels" if kernels.available() else "plain NumPy") in result["backend_reason"]
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True).stdout
-    assert "decode at 300" in table and "tokens/s" in table and "peak RSS" in table
+    assert "prefill 9" in table and "decode at 300" in table and "decode at 40" in table and "peak RSS" in table
+
+
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+if "-o" in args:
+    assert args["-t"] and args["-m"].endswith("model.gguf"), args
+    prompts = [int(p) for p in args["-p"].split(",")]
+    depths = [int(d) for d in args.get("-d", "0").split(",")]
+    tests = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=100.0, stddev_ts=1.0) for p in prompts if p]
+    tests += [dict(n_prompt=0, n_gen=int(args["-n"]), n_depth=d, avg_ts=2.0 + d, stddev_ts=0.5) for d in depths
+              if int(args["-n"])]
+    print(json.dumps(tests))
+"""
+
+
+def test_bench_prints_the_peers_figures_beside_its_own(tiny_checkpoint, tmp_path):
+    """`--peer` runs the llama-bench it is given (here a stand-in that answers in llama-bench's JSON) with the same
+    prompt lengths and contexts, and puts each figure beside ours with the ratio."""
+    model = tmp_path / "model"
+    model.symlink_to(tiny_checkpoint, target_is_directory=True)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    peer = tmp_path / "llama-bench"
+    peer.write_text(FAKE_LLAMA_BENCH)
+    peer.chmod(0o755)
+    cmd = [sys.executable, "-m", "mlx_oss.bench", "--model", str(model), "--prompt-tokens", "5", "--gen-tokens", "1"]
+    out = subprocess.run([*cmd, "--context", "30", "--peer", str(peer)], capture_output=True, text=True, check=True)
+    prefill, short, long = [line for line in out.stdout.splitlines() if line.startswith(("prefill", "decode"))]
+    assert "llama.cpp 100.00 ± 1.00 tokens/s" in prefill
+    assert "llama.cpp 2.00 ± 0.50 tokens/s" in short and "llama.cpp 32.00 ± 0.50 tokens/s" in long
+    missing = subprocess.run([*cmd, "--peer", str(tmp_path / "none")], capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no llama-bench there" in missing.stderr
 
 
 def test_bench_error_is_one_line(tmp_path):
