@@ -34,6 +34,7 @@ class GenerationStats:
     time_to_first_token_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    reused_from: str = ""  # where the reused keys/values came from: "memory" or "disk" ("" when none were)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
