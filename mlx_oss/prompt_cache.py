@@ -8,6 +8,7 @@ shared prefix, bounded by a byte budget (`Cache.nbytes`) with least-recently-use
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backend import Cache
+from .cli import number_from
 from .generate import common_prefix_length
 
 GIB = 1024**3
@@ -39,19 +41,44 @@ class PromptCacheSettings:
         return cls(memory_bytes, 0)
 
     @classmethod
-    def from_flags(
-        cls, prompt_cache_gb: float | None, disk_cache_gb: float | None, no_disk_cache: bool
-    ) -> PromptCacheSettings:
-        """The settings the command lines' `--prompt-cache-gb`, `--disk-cache-gb` and `--no-disk-cache` give."""
-        memory = DEFAULT_MEMORY_BYTES if prompt_cache_gb is None else int(prompt_cache_gb * GIB)
-        disk = DEFAULT_DISK_BYTES if disk_cache_gb is None else int(disk_cache_gb * GIB)
-        return cls(memory, 0 if no_disk_cache else disk)
+    def from_args(cls, args: argparse.Namespace) -> PromptCacheSettings:
+        """The settings of the command-line flags `add_flags` added."""
+        memory = DEFAULT_MEMORY_BYTES if args.prompt_cache_gb is None else int(args.prompt_cache_gb * GIB)
+        disk = DEFAULT_DISK_BYTES if args.disk_cache_gb is None else int(args.disk_cache_gb * GIB)
+        return cls(memory, 0 if args.no_disk_cache else disk, args.disk_cache_dir)
 
     def disk_folder(self) -> Path | None:
         """Where the disk cache lives, or None when it is off (by the budget or `MLX_OSS_NO_DISK_CACHE`)."""
         if self.disk_bytes <= 0 or os.environ.get(OFF_ENV, "") not in ("", "0"):
             return None
         return self.disk_dir or default_disk_dir()
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The prompt cache's flags, the same on every command line that runs an engine."""
+    group = parser.add_argument_group("prompt cache (prompts' keys and values kept to skip their prefill)")
+    group.add_argument(
+        "--prompt-cache-gb",
+        type=number_from(0),
+        metavar="GB",
+        help=f"memory for the prompts of recent conversations (default {DEFAULT_MEMORY_BYTES / GIB:g}; 0: the "
+        "previous call's only)",
+    )
+    group.add_argument(
+        "--disk-cache-gb",
+        type=number_from(0),
+        metavar="GB",
+        help=f"disk space for long and repeated prompts, kept across restarts (default {DEFAULT_DISK_BYTES / GIB:g})",
+    )
+    group.add_argument(
+        "--disk-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"the disk cache's folder (default: prompt-cache in the user cache folder, or ${DIR_ENV})",
+    )
+    group.add_argument(
+        "--no-disk-cache", action="store_true", help=f"keep no prompts on disk (also ${OFF_ENV}=1)"
+    )
 
 
 def default_disk_dir() -> Path:

@@ -61,7 +61,7 @@ def test_interleaved_conversations_reuse_their_prefixes_and_give_a_fresh_prefill
     for tokens, done in calls:
         expected = fresh(tiny, tokens)
         assert done.tokens == expected.tokens
-    shared_system = next(i for i, (x, y) in enumerate(zip(a1, b1)) if x != y)
+    shared_system = next(i for i, (x, y) in enumerate(zip(a1, b1, strict=False)) if x != y)
     _, b_again = calls[-1]
     assert b_again.stats.reused_tokens == len(b1) - 1 > shared_system  # B's own prefix, kept while A ran
     assert b_again.stats.reused_from == "memory"
@@ -350,3 +350,20 @@ def test_two_writers_of_the_same_entry_leave_one_whole_file(model_dir, tmp_path)
     assert len(list(reader.folder.glob("*.safetensors"))) == 1 and not list(reader.folder.glob(".*.tmp"))
     for name, array in state.arrays.items():
         np.testing.assert_array_equal(loaded.arrays[name], array)
+
+
+def test_the_command_lines_take_the_budgets_and_refuse_a_negative_one(capsys):
+    from mlx_oss import chat, serve
+    from mlx_oss.prompt_cache import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, GIB
+
+    for parser in (chat.build_parser(), serve.build_parser()):
+        default = PromptCacheSettings.from_args(parser.parse_args(["--model", "m"]))
+        assert (default.memory_bytes, default.disk_bytes) == (DEFAULT_MEMORY_BYTES, DEFAULT_DISK_BYTES)
+        args = parser.parse_args(["--model", "m", "--prompt-cache-gb", "0.5", "--disk-cache-gb", "3"])
+        settings = PromptCacheSettings.from_args(args)
+        assert (settings.memory_bytes, settings.disk_bytes) == (GIB // 2, 3 * GIB)
+        off = PromptCacheSettings.from_args(parser.parse_args(["--model", "m", "--no-disk-cache"]))
+        assert off.disk_folder() is None
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", "--disk-cache-gb", "-1"])
+        assert "--disk-cache-gb" in capsys.readouterr().err
