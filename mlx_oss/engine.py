@@ -247,22 +247,18 @@ class Engine:
         own = min(common_prefix_length(held, prompt), limit)
         kept = self.memory.lookup(prompt, limit)
         best = max(own, kept[2] if kept else 0)
-        on_disk = self.disk.lookup(prompt, limit) if self.disk and best < limit else None
+        writing = self._writer is not None and self._writer.is_alive()  # its prompt is in memory anyway
+        on_disk = self.disk.lookup(prompt, limit) if self.disk and best < limit and not writing else None
         if on_disk and on_disk[2] <= best:
             on_disk = None
         moving_away = own < min(self._prompt_length, len(held))
-        previous = decoder.cache
+        if moving_away:  # a copy: it holds only its positions, where the decoder's buffers have room to grow
+            self.memory.put(held, decoder.cache.copy())
         if on_disk and self._load_from_disk(on_disk[0], on_disk[1]):
-            if moving_away:
-                self.memory.put(held, previous)  # handed over: the decoder holds the disk's cache now
             return "disk", False
         if kept and kept[2] > own:
-            if moving_away:
-                self.memory.put(held, previous)
             decoder.cache, decoder.fed = kept[1].copy(), list(kept[0])
             return "memory", True
-        if moving_away and len(held) > own:
-            self.memory.put(held, decoder.cache.copy())
         return "memory", moving_away
 
     def _load_from_disk(self, key: str, tokens: tuple[int, ...]) -> bool:
@@ -272,7 +268,7 @@ class Engine:
             return False
         try:
             cache = self.model.restore_cache(state)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             self.disk.warn("damaged", f"ignoring and removing a saved prompt that does not fit the model: {e}")
             self.disk.discard(key)
             return False
@@ -293,11 +289,16 @@ class Engine:
         if self.decoder.fed[:length] != prompt[:length] or length == 0:
             return
         self.flush()  # one writer at a time
-        copy = cache.copy()
-        length = copy.truncate(length)
+        try:
+            copy = cache.copy()
+            length = copy.truncate(length)
+            state, tokens = copy.state(), prompt[:length]
+        except (ValueError, TypeError, NotImplementedError) as e:  # a cache kind that cannot be saved
+            self.disk.warn("state", f"cannot save this cache: {e}")
+            self.disk.writable = False
+            return
         if length == 0:
             return
-        state, tokens = copy.state(), prompt[:length]
         self._writer = threading.Thread(target=self.disk.save, args=(tokens, state), name="prompt-cache-writer")
         self._writer.start()
 
@@ -308,5 +309,5 @@ def _disk_cache(model, settings: PromptCacheSettings):
         return None
     from .prompt_cache_disk import DiskPromptCache, model_identity
 
-    identity = model_identity(model)
+    identity = model_identity(model) if hasattr(model, "restore_cache") else None
     return DiskPromptCache(folder, identity, settings.disk_bytes) if identity else None

@@ -76,9 +76,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"the disk cache's folder (default: prompt-cache in the user cache folder, or ${DIR_ENV})",
     )
-    group.add_argument(
-        "--no-disk-cache", action="store_true", help=f"keep no prompts on disk (also ${OFF_ENV}=1)"
-    )
+    group.add_argument("--no-disk-cache", action="store_true", help=f"keep no prompts on disk (also ${OFF_ENV}=1)")
 
 
 def default_disk_dir() -> Path:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ TAG_TEXT = (
 )
 TOKENS = "tokens"  # the state file's tensor of the entry's tokens (int32)
 STALE_SECONDS = 3600  # a temporary file this old belongs to a writer that died
+MODEL_FOLDER = re.compile("[0-9a-f]{32}")  # the first characters of a model identity
 SAFETENSORS_NAMES = {DTYPES[name]: name for name in ("F32", "F16", "U16", "I32", "I64", "U8")}
 
 
@@ -69,6 +71,11 @@ def model_identity(model) -> str | None:
     except OSError:
         return None
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _made_by_us(name: str) -> bool:
+    """A name this module gives in the root: the tag (or its temporary file) or a model's folder."""
+    return name == TAG or (name.startswith(f".{TAG}.") and name.endswith(".tmp")) or MODEL_FOLDER.fullmatch(name)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -141,6 +148,9 @@ class DiskPromptCache:
         """The state saved for `tokens` under `key`, checked whole; None (the entry removed) when anything in it
         is not what this model and these tokens wrote."""
         path = self.folder / f"{key}.safetensors"
+        if not path.exists():  # removed by another process since the listing (its budget, or a longer entry)
+            self.discard(key)
+            return None
         try:
             state = self._read(path, tokens)
         except (OSError, MlxOssError, ValueError, KeyError, TypeError) as e:
@@ -216,7 +226,7 @@ class DiskPromptCache:
         if tag.is_file() and not tag.is_symlink():
             return True
         self.root.mkdir(parents=True, exist_ok=True)
-        if any(self.root.iterdir()):
+        if not all(_made_by_us(path.name) for path in self.root.iterdir()):  # another process may be making it
             self.writable = False
             self.warn("foreign", f"{self.root} holds files that are not a prompt cache's; not writing there")
             return False

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -332,24 +331,41 @@ def test_the_disk_budget_evicts_the_least_recently_used(model_dir, tmp_path):
     assert restored.length == len(c)
 
 
-def test_two_writers_of_the_same_entry_leave_one_whole_file(model_dir, tmp_path):
-    import mlx_oss
+WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from mlx_oss.backend import CacheState
+from mlx_oss.prompt_cache_disk import TOKENS, DiskPromptCache
+rng = np.random.default_rng(5)
+arrays = {n: rng.standard_normal((2, 16, 300)).astype(np.float32) for n in ("k.0", "v.0")}
+state = CacheState("numpy-f32/1", 300, arrays)
+tokens = tuple(range(300))
+disk = DiskPromptCache(Path(sys.argv[1]), "ab" * 32, 1 << 30)
+disk.save(tokens, state)
+for _ in range(int(sys.argv[2])):  # the write itself, again and again, as two processes finishing the same prompt
+    disk._write(tokens, {**arrays, TOKENS: np.asarray(tokens, np.int32)}, state)
+"""
 
-    model = mlx_oss.load(model_dir, backend="numpy")
-    ((tokens, state),) = states(model, 1)
+
+MODEL_X = "ab" * 32
+
+
+def test_two_processes_writing_the_same_entry_leave_one_whole_file(tmp_path):
     root = tmp_path / "pc"
-    writers = [DiskPromptCache(root, model_identity(model), 1 << 30) for _ in range(4)]
-    threads = [threading.Thread(target=w.save, args=(tokens, state)) for w in writers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    reader = DiskPromptCache(root, model_identity(model), 1 << 30)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), "8"]) for _ in range(2)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    reader = DiskPromptCache(root, MODEL_X, 1 << 30)
+    tokens = list(range(300))
     loaded = reader.load(reader.key(tokens), tokens)
-    assert loaded is not None and loaded.length == len(tokens)
-    assert len(list(reader.folder.glob("*.safetensors"))) == 1 and not list(reader.folder.glob(".*.tmp"))
-    for name, array in state.arrays.items():
-        np.testing.assert_array_equal(loaded.arrays[name], array)
+    rng = np.random.default_rng(5)
+    assert loaded is not None and loaded.length == 300
+    for name in ("k.0", "v.0"):
+        np.testing.assert_array_equal(loaded.arrays[name], rng.standard_normal((2, 16, 300)).astype(np.float32))
+    assert [p.name for p in reader.folder.iterdir() if p.suffix == ".safetensors"] == [
+        f"{reader.key(tokens)}.safetensors"
+    ]
+    assert not list(reader.folder.glob(".*.tmp"))
 
 
 def test_the_command_lines_take_the_budgets_and_refuse_a_negative_one(capsys):
