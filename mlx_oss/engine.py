@@ -113,7 +113,8 @@ class Engine:
     `MemoryPromptCache` of `prompt_cache.memory_bytes`) and, when `prompt_cache.disk_bytes` and a folder allow,
     long or repeated prompts on disk for the next process. Each call starts from the cache sharing the longest
     prefix with its prompt. Cutting a cache back to a shared prefix and extending it gives what a fresh prefill
-    gives, so reuse never changes the output.
+    gives, so reuse never changes the output. Without `prompt_cache` an engine keeps prompts in memory only, with
+    the default budget; the chat, the server and the app pass their settings.
     """
 
     def __init__(self, model, context_length: int | None = None, prompt_cache: PromptCacheSettings | None = None):
@@ -144,6 +145,7 @@ class Engine:
         try:
             self.decoder.truncate(0)
             self.memory = MemoryPromptCache(self.memory.budget)
+            self._prompt_length = 0
         finally:
             self._lock.release()
 
@@ -257,7 +259,7 @@ class Engine:
         if on_disk and self._load_from_disk(on_disk[0], on_disk[1]):
             return "disk", False
         if kept and kept[2] > own:
-            decoder.cache, decoder.fed = kept[1].copy(), list(kept[0])
+            decoder.take(kept[1].copy(), kept[0])
             return "memory", True
         return "memory", moving_away
 
@@ -272,7 +274,7 @@ class Engine:
             self.disk.warn("damaged", f"ignoring and removing a saved prompt that does not fit the model: {e}")
             self.disk.discard(key)
             return False
-        self.decoder.cache, self.decoder.fed = cache, list(tokens)
+        self.decoder.take(cache, tokens)
         return True
 
     def _save_to_disk(self, prompt: list[int], reused: int, across: bool) -> None:

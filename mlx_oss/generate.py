@@ -58,6 +58,11 @@ class Decoder:
         self.cache = model.new_cache() if cache is None else cache
         self.fed: list[int] = [int(t) for t in tokens]
 
+    def take(self, cache, tokens: Sequence[int]) -> None:
+        """Go on from `cache`, which holds the keys and values of `tokens` (a prompt cache's entry), instead of the
+        cache held so far."""
+        self.cache, self.fed = cache, [int(t) for t in tokens]
+
     def reuse(self, prompt: Sequence[int]) -> int:
         """Keep the cached prefix `prompt` starts with, all but its last token at most (which must be run to
         give the logits of what follows); returns how many tokens were kept."""
