@@ -60,7 +60,6 @@ def model_identity(model) -> str | None:
         "backend": getattr(model, "backend", ""),
         "cache": f"{type(cache).__module__}.{type(cache).__qualname__}",
         "kernels": str(getattr(model, "uses_kernels", "")),
-        "config": getattr(model, "config", None).__class__.__name__,
     }
     try:
         for path in sorted(Path(directory).iterdir()):

@@ -85,6 +85,24 @@ def test_reused_logits_are_those_of_a_fresh_prefill(tiny):
     np.testing.assert_allclose(reused_logits, decoder_logits, rtol=1e-4, atol=1e-4 * np.abs(decoder_logits).max())
 
 
+def test_an_mlx_cache_that_keeps_less_than_the_shared_prefix_still_gives_a_fresh_prefill_s_tokens(tiny_checkpoint):
+    pytest.importorskip("mlx.core")
+    from mlx_oss.mlx_backend.kv_cache import KVCache
+
+    model = load_variant(tiny_checkpoint, "mlx")
+    c = model.config
+    windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+    model.new_cache = lambda: KVCache(windows, rewind=3, step=4)  # sliding layers drop what is 3 past the window
+    engine = Engine(model)
+    a, b, a2 = prompt("One."), prompt("Two, and a longer question."), prompt("One, and then a few more words.")
+    calls = (a, b, a2, b)
+    dones = [turn(engine, tokens) for tokens in calls]
+    for tokens, done in zip(calls, dones, strict=True):
+        assert done.tokens == fresh(model, tokens).tokens
+    shared = next(i for i, (x, y) in enumerate(zip(a, a2, strict=False)) if x != y)
+    assert dones[2].stats.reused_tokens < shared  # a's kept copy could not go back that far: run from what it kept
+
+
 def test_the_memory_budget_evicts_the_least_recently_used():
     def cache(n):
         c = TokenCache()
