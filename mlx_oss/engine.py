@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # were reused from another conversation's cache (a prefix asked for more than once).
 DISK_PREFILLED = 1024
 DISK_REPEATED = 512
+# A disk entry is read only when it saves this many more tokens of prefill than what memory holds: reading a state
+# costs as much as prefilling some tokens on a CPU.
+DISK_MIN_GAIN = 32
 
 __all__ = [
     "AnswerDelta",
@@ -251,7 +254,7 @@ class Engine:
         best = max(own, kept[2] if kept else 0)
         writing = self._writer is not None and self._writer.is_alive()  # its prompt is in memory anyway
         on_disk = self.disk.lookup(prompt, limit) if self.disk and best < limit and not writing else None
-        if on_disk and on_disk[2] <= best:
+        if on_disk and on_disk[2] < best + DISK_MIN_GAIN:
             on_disk = None
         moving_away = own < min(self._prompt_length, len(held))
         if moving_away:  # a copy: it holds only its positions, where the decoder's buffers have room to grow
