@@ -137,6 +137,7 @@ class ModelHost(QObject):
         from mlx_oss.cli import format_count
         from mlx_oss.layouts import parameter_count
         from mlx_oss.loading import load
+        from mlx_oss.prompt_cache import PromptCacheSettings
         from mlx_oss.store import resolve_model
 
         self.engine = None
@@ -148,7 +149,8 @@ class ModelHost(QObject):
         try:
             path = resolve_model(model, backend, self.store)
             loaded = load(path, backend=backend)
-            self.engine = Engine(loaded, context_length=context_length)
+            # the chat's and the server's defaults: recent conversations in memory, long prompts on disk
+            self.engine = Engine(loaded, context_length=context_length, prompt_cache=PromptCacheSettings())
         except BaseException as e:  # noqa: BLE001 - every failure becomes a message in the window
             self.load_failed.emit(number, _message(e))
             return

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_oss.backend import Cache
+from mlx_oss.backend import Cache, CacheState
+
+KIND = "numpy-f32/1"  # the state's layout: per layer `k.i` and `v.i`, float32 `[kv_heads, head_dim, length]`
+COPY_ROOM = 256  # positions a copy can grow by before its buffers are grown (a copy holds no doubled capacity)
 
 
 class KVCache(Cache):
@@ -55,8 +58,9 @@ class KVCache(Cache):
         return length
 
     def copy(self) -> KVCache:
-        """An independent cache of the same positions. Its buffers have the same capacity, but only the positions
-        held are written: the pages of the rest are not touched until used."""
+        """An independent cache of the same positions, in buffers of `COPY_ROOM` positions beyond them (at most the
+        original's capacity): a copy kept in a prompt cache counts only what it holds, and one extended by a few
+        drafted tokens does not regrow."""
         new = object.__new__(KVCache)
         new.length = self.length
         new._k, new._v = ([_copy_held(b, self.length) for b in buffers] for buffers in (self._k, self._v))
@@ -65,8 +69,32 @@ class KVCache(Cache):
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._k + self._v)
 
+    def state(self) -> CacheState:
+        arrays = {}
+        for i, (k, v) in enumerate(zip(self._k, self._v, strict=True)):
+            arrays[f"k.{i}"], arrays[f"v.{i}"] = k[..., : self.length], v[..., : self.length]
+        return CacheState(KIND, self.length, arrays)
+
+    @classmethod
+    def from_state(cls, state: CacheState, num_layers: int, kv_heads: int, head_dim: int) -> KVCache:
+        """The cache `state` describes, checked against the model's shape (ValueError when it does not fit)."""
+        if state.kind != KIND:
+            raise ValueError(f"a cache state of kind {state.kind!r}, not {KIND!r}")
+        names = {f"{p}.{i}" for i in range(num_layers) for p in "kv"}
+        if set(state.arrays) != names:
+            raise ValueError(f"a cache state's arrays are not those of {num_layers} layers")
+        shape = (kv_heads, head_dim, state.length)
+        new = cls(num_layers, kv_heads, head_dim, capacity=state.length + COPY_ROOM)
+        for name, array in state.arrays.items():
+            if array.shape != shape or array.dtype != np.float32:
+                raise ValueError(f"cache state array {name}: {array.dtype} {array.shape}, expected float32 {shape}")
+            buffers = new._k if name[0] == "k" else new._v
+            buffers[int(name[2:])][..., : state.length] = array
+        new.length = state.length
+        return new
+
 
 def _copy_held(buffer: np.ndarray, length: int) -> np.ndarray:
-    copied = np.empty_like(buffer)
+    copied = np.empty((*buffer.shape[:2], min(buffer.shape[-1], length + COPY_ROOM)), buffer.dtype)
     copied[..., :length] = buffer[..., :length]
     return copied

@@ -122,6 +122,10 @@ class NumpyModel(Model):
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
+    def restore_cache(self, state) -> KVCache:
+        c = self.config
+        return KVCache.from_state(state, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits.
 

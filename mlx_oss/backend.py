@@ -7,6 +7,7 @@ implement `Model` and `Cache`; the engine and the bench rely on nothing else.
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, field
 from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
@@ -27,8 +28,8 @@ class Cache(Protocol):
     turn's closing tokens or rejected drafted tokens, keeps what is asked on every backend: the MLX cache can
     always go back `REWIND` positions (`mlx_backend.kv_cache`), the NumPy cache any distance.
 
-    Not in the contract yet: saving a cache to disk and reading it back, for prompt caches that outlive the
-    process; a backend would offer its arrays and `length` as one state to write.
+    `state` and the model's `restore_cache` save a cache and rebuild it, for prompt caches that outlive the process
+    (`mlx_oss.prompt_cache_disk` writes the state to a file).
     """
 
     length: int  # positions held: the tokens read so far, minus those truncated
@@ -49,6 +50,30 @@ class Cache(Protocol):
         written)."""
         ...
 
+    def state(self) -> CacheState:
+        """The positions held, as named NumPy arrays (views are fine: the caller copies or writes them before the
+        cache changes); the model's `restore_cache` turns it back into a cache that continues as this one."""
+        ...
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """A cache as plain data, to write to a file and read back: named NumPy arrays of the positions held, and
+    small facts beside them (text, as a file's metadata holds them).
+
+    `kind` names the cache class and its layout (a quantized cache has its own), so a state is only restored by
+    the cache that wrote it; `restore_cache` checks every name, shape and dtype against the model and raises
+    ValueError on anything that does not fit.
+    """
+
+    kind: str
+    length: int
+    arrays: dict[str, np.ndarray]
+    info: dict[str, str] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
 
 @runtime_checkable
 class Model(Protocol):
@@ -63,6 +88,11 @@ class Model(Protocol):
 
     def new_cache(self) -> Cache:
         """An empty cache (length 0)."""
+        ...
+
+    def restore_cache(self, state: CacheState) -> Cache:
+        """A cache holding what `state` (from `Cache.state` of this model's cache kind) holds; ValueError when it
+        does not fit this model (another kind, layer count, shape or dtype)."""
         ...
 
     def forward(self, token_ids, cache: Cache | None = None, last_only: bool = False) -> np.ndarray:

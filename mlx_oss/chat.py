@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
+from . import prompt_cache
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from .cli import format_count, non_negative_int, number_from, positive_int, run
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
@@ -60,9 +61,10 @@ class UnreadableText(MlxOssError):
 
 def format_stats(done: Done) -> str:
     s = done.stats
+    where = " on disk" if s.reused_from == "disk" else ""
     text = (
         f"{s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s; "
-        f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached) at {s.prefill_tokens_per_s:.0f} tokens/s, "
+        f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached{where}) at {s.prefill_tokens_per_s:.0f} tokens/s, "
         f"first token after {s.time_to_first_token_s:.2f} s"
     )
     notes = [STOP_NOTES[done.stop_reason]] if done.stop_reason in STOP_NOTES else []
@@ -279,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="show the model's reasoning above the answer (default: shown)",
     )
+    prompt_cache.add_flags(p)
     return p
 
 
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load(path, backend=args.backend)
     say = print if interactive else lambda line: print(line, file=sys.stderr)
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
-    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning), tools)
+    engine = Engine(model, prompt_cache=prompt_cache.PromptCacheSettings.from_args(args))
+    session = ChatSession(engine, conversation, ChatSettings(sampling, args.show_reasoning), tools)
     try:
         for name in args.tools:
             tools.turn_on(name)

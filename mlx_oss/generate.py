@@ -34,6 +34,7 @@ class GenerationStats:
     time_to_first_token_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    reused_from: str = ""  # where the reused keys/values came from: "memory" or "disk" ("" when none were)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -56,6 +57,11 @@ class Decoder:
         self.model = model
         self.cache = model.new_cache() if cache is None else cache
         self.fed: list[int] = [int(t) for t in tokens]
+
+    def take(self, cache, tokens: Sequence[int]) -> None:
+        """Go on from `cache`, which holds the keys and values of `tokens` (a prompt cache's entry), instead of the
+        cache held so far."""
+        self.cache, self.fed = cache, [int(t) for t in tokens]
 
     def reuse(self, prompt: Sequence[int]) -> int:
         """Keep the cached prefix `prompt` starts with, all but its last token at most (which must be run to

@@ -20,6 +20,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no scr
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mlx-oss-test-hf-home-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # every run left one behind
 os.environ["MLX_OSS_MODELS"] = os.path.join(os.environ["HF_HOME"], "store")
+os.environ["MLX_OSS_PROMPT_CACHE_DIR"] = os.path.join(os.environ["HF_HOME"], "prompt-cache")  # not the user's
 for _name in ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_XET"):
     os.environ[_name] = "1"
 for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT"):

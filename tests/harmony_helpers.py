@@ -32,6 +32,14 @@ class TokenCache:
         del self.tokens[n:]
         return n
 
+    def copy(self) -> TokenCache:
+        new = TokenCache()
+        new.tokens = list(self.tokens)
+        return new
+
+    def nbytes(self) -> int:
+        return 8 * len(self.tokens)
+
 
 class ScriptedModel:
     """A model whose logits favour, after the prompt, the tokens of `script` one by one (then token 0), so the

@@ -1,5 +1,5 @@
 """Every backend's model and KV cache against the contract of `mlx_oss.backend`: `length`, `truncate` returning what
-it kept (the caller then runs the rest again), `copy` and `nbytes`.
+it kept (the caller then runs the rest again), `copy`, `nbytes`, and `state` with the model's `restore_cache`.
 
 The MLX cache is also tried bounded (sliding layers keep 3 positions beyond their window), as a long conversation
 makes it: that is where `truncate` keeps less than asked.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import load_variant
 
-from mlx_oss.backend import Cache, Model
+from mlx_oss.backend import Cache, CacheState, Model
 
 SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
 BOUNDED_REWIND = 3
@@ -111,7 +111,7 @@ def test_a_copy_is_independent_and_continues_like_the_original(subject):
     original = new_cache()
     model.forward(prefix, original)
     copied = original.copy()
-    assert copied.length == original.length and copied.nbytes() == original.nbytes() > 0
+    assert copied.length == original.length and 0 < copied.nbytes() <= original.nbytes()
     same = original.copy()
     np.testing.assert_array_equal(model.forward(a, same), model.forward(a, original.copy()))
 
@@ -127,3 +127,47 @@ def test_an_empty_cache_copies(subject):
     copied = new_cache().copy()
     assert copied.length == 0
     assert_continues_like_a_fresh_pass(model, copied, tokens(0, 0), tokens(6, 10))
+
+
+def test_a_restored_state_continues_like_the_original(subject):
+    model, new_cache, _ = subject
+    prefix, a, b = tokens(30, 11), tokens(4, 12), tokens(5, 13)
+    original = new_cache()
+    model.forward(prefix, original)
+    state = original.state()
+    saved = CacheState(state.kind, state.length, {n: np.array(x) for n, x in state.arrays.items()}, dict(state.info))
+    model.forward(a, original)  # the state was copied before the cache changed, as a writer does
+    restored = model.restore_cache(saved)
+    assert isinstance(restored, Cache) and restored.length == 30
+    assert restored.nbytes() > 0 and saved.nbytes() > 0
+    assert_continues_like_a_fresh_pass(model, restored, prefix, b)
+    again = model.restore_cache(saved)
+    kept = again.truncate(27)
+    assert_continues_like_a_fresh_pass(model, again, prefix[:kept], np.concatenate([prefix[kept:27], a]))
+
+
+def test_an_empty_cache_state_restores(subject):
+    model, new_cache, _ = subject
+    restored = model.restore_cache(new_cache().state())
+    assert restored.length == 0
+    assert_continues_like_a_fresh_pass(model, restored, tokens(0, 0), tokens(5, 14))
+
+
+def test_a_state_that_does_not_fit_the_model_is_refused(subject):
+    model, new_cache, _ = subject
+    cache = new_cache()
+    model.forward(tokens(10, 15), cache)
+    state = cache.state()
+    name = sorted(state.arrays)[0]
+    other = {n: x for n, x in state.arrays.items() if n != name}
+    wrong = [
+        CacheState("another-kind/1", state.length, state.arrays, state.info),
+        CacheState(state.kind, state.length, other, state.info),
+        CacheState(state.kind, state.length, {**state.arrays, name: state.arrays[name][..., :2]}, state.info),
+        CacheState(state.kind, state.length + 1, state.arrays, state.info),
+        CacheState(state.kind, state.length, {**state.arrays, "k.99": state.arrays[name]}, state.info),
+        CacheState(state.kind, state.length, {**state.arrays, name: state.arrays[name].astype(np.float64)}, state.info),
+    ]
+    for bad in wrong:
+        with pytest.raises(ValueError):
+            model.restore_cache(bad)

@@ -10,8 +10,13 @@ further may keep nothing.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
-from mlx_oss.backend import Cache
+from mlx_oss.backend import Cache, CacheState
+
+# The state's layout: per layer that holds positions `k.i` and `v.i`, `[1, kv_heads, held, head_dim]` (bfloat16 as
+# its uint16 bits, NumPy having no bfloat16), the first position held in info `start.i`, the dtype in `dtype`.
+KIND = "mlx/1"
 
 STEP = 256  # positions added to a buffer when it is full
 REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
@@ -124,3 +129,56 @@ class KVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
+
+    def state(self) -> CacheState:
+        arrays, info, dtype = {}, {}, None
+        for i, layer in enumerate(self.layers):
+            held = self.length - layer.start
+            info[f"start.{i}"] = str(layer.start)
+            if layer.keys is None or held <= 0:
+                continue
+            dtype = layer.keys.dtype
+            for name, array in ((f"k.{i}", layer.keys), (f"v.{i}", layer.values)):
+                array = array[..., :held, :]
+                arrays[name] = np.array(array.view(mx.uint16) if dtype == mx.bfloat16 else array)
+        if dtype is not None and dtype not in (mx.bfloat16, mx.float32):
+            raise ValueError(f"cannot save a cache of {dtype}")
+        info["dtype"] = "bfloat16" if dtype is not None and dtype == mx.bfloat16 else "float32"
+        return CacheState(KIND, self.length, arrays, info)
+
+    @classmethod
+    def from_state(
+        cls, state: CacheState, windows: list[int | None], kv_heads: int, head_dim: int, rewind: int = REWIND
+    ) -> KVCache:
+        """The cache `state` describes, checked against the model's layers (ValueError when it does not fit)."""
+        if state.kind != KIND:
+            raise ValueError(f"a cache state of kind {state.kind!r}, not {KIND!r}")
+        stored_dtype, dtype = {"bfloat16": (np.uint16, mx.bfloat16), "float32": (np.float32, mx.float32)}.get(
+            state.info.get("dtype"), (None, None)
+        )
+        if dtype is None:
+            raise ValueError(f"a cache state of dtype {state.info.get('dtype')!r}")
+        new = cls(windows, rewind)
+        expected = set()
+        for i, layer in enumerate(new.layers):
+            try:
+                start = int(state.info[f"start.{i}"])
+            except (KeyError, ValueError):
+                raise ValueError(f"a cache state without layer {i}'s start") from None
+            if not 0 <= start <= state.length or (start and layer.window is None):
+                raise ValueError(f"a cache state whose layer {i} starts at {start}")
+            layer.start, layer.stored = start, state.length - start
+            if layer.stored == 0:
+                continue
+            shape = (1, kv_heads, layer.stored, head_dim)
+            for name in (f"k.{i}", f"v.{i}"):
+                expected.add(name)
+                array = state.arrays.get(name)
+                if array is None or array.shape != shape or array.dtype != stored_dtype:
+                    found = "none" if array is None else f"{array.dtype} {array.shape}"
+                    raise ValueError(f"cache state array {name}: {found}, expected {stored_dtype.__name__} {shape}")
+            layer.keys, layer.values = (mx.array(state.arrays[f"{p}.{i}"]).view(dtype) for p in "kv")
+        if set(state.arrays) != expected:
+            raise ValueError("a cache state with arrays of no layer")
+        new.length = state.length
+        return new

@@ -117,6 +117,11 @@ class MlxModel(Model):
         c = self.config
         return KVCache([c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)])
 
+    def restore_cache(self, state) -> KVCache:
+        c = self.config
+        windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+        return KVCache.from_state(state, windows, c.num_key_value_heads, c.head_dim)
+
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits (float32 NumPy).
 
