@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .cancel import CancelToken
+from .drafting import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, PromptLookup
 from .errors import MlxOssError
 from .generate import Completion, Decoder, GenerationStats
 from .grammar import TurnConstraints, constrainer
@@ -105,8 +106,12 @@ class Engine:
     extending it gives what a fresh prefill gives, so reuse never changes the output.
     """
 
-    def __init__(self, model, context_length: int | None = None):
+    def __init__(self, model, context_length: int | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+        """`draft_tokens`: how many tokens speculative decoding drafts at most per pass (`drafting`); 0: off."""
+        if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise MlxOssError(f"draft tokens must be from 0 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
         self.model = model
+        self.draft_tokens = draft_tokens
         limit = model.config.max_position_embeddings
         self.context_length = min(context_length or limit, limit)
         self.decoder = Decoder(model)
@@ -182,6 +187,8 @@ class Engine:
             processors=[constrain] if constrain else (),
             logprobs=sampling.logprobs,
             temperature=sampling.temperature,
+            stop_tokens=STOP_TOKENS,
+            drafter=PromptLookup(prompt, self.draft_tokens) if self.draft_tokens and not constrain else None,
         )
         stream = HarmonyStream()
         stop_reason = None

@@ -1,0 +1,108 @@
+"""Drafting tokens for speculative decoding by prompt lookup: no draft model, the text itself.
+
+Decoding reads every weight a token uses once per pass, so checking several tokens in one pass costs less than
+several passes. Agents and editors mostly write again what the prompt already holds (code being edited, a file
+quoted, a name used before), so the tokens that followed the latest occurrence of the output's last few tokens are
+often what comes next. `find_draft` is that lookup; `PromptLookup` keeps the history and decides how much to draft.
+
+gpt-oss is a mixture of experts: a pass over several tokens reads the union of the experts they choose, so a
+rejected draft is not free. `PromptLookup` therefore drafts only on a match of `min_match` tokens or more, shrinks
+its length after a rejection and pauses for longer after each draft rejected outright, and grows it after drafts
+accepted whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+DEFAULT_DRAFT_TOKENS = 4  # drafted tokens a pass checks at most; 0 turns drafting off
+MAX_DRAFT_TOKENS = 16
+MAX_PAUSE = 16  # decode steps drafting waits at most after drafts rejected outright
+
+
+class Drafter(Protocol):
+    """What `generate.Completion` asks of a source of drafted tokens."""
+
+    def propose(self, output: Sequence[int], limit: int) -> list[int]:
+        """Up to `limit` tokens guessed to follow the prompt and `output` (the completion so far)."""
+        ...
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """How many of the `drafted` tokens last proposed were accepted."""
+        ...
+
+
+def find_draft(history: np.ndarray, limit: int, min_match: int = 2, max_match: int = 4) -> list[int]:
+    """Up to `limit` tokens that followed an earlier occurrence of `history`'s last n tokens, n from `max_match`
+    down to `min_match` (the longest match first); of the occurrences, the latest that `limit` tokens follow, else
+    the latest. Empty when no such n-gram occurs before."""
+    history = np.asarray(history).reshape(-1)
+    n = history.size
+    if limit <= 0:
+        return []
+    for m in range(min(max_match, n - 1), max(min_match, 1) - 1, -1):
+        tail = history[n - m :]
+        starts = np.flatnonzero(history[: n - m] == tail[0])  # a start j < n - m leaves a token after the match
+        for offset in range(1, m):
+            starts = starts[history[starts + offset] == tail[offset]]
+        if starts.size:
+            whole = starts[starts + m + limit <= n]
+            j = int(whole[-1] if whole.size else starts[-1])
+            return history[j + m : j + m + limit].tolist()
+    return []
+
+
+class PromptLookup:
+    """Drafts from the prompt and the completion so far (`find_draft`), as many tokens as recent passes accepted.
+
+    The draft length starts at `max_tokens`, doubles (up to it) after a draft accepted whole, and drops to one more
+    than what was accepted after a partial one. A draft rejected outright halves it and pauses drafting for 1, 2,
+    4, ... decode steps (up to `MAX_PAUSE`), until one is accepted again.
+    """
+
+    def __init__(self, prompt: Sequence[int], max_tokens: int = DEFAULT_DRAFT_TOKENS, min_match: int = 2,
+                 max_match: int = 4):  # fmt: skip
+        self.max_tokens, self.min_match, self.max_match = max_tokens, min_match, max_match
+        self.length = max_tokens
+        self._history = np.empty(max(64, 2 * len(prompt)), dtype=np.int64)
+        self._history[: len(prompt)] = prompt
+        self._size = len(prompt)
+        self._absorbed = 0  # tokens of the output already in `_history`
+        self._misses = 0  # drafts rejected outright in a row
+        self._pause = 0
+
+    def propose(self, output: Sequence[int], limit: int) -> list[int]:
+        self._absorb(output)
+        if self._pause > 0:
+            self._pause -= 1
+            return []
+        return find_draft(self._history[: self._size], min(self.length, limit), self.min_match, self.max_match)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self._misses = 0
+            self.length = min(self.max_tokens, 2 * self.length)
+        elif accepted > 0:
+            self._misses = 0
+            self.length = min(self.max_tokens, accepted + 1)
+        else:
+            self._misses += 1
+            self._pause = min(MAX_PAUSE, 2 ** (self._misses - 1))
+            self.length = max(1, self.length // 2)
+
+    def _absorb(self, output: Sequence[int]) -> None:
+        new = output[self._absorbed :]
+        if not new:
+            return
+        if self._size + len(new) > self._history.size:
+            grown = np.empty(2 * (self._size + len(new)), dtype=np.int64)
+            grown[: self._size] = self._history[: self._size]
+            self._history = grown
+        self._history[self._size : self._size + len(new)] = new
+        self._size += len(new)
+        self._absorbed = len(output)
