@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1 or args.tokens < 2 or args.rounds < 1 or not 1 <= args.draft <= MAX_DRAFT_TOKENS:
         parser.error(
-            f"--prompt-tokens and --rounds must be at least 1, --tokens at least 2, --draft from 1 to {MAX_DRAFT_TOKENS}"
+            "--prompt-tokens and --rounds must be at least 1, --tokens at least 2, "
+            f"--draft from 1 to {MAX_DRAFT_TOKENS}"
         )
     model = load(args.model, backend=args.backend)
     prompt = np.random.default_rng(args.seed).integers(0, model.config.vocab_size, args.prompt_tokens).tolist()

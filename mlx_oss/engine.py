@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .backend import Model
 from .cancel import CancelToken
 from .drafting import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, PromptLookup
 from .errors import MlxOssError
@@ -112,6 +113,8 @@ class Engine:
             raise MlxOssError(f"draft tokens must be from 0 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
         self.model = model
         self.draft_tokens = draft_tokens
+        # Verifying drafts needs every row's logits, which `backend.Model` promises (test doubles may not).
+        self._drafts = draft_tokens > 0 and isinstance(model, Model)
         limit = model.config.max_position_embeddings
         self.context_length = min(context_length or limit, limit)
         self.decoder = Decoder(model)
@@ -188,7 +191,7 @@ class Engine:
             logprobs=sampling.logprobs,
             temperature=sampling.temperature,
             stop_tokens=STOP_TOKENS,
-            drafter=PromptLookup(prompt, self.draft_tokens) if self.draft_tokens and not constrain else None,
+            drafter=PromptLookup(prompt, self.draft_tokens) if self._drafts and not constrain else None,
         )
         stream = HarmonyStream()
         stop_reason = None

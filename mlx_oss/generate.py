@@ -170,6 +170,7 @@ class Completion:
                         break
                     token, hit = chosen
                     accepted += hit
+                    self.accepted += hit
                     tokens.append(token)
                     if token in self.stop_tokens:
                         self._forget_unyielded()
@@ -185,15 +186,16 @@ class Completion:
                     if cancel.cancelled or not hit:
                         break
                 if self.drafter is not None and drafts:
-                    self.drafted += len(drafts)
-                    self.accepted += accepted
                     self.drafter.update(len(drafts), accepted)
                 if cancel.cancelled:
                     break
                 step_start = time.perf_counter()
                 self._forget_unyielded()
                 drafts = [] if alone else self._drafts()
+                self.drafted += len(drafts)
                 rows = decoder.forward([tokens[-1], *drafts]) if drafts else decoder.step([tokens[-1]])[None]
+                if len(rows) != 1 + len(drafts):
+                    raise ValueError(f"the model returned {len(rows)} rows of logits for {1 + len(drafts)} tokens")
                 self._decode_s += time.perf_counter() - step_start
             self.stop_reason = "cancelled"
         finally:
