@@ -23,6 +23,7 @@ from typing import TextIO
 
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from .cli import format_count, non_negative_int, number_from, positive_int, run
+from .drafting import add_draft_arguments
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
@@ -65,6 +66,8 @@ def format_stats(done: Done) -> str:
         f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached) at {s.prefill_tokens_per_s:.0f} tokens/s, "
         f"first token after {s.time_to_first_token_s:.2f} s"
     )
+    if s.acceptance_rate is not None:
+        text += f"; {s.accepted_tokens} of {s.drafted_tokens} drafted accepted ({s.acceptance_rate:.0%})"
     notes = [STOP_NOTES[done.stop_reason]] if done.stop_reason in STOP_NOTES else []
     if done.malformed:
         notes.append("output broke the harmony format and is shown as text")
@@ -279,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="show the model's reasoning above the answer (default: shown)",
     )
+    add_draft_arguments(p)
     return p
 
 
@@ -307,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load(path, backend=args.backend)
     say = print if interactive else lambda line: print(line, file=sys.stderr)
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
-    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning), tools)
+    engine = Engine(model, draft_tokens=args.draft)
+    session = ChatSession(engine, conversation, ChatSettings(sampling, args.show_reasoning), tools)
     try:
         for name in args.tools:
             tools.turn_on(name)

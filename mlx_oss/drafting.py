@@ -106,3 +106,27 @@ class PromptLookup:
         self._history[self._size : self._size + len(new)] = new
         self._size += len(new)
         self._absorbed = len(output)
+
+
+def add_draft_arguments(parser) -> None:
+    """`--draft N` and `--no-draft`, as the chat and the server take them (into `args.draft`)."""
+    import argparse
+
+    from .cli import non_negative_int
+
+    def draft_count(text: str) -> int:
+        value = non_negative_int(text)
+        if value > MAX_DRAFT_TOKENS:
+            raise argparse.ArgumentTypeError(f"{value} is above {MAX_DRAFT_TOKENS}")
+        return value
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--draft",
+        type=draft_count,
+        default=DEFAULT_DRAFT_TOKENS,
+        metavar="N",
+        help=f"speculative decoding: check up to N tokens looked up in the prompt per pass, fewer after rejections "
+        f"(0 to {MAX_DRAFT_TOKENS}, default {DEFAULT_DRAFT_TOKENS}; 0 is off)",
+    )
+    group.add_argument("--no-draft", dest="draft", action="store_const", const=0, help="speculative decoding off")

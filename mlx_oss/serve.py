@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cli import non_negative_int, port, positive_int, run
+from .drafting import add_draft_arguments
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the browser searches (default duckduckgo, which needs no key; searxng needs --search-url)",
     )
     p.add_argument("--search-url", type=search_url, metavar="URL", help="the search backend's address (searxng's)")
+    add_draft_arguments(p)
     return p
 
 
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load(path, backend=args.backend)
     encoding()  # read the vocabulary before the first request
     model_id = args.model if not Path(args.model).expanduser().is_dir() else Path(args.model).resolve().name
-    engine = Engine(model, context_length=args.context)
+    engine = Engine(model, context_length=args.context, draft_tokens=args.draft)
     server = Server(engine, model_id, args.api_key, args.max_waiting, tuple(args.allow_host), tools)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
