@@ -46,7 +46,7 @@ class Replay:
             truth[right] = (truth[right] + 1) % self.vocab_size
         return truth
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, seconds: float) -> None:
         pass
 
 

@@ -157,7 +157,7 @@ class Completion:
         self.reused = decoder.reuse(self.prompt)
         last = decoder.prefill(self.prompt[self.reused :], cancel)
         self._prefill_s = time.perf_counter() - start
-        rows, drafts = (None if last is None else last[None]), []
+        rows, drafts, pass_s = (None if last is None else last[None]), [], None
         try:
             while rows is not None and not cancel.cancelled:
                 step_start = time.perf_counter()
@@ -185,15 +185,17 @@ class Completion:
                         return
                     if cancel.cancelled or not hit:
                         break
-                if self.drafter is not None and drafts:
-                    self.drafter.update(len(drafts), accepted)
+                if self.drafter is not None and pass_s is not None:
+                    self.drafter.update(len(drafts), accepted, pass_s)
                 if cancel.cancelled:
                     break
                 step_start = time.perf_counter()
                 self._forget_unyielded()
                 drafts = [] if alone else self._drafts()
                 self.drafted += len(drafts)
+                pass_start = time.perf_counter()
                 rows = decoder.forward([tokens[-1], *drafts]) if drafts else decoder.step([tokens[-1]])[None]
+                pass_s = time.perf_counter() - pass_start
                 if len(rows) != 1 + len(drafts):
                     raise ValueError(f"the model returned {len(rows)} rows of logits for {1 + len(drafts)} tokens")
                 self._decode_s += time.perf_counter() - step_start

@@ -11,7 +11,7 @@ from harmony_helpers import harmony_tokens
 import mlx_oss
 import mlx_oss.engine
 from mlx_oss.bench_drafting import Replay
-from mlx_oss.drafting import MAX_PAUSE, PromptLookup, find_draft
+from mlx_oss.drafting import MAX_PAUSE, PROBE_AFTER, PromptLookup, best_draft_length, find_draft
 from mlx_oss.engine import Done, Engine
 from mlx_oss.errors import MlxOssError
 from mlx_oss.generate import Completion, Decoder
@@ -49,18 +49,38 @@ def test_prompt_lookup_drafts_from_the_output_too_and_adapts():
     assert lookup.propose([9], limit=8) == []
     assert lookup.propose([9, 1, 2], limit=8) == [3, 4, 5, 9]
     assert lookup.propose([9, 1, 2], limit=2) == [3, 4]  # within the caller's limit
-    lookup.update(4, 1)
+    lookup.update(4, 1, 0.0)
     assert lookup.length == 2  # one more than accepted
-    lookup.update(2, 2)
+    lookup.update(2, 2, 0.0)
     assert lookup.length == 4  # doubled after a whole draft accepted
     pauses = []
     for _ in range(6):
-        lookup.update(4, 0)
+        lookup.update(4, 0, 0.0)
         pause = 0
         while lookup.propose([9, 1, 2], limit=8) == []:
             pause += 1
         pauses.append(pause)
     assert pauses == [1, 2, 4, 8, MAX_PAUSE, MAX_PAUSE] and lookup.length == 1
+
+
+def test_draft_length_weighs_acceptance_against_the_cost_of_a_pass():
+    assert best_draft_length(0.5, {}, 4) == 4  # nothing timed yet
+    assert best_draft_length(0.5, {1: 1.0, 5: 4.0}, 4) == 0  # a pass per token costs nearly as much: not worth it
+    assert best_draft_length(0.9, {1: 1.0, 5: 1.2}, 4) == 4
+    assert best_draft_length(1.0, {1: 1.0}, 6) == 6  # prior cost: 1 + k/2 one-token passes, for k + 1 tokens
+    assert best_draft_length(0.6, {1: 1.0}, 6) == 1  # 1.6 tokens for 1.5 passes; a second draft gives 0.36 for 0.5
+    assert best_draft_length(0.6, {1: 1.0, 2: 1.8}, 6) == 0
+
+
+def test_prompt_lookup_stops_drafting_where_passes_cost_too_much_and_probes_later():
+    lookup = PromptLookup([1, 2, 3, 4, 5, 1, 2], max_tokens=4)
+    lookup.update(0, 0, 1.0)
+    lookup.update(1, 0, 2.0)  # checking one drafted token cost two passes, and it was rejected
+    skipped = 0
+    while lookup.propose([], limit=8) == []:
+        lookup.update(0, 0, 1.0)  # the plain steps taken instead
+        skipped += 1
+    assert skipped == 1 + PROBE_AFTER  # the pause after a rejection, then the probe: one token checked again
 
 
 def test_accept_or_resample_keeps_the_distribution():
