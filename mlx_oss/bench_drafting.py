@@ -79,7 +79,7 @@ def decode_rates(model, prompt: list[int], tokens: int, draft: int, rounds: int)
         "drafts 100 % right": (prompt, lambda: Replay(continuation, 1.0, draft, vocab), continuation),
         "drafts ~50 % right": (prompt, lambda: Replay(continuation, 0.5, draft, vocab), continuation),
         "drafts 0 % right": (prompt, lambda: Replay(continuation, 0.0, draft, vocab), continuation),
-        "prompt lookup, repeated prompt": (repeated, lambda: PromptLookup(repeated, draft), lookup_truth),
+        "prompt lookup on the repeated prompt": (repeated, lambda: PromptLookup(repeated, draft), lookup_truth),
     }
     rates: dict[str, list[float]] = {name: [] for name in runs}
     notes: dict[str, str] = {}
