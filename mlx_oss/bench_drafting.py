@@ -4,8 +4,9 @@ A benchmark, not a test: it prints figures and asserts nothing. It first times o
 the prompt against a pass over one (on a mixture of experts, k more tokens read the union of their experts, so a
 rejected draft is not free). It then decodes the same greedy completion plainly and with drafts whose acceptance
 it forces: 100 % (the known greedy continuation, replayed), about 50 % (half of each draft right, then a wrong
-token) and 0 % (a wrong first token), and with prompt lookup, the drafter generation uses, on a prompt that
-repeats itself. The runs interleave, round after round, so that a machine busy at one moment weighs on all.
+token) and 0 % (a wrong first token), as many as asked and as many as the adaptive rules choose; and with prompt
+lookup, the drafter generation uses, on a prompt that repeats itself (random weights seldom repeat it). The runs
+interleave, round after round, so that a machine busy at one moment weighs on all.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class Replay:
         pass
 
 
+class AdaptiveReplay(PromptLookup):
+    """`Replay`'s drafts, as many as `PromptLookup`'s rules choose: what adaptivity saves at a forced rate."""
+
+    def __init__(self, prompt: Sequence[int], replay: Replay):
+        super().__init__(prompt, replay.max_tokens)
+        self.replay, self.prompt_length = replay, len(prompt)
+
+    def draft(self, history: np.ndarray, length: int) -> list[int]:
+        return self.replay.propose(history[self.prompt_length :].tolist(), length)
+
+
 def pass_seconds(model, prompt: Sequence[int], ks: Sequence[int], repeats: int, seed: int) -> dict[int, float]:
     """The median seconds of one pass over 1 + k tokens after `prompt`, for each k, passes interleaved."""
     decoder = Decoder(model)
@@ -74,11 +86,17 @@ def decode_rates(model, prompt: list[int], tokens: int, draft: int, rounds: int)
     continuation = list(Completion(decoder, prompt, make_sampler(greedy), max_tokens=tokens))
     repeated = prompt + continuation + prompt  # lookup finds the continuation after the second copy of the prompt
     lookup_truth = list(Completion(decoder, repeated, make_sampler(greedy), max_tokens=tokens))
+
+    def adaptive(rate: float) -> AdaptiveReplay:
+        return AdaptiveReplay(prompt, Replay(continuation, rate, draft, vocab))
+
     runs = {
         "plain": (prompt, None, continuation),
         "drafts 100 % right": (prompt, lambda: Replay(continuation, 1.0, draft, vocab), continuation),
         "drafts ~50 % right": (prompt, lambda: Replay(continuation, 0.5, draft, vocab), continuation),
         "drafts 0 % right": (prompt, lambda: Replay(continuation, 0.0, draft, vocab), continuation),
+        "adaptive, drafts ~50 % right": (prompt, lambda: adaptive(0.5), continuation),
+        "adaptive, drafts 0 % right": (prompt, lambda: adaptive(0.0), continuation),
         "prompt lookup on the repeated prompt": (repeated, lambda: PromptLookup(repeated, draft), lookup_truth),
     }
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -125,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, seconds in costs.items():
         print(f"pass over {k + 1:2d} tokens  {seconds * 1e3:8.1f} ms  ({seconds / costs[0]:.2f} x one token)")
     for name, rate, note in decode_rates(model, prompt, args.tokens, args.draft, args.rounds):
-        print(f"{name:32s} {rate:8.2f} tokens/s  {note}")
+        print(f"{name:38s} {rate:8.2f} tokens/s  {note}")
     return 0
 
 

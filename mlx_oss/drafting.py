@@ -113,7 +113,11 @@ class PromptLookup:
         self._idle = 0 if length else self._idle + 1
         if self._idle > PROBE_AFTER:
             length, self._idle = min(1, limit), 0
-        return find_draft(self._history[: self._size], length, self.min_match, self.max_match) if length else []
+        return self.draft(self._history[: self._size], length) if length else []
+
+    def draft(self, history: np.ndarray, length: int) -> list[int]:
+        """Up to `length` tokens guessed to follow `history` (the prompt and the output)."""
+        return find_draft(history, length, self.min_match, self.max_match)
 
     @property
     def acceptance(self) -> float:
