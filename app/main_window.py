@@ -558,7 +558,11 @@ class MainWindow(QMainWindow):
             "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
             "time_to_first_token_s": round(s.time_to_first_token_s, 3),
         }
-        self.speed_label.setText(f"{s.decode_tokens_per_s:.1f} tokens/s")
+        speed = f"{s.decode_tokens_per_s:.1f} tokens/s"
+        if s.acceptance_rate is not None:  # speculative decoding: the share of drafted tokens the model accepted
+            stats["draft_acceptance"] = round(s.acceptance_rate, 3)
+            speed += f", {s.acceptance_rate:.0%} of drafts accepted"
+        self.speed_label.setText(speed)
         used = self.context_used if self.context_used is not None else s.prompt_tokens + s.generated_tokens
         self.context_label.setText(f"context {used} of {self.settings.context_length} tokens")
         if done.stop_reason == "context_limit":

@@ -210,4 +210,6 @@ def combined_stats(steps: list[GenerationStats]) -> GenerationStats:
         time_to_first_token_s=steps[0].time_to_first_token_s,
         prefill_tokens_per_s=sum(prefilled) / prefill_s if prefill_s > 0 else 0.0,
         decode_tokens_per_s=sum(decoded) / decode_s if decode_s > 0 else 0.0,
+        drafted_tokens=sum(s.drafted_tokens for s in steps),
+        accepted_tokens=sum(s.accepted_tokens for s in steps),
     )

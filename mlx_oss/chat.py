@@ -24,6 +24,7 @@ from typing import TextIO
 from . import prompt_cache
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
 from .cli import format_count, non_negative_int, number_from, positive_int, run
+from .drafting import add_draft_arguments
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
@@ -67,6 +68,8 @@ def format_stats(done: Done) -> str:
         f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached{where}) at {s.prefill_tokens_per_s:.0f} tokens/s, "
         f"first token after {s.time_to_first_token_s:.2f} s"
     )
+    if s.acceptance_rate is not None:
+        text += f"; {s.accepted_tokens} of {s.drafted_tokens} drafted accepted ({s.acceptance_rate:.0%})"
     notes = [STOP_NOTES[done.stop_reason]] if done.stop_reason in STOP_NOTES else []
     if done.malformed:
         notes.append("output broke the harmony format and is shown as text")
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the model's reasoning above the answer (default: shown)",
     )
     prompt_cache.add_flags(p)
+    add_draft_arguments(p)
     return p
 
 
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load(path, backend=args.backend)
     say = print if interactive else lambda line: print(line, file=sys.stderr)
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
-    engine = Engine(model, prompt_cache=prompt_cache.PromptCacheSettings.from_args(args))
+    engine = Engine(model, draft_tokens=args.draft, prompt_cache=prompt_cache.PromptCacheSettings.from_args(args))
     session = ChatSession(engine, conversation, ChatSettings(sampling, args.show_reasoning), tools)
     try:
         for name in args.tools:

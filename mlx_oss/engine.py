@@ -15,7 +15,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .backend import Model
 from .cancel import CancelToken
+from .drafting import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, PromptLookup
 from .errors import MlxOssError
 from .generate import Completion, Decoder, GenerationStats, common_prefix_length
 from .grammar import TurnConstraints, constrainer
@@ -120,8 +122,20 @@ class Engine:
     the default budget; the chat, the server and the app pass their settings.
     """
 
-    def __init__(self, model, context_length: int | None = None, prompt_cache: PromptCacheSettings | None = None):
+    def __init__(
+        self,
+        model,
+        context_length: int | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        prompt_cache: PromptCacheSettings | None = None,
+    ):
+        """`draft_tokens`: how many tokens speculative decoding drafts at most per pass (`drafting`); 0: off."""
+        if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise MlxOssError(f"draft tokens must be from 0 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
         self.model = model
+        self.draft_tokens = draft_tokens
+        # Verifying drafts needs every row's logits, which `backend.Model` promises (test doubles may not).
+        self._drafts = draft_tokens > 0 and isinstance(model, Model)
         limit = model.config.max_position_embeddings
         self.context_length = min(context_length or limit, limit)
         self.decoder = Decoder(model)
@@ -216,6 +230,8 @@ class Engine:
             processors=[constrain] if constrain else (),
             logprobs=sampling.logprobs,
             temperature=sampling.temperature,
+            stop_tokens=STOP_TOKENS,
+            drafter=PromptLookup(prompt, self.draft_tokens) if self._drafts and not constrain else None,
         )
         stream = HarmonyStream()
         stop_reason = None

@@ -4,8 +4,10 @@
 shares with them, `prefill` runs the rest of the prompt in chunks, `step` decodes one token. `forward` runs
 several tokens at once and returns every row, as verifying drafted tokens needs; `truncate` drops the ones
 rejected. `Completion` is the loop over them: iterating it yields the tokens of one completion, sampled after
-any logits processors. It knows no chat format: the caller stops iterating at the tokens that end a turn (the
-engine at harmony's), the benchmark after as many as it times.
+any logits processors, with speculative decoding when given a drafter (`drafting`). It knows no chat format:
+the caller stops iterating at the tokens that end a turn (the engine at harmony's, which it also passes as
+`stop_tokens` so that drafted tokens past them never stay in the cache), the benchmark after as many as it
+times.
 
 It asks of a model only what `backend.Model` and `backend.Cache` promise, and imports no backend.
 """
@@ -13,12 +15,13 @@ It asks of a model only what `backend.Model` and `backend.Cache` promise, and im
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cancel import CancelToken
+from .drafting import MAX_DRAFT_TOKENS, Drafter
 from .sampling import LogitsProcessor, Sampler, TokenLogprob, token_logprob
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; cancellation is checked between chunks
@@ -35,6 +38,13 @@ class GenerationStats:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     reused_from: str = ""  # where the reused keys/values came from: "memory" or "disk" ("" when none were)
+    drafted_tokens: int = 0  # tokens drafted for speculative decoding, and how many of them were accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """The share of drafted tokens accepted; None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -103,8 +113,17 @@ class Completion:
 
     Iterating prefills what the cache lacks, then samples a token, yields it and (when asked for the next one)
     decodes it. The loop ends by itself at `max_tokens` ("length"), when the cache holds `context_length`
-    positions ("context_limit") or on `cancel` ("cancelled"), checked between steps; `stop_reason` then says
-    which. A caller that stops at a token of its own just stops iterating: that token is never decoded.
+    positions ("context_limit"), after a token of `stop_tokens` ("stop") or on `cancel` ("cancelled"), checked
+    between tokens; `stop_reason` then says which. A caller that stops at a token of its own just stops
+    iterating: that token is never decoded.
+
+    With a `drafter` (speculative decoding) a pass runs the last token and the tokens drafted to follow it, and the
+    tokens yield one by one while the sampler accepts the drafts (`TokenSampler.verify`), then the sampler's own
+    token; the cache drops the rejected rest. Greedy tokens are those of plain decoding (a near-tie in a row of
+    the several-row pass is decoded again alone); sampled ones keep the sampler's distribution. The cache may hold
+    accepted tokens not yet yielded; it is cut back to the tokens yielded (but the last, as plain decoding leaves
+    it) before a stop token is yielded and whenever the iteration ends, closed early included. Logits processors
+    (grammars, which keep state per token) turn drafting off.
     """
 
     def __init__(
@@ -119,51 +138,120 @@ class Completion:
         processors: Sequence[LogitsProcessor] = (),
         logprobs: int | None = None,
         temperature: float = 1.0,
+        stop_tokens: Collection[int] = (),
+        drafter: Drafter | None = None,
     ):
         """`logprobs` (None: off) asks for each token's log-probability at `temperature` and that many
-        alternatives, in `self.logprobs` beside `self.tokens`."""
+        alternatives, in `self.logprobs` beside `self.tokens`. `drafter` needs a sampler with `verify`
+        (`make_sampler`'s)."""
         self.decoder, self.prompt, self.sampler = decoder, prompt, sampler
         self.top_logprobs, self.temperature = logprobs, temperature
         self.logprobs: list[TokenLogprob] = []
         self.max_tokens, self.context_length = max_tokens, context_length
         self.cancel = cancel or CancelToken()
         self.processors = tuple(processors)
+        self.stop_tokens = frozenset(stop_tokens)
+        self.drafter = drafter if hasattr(sampler, "verify") and not self.processors else None
         self.tokens: list[int] = []
         self.stop_reason: str | None = None
-        self.reused = 0
+        self.reused = self.drafted = self.accepted = 0
         self._prefill_s = self._first_token_s = self._decode_s = 0.0
 
     def __iter__(self) -> Iterator[int]:
-        decoder, cache, cancel, tokens = self.decoder, self.decoder.cache, self.cancel, self.tokens
+        decoder, cancel, tokens = self.decoder, self.cancel, self.tokens
         start = time.perf_counter()
         self.reused = decoder.reuse(self.prompt)
-        logits = decoder.prefill(self.prompt[self.reused :], cancel)
+        last = decoder.prefill(self.prompt[self.reused :], cancel)
         self._prefill_s = time.perf_counter() - start
-        while logits is not None and not cancel.cancelled:
-            step_start = time.perf_counter()
-            for process in self.processors:
-                logits = process(tokens, logits)
-            token = self.sampler(logits)
-            tokens.append(token)
-            if self.top_logprobs is not None:
-                self.logprobs.append(token_logprob(logits, token, self.temperature, self.top_logprobs))
-            if len(tokens) == 1:
-                self._first_token_s = time.perf_counter() - start
-            else:
+        rows, drafts, pass_s = (None if last is None else last[None]), [], None
+        try:
+            while rows is not None and not cancel.cancelled:
+                step_start = time.perf_counter()
+                accepted, alone = 0, False
+                for i, row in enumerate(rows):
+                    draft = drafts[i] if i < len(drafts) else None
+                    chosen = self._choose(row, draft, exact=len(rows) == 1)
+                    if chosen is None:  # a near-tie in a several-row pass: this position is decoded again alone
+                        alone = True
+                        break
+                    token, hit = chosen
+                    accepted += hit
+                    self.accepted += hit
+                    tokens.append(token)
+                    if token in self.stop_tokens:
+                        self._forget_unyielded()
+                    now = time.perf_counter()
+                    if len(tokens) == 1:
+                        self._first_token_s = now - start
+                    else:
+                        self._decode_s += now - step_start
+                    yield token
+                    step_start = time.perf_counter()
+                    if self._ended(token):
+                        return
+                    if cancel.cancelled or not hit:
+                        break
+                if self.drafter is not None and pass_s is not None:
+                    self.drafter.update(len(drafts), accepted, pass_s)
+                if cancel.cancelled:
+                    break
+                step_start = time.perf_counter()
+                self._forget_unyielded()
+                drafts = [] if alone else self._drafts()
+                self.drafted += len(drafts)
+                pass_start = time.perf_counter()
+                rows = decoder.forward([tokens[-1], *drafts]) if drafts else decoder.step([tokens[-1]])[None]
+                pass_s = time.perf_counter() - pass_start
+                if len(rows) != 1 + len(drafts):
+                    raise ValueError(f"the model returned {len(rows)} rows of logits for {1 + len(drafts)} tokens")
                 self._decode_s += time.perf_counter() - step_start
-            yield token
-            if self.max_tokens is not None and len(tokens) >= self.max_tokens:
-                self.stop_reason = "length"
-                return
-            if self.context_length is not None and cache.length >= self.context_length:
-                self.stop_reason = "context_limit"
-                return
-            if cancel.cancelled:
-                break
-            step_start = time.perf_counter()
-            logits = decoder.step([token])
-            self._decode_s += time.perf_counter() - step_start
-        self.stop_reason = "cancelled"
+            self.stop_reason = "cancelled"
+        finally:
+            self._forget_unyielded()
+
+    def _choose(self, row: np.ndarray, draft: int | None, exact: bool) -> tuple[int, bool] | None:
+        """The token of `row` after the processors and whether it is `draft`; None for a greedy near-tie in a row
+        of a several-row pass (not `exact`). Records its log-probability."""
+        for process in self.processors:
+            row = process(self.tokens, row)
+        if hasattr(self.sampler, "verify"):
+            chosen = self.sampler.verify(row, draft, exact)
+        else:
+            chosen = (self.sampler(row), False)
+        if chosen is not None and self.top_logprobs is not None:
+            self.logprobs.append(token_logprob(row, chosen[0], self.temperature, self.top_logprobs))
+        return chosen
+
+    def _ended(self, token: int) -> bool:
+        """Whether the loop ends after `token`, setting `stop_reason`; the cache then holds the plain loop's."""
+        length = len(self.prompt) + len(self.tokens) - 1  # positions plain decoding would hold now
+        if token in self.stop_tokens:
+            self.stop_reason = "stop"
+        elif self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+            self.stop_reason = "length"
+        elif self.context_length is not None and length >= self.context_length:
+            self.stop_reason = "context_limit"
+        return self.stop_reason is not None
+
+    def _drafts(self) -> list[int]:
+        """Tokens drafted to follow the last, as many as fit before `max_tokens` and `context_length`."""
+        if self.drafter is None:
+            return []
+        limit = MAX_DRAFT_TOKENS
+        if self.max_tokens is not None:
+            limit = min(limit, self.max_tokens - len(self.tokens) - 1)
+        if self.context_length is not None:
+            limit = min(limit, self.context_length - len(self.prompt) - len(self.tokens))
+        return self.drafter.propose(self.tokens, limit) if limit > 0 else []
+
+    def _forget_unyielded(self) -> None:
+        """Cut the cache back to the prompt and the tokens yielded but the last, dropping drafted tokens not (yet)
+        yielded, so that `decoder.fed` is what plain decoding would have fed."""
+        fed = len(self.prompt) + len(self.tokens) - 1
+        if self.tokens and self.decoder.cache.length > fed:
+            kept = self.decoder.truncate(fed)
+            if kept < fed:  # a backend that cannot step back this far: run what it dropped again
+                self.decoder.prefill([*self.prompt, *self.tokens][kept:fed])
 
     def stats(self) -> GenerationStats:
         """The figures of the completion so far: decoding counts sampling and every step after the first token."""
@@ -175,4 +263,6 @@ class Completion:
             time_to_first_token_s=self._first_token_s,
             prefill_tokens_per_s=prefilled / self._prefill_s if self._prefill_s > 0 else 0.0,
             decode_tokens_per_s=(len(self.tokens) - 1) / self._decode_s if self._decode_s > 0 else 0.0,
+            drafted_tokens=self.drafted,
+            accepted_tokens=self.accepted,
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import prompt_cache
 from .cli import non_negative_int, port, positive_int, run
+from .drafting import add_draft_arguments
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--search-url", type=search_url, metavar="URL", help="the search backend's address (searxng's)")
     prompt_cache.add_flags(p)
+    add_draft_arguments(p)
     return p
 
 
@@ -207,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load(path, backend=args.backend)
     encoding()  # read the vocabulary before the first request
     model_id = args.model if not Path(args.model).expanduser().is_dir() else Path(args.model).resolve().name
-    engine = Engine(model, context_length=args.context, prompt_cache=prompt_cache.PromptCacheSettings.from_args(args))
+    engine = Engine(
+        model,
+        context_length=args.context,
+        draft_tokens=args.draft,
+        prompt_cache=prompt_cache.PromptCacheSettings.from_args(args),
+    )
     server = Server(engine, model_id, args.api_key, args.max_waiting, tuple(args.allow_host), tools)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
