@@ -7,6 +7,7 @@ import numpy as np
 from mlx_oss.mxfp4 import SCALE_VALUES, decode_unscaled, dequantize
 
 QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
+SCORE_BYTES = 256 << 20  # at most this much of one score matrix: fewer queries at once over long caches
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight (`mxfp4_linear`)
 LATE_SCALE_ROWS = 4  # up to this many rows of x, `mxfp4_linear` scales each block's dot product, not its values
 
@@ -41,8 +42,9 @@ def attention(
     out = np.empty((T, KV, group, D), dtype=np.float32)
     qg = q.reshape(T, KV, group, D)
     sink = sinks.astype(np.float32).reshape(KV, group, 1)
-    for t0 in range(0, T, QUERY_CHUNK):
-        t1 = min(T, t0 + QUERY_CHUNK)
+    chunk = max(1, min(QUERY_CHUNK, SCORE_BYTES // (H * S * 4)))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
         k_lo, k_hi = first_visible_key(q_start + t0, window), q_start + t1  # later keys are never visible
         visible = visibility(q_start + t0, t1 - t0, k_lo, k_hi - k_lo, window)
         # scores [KV, group, t, s]

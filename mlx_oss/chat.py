@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TextIO
 
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
-from .cli import format_count, non_negative_int, number_from, positive_int, run
+from .cli import context_length, format_count, non_negative_int, number_from, positive_int, run
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
 from .layouts import parameter_count
 from .loading import BACKENDS
+from .memory_estimate import context_for_load
 from .render_limits import MAX_RUN, longest_run
 from .tools import BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 
@@ -256,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument(
+        "--context",
+        type=context_length,
+        default="auto",
+        help="tokens of context (default auto: the longest that fits in this computer's memory, at most the model's)",
+    )
     p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.add_argument("--temperature", type=number_from(0), default=1.0, help="0 picks the likeliest token (default 1.0)")
@@ -300,14 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     interactive = sys.stdin.isatty()
     path = model_directory(args.model, args.backend, interactive)
     piped = None if interactive else read_piped()  # before the load: a wrong input costs no waiting
+    say = print if interactive else lambda line: print(line, file=sys.stderr)
+    context = context_for_load(path, args.backend, args.context, None, say)  # one line, before any loading
     if interactive:
         print(f"loading {path} ...", flush=True)
     from .loading import load
 
     model = load(path, backend=args.backend)
-    say = print if interactive else lambda line: print(line, file=sys.stderr)
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
-    session = ChatSession(Engine(model), conversation, ChatSettings(sampling, args.show_reasoning), tools)
+    session = ChatSession(
+        Engine(model, context_length=context), conversation, ChatSettings(sampling, args.show_reasoning), tools
+    )
     try:
         for name in args.tools:
             tools.turn_on(name)

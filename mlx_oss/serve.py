@@ -23,10 +23,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cli import non_negative_int, port, positive_int, run
+from .cli import context_length, non_negative_int, port, run
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
+from .memory_estimate import context_for_load
 from .tools import BROWSER, BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 from .tools.search import BACKENDS as SEARCH_BACKENDS
 
@@ -86,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--context",
-        type=positive_int,
+        type=context_length,
         default=16384,
-        help="tokens of context per conversation (default 16384; at most the model's own)",
+        help="tokens of context per conversation (default 16384; at most the model's own; auto: the longest that "
+        "fits in this computer's memory)",
     )
     p.add_argument(
         "--max-waiting",
@@ -201,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = builtin_tools(args)  # before the model loads: a tool that cannot run is said at once
     path = resolve_model(args.model, args.backend)
+    context = context_for_load(path, args.backend, args.context, None, lambda line: print(line, file=sys.stderr))
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     model = load(path, backend=args.backend)
     encoding()  # read the vocabulary before the first request
     model_id = args.model if not Path(args.model).expanduser().is_dir() else Path(args.model).resolve().name
-    engine = Engine(model, context_length=args.context)
+    engine = Engine(model, context_length=context)
     server = Server(engine, model_id, args.api_key, args.max_waiting, tuple(args.allow_host), tools)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
