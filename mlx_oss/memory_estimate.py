@@ -399,3 +399,29 @@ def context_for_load(directory: str | Path, backend: str, requested: int | str, 
     if check.note:
         say(check.note)
     return check.context
+
+
+def fit_for_directory(
+    directory: str | Path, backend: str, context: int, kv_bits: int | None = None, machine: MachineMemory | None = None
+) -> tuple[str, str]:
+    """(status, one line saying why) for loading `directory` at `context`: what the app shows beside a model and
+    its context setting. Reads the config, the index and the files' sizes only; ("", why) where they cannot be."""
+    from .backend import choose_backend
+    from .errors import MlxOssError
+
+    try:
+        files = read_model_files(directory)
+        chosen, _ = choose_backend(backend, files.layout)
+    except (OSError, ValueError, MlxOssError) as e:
+        return "", f"no estimate: {e}"
+    if context > files.config.max_position_embeddings:
+        return DOES_NOT_FIT, f"longer than the model's {files.config.max_position_embeddings} tokens"
+    machine = machine if machine is not None else machine_memory(chosen)
+    metal = chosen == "mlx" and on_metal()
+    e = estimate(files.config, chosen, files.layout, files.file_bytes, context, kv_bits, metal)
+    v = verdict(e, machine)
+    line = f"about {gib(e.total)} at {context} tokens on the {chosen} backend" + (f"; {v.reason}" if v.reason else "")
+    if v.status in (TIGHT, DOES_NOT_FIT):
+        args = (files.config, chosen, files.layout, files.file_bytes, machine, kv_bits, metal)
+        line += f"; {largest_context(*args)} tokens fit"
+    return v.status, line
