@@ -29,6 +29,7 @@ from .dense import Dense
 from .experts import Experts
 from .kv_cache import KVCache
 from .layers import attention, rms_norm, route
+from .quantized_kv_cache import QuantizedKVCache
 from .workers import Workers
 
 
@@ -118,8 +119,14 @@ class NumpyModel(Model):
             ),
         )
 
-    def new_cache(self) -> KVCache:
+    kv_bits: int | None = None  # set to 8 for an int8 KV cache (`--kv-bits 8`)
+
+    def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
+        """An empty cache: float32, or int8 with per-position scales at `kv_bits` 8 (default: `self.kv_bits`)."""
         c = self.config
+        bits = kv_bits if kv_bits is not None else self.kv_bits
+        if bits:
+            return QuantizedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bits)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:

@@ -108,7 +108,13 @@ def thread_count() -> int:
 
 
 def benchmark(
-    model_dir: Path, backend: str, prompt_tokens: int, gen_tokens: int, context_tokens: int = 0, seed: int = 0
+    model_dir: Path,
+    backend: str,
+    prompt_tokens: int,
+    gen_tokens: int,
+    context_tokens: int = 0,
+    seed: int = 0,
+    kv_bits: int | None = None,
 ) -> BenchResult:
     """Load, prefill `prompt_tokens`, decode `gen_tokens`; with `context_tokens`, also decode `gen_tokens` after a
     second cache filled with that many positions of random keys and values.
@@ -119,6 +125,7 @@ def benchmark(
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
+        model.kv_bits = kv_bits  # the caches below are int8 at 8
         load_s = time.perf_counter() - start
         load_rss = rss_bytes()
 
@@ -207,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-kernels", action="store_true", help="NumPy backend: plain NumPy, without the compiled kernels"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-bits", type=int, choices=(8,), help="an 8-bit KV cache (default: float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1 or args.gen_tokens < 0 or args.context < 0:
         parser.error("--prompt-tokens must be at least 1, --gen-tokens and --context at least 0")
     if args.no_kernels:
         os.environ["MLX_OSS_KERNELS"] = "off"
-    result = benchmark(args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.context, args.seed)
+    result = benchmark(
+        args.model, args.backend, args.prompt_tokens, args.gen_tokens, args.context, args.seed, args.kv_bits
+    )
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     return 0
 

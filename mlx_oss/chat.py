@@ -258,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(8,),
+        help="store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
+        "contexts fit (default: float32)",
+    )
+    p.add_argument(
         "--context",
         type=context_length,
         default="auto",
@@ -308,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     path = model_directory(args.model, args.backend, interactive)
     piped = None if interactive else read_piped()  # before the load: a wrong input costs no waiting
     say = print if interactive else lambda line: print(line, file=sys.stderr)
-    context = context_for_load(path, args.backend, args.context, None, say)  # one line, before any loading
+    context = context_for_load(path, args.backend, args.context, args.kv_bits, say)  # one line, before any loading
     if interactive:
         print(f"loading {path} ...", flush=True)
     from .loading import load
 
     model = load(path, backend=args.backend)
+    model.kv_bits = args.kv_bits
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
     session = ChatSession(
         Engine(model, context_length=context), conversation, ChatSettings(sampling, args.show_reasoning), tools
