@@ -32,7 +32,7 @@ from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
 from .workers import Task
 
-COLUMNS = ("Model", "Layouts", "Size on disk", "Memory", "Status")
+COLUMNS = ("Model", "Layouts", "Size on disk", "Status", "Memory")
 MEMORY_COLUMN = COLUMNS.index("Memory")
 DEFAULT_CONTEXT = 8192  # the app's own default context length (`AppSettings.context_length`)
 
@@ -116,7 +116,7 @@ class ModelsView(QWidget):
                 status = "experts unquantized: Quantize to MXFP4 to run it"
             fit, why = self._fit(m)
             for column, text in enumerate(
-                (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", fit, status)
+                (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", status, fit)
             ):
                 item = QTableWidgetItem(text)
                 if column == MEMORY_COLUMN and why:
