@@ -4,7 +4,8 @@ Pure functions over a `ModelConfig`, the checkpoint's file sizes and layout, plu
 The figures follow how each backend holds a model:
 
 - NumPy backend: every weight stays in the memory-mapped checkpoint as stored (its pages count in RSS once read,
-  and the OS can drop them again); the process owns float32 copies of the small vectors (norms, biases, sinks) of
+  and the OS can drop them again; of the input embedding only the rows of the tokens seen are read, so it is not
+  counted); the process owns float32 copies of the small vectors (norms, biases, sinks) of
   a BF16 checkpoint. Its float KV cache keeps every position of every layer, sliding ones included.
 - MLX backend: the weights are copied into MLX's memory at load (the mapped pages are released), as large as the
   files. Its KV cache keeps every position of full-attention layers; sliding layers keep their window plus
@@ -114,12 +115,19 @@ def small_vector_elements(config: ModelConfig) -> int:
     return c.num_hidden_layers * per_layer + c.hidden_size
 
 
+def embedding_bytes(config: ModelConfig) -> int:
+    """The BF16 input embedding table: the NumPy backend reads only the rows of the tokens seen, so most of its
+    mapped pages never become resident (unless the unembedding shares it and reads it whole)."""
+    return 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size * 2
+
+
 def weight_bytes(config: ModelConfig, backend: str, layout: str, file_bytes: int) -> tuple[int, int]:
-    """(mapped, private) bytes of weights. The NumPy layout stores its vectors as float32, mapped as they are."""
+    """(mapped, private) bytes of weights that stay resident. The NumPy layout stores its vectors as float32, mapped
+    as they are; MLX copies everything, the embedding table included."""
     copies = 0 if layout == "numpy" else 4 * small_vector_elements(config)
     if backend == "mlx":
         return 0, file_bytes + copies
-    return file_bytes, copies
+    return max(0, file_bytes - embedding_bytes(config)), copies
 
 
 def activation_bytes(
