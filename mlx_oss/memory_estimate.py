@@ -428,7 +428,7 @@ def fit_for_directory(
     metal = chosen == "mlx" and on_metal()
     e = estimate(files.config, chosen, files.layout, files.file_bytes, context, kv_bits, metal)
     v = verdict(e, machine)
-    line = f"about {gib(e.total)} at {context} tokens on the {chosen} backend" + (f"; {v.reason}" if v.reason else "")
+    line = f"{v.reason or 'needs about ' + gib(e.total)} at {context} tokens on the {chosen} backend"
     if v.status in (TIGHT, DOES_NOT_FIT):
         args = (files.config, chosen, files.layout, files.file_bytes, machine, kv_bits, metal)
         line += f"; {largest_context(*args)} tokens fit"

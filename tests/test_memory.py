@@ -169,9 +169,11 @@ def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_ch
     settings = SettingsView(AppSettings(model="openai/gpt-oss-tiny", backend="numpy"), ["openai/gpt-oss-tiny"])
     qtbot.addWidget(settings)
     settings.resize(900, 700)
-    assert settings.context_fit.text().startswith("fits: about")
+    assert settings.context_fit.text().startswith("fits: needs about")
     settings.context.setValue(131072)
-    assert settings.context_fit.text().startswith("does not fit: about")
+    assert settings.context_fit.text().startswith("does not fit: needs") and "of this computer's 500 MiB" in (
+        settings.context_fit.text()
+    )
     settings.model.setCurrentText(str(tmp_path / "nowhere"))
     assert settings.context_fit.text() == ""
     settings.model.setCurrentText("openai/gpt-oss-tiny")
