@@ -26,14 +26,15 @@ def attention(
     sinks: np.ndarray,
     q_start: int,
     window: int | None,
+    k_start: int = 0,
 ) -> np.ndarray:
     """Causal grouped-query attention with one learned sink logit per head.
 
     q `[T, H, D]` holds queries at positions `q_start .. q_start+T-1`; keys `k` and values `v`, both
-    `[KV, D, S]` (positions last, as the cache stores them), are those of positions `0 .. S-1`. Query head h
-    reads kv head h // (H // KV). Key j is visible to query i
-    iff j <= i and, on sliding layers, i - j < window. The sink joins the softmax's denominator as
-    `exp(sink)` and contributes no value. Returns `[T, H * D]`.
+    `[KV, D, S]` (positions last, as the cache stores them), are those of positions `k_start .. k_start+S-1`.
+    Query head h reads kv head h // (H // KV). Key j is visible to query i iff j <= i and, on sliding layers,
+    i - j < window. The sink joins the softmax's denominator as `exp(sink)` and contributes no value. Returns
+    `[T, H * D]`.
     """
     T, H, D = q.shape
     KV, _, S = v.shape
@@ -45,14 +46,15 @@ def attention(
     chunk = max(1, min(QUERY_CHUNK, SCORE_BYTES // (H * S * 4)))
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        k_lo, k_hi = first_visible_key(q_start + t0, window), q_start + t1  # later keys are never visible
+        k_lo, k_hi = max(k_start, first_visible_key(q_start + t0, window)), q_start + t1  # later: never visible
         visible = visibility(q_start + t0, t1 - t0, k_lo, k_hi - k_lo, window)
         # scores [KV, group, t, s]
-        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], k[..., k_lo:k_hi], optimize=True) * scale
+        keys, values = k[..., k_lo - k_start : k_hi - k_start], v[..., k_lo - k_start : k_hi - k_start]
+        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], keys, optimize=True) * scale
         if visible is not None:
             scores = np.where(visible, scores, -np.inf)
         weights, denom = softmax_with_sink(scores, sink)
-        mixed = np.einsum("kgts,kds->tkgd", weights, v[..., k_lo:k_hi], optimize=True)
+        mixed = np.einsum("kgts,kds->tkgd", weights, values, optimize=True)
         out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
     return out.reshape(T, H * D)
 

@@ -126,7 +126,8 @@ class NumpyModel(Model):
         c = self.config
         bits = kv_bits if kv_bits is not None else self.kv_bits
         if bits:
-            return QuantizedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bits)
+            windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+            return QuantizedKVCache(windows, c.num_key_value_heads, c.head_dim, bits)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
@@ -158,16 +159,19 @@ class NumpyModel(Model):
         qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
+        k_start = 0  # the position of the first key: a quantized cache drops a sliding layer's oldest
         if cache is not None:
             k, v = cache.append(i, k, v)
+            if isinstance(cache, QuantizedKVCache):
+                k_start = cache.first_held(i)
         else:
             k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
         if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
             keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
-            mixed = kernels.attention(q, keys, values, w.sinks, start, window)
+            mixed = kernels.attention(q, keys, values, w.sinks, start, window, k_start)
         else:
-            mixed = attention(q, k, v, w.sinks, start, window)
+            mixed = attention(q, k, v, w.sinks, start, window, k_start)
         return w.out(mixed)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ The figures follow how each backend holds a model:
 - MLX backend: the weights are copied into MLX's memory at load (the mapped pages are released), as large as the
   files. Its KV cache keeps every position of full-attention layers; sliding layers keep their window plus
   `REWIND` positions (and one growth step).
-- A quantized cache (`kv_bits=8`) stores int8 keys and values with one float32 scale per position and head.
+- A quantized cache (`kv_bits=8`) stores int8 keys and values with one float32 scale per position and head; on
+  both backends its sliding layers keep their window plus `REWIND` positions.
 
 Activations are those of one prefill chunk (`PREFILL_CHUNK` tokens) at the full context, the attention scores
 included, plus one row of logits and the unembedding's widened block. The verdict compares the sum with the
@@ -28,7 +29,7 @@ from .config import ModelConfig
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (`generate.PREFILL_CHUNK`)
 NUMPY_QUERY_CHUNK = 256  # queries the NumPy attention scores at once (`cpu.layers.QUERY_CHUNK`)
 NUMPY_SCORE_BYTES = 256 << 20  # the NumPy attention's bound on one score matrix (`cpu.layers.SCORE_BYTES`)
-MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP`
+MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP` (`cpu.quantized_kv_cache`'s too)
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once (both backends)
 KV_BITS = (8,)  # quantized cache precisions offered; None is float32
 FITS_SHARE = 0.80  # of the machine's memory: at most this much leaves room for the OS and other programs
@@ -85,8 +86,11 @@ def kv_bytes_per_position(config: ModelConfig, kv_bits: int | None) -> int:
     return 2 * c.num_key_value_heads * (c.head_dim * kv_bits // 8 + 4)  # the values plus a float32 scale per head
 
 
-def held_positions(config: ModelConfig, layer: int, backend: str, context: int) -> int:
-    """Positions layer `layer`'s cache holds at `context`: all of them, but the MLX cache bounds sliding layers."""
+def held_positions(config: ModelConfig, layer: int, backend: str, context: int, kv_bits: int | None = None) -> int:
+    """Positions layer `layer`'s cache holds at `context`: all of them, but the MLX cache and the NumPy quantized
+    one bound sliding layers to their window and rewind (plus a step before they drop)."""
+    if backend == "numpy" and kv_bits is not None and config.is_sliding(layer):
+        return min(context, config.sliding_window - 1 + MLX_REWIND + MLX_STEP)
     if backend == "mlx":
         if config.is_sliding(layer):
             context = min(context, config.sliding_window - 1 + MLX_REWIND + MLX_STEP)
@@ -97,7 +101,7 @@ def held_positions(config: ModelConfig, layer: int, backend: str, context: int) 
 def kv_cache_bytes(config: ModelConfig, backend: str, context: int, kv_bits: int | None = None) -> int:
     per_position = kv_bytes_per_position(config, kv_bits)
     layers = range(config.num_hidden_layers)
-    return sum(held_positions(config, i, backend, context) for i in layers) * per_position
+    return sum(held_positions(config, i, backend, context, kv_bits) for i in layers) * per_position
 
 
 def small_vector_elements(config: ModelConfig) -> int:

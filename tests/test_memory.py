@@ -28,11 +28,13 @@ def test_kv_cache_of_the_real_shapes(preset):
     float_position = 2 * kv_heads * head_dim * 4  # keys and values, float32: 4 KiB a layer
     q8_position = 2 * kv_heads * (head_dim + 4)  # int8 values and a float32 scale per head
     n = 131072
-    # NumPy keeps every position of every layer
+    # NumPy's float cache keeps every position of every layer; its int8 one bounds sliding layers to
+    # window - 1 + 2048 rewind + up to 256 before it drops
     assert me.kv_cache_bytes(c, "numpy", n) == layers * n * float_position
-    assert me.kv_cache_bytes(c, "numpy", n, kv_bits=8) == layers * n * q8_position
+    assert me.kv_cache_bytes(c, "numpy", n, kv_bits=8) == (full * n + (layers - full) * 2431) * q8_position
     # MLX: full layers grow with the context, sliding ones hold window - 1 + 2048 rewind, in whole 256-steps
     sliding_held = math.ceil((128 - 1 + 2048 + 256) / 256) * 256
+    assert me.kv_cache_bytes(c, "mlx", n, kv_bits=8) == (full * n + (layers - full) * sliding_held) * q8_position
     assert me.kv_cache_bytes(c, "mlx", n) == (full * n + (layers - full) * sliding_held) * float_position
     # the figure: the full-attention layers grow by about 49 KB a token in float32 (6.4 GB at 131k)
     if preset == "20b":

@@ -85,3 +85,35 @@ def test_logits_stay_near_the_float_cache_beyond_the_window(model):
     f = model.forward(seq[150:], prefilled_float(model, seq[:150]))
     assert np.abs(q - f).max() < 0.02 * np.abs(f).max()
     assert (q.argmax(-1) == f.argmax(-1)).mean() >= 0.9
+
+
+def bounded_cache(model):
+    """A quantized cache whose sliding layers keep only 3 positions beyond their window (as a long conversation
+    makes the default one, 2048 beyond)."""
+    c = model.config
+    windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+    if model.backend == "mlx":
+        from mlx_oss.mlx_backend.quantized_kv_cache import QuantizedKVCache
+
+        return QuantizedKVCache(windows, 8, rewind=3, step=4)
+    from mlx_oss.cpu.quantized_kv_cache import QuantizedKVCache
+
+    return QuantizedKVCache(windows, c.num_key_value_heads, c.head_dim, 8, rewind=3, step=4)
+
+
+def test_sliding_layers_drop_old_keys_and_attend_the_same(model):
+    seq = tokens(60, 10)
+    bounded, whole = bounded_cache(model), model.new_cache(kv_bits=8)
+    model.forward(seq[:20], bounded)
+    model.forward(seq[:20], whole)
+    steps = [(model.forward(seq[i : i + 1], bounded), model.forward(seq[i : i + 1], whole)) for i in range(20, 60)]
+    for ours, theirs in steps:
+        assert_same(ours, theirs)
+    for start in range(60, 300, 20):  # a longer conversation: the sliding layers' buffers stop growing
+        model.forward(tokens(20, start), bounded)
+        model.forward(tokens(20, start), whole)
+    assert bounded.nbytes() < whole.nbytes()
+    assert bounded.truncate(298) == 298  # within the rewind: kept
+    kept = bounded.truncate(250)  # past what the sliding layers kept: nothing, the caller prefills again
+    assert kept == 0 and bounded.length == 0
+    assert_same(model.forward(seq[:25], bounded), model.forward(seq[:25], model.new_cache(kv_bits=8)))
