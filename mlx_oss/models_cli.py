@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .backend import BACKENDS
 from .cancel import CancelToken
 from .cli import Progress, context_length, format_bytes, format_count
 from .errors import MlxOssError
@@ -76,7 +77,9 @@ def list_models(store: ModelStore) -> int:
     return 0
 
 
-def info(store: ModelStore, name: str, context: int | str = 8192, kv_bits: int | None = None) -> int:
+def info(
+    store: ModelStore, name: str, context: int | str = 8192, kv_bits: int | None = None, backend: str = "auto"
+) -> int:
     from .config import ModelConfig
 
     path = Path(name).expanduser()
@@ -84,7 +87,7 @@ def info(store: ModelStore, name: str, context: int | str = 8192, kv_bits: int |
         config = ModelConfig.from_file(path / "config.json")
         print(f"{path}")
         print(f"  model         {_model_line(config)}")
-        print_memory(path, "auto", context, kv_bits)
+        print_memory(path, backend, context, kv_bits)
         return 0
     model = store.get(name)
     if not model.layouts:
@@ -97,9 +100,9 @@ def info(store: ModelStore, name: str, context: int | str = 8192, kv_bits: int |
     for layout, path in model.layouts.items():
         print(f"  {layout:<13} {format_bytes(model.size(layout)):>8}  {path}")
     print(f"  loads with    {loads_with(model)}")
-    layout = model.layout_for("auto")
+    layout = model.layout_for(backend)
     if layout is not None and not model.needs_quantizing:
-        print_memory(model.layouts[layout], "auto", context, kv_bits)
+        print_memory(model.layouts[layout], backend, context, kv_bits)
     return 0
 
 
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", type=context_length, default=8192, help="tokens of context to estimate memory for (or auto)"
     )
     sub.add_argument("--kv-bits", type=int, choices=(8,), help="estimate with a quantized KV cache")
+    sub.add_argument("--backend", choices=BACKENDS, default="auto", help="estimate for this backend (default auto)")
     return parser
 
 
@@ -225,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
         return convert(store, args.name, args.to, args.q8)
     if args.command == "delete":
         return delete(store, args.name, args.layout, args.yes)
-    return info(store, args.name, args.context, args.kv_bits)
+    return info(store, args.name, args.context, args.kv_bits, args.backend)
