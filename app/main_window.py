@@ -117,6 +117,7 @@ class MainWindow(QMainWindow):
 
         self.chat = ChatView()
         self.models = ModelsView(self.store)
+        self.models.set_context(self.settings.context_length, self.settings.backend)
         self.settings_view = SettingsView(self.settings, [m.name for m in self.store.list()])
         self.tabs = QTabWidget()
         self.tabs.addTab(self.chat, "Chat")
@@ -613,6 +614,7 @@ class MainWindow(QMainWindow):
     def _settings_saved(self, settings: AppSettings) -> None:
         tools_changed = settings.tool_settings() != self.settings.tool_settings()
         self.settings = settings
+        self.models.set_context(settings.context_length, settings.backend)
         if tools_changed:
             self.check_tools()
         self.settings_view.show_settings(settings, [m.name for m in self.store.list()])

@@ -27,11 +27,14 @@ from PySide6.QtWidgets import (
 
 from mlx_oss.cli import format_bytes
 from mlx_oss.layouts import MLX, MXFP4, NUMPY
+from mlx_oss.memory_estimate import fit_for_directory
 from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
 from .workers import Task
 
-COLUMNS = ("Model", "Layouts", "Size on disk", "Status")
+COLUMNS = ("Model", "Layouts", "Size on disk", "Status", "Memory")
+MEMORY_COLUMN = COLUMNS.index("Memory")
+DEFAULT_CONTEXT = 8192  # the app's own default context length (`AppSettings.context_length`)
 
 
 class ModelsView(QWidget):
@@ -42,6 +45,7 @@ class ModelsView(QWidget):
         super().__init__()
         self.store = store
         self.task: Task | None = None
+        self.context_length, self.backend = DEFAULT_CONTEXT, "auto"  # what the Memory column is estimated for
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel(f"Models on this computer (in {store.root})"))
         self.table = QTableWidget(0, len(COLUMNS))
@@ -110,13 +114,32 @@ class ModelsView(QWidget):
             status = "ready" if m.downloaded else "partial download: Download resumes it" if m.partial else ""
             if m.needs_quantizing:
                 status = "experts unquantized: Quantize to MXFP4 to run it"
+            fit, why = self._fit(m)
             for column, text in enumerate(
-                (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", status)
+                (m.name, ", ".join(m.layouts) or "-", format_bytes(size) if size else "-", status, fit)
             ):
-                self.table.setItem(row, column, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                if column == MEMORY_COLUMN and why:
+                    item.setToolTip(why)
+                self.table.setItem(row, column, item)
             if m.name == selected:
                 self.table.selectRow(row)
         self._update_buttons()
+
+    def set_context(self, context_length: int, backend: str) -> None:
+        """Estimate the Memory column for this context and backend (the chat's settings)."""
+        if (context_length, backend) != (self.context_length, self.backend):
+            self.context_length, self.backend = context_length, backend
+            self.refresh()
+
+    def _fit(self, m) -> tuple[str, str]:
+        """fits / tight / does not fit at the chat's context length: from the config and the files' sizes, as
+        cheap as the size column beside it, so it runs as the table is drawn."""
+        layout = m.layout_for(self.backend)
+        if layout is None or m.needs_quantizing:
+            return "-", ""
+        status, why = fit_for_directory(m.layouts[layout], self.backend, self.context_length)
+        return (f"{status} at {self.context_length // 1024}k" if status else "?"), why
 
     def selected(self) -> str:
         rows = self.table.selectionModel().selectedRows()

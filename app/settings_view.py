@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
+    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -53,7 +54,12 @@ class SettingsView(QWidget):
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)
         form.addRow("Max tokens per answer", self.max_tokens)
-        form.addRow("Context length", self.context)
+        self.context_fit = QLabel()  # fits / tight / does not fit, for the model, backend and context above
+        self.context_fit.setWordWrap(True)
+        context_row = QHBoxLayout()
+        context_row.addWidget(self.context)
+        context_row.addWidget(self.context_fit, 1)
+        form.addRow("Context length", context_row)
         form.addRow("System prompt", self.system_prompt)
         layout.addLayout(form)
         tools = QGroupBox("Built-in tools (switched on per conversation, under the message box)")
@@ -79,6 +85,24 @@ class SettingsView(QWidget):
         layout.addWidget(self.server)
         layout.addStretch()
         self.show_settings(settings, model_names)
+        self.context.valueChanged.connect(self.update_fit)
+        self.model.currentTextChanged.connect(self.update_fit)
+        self.backend.currentTextChanged.connect(self.update_fit)
+        self.update_fit()
+
+    def update_fit(self) -> None:
+        """Say whether the model fits this computer's memory at the context set: cheap (its config and files'
+        sizes), so it follows every change of the form."""
+        from mlx_oss.memory_estimate import fit_for_directory
+        from mlx_oss.store import resolve_model
+
+        try:
+            directory = resolve_model(self.model.currentText().strip(), self.backend.currentText())
+        except MlxOssError:
+            self.context_fit.setText("")
+            return
+        status, why = fit_for_directory(directory, self.backend.currentText(), self.context.value())
+        self.context_fit.setText(f"{status}: {why}" if status else why)
 
     def show_settings(self, settings: AppSettings, model_names: list[str]) -> None:
         self.settings = settings

@@ -137,13 +137,14 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.ndarray:
+def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start: int = 0) -> np.ndarray:
     """`layers.attention` for a few queries (decoding), without BLAS, whose threads would spin on after each
     call and take the cores from the kernels around it at long contexts.
 
     `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers holding at least the positions
-    up to the last query's (a slice of them would have strides numba cannot vectorize over). The products run in the
-    kernels; the softmax in NumPy, whose `exp` is vectorized where numba's is a call per element.
+    up to the last query's, `keys[..., 0]` being position `k_start` (a slice of them would have strides numba
+    cannot vectorize over). The products run in the kernels; the softmax in NumPy, whose `exp` is vectorized where
+    numba's is a call per element.
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape
@@ -151,12 +152,12 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None) -> np.nd
     count = q_start + tokens - first  # keys past the last query are never visible
     visible = visibility(q_start, tokens, first, count, window)  # None for a single query: it sees them all
     scores = np.empty((tokens, heads, count), dtype=np.float32)
-    _compiled.attention_scores(q, keys, first, np.float32(1.0 / np.sqrt(dim)), scores)
+    _compiled.attention_scores(q, keys, first - k_start, np.float32(1.0 / np.sqrt(dim)), scores)
     if visible is not None:
         scores[~np.broadcast_to(visible[:, None, :], scores.shape)] = -np.inf
     weights, denominator = softmax_with_sink(scores, sinks[None, :])
     out = np.empty(q.shape, dtype=np.float32)
-    _compiled.attention_mix(weights, values, first, out)
+    _compiled.attention_mix(weights, values, first - k_start, out)
     out /= denominator[..., None]
     return out.reshape(tokens, heads * dim)
 

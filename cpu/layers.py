@@ -7,6 +7,7 @@ import numpy as np
 from mlx_oss.mxfp4 import SCALE_VALUES, decode_unscaled, dequantize
 
 QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
+SCORE_BYTES = 256 << 20  # at most this much of one score matrix: fewer queries at once over long caches
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight (`mxfp4_linear`)
 LATE_SCALE_ROWS = 4  # up to this many rows of x, `mxfp4_linear` scales each block's dot product, not its values
 
@@ -25,14 +26,15 @@ def attention(
     sinks: np.ndarray,
     q_start: int,
     window: int | None,
+    k_start: int = 0,
 ) -> np.ndarray:
     """Causal grouped-query attention with one learned sink logit per head.
 
     q `[T, H, D]` holds queries at positions `q_start .. q_start+T-1`; keys `k` and values `v`, both
-    `[KV, D, S]` (positions last, as the cache stores them), are those of positions `0 .. S-1`. Query head h
-    reads kv head h // (H // KV). Key j is visible to query i
-    iff j <= i and, on sliding layers, i - j < window. The sink joins the softmax's denominator as
-    `exp(sink)` and contributes no value. Returns `[T, H * D]`.
+    `[KV, D, S]` (positions last, as the cache stores them), are those of positions `k_start .. k_start+S-1`.
+    Query head h reads kv head h // (H // KV). Key j is visible to query i iff j <= i and, on sliding layers,
+    i - j < window. The sink joins the softmax's denominator as `exp(sink)` and contributes no value. Returns
+    `[T, H * D]`.
     """
     T, H, D = q.shape
     KV, _, S = v.shape
@@ -41,16 +43,18 @@ def attention(
     out = np.empty((T, KV, group, D), dtype=np.float32)
     qg = q.reshape(T, KV, group, D)
     sink = sinks.astype(np.float32).reshape(KV, group, 1)
-    for t0 in range(0, T, QUERY_CHUNK):
-        t1 = min(T, t0 + QUERY_CHUNK)
-        k_lo, k_hi = first_visible_key(q_start + t0, window), q_start + t1  # later keys are never visible
+    chunk = max(1, min(QUERY_CHUNK, SCORE_BYTES // (H * S * 4)))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        k_lo, k_hi = max(k_start, first_visible_key(q_start + t0, window)), q_start + t1  # later: never visible
         visible = visibility(q_start + t0, t1 - t0, k_lo, k_hi - k_lo, window)
         # scores [KV, group, t, s]
-        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], k[..., k_lo:k_hi], optimize=True) * scale
+        keys, values = k[..., k_lo - k_start : k_hi - k_start], v[..., k_lo - k_start : k_hi - k_start]
+        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], keys, optimize=True) * scale
         if visible is not None:
             scores = np.where(visible, scores, -np.inf)
         weights, denom = softmax_with_sink(scores, sink)
-        mixed = np.einsum("kgts,kds->tkgd", weights, v[..., k_lo:k_hi], optimize=True)
+        mixed = np.einsum("kgts,kds->tkgd", weights, values, optimize=True)
         out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
     return out.reshape(T, H * D)
 

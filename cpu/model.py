@@ -29,6 +29,7 @@ from .dense import Dense
 from .experts import Experts
 from .kv_cache import KVCache
 from .layers import attention, rms_norm, route
+from .quantized_kv_cache import QuantizedKVCache
 from .workers import Workers
 
 
@@ -118,8 +119,15 @@ class NumpyModel(Model):
             ),
         )
 
-    def new_cache(self) -> KVCache:
+    kv_bits: int | None = None  # set to 8 for an int8 KV cache (`--kv-bits 8`)
+
+    def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
+        """An empty cache: float32, or int8 with per-position scales at `kv_bits` 8 (default: `self.kv_bits`)."""
         c = self.config
+        bits = kv_bits if kv_bits is not None else self.kv_bits
+        if bits:
+            windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+            return QuantizedKVCache(windows, c.num_key_value_heads, c.head_dim, bits)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     def restore_cache(self, state) -> KVCache:
@@ -155,16 +163,19 @@ class NumpyModel(Model):
         qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
+        k_start = 0  # the position of the first key: a quantized cache drops a sliding layer's oldest
         if cache is not None:
             k, v = cache.append(i, k, v)
+            if isinstance(cache, QuantizedKVCache):
+                k_start = cache.first_held(i)
         else:
             k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
         if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
             keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
-            mixed = kernels.attention(q, keys, values, w.sinks, start, window)
+            mixed = kernels.attention(q, keys, values, w.sinks, start, window, k_start)
         else:
-            mixed = attention(q, k, v, w.sinks, start, window)
+            mixed = attention(q, k, v, w.sinks, start, window, k_start)
         return w.out(mixed)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:

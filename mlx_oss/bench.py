@@ -103,6 +103,7 @@ class BenchResult:
     cpu: str
     cpu_flags: list[str]
     threads: int
+    kv_bits: int | None  # None: float32 keys and values
     gen_tokens: int
     load_s: float
     prefill: list[Prefill]
@@ -133,6 +134,7 @@ def benchmark(
     gen_tokens: int,
     contexts: Sequence[int] = (),
     seed: int = 0,
+    kv_bits: int | None = None,
 ) -> BenchResult:
     """Load; prefill a prompt of each length in `prompt_tokens` from an empty cache; decode `gen_tokens` after the
     first prompt and after each of `contexts` positions (caches filled with random keys and values).
@@ -144,6 +146,7 @@ def benchmark(
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
+        model.kv_bits = kv_bits  # the caches below are int8 at 8
         load_s = time.perf_counter() - start
         load_rss = rss_bytes()
 
@@ -184,6 +187,7 @@ def benchmark(
         cpu=cpu_model(),
         cpu_flags=vector_flags(),
         threads=thread_count(),
+        kv_bits=kv_bits,
         gen_tokens=gen_tokens,
         load_s=round(load_s, 3),
         prefill=prefills,
@@ -207,7 +211,8 @@ def format_result(r: BenchResult) -> str:
     short = r.decode[0].tok_s if r.decode else None
     lines = [
         f"model           {r.model}",
-        f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads)",
+        f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads; "
+        f"{f'{r.kv_bits}-bit' if r.kv_bits else 'float32'} KV cache)",
         f"cpu             {r.cpu} ({' '.join(r.cpu_flags) or 'no vector extensions known'})",
         *([f"memory reads    {r.read_gb_s:.1f} GB/s (all cores)"] if r.read_gb_s else []),
         f"load            {r.load_s:.2f} s",
@@ -272,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also run llama.cpp's llama-bench (this executable) on MODEL.gguf and print its figures beside ours",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-bits", type=int, choices=(8,), help="an 8-bit KV cache (default: float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     prompts, contexts = [n for n in args.prompt_tokens if n], [n for n in args.context if n]
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLX_OSS_KERNELS"] = "off"
     if args.peer:
         check_peer(args.peer, gguf_beside(args.model))
-    result = benchmark(args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed)
+    result = benchmark(args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed, args.kv_bits)
     if args.bandwidth:
         result.read_gb_s = read_bandwidth_gb_s()
     if args.peer:

@@ -35,5 +35,5 @@ def _fill_mlx(cache, count: int, kv_heads: int, head_dim: int, seed: int) -> Non
     for layer in cache.layers:
         key, k_key, v_key = mx.random.split(key, 3)
         layer.update(mx.random.normal(shape, key=k_key), mx.random.normal(shape, key=v_key), cache.length)
-        mx.eval(layer.keys, layer.values)
+        mx.eval(*cache.arrays())  # the float or the quantized cache's buffers
     cache.advance(count)

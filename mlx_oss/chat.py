@@ -23,13 +23,14 @@ from typing import TextIO
 
 from . import prompt_cache
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
-from .cli import format_count, non_negative_int, number_from, positive_int, run
+from .cli import context_length, format_count, non_negative_int, number_from, positive_int, run
 from .drafting import add_draft_arguments
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
 from .harmony import REASONING_EFFORTS, AnswerDelta, Conversation, Message, ReasoningDelta, ToolCall
 from .layouts import parameter_count
 from .loading import BACKENDS
+from .memory_estimate import context_for_load
 from .render_limits import MAX_RUN, longest_run
 from .tools import BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 
@@ -261,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(8,),
+        help="store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
+        "contexts fit (default: float32)",
+    )
+    p.add_argument(
+        "--context",
+        type=context_length,
+        default="auto",
+        help="tokens of context (default auto: the longest that fits in this computer's memory, at most the model's)",
+    )
     p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.add_argument("--temperature", type=number_from(0), default=1.0, help="0 picks the likeliest token (default 1.0)")
@@ -307,14 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     interactive = sys.stdin.isatty()
     path = model_directory(args.model, args.backend, interactive)
     piped = None if interactive else read_piped()  # before the load: a wrong input costs no waiting
+    say = print if interactive else lambda line: print(line, file=sys.stderr)
+    context = context_for_load(path, args.backend, args.context, args.kv_bits, say)  # one line, before any loading
     if interactive:
         print(f"loading {path} ...", flush=True)
     from .loading import load
 
     model = load(path, backend=args.backend)
-    say = print if interactive else lambda line: print(line, file=sys.stderr)
+    model.kv_bits = args.kv_bits
     tools = ChatTools(ToolSettings(enabled=args.tools), say)
-    engine = Engine(model, draft_tokens=args.draft, prompt_cache=prompt_cache.PromptCacheSettings.from_args(args))
+    engine = Engine(
+        model,
+        context_length=context,
+        draft_tokens=args.draft,
+        prompt_cache=prompt_cache.PromptCacheSettings.from_args(args),
+    )
     session = ChatSession(engine, conversation, ChatSettings(sampling, args.show_reasoning), tools)
     try:
         for name in args.tools:

@@ -101,6 +101,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def context_length(text: str) -> int | str:
+    """`--context`: tokens (1 or more), or "auto" for the longest that fits in memory."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a context length (1 or more tokens, or auto)")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _integer(text)
     if value < 0:

@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .backend import BACKENDS
 from .cancel import CancelToken
-from .cli import Progress, format_bytes, format_count
+from .cli import Progress, context_length, format_bytes, format_count
 from .errors import MlxOssError
 from .layouts import HF, MLX, MXFP4, NUMPY, parameter_count
 from .store import DEFAULT_MODEL, ModelStore, StoredModel, shown
@@ -76,9 +77,18 @@ def list_models(store: ModelStore) -> int:
     return 0
 
 
-def info(store: ModelStore, name: str) -> int:
+def info(
+    store: ModelStore, name: str, context: int | str = 8192, kv_bits: int | None = None, backend: str = "auto"
+) -> int:
     from .config import ModelConfig
 
+    path = Path(name).expanduser()
+    if path.is_dir():  # a model directory, not in the store
+        config = ModelConfig.from_file(path / "config.json")
+        print(f"{path}")
+        print(f"  model         {_model_line(config)}")
+        print_memory(path, backend, context, kv_bits)
+        return 0
     model = store.get(name)
     if not model.layouts:
         raise MlxOssError(f"{name} is not on this computer; get it with: {PROG} download {name}")
@@ -86,15 +96,52 @@ def info(store: ModelStore, name: str) -> int:
     config = ModelConfig.from_file(directory / "config.json")
     print(f"{name}")
     print(f"  revision      {model.revision or '-'}")
-    print(
-        f"  model         {format_count(parameter_count(config))} parameters, {config.num_hidden_layers} layers, "
-        f"{config.num_local_experts} experts ({config.num_experts_per_tok} per token), "
-        f"context {config.max_position_embeddings}"
-    )
+    print(f"  model         {_model_line(config)}")
     for layout, path in model.layouts.items():
         print(f"  {layout:<13} {format_bytes(model.size(layout)):>8}  {path}")
     print(f"  loads with    {loads_with(model)}")
+    layout = model.layout_for(backend)
+    if layout is not None and not model.needs_quantizing:
+        print_memory(model.layouts[layout], backend, context, kv_bits)
     return 0
+
+
+def _model_line(config) -> str:
+    return (
+        f"{format_count(parameter_count(config))} parameters, {config.num_hidden_layers} layers, "
+        f"{config.num_local_experts} experts ({config.num_experts_per_tok} per token), "
+        f"context {config.max_position_embeddings}"
+    )
+
+
+def print_memory(directory: Path, backend: str, context: int | str, kv_bits: int | None) -> None:
+    """The memory estimate of loading `directory` at `context`, and the longest context that fits."""
+    from .backend import choose_backend
+    from .memory_estimate import (
+        TIGHT,
+        check_context,
+        describe,
+        largest_context,
+        machine_memory,
+        on_metal,
+        read_model_files,
+    )
+
+    files = read_model_files(directory)
+    chosen, _ = choose_backend(backend, files.layout)
+    machine = machine_memory(chosen)
+    check = check_context(files, chosen, context, kv_bits, machine)
+    e = check.estimate
+    print(f"  memory at {e.context} tokens:")
+    for line in describe(e, check.verdict):
+        print(f"    {line}")
+    if machine.total is None:
+        print("    (this computer's memory could not be read)")
+        return
+    metal = chosen == "mlx" and on_metal()
+    args = (files.config, chosen, files.layout, files.file_bytes, machine, kv_bits, metal)
+    fits, tight = largest_context(*args), largest_context(*args, accept=("fits", TIGHT))
+    print(f"    longest context that fits: {fits or 'none'}" + (f" (tight: {tight})" if tight > fits else ""))
 
 
 def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
@@ -158,8 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
     sub.add_argument("--layout", choices=(HF, MLX, NUMPY, MXFP4), help="only this layout (hf: the whole model)")
     sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    sub = commands.add_parser("info", help="what a model is, where its files are, which backend would run it")
-    sub.add_argument("name")
+    sub = commands.add_parser(
+        "info", help="what a model is, where its files are, which backend would run it, the memory it needs"
+    )
+    sub.add_argument("name", help="a hub name in the store, or a model directory")
+    sub.add_argument(
+        "--context", type=context_length, default=8192, help="tokens of context to estimate memory for (or auto)"
+    )
+    sub.add_argument("--kv-bits", type=int, choices=(8,), help="estimate with a quantized KV cache")
+    sub.add_argument("--backend", choices=BACKENDS, default="auto", help="estimate for this backend (default auto)")
     return parser
 
 
@@ -175,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
         return convert(store, args.name, args.to, args.q8)
     if args.command == "delete":
         return delete(store, args.name, args.layout, args.yes)
-    return info(store, args.name)
+    return info(store, args.name, args.context, args.kv_bits, args.backend)

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import prompt_cache
-from .cli import non_negative_int, port, positive_int, run
+from .cli import context_length, non_negative_int, port, run
 from .drafting import add_draft_arguments
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
 from .loading import BACKENDS
+from .memory_estimate import context_for_load
 from .tools import BROWSER, BUILTIN_TOOLS, PYTHON, BuiltinTool, ToolSettings
 from .tools.search import BACKENDS as SEARCH_BACKENDS
 
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a hub name in the model store (openai/gpt-oss-20b) or a directory")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(8,),
+        help="store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
+        "contexts fit (default: float32)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this computer only)")
     p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"1 to 65535 (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=os.environ.get(KEY_ENV), help=f"required on every request (or {KEY_ENV})")
@@ -88,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--context",
-        type=positive_int,
+        type=context_length,
         default=16384,
-        help="tokens of context per conversation (default 16384; at most the model's own)",
+        help="tokens of context per conversation (default 16384; at most the model's own; auto: the longest that "
+        "fits in this computer's memory)",
     )
     p.add_argument(
         "--max-waiting",
@@ -205,13 +214,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = builtin_tools(args)  # before the model loads: a tool that cannot run is said at once
     path = resolve_model(args.model, args.backend)
+    context = context_for_load(
+        path, args.backend, args.context, args.kv_bits, lambda line: print(line, file=sys.stderr)
+    )
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     model = load(path, backend=args.backend)
+    model.kv_bits = args.kv_bits
     encoding()  # read the vocabulary before the first request
     model_id = args.model if not Path(args.model).expanduser().is_dir() else Path(args.model).resolve().name
     engine = Engine(
         model,
-        context_length=args.context,
+        context_length=context,
         draft_tokens=args.draft,
         prompt_cache=prompt_cache.PromptCacheSettings.from_args(args),
     )

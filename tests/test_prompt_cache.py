@@ -69,6 +69,22 @@ def test_interleaved_conversations_reuse_their_prefixes_and_give_a_fresh_prefill
     assert len(engine.memory) >= 2
 
 
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_8_bit_caches_are_reused_in_memory_and_never_written_to_disk(backend, tiny_checkpoint, tmp_path):
+    """`--kv-bits 8` caches offer no state to save: the engine keeps them in memory only, reuse still gives a fresh
+    prefill's tokens, and a disk cache asked for stays empty (no error, no warning per turn)."""
+    model = load_variant(tiny_checkpoint, backend)
+    model.kv_bits = 8
+    folder = tmp_path / "prompt-cache"
+    engine = Engine(model, prompt_cache=PromptCacheSettings(disk_bytes=1 << 30, disk_dir=folder))
+    a, b = prompt("List the files. " * 80), prompt("What does main.py do?")
+    first_a, _, again_a = turn(engine, a), turn(engine, b), turn(engine, a)
+    fresh_a = turn(Engine(model, prompt_cache=PromptCacheSettings(memory_bytes=0, disk_bytes=0)), a)
+    assert first_a.tokens == again_a.tokens == fresh_a.tokens
+    assert again_a.stats.reused_tokens == len(a) - 1 and again_a.stats.reused_from == "memory"
+    assert engine.disk is None and not any(folder.rglob("*.safetensors"))
+
+
 def test_reused_logits_are_those_of_a_fresh_prefill(tiny):
     engine = Engine(tiny)
     a, b = prompt("One."), prompt("Two.")

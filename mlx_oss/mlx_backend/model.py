@@ -25,6 +25,7 @@ from mlx_oss.safetensors_io import TensorSpec
 
 from .kv_cache import KVCache
 from .layers import ExpertLinear, Experts, Linear, attention, rms_norm, route, visibility
+from .quantized_kv_cache import QuantizedKVCache
 
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once
 
@@ -113,9 +114,14 @@ class MlxModel(Model):
         # YaRN scales cos and sin by the concentration for q and k alike: every score by its square.
         self.score_scale = concentration**2 / c.head_dim**0.5
 
-    def new_cache(self) -> KVCache:
+    kv_bits: int | None = None  # set to 8 for an int8 KV cache (`--kv-bits 8`)
+
+    def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
+        """An empty cache: float32, or int8 with per-position scales at `kv_bits` 8 (default: `self.kv_bits`)."""
         c = self.config
-        return KVCache([c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)])
+        windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
+        bits = kv_bits if kv_bits is not None else self.kv_bits
+        return QuantizedKVCache(windows, bits) if bits else KVCache(windows)
 
     def restore_cache(self, state) -> KVCache:
         c = self.config

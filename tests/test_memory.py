@@ -1,0 +1,187 @@
+"""The memory estimate before a load: figures derived here from the architecture, the refusal and `--context auto`
+of the real commands, and the app's fits / tight / does not fit."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converters.synthetic import preset_config, total_bytes
+from mlx_oss import memory_estimate as me
+from mlx_oss.layouts import expected_tensors
+
+GiB = 1 << 30
+SCREENS = Path("/work/helpers/screens")
+
+
+@pytest.mark.parametrize("preset", ["20b", "120b"])
+def test_kv_cache_of_the_real_shapes(preset):
+    c = preset_config(preset)
+    layers, full = c.num_hidden_layers, c.num_hidden_layers // 2  # gpt-oss alternates sliding and full layers
+    kv_heads, head_dim = 8, 64
+    float_position = 2 * kv_heads * head_dim * 4  # keys and values, float32: 4 KiB a layer
+    q8_position = 2 * kv_heads * (head_dim + 4)  # int8 values and a float32 scale per head
+    n = 131072
+    # NumPy's float cache keeps every position of every layer; its int8 one bounds sliding layers to
+    # window - 1 + 2048 rewind + up to 256 before it drops
+    assert me.kv_cache_bytes(c, "numpy", n) == layers * n * float_position
+    assert me.kv_cache_bytes(c, "numpy", n, kv_bits=8) == (full * n + (layers - full) * 2431) * q8_position
+    # MLX: full layers grow with the context, sliding ones hold window - 1 + 2048 rewind, in whole 256-steps
+    sliding_held = math.ceil((128 - 1 + 2048 + 256) / 256) * 256
+    assert me.kv_cache_bytes(c, "mlx", n, kv_bits=8) == (full * n + (layers - full) * sliding_held) * q8_position
+    assert me.kv_cache_bytes(c, "mlx", n) == (full * n + (layers - full) * sliding_held) * float_position
+    # the issue's figure: the full-attention layers grow by about 49 KB a token in float32 (6.4 GB at 131k)
+    if preset == "20b":
+        assert full * float_position == 49152 and round(full * float_position * n / 1e9, 1) == 6.4
+
+
+@pytest.mark.parametrize("preset", ["20b", "120b"])
+def test_weights_mapped_and_private(preset):
+    c = preset_config(preset)
+    files = total_bytes(c)
+    vectors = sum(
+        math.prod(e.shape)
+        for name, e in expected_tensors(c).items()
+        if len(e.shape) == 1 or name.endswith("_bias")  # norms, sinks, biases (the experts' are [E, out])
+    )
+    embedding = 201088 * 2880 * 2  # BF16 rows, read only for the tokens seen: not resident on NumPy
+    assert me.weight_bytes(c, "numpy", "hf", files) == (files - embedding, 4 * vectors)
+    assert me.weight_bytes(c, "numpy", "numpy", files) == (files - embedding, 0)  # float32 vectors, mapped as is
+    assert me.weight_bytes(c, "mlx", "hf", files) == (0, files + 4 * vectors)
+
+
+def test_verdicts_of_the_20b_on_a_16_gib_machine():
+    c = preset_config("20b")
+    files = total_bytes(c)
+    machine = me.MachineMemory(total=16 * GiB, available=15 * GiB)
+
+    def status(backend, context, kv_bits=None):
+        return me.verdict(me.estimate(c, backend, "hf", files, context, kv_bits), machine).status
+
+    assert status("numpy", 4096) in (me.FITS, me.TIGHT)  # 12.8 GiB of weights: at best tight on 16 GiB
+    assert status("numpy", 131072) == me.DOES_NOT_FIT  # 12 GiB of float32 cache on top
+    assert status("mlx", 131072) == me.DOES_NOT_FIT
+    longest = me.largest_context(c, "numpy", "hf", files, machine, accept=(me.FITS, me.TIGHT))
+    assert 4096 <= longest < 131072 and longest % 1024 == 0
+    assert status("numpy", longest) != me.DOES_NOT_FIT and status("numpy", longest + 1024) == me.DOES_NOT_FIT
+    assert me.verdict(me.estimate(c, "numpy", "hf", files, 4096), me.MachineMemory(None, None)).status == me.UNKNOWN
+
+
+def test_an_unreadable_memory_loads_with_a_caveat(tiny_checkpoint):
+    files = me.read_model_files(tiny_checkpoint)
+    check = me.check_context(files, "numpy", 4096, machine=me.MachineMemory(None, None))
+    assert check.refusal is None and check.context == 4096 and "could not be read" in check.note
+
+
+def run(module: str, *args: str, memory: str | None = None, stdin: str = "hi") -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    env.pop(me.MEMORY_ENV, None)
+    if memory:
+        env[me.MEMORY_ENV] = memory
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize("command", ["mlx_oss.chat", "mlx_oss.serve"])
+def test_a_context_that_cannot_fit_is_one_line_before_loading(tiny_checkpoint, command):
+    done = run(command, "--model", str(tiny_checkpoint), "--backend", "numpy", "--context", "100000", memory="500M")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "loading" not in done.stderr, done.stderr
+    assert "--context 100000" in lines[0] and "does not fit in memory" in lines[0] and "500 MiB" in lines[0]
+    fitting = int(lines[0].split("; --context ")[1].split()[0])
+    files = me.read_model_files(tiny_checkpoint)
+    machine = me.MachineMemory(500 << 20, 500 << 20)
+    assert me.verdict(me.estimate(*files_args(files), fitting), machine).status != me.DOES_NOT_FIT
+    assert me.verdict(me.estimate(*files_args(files), fitting + 1024), machine).status == me.DOES_NOT_FIT
+
+
+def files_args(files):
+    return files.config, "numpy", files.layout, files.file_bytes
+
+
+def test_a_context_past_the_model_s_own_is_refused(tiny_checkpoint):
+    done = run("mlx_oss.chat", "--model", str(tiny_checkpoint), "--context", "131073")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        "--context 131073 is longer than this model's 131072 tokens (max_position_embeddings)"
+    )
+
+
+def test_context_auto_takes_the_longest_that_fits(tiny_checkpoint):
+    done = run("mlx_oss.models", "info", str(tiny_checkpoint), "--context", "auto", memory="500M")
+    assert done.returncode == 0, done.stderr
+    chosen = int(done.stdout.split("memory at ")[1].split()[0])
+    files = me.read_model_files(tiny_checkpoint)
+    machine = me.MachineMemory(500 << 20, 500 << 20)
+    assert me.verdict(me.estimate(*files_args(files), chosen), machine).status == me.FITS
+    assert me.verdict(me.estimate(*files_args(files), chosen + 1024), machine).status != me.FITS
+    assert f"longest context that fits: {chosen}" in done.stdout
+    answered = run(
+        "mlx_oss.chat", "--model", str(tiny_checkpoint), "--backend", "numpy", "--context", "auto",
+        "--temperature", "0", "--max-tokens", "2", memory="500M",
+    )  # fmt: skip
+    assert answered.returncode == 0, answered.stderr
+
+
+def test_a_bad_memory_setting_is_named(tiny_checkpoint):
+    done = run("mlx_oss.models", "info", str(tiny_checkpoint), memory="lots")
+    assert done.returncode == 1 and "MLX_OSS_MEMORY='lots' is not an amount of memory" in done.stderr
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+
+
+def store_with(root: Path, name: str, checkpoint: Path) -> None:
+    """A model as another Hugging Face tool leaves it in the hub cache: a snapshot that `refs/main` names."""
+    folder = root / ("models--" + name.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(checkpoint, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_checkpoint):
+    pytest.importorskip("PySide6")
+    from mlx_oss.app.models_view import MEMORY_COLUMN, ModelsView
+    from mlx_oss.app.settings import AppSettings
+    from mlx_oss.app.settings_view import SettingsView
+    from mlx_oss.store import ModelStore
+
+    monkeypatch.setenv("MLX_OSS_APP_DIR", str(tmp_path / "app"))
+    monkeypatch.setenv("MLX_OSS_MODELS", str(tmp_path / "store"))
+    monkeypatch.setenv(me.MEMORY_ENV, "500M")
+    store_with(tmp_path / "store", "openai/gpt-oss-tiny", tiny_checkpoint)
+    models = ModelsView(ModelStore())
+    qtbot.addWidget(models)
+    models.resize(900, 300)
+    models.set_context(8192, "numpy")
+    assert models.table.item(0, MEMORY_COLUMN).text() == "fits at 8k"
+    models.set_context(131072, "numpy")
+    assert models.table.item(0, MEMORY_COLUMN).text() == "does not fit at 128k"
+    assert "tokens fit" in models.table.item(0, MEMORY_COLUMN).toolTip()
+
+    settings = SettingsView(AppSettings(model="openai/gpt-oss-tiny", backend="numpy"), ["openai/gpt-oss-tiny"])
+    qtbot.addWidget(settings)
+    settings.resize(900, 700)
+    assert settings.context_fit.text().startswith("fits: needs about")
+    settings.context.setValue(131072)
+    assert settings.context_fit.text().startswith("does not fit: needs") and "of this computer's 500 MiB" in (
+        settings.context_fit.text()
+    )
+    settings.model.setCurrentText(str(tmp_path / "nowhere"))
+    assert settings.context_fit.text() == ""
+    settings.model.setCurrentText("openai/gpt-oss-tiny")
+    if SCREENS.is_dir() and os.environ.get("MLX_OSS_SCREENS"):  # the pictures for the report, when asked for
+        models.set_context(65536, "numpy")
+        models.table.selectRow(0)
+        models.grab().save(str(SCREENS / "memory-models.png"))
+        settings.context.setValue(100000)
+        settings.grab().save(str(SCREENS / "memory-settings.png"))
