@@ -83,7 +83,11 @@ def info(
     from .config import ModelConfig
 
     path = Path(name).expanduser()
-    if path.is_dir():  # a model directory, not in the store
+    try:
+        is_directory = path.is_dir()
+    except OSError:  # a name too long for the file system: the store says what is wrong with it as a hub name
+        is_directory = False
+    if is_directory:  # a model directory, not in the store
         config = ModelConfig.from_file(path / "config.json")
         print(f"{path}")
         print(f"  model         {_model_line(config)}")

@@ -668,8 +668,9 @@ def test_a_server_error_is_one_line_in_the_log(caplog, capfd):
     [
         (["--port", "70000"], "argument --port: 70000 is not a port (1 to 65535)"),
         (["--port", "0"], "argument --port: 0 is not a port (1 to 65535)"),
-        (["--context", "-5"], "argument --context: -5 is not a positive number"),
-        (["--context", "0"], "argument --context: 0 is not a positive number"),  # it meant the model's 131072
+        (["--context", "-5"], "argument --context: -5 is not a context length (1 or more tokens, or auto)"),
+        # 0 once meant the model's 131072
+        (["--context", "0"], "argument --context: 0 is not a context length (1 or more tokens, or auto)"),
         (["--max-waiting", "-1"], "argument --max-waiting: -1 is below 0"),  # it refused every request
         (
             ["--allow-host", "box:80"],
