@@ -268,6 +268,66 @@ def _dot(typingctx, a, a_offset, b, b_offset, count):
     return types.float32(a, a_offset, b, b_offset, count), codegen
 
 
+def _dot_rows_intrinsic(rows: int):
+    @intrinsic
+    def dot_rows(typingctx, a, a_offset, b, b_offset, b_stride, count, out, out_offset, out_stride):
+        """`out[out_offset + t * out_stride] = a[a_offset:][:count] . b[b_offset + t * b_stride:][:count]` for
+        `rows` rows t of `b`: each block of `a` (float32 or BF16 bits) is loaded and widened once for all of them.
+        Every row's sum runs exactly as `_dot`'s (the same accumulators in the same order), so a row gives the bits
+        `_dot` gives: verifying drafted tokens reads the weights once and decodes as one-token steps do."""
+
+        def codegen(context, builder, signature, args):
+            a_arr, a_off, b_arr, b_off, b_step, n, o_arr, o_off, o_step = args
+            at, _, bt, _, _, _, ot, _, _ = signature.args
+            bf16 = at.dtype == types.uint16
+            ap = _pointer(context, builder, at, a_arr, a_off, I16 if bf16 else F32)
+            bp = _pointer(context, builder, bt, b_arr, b_off, F32)
+            op = _pointer(context, builder, ot, o_arr, o_off, F32)
+            vf, fma = _fma(builder, DOT_LANES)
+            accs = [_zeros(builder, UNROLL, DOT_LANES) for _ in range(rows)]
+
+            def weights(index):
+                offset = builder.mul(index, ir.Constant(n.type, DOT_LANES))
+                _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
+                if not bf16:
+                    return offset, _load(builder, ap, offset, vf)
+                halves = _load(builder, ap, offset, ir.VectorType(I16, DOT_LANES))
+                bits = builder.zext(halves, ir.VectorType(I32, DOT_LANES))
+                return offset, builder.bitcast(builder.shl(bits, _vector(I32, [16] * DOT_LANES)), vf)
+
+            def step(index, j):
+                offset, w = weights(index)
+                for t in range(rows):
+                    x = _load(builder, bp, builder.add(builder.mul(b_step, ir.Constant(b_step.type, t)), offset), vf)
+                    builder.store(builder.call(fma, [w, x, builder.load(accs[t][j])]), accs[t][j])
+
+            steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
+            width = ir.Constant(steps.type, UNROLL)
+            with cgutils.for_range(builder, builder.udiv(steps, width)) as loop:
+                base = builder.mul(loop.index, width)
+                for j in range(UNROLL):
+                    step(builder.add(base, ir.Constant(steps.type, j)), j)
+            tail_start = builder.mul(builder.udiv(steps, width), width)
+            with cgutils.for_range(builder, builder.sub(steps, tail_start)) as loop:
+                step(builder.add(tail_start, loop.index), 0)
+            for t in range(rows):
+                total = builder.load(accs[t][0])
+                for acc in accs[t][1:]:
+                    total = builder.fadd(total, builder.load(acc))
+                target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, t))])
+                builder.store(_horizontal_sum(builder, total), target)
+            return context.get_dummy_value()
+
+        arguments = (a, a_offset, b, b_offset, b_stride, count, out, out_offset, out_stride)
+        return types.none(*arguments), codegen
+
+    return dot_rows
+
+
+DOT_ROWS = 4 if ISA == "avx512" else 2  # rows of x `matvec` multiplies per weight load: 4 accumulators each
+_dot_rows = _dot_rows_intrinsic(DOT_ROWS)
+
+
 def _scores_intrinsic(heads: int):
     @intrinsic
     def scores_tile(typingctx, k, k_offset, k_stride, q, q_offset, dim, scale, out, out_offset, out_stride):
@@ -405,8 +465,18 @@ def matvec(weights, x, out):
     """`out = x @ W.T` for float32 or BF16-bits `weights [R, C]` (C a multiple of 16) and a few rows `x [T, C]`."""
     rows, cols = weights.shape
     flat = weights.reshape(-1)
+    tokens = x.shape[0]
+    if tokens == 1:
+        for r in prange(rows):
+            out[0, r] = _dot(flat, r * cols, x[0], 0, cols)
+        return
+    # Several rows (verifying drafted tokens): `DOT_ROWS` of them per load of a weight row, the rest one by one.
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    grouped = tokens - tokens % DOT_ROWS
     for r in prange(rows):
-        for t in range(x.shape[0]):
+        for t in range(0, grouped, DOT_ROWS):
+            _dot_rows(flat, r * cols, flat_x, t * cols, cols, cols, flat_out, t * rows + r, rows)
+        for t in range(grouped, tokens):
             out[t, r] = _dot(flat, r * cols, x[t], 0, cols)
 
 

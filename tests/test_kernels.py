@@ -73,6 +73,20 @@ def test_matvec_equals_widening_then_multiplying():
     assert_close(kernels.matvec(wide, x), x @ wide.T)
 
 
+@pytest.mark.parametrize("tokens", [2, 3, 4, 5, 8])
+def test_matvec_gives_each_row_the_bits_of_a_one_row_call(tokens):
+    """Verifying drafted tokens multiplies a few rows at once; each must come out as the one-token step would give
+    it, to the bit, so that speculative greedy decoding picks what plain decoding picks."""
+    rng = np.random.default_rng(tokens)
+    weights = read_only(rng.integers(0, 1 << 16, (70, 2880), dtype=np.uint16) & 0xBFFF)
+    x = rng.standard_normal((tokens, 2880)).astype(np.float32)
+    for w in (weights, read_only(bf16_to_f32(weights))):
+        together = kernels.matvec(w, x)
+        alone = np.concatenate([kernels.matvec(w, x[t : t + 1]) for t in range(tokens)])
+        np.testing.assert_array_equal(together, alone)
+        assert_close(together, x @ bf16_to_f32(weights).T)
+
+
 @pytest.mark.parametrize("window", [None, 4, 64])
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("long", [False, True])
