@@ -32,7 +32,9 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 `[KV, D, T]` (C-contiguous) from int8 values and their scales."""
-    return values.astype(np.float32) * scales[:, None, :]
+    widened = values.astype(np.float32)
+    widened *= scales[:, None, :]  # in place: a long layer's float copy is the largest buffer of a step
+    return widened
 
 
 class QuantizedLayer:

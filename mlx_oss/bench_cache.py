@@ -19,12 +19,17 @@ def fill_random(model, cache, count: int, seed: int = 0) -> None:
         _fill_numpy(cache, count, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, seed)
 
 
+FILL_CHUNK = 16384  # positions appended at once: the random floats (and a quantized cache's rounding) stay small
+
+
 def _fill_numpy(cache, count: int, layers: int, kv_heads: int, head_dim: int, seed: int) -> None:
+    """In chunks, so that the bench's peak memory is the cache's, not a whole layer of random floats beside it."""
     rng = np.random.default_rng(seed)
-    shape = (count, kv_heads, head_dim)
-    for layer in range(layers):
-        cache.append(layer, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
-    cache.advance(count)
+    for start in range(0, count, FILL_CHUNK):
+        shape = (min(FILL_CHUNK, count - start), kv_heads, head_dim)
+        for layer in range(layers):
+            cache.append(layer, rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
+        cache.advance(shape[0])
 
 
 def _fill_mlx(cache, count: int, kv_heads: int, head_dim: int, seed: int) -> None:
