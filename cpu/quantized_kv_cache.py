@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_oss.backend import Cache
+from mlx_oss.backend import Cache, bounded_truncation
 
 LEVELS = 127  # int8's symmetric range
 REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
@@ -140,10 +140,7 @@ class QuantizedKVCache(Cache):
     def truncate(self, length: int) -> int:
         """Forget every position from `length` on; returns the length kept (0 where a sliding layer has already
         dropped keys the shorter cache would need)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length and any(length < layer.earliest_truncation() for layer in self.layers):
-            length = 0
+        length = bounded_truncation(self.length, length, (layer.earliest_truncation() for layer in self.layers))
         if length == 0:
             for layer in self.layers:
                 layer.start = 0

@@ -7,6 +7,7 @@ implement `Model` and `Cache`; the engine and the bench rely on nothing else.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, Self, runtime_checkable
 
@@ -54,6 +55,15 @@ class Cache(Protocol):
         """The positions held, as named NumPy arrays (views are fine: the caller copies or writes them before the
         cache changes); the model's `restore_cache` turns it back into a cache that continues as this one."""
         ...
+
+
+def bounded_truncation(held: int, length: int, earliest: Iterable[int]) -> int:
+    """The length a cache holding `held` positions keeps when asked to truncate to `length`, when its layers can
+    step back no further than `earliest` (a sliding layer that dropped its oldest keys): `length`, or 0 (forget
+    everything, the caller prefills again). ValueError for a length outside 0..held."""
+    if not 0 <= length <= held:
+        raise ValueError(f"cannot truncate a cache of {held} positions to {length}")
+    return 0 if length and any(length < first for first in earliest) else length
 
 
 @dataclass(frozen=True)

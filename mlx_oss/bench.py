@@ -22,7 +22,7 @@ import numpy as np
 from .bench_cache import fill_random
 from .bench_machine import cpu_model, read_bandwidth_gb_s, vector_flags
 from .bench_peer import PeerFigure, check_peer, gguf_beside, run_peer
-from .cli import run
+from .cli import add_kv_bits_argument, run
 from .generate import Completion, Decoder
 from .loading import BACKENDS, load
 from .sampling import SamplingParams, make_sampler
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also run llama.cpp's llama-bench (this executable) on MODEL.gguf and print its figures beside ours",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kv-bits", type=int, choices=(8,), help="an 8-bit KV cache (default: float32)")
+    add_kv_bits_argument(parser, "an 8-bit KV cache (default: float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     prompts, contexts = [n for n in args.prompt_tokens if n], [n for n in args.context if n]

@@ -23,7 +23,7 @@ from typing import TextIO
 
 from . import prompt_cache
 from .agent import STEP_LIMIT, ToolFinished, ToolStarted, run_turn
-from .cli import context_length, format_count, non_negative_int, number_from, positive_int, run
+from .cli import add_kv_bits_argument, context_length, format_count, non_negative_int, number_from, positive_int, run
 from .drafting import add_draft_arguments
 from .engine import CancelToken, ContextLimitError, Done, Engine, SamplingParams
 from .errors import MlxOssError
@@ -262,13 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model directory, or a hub name such as openai/gpt-oss-20b")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=(8,),
-        help="store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
-        "contexts fit (default: float32)",
-    )
+    add_kv_bits_argument(p)
     p.add_argument(
         "--context",
         type=context_length,

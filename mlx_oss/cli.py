@@ -131,3 +131,15 @@ def number_from(low: float, high: float = math.inf, low_open: bool = False) -> C
         return value
 
     return parse
+
+
+def add_kv_bits_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """`--kv-bits 8`, as the chat, the server, the bench and `models info` take it."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(8,),
+        help=help
+        or "store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
+        "contexts fit (default: float32)",
+    )

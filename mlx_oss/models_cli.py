@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .backend import BACKENDS
 from .cancel import CancelToken
-from .cli import Progress, context_length, format_bytes, format_count
+from .cli import Progress, add_kv_bits_argument, context_length, format_bytes, format_count
 from .errors import MlxOssError
 from .layouts import HF, MLX, MXFP4, NUMPY, parameter_count
 from .store import DEFAULT_MODEL, ModelStore, StoredModel, shown
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--context", type=context_length, default=8192, help="tokens of context to estimate memory for (or auto)"
     )
-    sub.add_argument("--kv-bits", type=int, choices=(8,), help="estimate with a quantized KV cache")
+    add_kv_bits_argument(sub, "estimate with a quantized KV cache")
     sub.add_argument("--backend", choices=BACKENDS, default="auto", help="estimate for this backend (default auto)")
     return parser
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import prompt_cache
-from .cli import context_length, non_negative_int, port, run
+from .cli import add_kv_bits_argument, context_length, non_negative_int, port, run
 from .drafting import add_draft_arguments
 from .errors import MlxOssError
 from .hosts import host_name, is_loopback_name
@@ -70,13 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a hub name in the model store (openai/gpt-oss-20b) or a directory")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=(8,),
-        help="store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
-        "contexts fit (default: float32)",
-    )
+    add_kv_bits_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this computer only)")
     p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"1 to 65535 (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=os.environ.get(KEY_ENV), help=f"required on every request (or {KEY_ENV})")

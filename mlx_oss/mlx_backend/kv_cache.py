@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from mlx_oss.backend import Cache, CacheState
+from mlx_oss.backend import Cache, CacheState, bounded_truncation
 
 # The state's layout: per layer that holds positions `k.i` and `v.i`, `[1, kv_heads, held, head_dim]` (bfloat16 as
 # its uint16 bits, NumPy having no bfloat16), the first position held in info `start.i`, the dtype in `dtype`.
@@ -108,10 +108,7 @@ class KVCache(Cache):
         A sliding layer that has already dropped keys the shorter cache would need cannot step back that far:
         then everything is forgotten and 0 is returned, so the caller prefills from the start.
         """
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length and any(length < layer.earliest_truncation() for layer in self.layers):
-            length = 0
+        length = bounded_truncation(self.length, length, (layer.earliest_truncation() for layer in self.layers))
         if length == 0:
             for layer in self.layers:
                 layer.reset()

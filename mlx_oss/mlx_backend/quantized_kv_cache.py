@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_oss.backend import Cache
+from mlx_oss.backend import Cache, bounded_truncation
 
 from .kv_cache import REWIND, STEP
 
@@ -105,10 +105,7 @@ class QuantizedKVCache(Cache):
         self.length += count
 
     def truncate(self, length: int) -> int:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length and any(length < layer.earliest_truncation() for layer in self.layers):
-            length = 0
+        length = bounded_truncation(self.length, length, (layer.earliest_truncation() for layer in self.layers))
         if length == 0:
             for layer in self.layers:
                 layer.reset()
