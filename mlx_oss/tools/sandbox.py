@@ -243,6 +243,9 @@ class Sandbox:
             command += ["--setenv", name, value]
         roots = python_roots()
         command += ["--setenv", "PATH", ":".join([*(str(r / "bin") for r in roots), "/usr/bin", "/bin"])]
+        # The private /tmp first: bwrap mounts in order, and a Python (a venv, a CI checkout) under /tmp must be
+        # bound on top of it, not hidden by it.
+        command += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
         for path in (*_SYSTEM_READ_ONLY, *_ETC_READ_ONLY):
             if os.path.islink(path):
                 command += ["--symlink", os.readlink(path), path]
@@ -250,7 +253,6 @@ class Sandbox:
                 command += ["--ro-bind", path, path]
         for root in roots:
             command += ["--ro-bind", str(root), str(root)]
-        command += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
         if runtime_dir is not None:
             command += ["--bind", str(runtime_dir), str(runtime_dir)]
         command += ["--bind", str(work_dir), str(work_dir)]
