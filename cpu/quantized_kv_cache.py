@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_oss.backend import Cache, bounded_truncation
+from mlx_oss.backend import Cache, bounded_truncation, earliest_truncation, sliding_drop
 
 LEVELS = 127  # int8's symmetric range
 REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
@@ -67,11 +67,9 @@ class QuantizedLayer:
 
     def _trim(self, held: int) -> None:
         """Drop a sliding layer's oldest positions once it holds `step` more than its window and rewind need."""
-        if self.window is None:
-            return
-        keep = self.window - 1 + self.rewind
-        if held > keep + self.step:
-            drop = held - keep
+        drop = sliding_drop(held, self.window, self.rewind, self.step)
+        if drop:
+            keep = held - drop
             for parts in (self.values, self.scales):
                 for part in parts:
                     part[..., :keep] = part[..., drop:held].copy()
@@ -79,7 +77,7 @@ class QuantizedLayer:
 
     def earliest_truncation(self) -> int:
         """The smallest cache length this layer can go back to (besides 0) and still attend correctly."""
-        return 0 if self.start == 0 else self.start + self.window - 1
+        return earliest_truncation(self.start, self.window)
 
     def copy(self, length: int) -> QuantizedLayer:
         new = object.__new__(QuantizedLayer)

@@ -66,6 +66,22 @@ def bounded_truncation(held: int, length: int, earliest: Iterable[int]) -> int:
     return 0 if length and any(length < first for first in earliest) else length
 
 
+def sliding_drop(held: int, window: int | None, rewind: int, step: int) -> int:
+    """How many of a layer's oldest positions to drop when it holds `held`: none for a full-attention layer
+    (`window` None) or until it holds `step` more than its window and `rewind` need (not at every token), then all
+    but those."""
+    if window is None:
+        return 0
+    keep = window - 1 + rewind
+    return held - keep if held > keep + step else 0
+
+
+def earliest_truncation(start: int, window: int | None) -> int:
+    """The smallest length (besides 0) a sliding layer whose positions begin at `start` can go back to and still
+    attend correctly: the window before it must be held."""
+    return 0 if start == 0 else start + window - 1
+
+
 @dataclass(frozen=True)
 class CacheState:
     """A cache as plain data, to write to a file and read back: named NumPy arrays of the positions held, and

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from mlx_oss.backend import Cache, CacheState, bounded_truncation
+from mlx_oss.backend import Cache, CacheState, bounded_truncation, earliest_truncation, sliding_drop
 
 # The state's layout: per layer that holds positions `k.i` and `v.i`, `[1, kv_heads, held, head_dim]` (bfloat16 as
 # its uint16 bits, NumPy having no bfloat16), the first position held in info `start.i`, the dtype in `dtype`.
@@ -20,6 +20,15 @@ KIND = "mlx/1"
 
 STEP = 256  # positions added to a buffer when it is full
 REWIND = 2048  # positions a sliding layer keeps beyond its window, so truncation can step back that far
+
+
+def attended_from(start: int, length: int, window: int | None, tokens: int) -> int:
+    """The first position `tokens` new queries after `length` attend to, of a layer holding positions from `start`:
+    a decode step of a sliding layer sees only the last `window` keys; a prompt's queries get them all (the mask
+    picks)."""
+    if window is not None and tokens == 1:
+        return max(start, length + 1 - window)
+    return start
 
 
 class LayerCache:
@@ -52,20 +61,15 @@ class LayerCache:
         self.keys[..., self.stored : needed, :] = k
         self.values[..., self.stored : needed, :] = v
         self.stored = needed
-        first = self.start
-        if self.window is not None and T == 1:  # a decode step sees only the last `window` keys
-            first = max(self.start, length + 1 - self.window)
+        first = attended_from(self.start, length, self.window, T)
         keys = self.keys[..., first - self.start : needed, :]
         values = self.values[..., first - self.start : needed, :]
         self._trim()
         return keys, values, first
 
     def _trim(self) -> None:
-        if self.window is None:
-            return
-        keep = self.window - 1 + self.rewind
-        if self.stored > keep + self.step:
-            drop = self.stored - keep
+        drop = sliding_drop(self.stored, self.window, self.rewind, self.step)
+        if drop:
             self.keys = self.keys[..., drop:, :]
             self.values = self.values[..., drop:, :]
             self.start += drop
@@ -73,9 +77,7 @@ class LayerCache:
 
     def earliest_truncation(self) -> int:
         """The smallest cache length this layer can go back to (besides 0) and still attend correctly."""
-        if self.start == 0:
-            return 0
-        return self.start + self.window - 1
+        return earliest_truncation(self.start, self.window)
 
     def reset(self) -> None:
         self.start = 0

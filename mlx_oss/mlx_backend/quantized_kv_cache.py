@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_oss.backend import Cache, bounded_truncation
+from mlx_oss.backend import Cache, bounded_truncation, earliest_truncation, sliding_drop
 
-from .kv_cache import REWIND, STEP
+from .kv_cache import REWIND, STEP, attended_from
 
 LEVELS = 127
 
@@ -57,9 +57,7 @@ class QuantizedLayerCache:
         for part, values in zip(self.parts, new, strict=True):
             part[:, :, self.stored : needed] = values
         self.stored = needed
-        first = self.start
-        if self.window is not None and T == 1:  # a decode step sees only the last `window` keys
-            first = max(self.start, length + 1 - self.window)
+        first = attended_from(self.start, length, self.window, T)
         lo = first - self.start
         keys = dequantize(self.parts[0][:, :, lo:needed], self.parts[1][:, :, lo:needed])
         values = dequantize(self.parts[2][:, :, lo:needed], self.parts[3][:, :, lo:needed])
@@ -67,17 +65,14 @@ class QuantizedLayerCache:
         return keys, values, first
 
     def _trim(self) -> None:
-        if self.window is None:
-            return
-        keep = self.window - 1 + self.rewind
-        if self.stored > keep + self.step:
-            drop = self.stored - keep
+        drop = sliding_drop(self.stored, self.window, self.rewind, self.step)
+        if drop:
             self.parts = [part[:, :, drop:] for part in self.parts]
             self.start += drop
             self.stored -= drop
 
     def earliest_truncation(self) -> int:
-        return 0 if self.start == 0 else self.start + self.window - 1
+        return earliest_truncation(self.start, self.window)
 
     def reset(self) -> None:
         self.start = 0
