@@ -7,14 +7,19 @@ neither of them, so neither imports the other back.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
+import platform
+import sys
 
-VARIABLE = "MLX_OSS_KERNELS"  # "off" (or 0, no, false) switches the kernels off; "avx2" forces the AVX2 ones
+VARIABLE = "MLX_OSS_KERNELS"  # "off" (or 0, no, false) switches the kernels off; "avx2" forces the AVX2 ones,
+# "avx512" the AVX-512 ones without AMX (the same build as on a CPU without AMX)
 
 # The AVX2 kernels on a larger CPU, for tests. numba's on-disk cache is keyed by the CPU, not by the kernels'
 # width, so a forced build must not share it.
 FORCED_AVX2 = os.environ.get(VARIABLE, "").lower() == "avx2"
+FORCED_AVX512 = os.environ.get(VARIABLE, "").lower() == "avx512"
 CACHE = not FORCED_AVX2  # `kernels` turns it off where numba finds no writable cache folder
 
 
@@ -41,4 +46,29 @@ def instruction_set() -> tuple[str | None, str, bool]:
     return None, "no AVX2 or AVX-512 on this CPU", False
 
 
+def amx_permitted() -> bool:
+    """Whether this process may use AMX's BF16 tiles: the CPU has them and Linux grants the process their state.
+
+    Linux hands out AMX's 8 KB of tile state only to a process that asks (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)`); an AMX instruction before that kills the process with SIGILL.
+    """
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    if FORCED_AVX2 or FORCED_AVX512 or not (features.get("amx-tile") and features.get("amx-bf16")):
+        return False
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
 ISA, DESCRIPTION, BROKEN = instruction_set()
+AMX = ISA == "avx512" and amx_permitted()  # prompts' products on AMX tiles (see `_tile_kernels`)
+if AMX:
+    DESCRIPTION = "numba kernels for AVX-512, prompts on AMX"

@@ -23,6 +23,8 @@ class Dense:
         in_features = self.weight.shape[1]
         if self.uses_kernels and x.shape[0] <= kernels.DECODE_ROWS and in_features % 16 == 0:
             y = kernels.matvec(self.weight, x)
+        elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
+            y = kernels.bf16_matmul(self.weight, x)
         elif self.weight.dtype == np.float32:
             y = x @ self.weight.T
         else:

@@ -17,8 +17,8 @@ class Experts:
 
     Work is per (token, expert) pair. With the kernels, the pairs whose expert no other token chose (all of them
     while decoding) go through the packed weights together in one call, and an expert chosen by several tokens
-    decodes each block once for all of them. Plain NumPy decodes a chosen expert to float32 a slice at a time, for
-    BLAS, experts side by side in `workers`.
+    decodes each block once for all of them (on AMX, every such expert in one call). Plain NumPy decodes a chosen
+    expert to float32 a slice at a time, for BLAS, experts side by side in `workers`.
     """
 
     gate_up_blocks: np.ndarray  # [E, 2 * intermediate, hidden / 32, 16] uint8: rows gate0, up0, gate1, up1, ...
@@ -52,6 +52,10 @@ class Experts:
         if alone.any():
             y[alone] = self._alone(pair_expert[alone], x[pair_token[alone]])
         groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
+        if self.uses_kernels and kernels.tiles_fit(self.gate_up_blocks) and kernels.tiles_fit(self.down_blocks):
+            pairs = np.concatenate([p for _, p in groups])
+            y[pairs] = self._tiled(np.array([e for e, _ in groups]), [p.size for _, p in groups], x[pair_token[pairs]])
+            return y
         groups.sort(key=lambda g: -g[1].size)  # the largest first, so that the threads finish together
 
         def expert(group):
@@ -72,6 +76,17 @@ class Experts:
         act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)
         out = kernels.mxfp4_matvec(self.down_blocks, self.down_scales, experts, act)
         out += self.down_bias[experts]
+        return out
+
+    def _tiled(self, experts: np.ndarray, sizes: list[int], x: np.ndarray) -> np.ndarray:
+        """Consecutive groups of `sizes` rows of `x`, group i through expert `experts[i]`, every expert at once on
+        AMX tiles."""
+        bias_rows = np.repeat(experts, sizes)
+        gate_up = kernels.mxfp4_matmul_groups(self.gate_up_blocks, self.gate_up_scales, experts, sizes, x)
+        gate_up += self.gate_up_bias[bias_rows]
+        act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)
+        out = kernels.mxfp4_matmul_groups(self.down_blocks, self.down_scales, experts, sizes, act)
+        out += self.down_bias[bias_rows]
         return out
 
     def _expert(self, e: int, x: np.ndarray) -> np.ndarray:

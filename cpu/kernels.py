@@ -11,6 +11,10 @@ The permute is written in LLVM IR through numba intrinsics because numba's loops
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
 numba, use the plain NumPy path; `MLX_OSS_KERNELS=off` forces it (and `=avx2` the AVX2 kernels).
 
+Where the CPU has AMX (Intel's Xeons since Sapphire Rapids), a prompt's products with the experts and the BF16
+matrices run on its tiles instead (`_tile_kernels`, exact as float32's products; `MLX_OSS_KERNELS=avx512` keeps
+them on AVX-512).
+
 Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
 """
 
@@ -27,6 +31,7 @@ from . import _target
 from .layers import first_visible_key, softmax_with_sink, visibility
 
 ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
+AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
 DISABLE_VARIABLE = _target.VARIABLE
 DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
 
@@ -45,6 +50,8 @@ if ISA is not None:
         _target.CACHE = False
         from . import _numba_kernels as _compiled
 CACHE = _target.CACHE  # whether the build is kept in numba's on-disk cache (see `warm_up`)
+if AMX:
+    from . import _tile_kernels as _tiles
 
 
 def _switched_off() -> bool:
@@ -72,6 +79,8 @@ def warm_up() -> None:
     if threading.current_thread() is not threading.main_thread() and CACHE:
         compile_in_child()
     _compiled.warm_up()
+    if AMX:
+        _tiles.warm_up()
 
 
 def compile_in_child(timeout: float = 600) -> subprocess.CompletedProcess:
@@ -106,6 +115,48 @@ def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.nd
     out = np.empty((padded.shape[0], blocks.shape[0]), dtype=np.float32)
     _compiled.mxfp4_matmul(blocks, scales, passes_by_block(padded), out)
     return out[:tokens]
+
+
+def tiles_fit(blocks: np.ndarray) -> bool:
+    """Whether `mxfp4_matmul_groups` can take these MXFP4 `blocks [..., R, G, 16]`: on AMX, R a multiple of 16."""
+    return AMX and blocks.shape[-3] % 16 == 0
+
+
+def mxfp4_matmul_groups(
+    blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, sizes: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """`x [N, G*32]` in consecutive groups of `sizes` rows, group i times `W[experts[i]].T` for MXFP4 `blocks [E, R, G,
+    16]`, `scales [E, R, G]`: `[N, R]`, on AMX (where `tiles_fit`), in one parallel loop for all the groups.
+
+    Each group's rows are padded to a multiple of 16 (a tile); each weight block is decoded once for every 64 of a
+    group's rows.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    out = np.empty((x.shape[0], blocks.shape[1]), dtype=np.float32)
+    _tiles.mxfp4_matmul_tiles(blocks, scales, np.asarray(experts, dtype=np.int64), sizes, tiles_by_block(x, sizes), out)
+    return out
+
+
+def bf16_tiles_fit(weights: np.ndarray) -> bool:
+    """Whether `bf16_matmul` can take these BF16-bits `weights [R, C]`: on AMX, R a multiple of 16 and C of 32."""
+    return AMX and weights.dtype == np.uint16 and weights.shape[0] % 16 == 0 and weights.shape[1] % 32 == 0
+
+
+def bf16_matmul(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x @ W.T` for BF16-bits `weights [R, C]` (where `bf16_tiles_fit`) on AMX tiles, loaded as they are mapped."""
+    out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
+    _tiles.bf16_matmul_tiles(weights, tiles_by_block(x, [x.shape[0]]), out)
+    return out
+
+
+def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
+    """Consecutive groups of `sizes` rows of `x [N, G*32]` as AMX's B tiles (`_tile_kernels.tiles_by_block`), as
+    uint16: each float32 split exactly into three BF16 parts."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    tiles = int((-(-sizes // 16)).sum())
+    layout = np.empty(tiles * (x.shape[1] // 32) * _tiles.X_PARTS * 256, dtype=np.uint32)
+    _tiles.tiles_by_block(np.ascontiguousarray(x, dtype=np.float32), sizes, layout)
+    return layout.view(np.uint16)
 
 
 def passes_by_block(x: np.ndarray) -> np.ndarray:

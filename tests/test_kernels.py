@@ -44,6 +44,8 @@ def test_the_instruction_set_can_be_forced_for_tests():
     forced = os.environ.get("MLX_OSS_KERNELS")
     assert ("avx2" if forced == "avx2" else kernels.ISA) == kernels.ISA
     assert kernels.ISA in ("avx2", "avx512")
+    if forced in ("avx2", "avx512"):
+        assert not kernels.AMX
 
 
 @pytest.mark.parametrize("groups", [1, 3, 90])
@@ -107,6 +109,74 @@ def test_attention_equals_the_numpy_attention(window, queries, long):
     assert_close(kernels.attention(q, keys, values, sinks, start, window), expected)
 
 
+needs_amx = pytest.mark.skipif(
+    not kernels.AMX, reason="no AMX on this CPU (or switched off): the tile kernels are not built"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("sizes", [[1], [16], [17, 2, 33], [64, 65, 5], [130]])
+def test_tile_matmul_of_groups_equals_decoding_then_multiplying(sizes):
+    """Prompts' expert products on AMX: groups of rows, each through its expert; sizes across tiles (16), passes
+    (64) and a partly filled last tile."""
+    rng = np.random.default_rng(len(sizes))
+    blocks, scales = mxfp4_weights(rng, 4, 48, 5)
+    experts = rng.integers(0, 4, len(sizes))
+    x = rng.standard_normal((sum(sizes), 5 * 32)).astype(np.float32)
+    expected, start = [], 0
+    for e, size in zip(experts, sizes, strict=True):
+        expected.append(x[start : start + size] @ dequantize(blocks[e], scales[e]).T)
+        start += size
+    assert_close(kernels.mxfp4_matmul_groups(blocks, scales, experts, sizes, x), np.concatenate(expected))
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens", [9, 16, 70])
+def test_bf16_tile_matmul_equals_widening_then_multiplying(tokens):
+    rng = np.random.default_rng(tokens)
+    weights = read_only(rng.integers(0, 1 << 16, (48, 96), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
+    x = rng.standard_normal((tokens, 96)).astype(np.float32)
+    assert kernels.bf16_tiles_fit(weights)
+    assert_close(kernels.bf16_matmul(weights, x), x @ bf16_to_f32(weights).T)
+
+
+@needs_amx
+def test_tile_inputs_are_split_exactly_into_three_bf16_parts():
+    """The tiles multiply BF16 numbers; a float32 input must be the exact sum of its three parts, so that AMX sums
+    float32's products (not rounded inputs'), whatever the input's exponent."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((20, 64)) * np.exp2(rng.integers(-60, 60, (20, 64)))).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, 1e-30, np.float32(np.nextafter(np.float32(1), np.float32(2)))]
+    layout = kernels.tiles_by_block(x, [20]).view(np.uint32).reshape(2, 2, 3, 16, 16)  # [block, tile, part, k, n]
+    halves = np.stack([layout & 0xFFFF, layout >> 16], axis=-1).astype(np.uint32) << 16  # [..., k, n, 2]
+    parts = halves.view(np.float32).astype(np.float64)  # [block, tile, part, k, n, 2]
+    summed = parts.sum(axis=2).transpose(1, 3, 0, 2, 4).reshape(32, 64)  # [tile, n, block, k, 2] -> [input, element]
+    np.testing.assert_array_equal(summed[:20], x.astype(np.float64))
+    assert not summed[20:].any()  # the partly filled tile is padded with zeros
+
+
+@needs_amx
+def test_avx512_kernels_without_amx_match_transformers():
+    """Machines without AMX (AMD's, Intel's before Sapphire Rapids) run prompts on the AVX-512 kernels: check them
+    here too, forced, in a fresh interpreter."""
+    env = {**os.environ, "MLX_OSS_KERNELS": "avx512"}
+    selection = [
+        str(TESTS / "test_kernels.py"),
+        str(TESTS / "test_reference.py") + "::test_tiny_preset_matches_transformers",
+        str(TESTS / "test_reference.py") + "::test_logits_match_transformers",
+    ]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection]
+    out = subprocess.run(
+        [*command, "-k", "not plain and not mlx and not avx2_kernels and not tile and not amx"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=TESTS.parent,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
+
+
 @pytest.mark.skipif(os.environ.get("MLX_OSS_KERNELS") == "avx2", reason="already the AVX2 run")
 def test_avx2_kernels_match_transformers():
     """This machine may have AVX-512; most laptops have only AVX2. Run the kernel tests and the reference test
@@ -126,7 +196,7 @@ def test_avx2_kernels_match_transformers():
             "no:cacheprovider",
             *selection,
             "-k",
-            "not plain and not mlx and not avx2_kernels",
+            "not plain and not mlx and not avx2_kernels and not tile and not amx",
         ],
         env=env,
         capture_output=True,
