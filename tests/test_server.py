@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -661,6 +663,38 @@ def test_a_server_error_is_one_line_in_the_log(caplog, capfd):
     ]
     assert all(r.levelno == logging.ERROR and r.exc_info is None for r in records)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_model_file_changed_while_serving_is_the_servers_error_said_once(tiny_checkpoint, tmp_path):
+    """A shard cut short under a running server: every request was a 400 invalid_request_error (the client blamed),
+    nothing was logged, /health said ok, and the SIGTERM that ended the server was reported as a bus error."""
+    model_dir = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    proc, url = start_server(model_dir, "--backend", "numpy", "--context", str(CONTEXT))
+    try:
+        body = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        shard = sorted(model_dir.glob("*.safetensors"))[0]
+        size = shard.stat().st_size
+        with open(shard, "r+b") as f:
+            f.truncate(4096)
+        message = f"{shard}: changed on disk since it was loaded (was {size} bytes, now 4096); load the model again"
+        for extra in ({}, {}, {"stream": True}):  # the request that meets the change, then those refused at once
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body | extra, timeout=120)
+            assert reply.status_code == 503, reply.text
+            assert reply.json() == {
+                "error": {"message": message, "type": "server_error", "param": None, "code": "model_unavailable"}
+            }
+        anthropic = httpx.post(f"{url}/v1/messages", json=body, timeout=120)
+        assert anthropic.status_code == 503 and anthropic.json()["error"] == {"type": "api_error", "message": message}
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "reason": message}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), log
+    assert "Traceback" not in log, log
+    said = [line for line in log.splitlines() if "changed on disk" in line]  # once, and no "bus error" at the end
+    assert said == [f"ERROR:    the model cannot answer until the server is restarted: {message}"], log
 
 
 @pytest.mark.parametrize(
