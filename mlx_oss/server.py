@@ -13,7 +13,7 @@ The engine keeps its KV cache between requests, so the next request of the same 
 is new. Every failure is answered in the API's error shape (Anthropic's on /v1/messages*, else OpenAI's):
 client errors (4xx) and clients that leave are not logged, a server error (500) is one line on stderr, never a
 traceback. A model whose files changed on disk since it was loaded cannot run again: that is said once in the log,
-every later request is answered 503 with the file's name, and /health answers 503 with it too.
+every later request is answered 503 with the file's name, and /health answers 503 (without it).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ log = logging.getLogger("mlx_oss.server")
 # Requests parsed and rendered at once: the work is CPU-bound, and a large body's parsed objects take up to a
 # few hundred MB (a million values), so more at once only adds memory.
 PARSE_AT_ONCE = 2
+MODEL_CHANGED = "a file of the model changed on disk since it was loaded; restart the server to load it again"
 
 Parsed = TypeVar("Parsed", bound=ParsedRequest)
 Parser = Callable[[Any, str, int], Parsed]  # (body's JSON, served model id, most items) -> request
@@ -101,9 +102,10 @@ class Server:
     # -- endpoints -------------------------------------------------------------------------------------------
 
     async def health(self, request: HttpRequest) -> Response:
-        """200 while the model can answer; 503 with the reason once it cannot (a monitor's cue to restart us)."""
+        """200 while the model can answer; 503 with the reason once it cannot (a monitor's cue to restart us). The
+        reason names no file: /health answers without the API key, so it must not show the server's folders."""
         if self.unusable is not None:
-            return JSONResponse({"status": "unavailable", "reason": self.unusable}, status_code=503)
+            return JSONResponse({"status": "unavailable", "reason": MODEL_CHANGED}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: HttpRequest) -> Response:

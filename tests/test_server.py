@@ -38,7 +38,7 @@ from mlx_oss.harmony import Conversation, Message, render_prompt  # noqa: E402
 from mlx_oss.intake import MAX_BODY_BYTES  # noqa: E402
 from mlx_oss.render_limits import check_render_cost  # noqa: E402
 from mlx_oss.serve import build_parser  # noqa: E402
-from mlx_oss.server import Server  # noqa: E402
+from mlx_oss.server import MODEL_CHANGED, Server  # noqa: E402
 
 CONTEXT = 1024
 
@@ -687,7 +687,7 @@ def test_a_model_file_changed_while_serving_is_the_servers_error_said_once(tiny_
         anthropic = httpx.post(f"{url}/v1/messages", json=body, timeout=120)
         assert anthropic.status_code == 503 and anthropic.json()["error"] == {"type": "api_error", "message": message}
         health = httpx.get(f"{url}/health")
-        assert health.status_code == 503 and health.json() == {"status": "unavailable", "reason": message}
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "reason": MODEL_CHANGED}
     finally:
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=30)
