@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -604,6 +605,61 @@ def test_while_a_huge_request_is_refused_the_server_answers_others(served, model
     (reply,) = replies
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
     assert max(waits) < 1.0, waits  # the server took 30 s and 5 GB over such a request, deaf meanwhile
+
+
+REPO = Path(__file__).resolve().parents[1]
+READ_FILE = {
+    "type": "function",
+    "function": {
+        "name": "read_file",
+        "description": "The text of a file in the project.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+    },
+}
+
+
+def long_agent_session(tokens: int) -> list[dict]:
+    """Messages of at least `tokens` tokens (their texts' own), as a coding agent's long session sends them: the
+    user's questions and the assistant's replies in prose (paragraphs of README.md), and between them read_file
+    calls whose outputs are this project's Python sources."""
+    from mlx_oss.harmony import encode_text
+
+    paragraphs = [p for p in (REPO / "README.md").read_text().split("\n\n") if len(p) > 200]
+    sources = sorted((REPO / "mlx_oss").rglob("*.py"))
+    messages: list[dict] = [{"role": "system", "content": "You are a coding agent working in this repository."}]
+    counted = turn = 0
+    while counted < tokens:
+        question, reply = paragraphs[turn % len(paragraphs)], paragraphs[(turn + 7) % len(paragraphs)]
+        path = sources[turn % len(sources)].relative_to(REPO).as_posix()
+        call = {"id": f"call_{turn}", "type": "function", "function": {"name": "read_file", "arguments": ""}}
+        call["function"]["arguments"] = json.dumps({"path": path})
+        output = (REPO / path).read_text()[:12_000]  # agents cut long files
+        messages += [
+            {"role": "user", "content": f"About this part of the README:\n\n{question}\n\nWhere is it done?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": output},
+            {"role": "assistant", "content": reply},
+        ]
+        counted += sum(len(encode_text(text)) for text in (question, call["function"]["arguments"], output, reply))
+        turn += 1
+    return [*messages, {"role": "user", "content": "Thanks. Now sum up what we found."}]
+
+
+def test_a_conversation_the_size_of_the_context_passes_every_limit_but_the_context():
+    """The body, value, item, nesting and tokenizer-time limits leave room for any conversation that fits 131072
+    tokens: one a little longer is refused for its length alone, before the model runs."""
+    model = ScriptedModel()  # gpt-oss's 131072 positions; it never runs here
+    messages = long_agent_session(133_000)
+    body = json.dumps({"model": "scripted", "messages": messages, "tools": [READ_FILE]}).encode()
+    with serving(Server(Engine(model), "scripted")) as url:
+        reply = httpx.post(
+            f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=120
+        )
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["code"] == "context_length_exceeded", reply.text
+    assert error["message"].startswith("This model's context holds 131072 tokens, but the conversation is ")
+    assert model.forward_calls == 0
+    assert len(messages) > 200 and len(body) < MAX_BODY_BYTES / 8  # a long session, far from the body limit
 
 
 def test_refusals_and_clients_that_leave_write_no_traceback(tiny_checkpoint):
