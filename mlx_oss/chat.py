@@ -308,6 +308,7 @@ def tool_names(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    write_what_the_terminal_can()
     if args.system is not None and not is_text(args.system):
         raise MlxOssError("--system is not text in this terminal's encoding")
     sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.max_tokens)
@@ -345,6 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         return chat_loop(session)
     finally:
         tools.close()
+
+
+def write_what_the_terminal_can() -> None:
+    """Let stdout write an answer its encoding cannot hold with "?" in place of what it lacks, and stderr (the
+    reasoning, when the answer is piped) with escapes, as Python's stderr does by default.
+
+    A redirected stdout on Windows is cp1252, and a non-UTF-8 locale gives another 8-bit code page: the model
+    writes any character, and the strict default stopped the chat mid-answer with a traceback.
+    """
+    for stream, errors in ((sys.stdout, "replace"), (sys.stderr, "backslashreplace")):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent where stdout was replaced (a test's capture)
+        if reconfigure is not None and (stream is sys.stdout or stream.errors == "strict"):
+            reconfigure(errors=errors)
 
 
 def model_directory(arg: str, backend: str, interactive: bool) -> Path:

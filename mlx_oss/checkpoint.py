@@ -76,7 +76,7 @@ class Checkpoint:
         return dict(sorted(shards.items()))
 
     def check_unchanged(self) -> None:
-        """Raise CheckpointError naming a shard cut short or rewritten since it was loaded (reading its mapped
+        """Raise CheckpointChanged naming a shard cut short or rewritten since it was loaded (reading its mapped
         pages past a new end would kill the process). A few fstat calls: cheap enough for every forward pass."""
         for file in self.files.values():
             file.check_unchanged()

@@ -24,6 +24,9 @@ def run(main: Callable[[], int | None], prog: str) -> None:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         code = 1
+    except UnicodeError as e:  # text this terminal's encoding cannot hold, or bytes that are not text in it
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

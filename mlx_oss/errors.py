@@ -11,3 +11,8 @@ class ConfigError(MlxOssError):
 
 class CheckpointError(MlxOssError):
     """A checkpoint's weights are missing, truncated or do not match its config."""
+
+
+class CheckpointChanged(CheckpointError):
+    """A checkpoint file was cut short or rewritten after the model was loaded from it: the loaded model cannot
+    run until it is loaded again. Not the fault of the request that met it, so a server answers it as its own."""

@@ -7,11 +7,18 @@ it. So the words come from outside: the first file mapped starts one small watch
 (`mlx_oss.mapped_watcher`) that is told each mapped file's size and inode. When this process ends normally it
 says goodbye; when it dies without one, the watcher stats the files and names any that is now shorter than it
 was, on the stderr the two share. Between passes `Checkpoint.check_unchanged` catches the change before any read.
+
+The watcher is not this process's parent, so it cannot learn how this process ended; `faulthandler` tells it
+instead: its C signal handler (safe where Python is not) writes "Fatal Python error: Bus error" down the pipe,
+then lets the signal end the process as it would have. A process ended otherwise (SIGTERM, SIGKILL) writes
+nothing, and the watcher then says nothing: a file changed on disk did not end it. Where faulthandler already
+writes elsewhere (`-X faulthandler`, a test runner) it is left alone and the watcher cannot tell the causes apart.
 """
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import subprocess
 import sys
@@ -19,9 +26,12 @@ import threading
 from pathlib import Path
 
 BYE = "bye"
+FAULT = "Fatal Python error: "  # what faulthandler writes first, then the signal's name: "Bus error"
+TOLD_FAULTS = "--told-faults"  # the watcher's flag: faulthandler writes to it
 _lock = threading.Lock()
 _watcher: subprocess.Popen | None = None
 _failed = False
+_faults_told = False
 
 
 def changed_message(path: Path | str, was: int, now: int) -> str:
@@ -31,15 +41,16 @@ def changed_message(path: Path | str, was: int, now: int) -> str:
 def watch(path: Path, size: int, inode: int) -> None:
     """Have the watcher name `path` if this process dies while the file `inode` there is shorter than `size` bytes
     (the size and inode of the open file that is mapped, so a file put at `path` since is not taken for it)."""
-    global _watcher, _failed
+    global _watcher, _failed, _faults_told
     line = f"{size} {inode} {os.fspath(Path(path).absolute())}\n"
     with _lock:
         if _failed or "\n" in line[:-1]:
             return
         try:
             if _watcher is None:
+                tell_faults = not faulthandler.is_enabled()
                 _watcher = subprocess.Popen(
-                    [sys.executable, "-m", "mlx_oss.mapped_watcher"],
+                    [sys.executable, "-m", "mlx_oss.mapped_watcher", *([TOLD_FAULTS] if tell_faults else [])],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     text=True,
@@ -47,6 +58,9 @@ def watch(path: Path, size: int, inode: int) -> None:
                     errors="surrogateescape",
                 )
                 atexit.register(_goodbye)
+                if tell_faults:
+                    faulthandler.enable(_watcher.stdin, all_threads=False)
+                    _faults_told = True
             _watcher.stdin.write(line)
             _watcher.stdin.flush()
         except (OSError, ValueError):  # no interpreter to start (an odd bundle), or the watcher is gone
@@ -56,6 +70,8 @@ def watch(path: Path, size: int, inode: int) -> None:
 def _goodbye() -> None:
     with _lock:
         if _watcher is not None:
+            if _faults_told:  # before the pipe closes: its descriptor's number may then name another file
+                faulthandler.disable()
             try:
                 _watcher.stdin.write(BYE + "\n")
                 _watcher.stdin.close()

@@ -8,12 +8,21 @@ from inside a checkpoint (the index's shard names) must be plain relative names 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .json_input import parse_json
+
+KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class NotRegularFile(OSError):
@@ -30,18 +39,35 @@ def open_regular(path: str | Path) -> int:
     Raises FileNotFoundError, NotRegularFile, or another OSError; never blocks on a FIFO.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO and stat.S_ISSOCK(_mode_or_zero(path)):  # the OS's words: "No such device"
+            raise NotRegularFile("a socket, not a regular file") from None
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise NotRegularFile(f"{kind}, not a regular file")
+            raise NotRegularFile(_not_regular(mode))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _not_regular(mode: int) -> str:
+    """What a file that is not a regular one is, in a few words."""
+    kind = next((kind for is_kind, kind in KINDS if is_kind(mode)), None)
+    return f"{kind}, not a regular file" if kind else "not a regular file"
+
+
+def _mode_or_zero(path: str | Path) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0
 
 
 def read_regular(path: str | Path, limit: int) -> bytes:

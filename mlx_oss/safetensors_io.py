@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import mapped_files
-from .errors import CheckpointError
+from .errors import CheckpointChanged, CheckpointError
 from .json_input import parse_json
 from .mapped_files import changed_message
 from .regular_files import open_regular, printable
@@ -138,10 +138,10 @@ class SafetensorsFile:
                 )
 
     def check_unchanged(self) -> None:
-        """Raise CheckpointError if the file was cut short or rewritten since it was loaded (a cheap fstat)."""
+        """Raise CheckpointChanged if the file was cut short or rewritten since it was loaded (a cheap fstat)."""
         now = os.fstat(self._fd)
         if _identity(now) != self._identity:
-            raise CheckpointError(changed_message(self.path, self.size, now.st_size))
+            raise CheckpointChanged(changed_message(self.path, self.size, now.st_size))
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array (BF16 as uint16 bits)."""

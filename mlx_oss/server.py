@@ -12,7 +12,8 @@ are told the server is busy (429). A client that goes away mid-answer cancels it
 The engine keeps its KV cache between requests, so the next request of the same conversation prefills only what
 is new. Every failure is answered in the API's error shape (Anthropic's on /v1/messages*, else OpenAI's):
 client errors (4xx) and clients that leave are not logged, a server error (500) is one line on stderr, never a
-traceback.
+traceback. A model whose files changed on disk since it was loaded cannot run again: that is said once in the log,
+every later request is answered 503 with the file's name, and /health answers 503 (without it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .api.messages import MessageEvents, SequenceStops, message, parse_messages
 from .api.responses import ResponseEvents, parse_responses, response
 from .api.wire import StreamFormat, new_id, now
 from .engine import Engine
-from .errors import MlxOssError
+from .errors import CheckpointChanged, MlxOssError
 from .generation_queue import GenerationQueue, Job, QueueFull, Turn, pieces
 from .grammar import GrammarError
 from .harmony import render_prompt
@@ -51,6 +52,7 @@ log = logging.getLogger("mlx_oss.server")
 # Requests parsed and rendered at once: the work is CPU-bound, and a large body's parsed objects take up to a
 # few hundred MB (a million values), so more at once only adds memory.
 PARSE_AT_ONCE = 2
+MODEL_CHANGED = "a file of the model changed on disk since it was loaded; restart the server to load it again"
 
 Parsed = TypeVar("Parsed", bound=ParsedRequest)
 Parser = Callable[[Any, str, int], Parsed]  # (body's JSON, served model id, most items) -> request
@@ -78,16 +80,17 @@ class Server:
         self.tools = dict(tools or {})
         self.generations = GenerationQueue(engine, max_waiting)
         self._parsing = asyncio.Semaphore(PARSE_AT_ONCE)
+        self.unusable: str | None = None  # why the loaded model cannot run any more (a file of it changed on disk)
 
     def app(self) -> Starlette:
         routes = [
-            Route("/v1/models", _answering(self.models), methods=["GET"]),
-            Route("/v1/models/{model:path}", _answering(self.model), methods=["GET"]),
-            Route("/v1/chat/completions", _answering(self.chat_completions), methods=["POST"]),
-            Route("/v1/responses", _answering(self.responses), methods=["POST"]),
-            Route("/v1/messages", _answering(self.messages), methods=["POST"]),
-            Route("/v1/messages/count_tokens", _answering(self.count_tokens), methods=["POST"]),
-            Route("/health", _alive, methods=["GET"]),
+            Route("/v1/models", self._answering(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._answering(self.model), methods=["GET"]),
+            Route("/v1/chat/completions", self._answering(self.chat_completions), methods=["POST"]),
+            Route("/v1/responses", self._answering(self.responses), methods=["POST"]),
+            Route("/v1/messages", self._answering(self.messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", self._answering(self.count_tokens), methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
             Route("/", _alive, methods=["GET"]),  # and HEAD: Claude Code's check that the server is there
         ]
         return Starlette(
@@ -97,6 +100,13 @@ class Server:
         )
 
     # -- endpoints -------------------------------------------------------------------------------------------
+
+    async def health(self, request: HttpRequest) -> Response:
+        """200 while the model can answer; 503 with the reason once it cannot (a monitor's cue to restart us). The
+        reason names no file: /health answers without the API key, so it must not show the server's folders."""
+        if self.unusable is not None:
+            return JSONResponse({"status": "unavailable", "reason": MODEL_CHANGED}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     async def models(self, request: HttpRequest) -> Response:
         listing = {"object": "list", "data": [self._model_card(request)]}
@@ -168,6 +178,8 @@ class Server:
 
     async def _start(self, request: HttpRequest, parse: Parser[Parsed]) -> tuple[Parsed, Job]:
         """The parsed request and its generation's job."""
+        if self.unusable is not None:  # nothing to wait or parse for: the answer is known
+            raise model_unusable(self.unusable)
         body = await read_body(request)
         async with self._parsing:
             parsed, prompt = await asyncio.to_thread(self._prepare, body, parse)
@@ -242,9 +254,8 @@ class Server:
             watcher.cancel()
         return turn
 
-    @staticmethod
     def _streaming(
-        job: Job, parsed: ParsedRequest, format: StreamFormat, where: str, stops: StopFilter | None = None
+        self, job: Job, parsed: ParsedRequest, format: StreamFormat, where: str, stops: StopFilter | None = None
     ) -> StreamingResponse:
         """The turn as server-sent events in `format`, as it is generated; `stops` ends the answer (by default
         at the request's stop sequences)."""
@@ -261,11 +272,38 @@ class Server:
                 for text in format.end(turn):
                     yield text
             except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it, in the API's shape
-                yield format.error(_as_api_error(e, where))
+                yield format.error(self._as_api_error(e, where))
             finally:
                 job.cancel.cancel()  # the client left, or we are done: either way nothing more to generate
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=warning_headers(parsed))
+
+    # -- errors -------------------------------------------------------------------------------------------------
+
+    def _answering(self, endpoint):
+        """`endpoint`, answering every error in its API's shape itself: Starlette's handler for unexpected errors
+        answers too, but then re-raises them for the server to log with a traceback."""
+
+        @functools.wraps(endpoint)
+        async def answer(request: HttpRequest) -> Response:
+            try:
+                return await endpoint(request)
+            except ClientDisconnect:  # the client left while sending its request: nobody to answer
+                return Response(status_code=400)
+            except Exception as e:  # noqa: BLE001
+                return error_response(request.url.path, self._as_api_error(e, f"{request.method} {request.url.path}"))
+
+        return answer
+
+    def _as_api_error(self, error: Exception, where: str) -> ApiError:
+        """`as_api_error`, except that a model file changed on disk makes the model unusable from then on: the
+        server's fault, not the request's, said once in the log (every later request would say it again)."""
+        if not isinstance(error, CheckpointChanged):
+            return as_api_error(error, where)
+        if self.unusable is None:
+            self.unusable = str(error)
+            log.error("the model cannot answer until the server is restarted: %s", error)
+        return model_unusable(self.unusable)
 
 
 WARNING_HEADER = "x-mlx-oss-warning"
@@ -283,23 +321,7 @@ def warning_headers(parsed: ParsedRequest) -> dict[str, str]:
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
-def _answering(endpoint):
-    """`endpoint`, answering every error in its API's shape itself: Starlette's handler for unexpected errors
-    answers too, but then re-raises them for the server to log with a traceback."""
-
-    @functools.wraps(endpoint)
-    async def answer(request: HttpRequest) -> Response:
-        try:
-            return await endpoint(request)
-        except ClientDisconnect:  # the client left while sending its request: nobody to answer
-            return Response(status_code=400)
-        except Exception as e:  # noqa: BLE001
-            return error_response(request.url.path, _as_api_error(e, f"{request.method} {request.url.path}"))
-
-    return answer
-
-
-def _as_api_error(error: Exception, where: str) -> ApiError:
+def as_api_error(error: Exception, where: str) -> ApiError:
     """The answer to `error`; one that is not the client's doing (a 500) is logged as one line naming `where`."""
     if isinstance(error, ApiError):
         return error
@@ -307,6 +329,11 @@ def _as_api_error(error: Exception, where: str) -> ApiError:
         return ApiError(400, str(error))
     log.error("%s failed: %s: %s", where, type(error).__name__, error)
     return ApiError(500, f"the generation failed: {type(error).__name__}: {error}", code="server_error")
+
+
+def model_unusable(reason: str) -> ApiError:
+    """The 503 for every request once the model cannot run (a server error: the client may try another server)."""
+    return ApiError(503, reason, code="model_unavailable")
 
 
 async def _not_found(request: HttpRequest, exc) -> Response:

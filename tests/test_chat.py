@@ -15,7 +15,7 @@ from harmony_helpers import PromptScriptedModel, ScriptedModel, harmony_tokens
 
 from mlx_oss import chat
 from mlx_oss.chat import ChatSession, ChatSettings, ChatTools, Display, run_command
-from mlx_oss.cli import format_count
+from mlx_oss.cli import format_count, run
 from mlx_oss.config import ModelConfig
 from mlx_oss.engine import CancelToken, Done, Engine, GenerationStats, SamplingParams
 from mlx_oss.errors import MlxOssError
@@ -370,4 +370,50 @@ def test_an_unknown_tool_is_refused_before_anything_loads():
     assert out.returncode == 2
     assert out.stderr.splitlines()[-1] == (
         "python -m mlx_oss.chat: error: argument --tools: unknown tool 'shell': the tools are python, browser"
+    )
+
+
+ANSWER_BEYOND_LATIN_1 = "Ça coûte 5 € — «voilà» ✓"
+SCRIPTED_ANSWER = (
+    "<|channel|>analysis<|message|>Le prix ≈ 5 €.<|end|>"
+    f"<|start|>assistant<|channel|>final<|message|>{ANSWER_BEYOND_LATIN_1}<|return|>"
+)
+
+
+@pytest.mark.parametrize("io_encoding", ["latin-1", "latin-1:strict", "cp1252"])  # a locale; strict stderr; Windows
+def test_an_answer_stdout_cannot_encode_is_written_with_replacements(tiny, io_encoding):
+    """The model writes any character; stdout in an 8-bit encoding (a redirect on Windows is cp1252) holds few.
+    What it lacks becomes '?', and the chat finishes its answer instead of dying with a traceback."""
+    runner = (
+        "import sys; from harmony_helpers import PromptScriptedModel; from mlx_oss import chat, loading; "
+        "from mlx_oss.cli import run; "
+        f"loading.load = lambda path, backend: PromptScriptedModel(lambda prompt: {SCRIPTED_ANSWER!r}); "
+        "run(lambda: chat.main(sys.argv[1:]), chat.PROG)"
+    )
+    env = {**chat_env(), "PYTHONPATH": os.path.dirname(__file__), "PYTHONIOENCODING": io_encoding}
+    out = subprocess.run(
+        [sys.executable, "-c", runner, "--model", str(tiny), "--temperature", "0"],
+        input=b"Price?\n",
+        capture_output=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    assert b"Traceback" not in out.stderr
+    codec = io_encoding.partition(":")[0]
+    answer = out.stdout.decode(codec)
+    assert answer == ANSWER_BEYOND_LATIN_1.encode(codec, errors="replace").decode(codec) + "\n"
+    assert "?" in answer and "coûte" in answer
+    assert "Le prix \\u2248 5" in out.stderr.decode(codec)  # the reasoning, on stderr, as Python escapes it
+
+
+def test_text_that_cannot_be_encoded_anywhere_else_is_one_line(capsys):
+    def main():
+        "✓".encode("ascii")
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, "prog")
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (
+        "prog: error: 'ascii' codec can't encode character '\\u2713' in position 0: ordinal not in range(128)\n"
     )

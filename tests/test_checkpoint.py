@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -251,8 +252,15 @@ def test_a_fifo_shard_or_index_is_refused(sharded):
         mlx_oss.load(sharded)
     index.unlink()
     index.symlink_to("/dev/zero")  # a device that never ends
-    with pytest.raises(CheckpointError, match=f"{index}: cannot read: .*not a regular file"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(index))}: cannot read: a device, not a regular file$"):
         mlx_oss.load(sharded)
+    index.unlink()
+    with socket.socket(socket.AF_UNIX) as listening:  # open() refuses it with the OS's "No such device or address"
+        listening.bind(str(index))
+        with pytest.raises(
+            CheckpointError, match=f"^{re.escape(str(index))}: cannot read: a socket, not a regular file$"
+        ):
+            mlx_oss.load(sharded)
 
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
@@ -401,17 +409,39 @@ def test_a_shard_cut_short_after_loading_is_named_before_the_next_pass(single):
     )
 
 
-def test_a_shard_cut_short_during_a_pass_is_named_when_the_process_dies(single):
+@pytest.mark.parametrize(
+    ("flags", "cause"),
+    [
+        ([], "was stopped (bus error)"),
+        # faulthandler is the user's: the watcher cannot learn the signal, and does not guess it
+        (["-X", "faulthandler"], "ended abruptly"),
+    ],
+)
+def test_a_shard_cut_short_during_a_pass_is_named_when_the_process_dies(single, flags, cause):
     original = (single / "model.safetensors").stat().st_size
     result = subprocess.run(
-        [sys.executable, "-c", TRUNCATE_THEN, str(single), "read"], capture_output=True, text=True, timeout=120
+        [sys.executable, *flags, "-c", TRUNCATE_THEN, str(single), "read"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == -signal.SIGBUS, result.stderr[-2000:]
     shard = single / "model.safetensors"
     assert (
-        f"{shard}: changed on disk since it was loaded (was {original} bytes, now 4096); load the model again"
+        f"mlx_oss: the process reading the model {cause}: "
+        f"{shard}: changed on disk since it was loaded (was {original} bytes, now 4096); load the model again\n"
         in result.stderr
     ), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_process_stopped_otherwise_after_its_shard_changed_is_not_said_to_have_had_a_bus_error(single, stop):
+    """Killed, not faulted: the changed file did not end it (the watcher said "bus error" for any death)."""
+    script = TRUNCATE_THEN.replace(
+        'if sys.argv[2] == "forward":', f"import os\nos.kill(os.getpid(), {int(stop)})\nif False:"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(single), "-"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == -stop, result.stderr[-2000:]
+    assert result.stderr == ""  # read to its end: the watcher shares the pipe, so it had its say too
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,15 @@ import json
 import logging
 import os
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -36,7 +39,7 @@ from mlx_oss.harmony import Conversation, Message, render_prompt  # noqa: E402
 from mlx_oss.intake import MAX_BODY_BYTES  # noqa: E402
 from mlx_oss.render_limits import check_render_cost  # noqa: E402
 from mlx_oss.serve import build_parser  # noqa: E402
-from mlx_oss.server import Server  # noqa: E402
+from mlx_oss.server import MODEL_CHANGED, Server  # noqa: E402
 
 CONTEXT = 1024
 
@@ -604,6 +607,61 @@ def test_while_a_huge_request_is_refused_the_server_answers_others(served, model
     assert max(waits) < 1.0, waits  # the server took 30 s and 5 GB over such a request, deaf meanwhile
 
 
+REPO = Path(__file__).resolve().parents[1]
+READ_FILE = {
+    "type": "function",
+    "function": {
+        "name": "read_file",
+        "description": "The text of a file in the project.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+    },
+}
+
+
+def long_agent_session(tokens: int) -> list[dict]:
+    """Messages of at least `tokens` tokens (their texts' own), as a coding agent's long session sends them: the
+    user's questions and the assistant's replies in prose (paragraphs of README.md), and between them read_file
+    calls whose outputs are this project's Python sources."""
+    from mlx_oss.harmony import encode_text
+
+    paragraphs = [p for p in (REPO / "README.md").read_text().split("\n\n") if len(p) > 200]
+    sources = sorted((REPO / "mlx_oss").rglob("*.py"))
+    messages: list[dict] = [{"role": "system", "content": "You are a coding agent working in this repository."}]
+    counted = turn = 0
+    while counted < tokens:
+        question, reply = paragraphs[turn % len(paragraphs)], paragraphs[(turn + 7) % len(paragraphs)]
+        path = sources[turn % len(sources)].relative_to(REPO).as_posix()
+        call = {"id": f"call_{turn}", "type": "function", "function": {"name": "read_file", "arguments": ""}}
+        call["function"]["arguments"] = json.dumps({"path": path})
+        output = (REPO / path).read_text()[:12_000]  # agents cut long files
+        messages += [
+            {"role": "user", "content": f"About this part of the README:\n\n{question}\n\nWhere is it done?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": output},
+            {"role": "assistant", "content": reply},
+        ]
+        counted += sum(len(encode_text(text)) for text in (question, call["function"]["arguments"], output, reply))
+        turn += 1
+    return [*messages, {"role": "user", "content": "Thanks. Now sum up what we found."}]
+
+
+def test_a_conversation_the_size_of_the_context_passes_every_limit_but_the_context():
+    """The body, value, item, nesting and tokenizer-time limits leave room for any conversation that fits 131072
+    tokens: one a little longer is refused for its length alone, before the model runs."""
+    model = ScriptedModel()  # gpt-oss's 131072 positions; it never runs here
+    messages = long_agent_session(133_000)
+    body = json.dumps({"model": "scripted", "messages": messages, "tools": [READ_FILE]}).encode()
+    with serving(Server(Engine(model), "scripted")) as url:
+        reply = httpx.post(
+            f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=120
+        )
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["code"] == "context_length_exceeded", reply.text
+    assert error["message"].startswith("This model's context holds 131072 tokens, but the conversation is ")
+    assert model.forward_calls == 0
+    assert len(messages) > 200 and len(body) < MAX_BODY_BYTES / 8  # a long session, far from the body limit
+
+
 def test_refusals_and_clients_that_leave_write_no_traceback(tiny_checkpoint):
     proc, url = start_server(tiny_checkpoint, "--context", str(CONTEXT))
     try:
@@ -661,6 +719,38 @@ def test_a_server_error_is_one_line_in_the_log(caplog, capfd):
     ]
     assert all(r.levelno == logging.ERROR and r.exc_info is None for r in records)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_model_file_changed_while_serving_is_the_servers_error_said_once(tiny_checkpoint, tmp_path):
+    """A shard cut short under a running server: every request was a 400 invalid_request_error (the client blamed),
+    nothing was logged, /health said ok, and the SIGTERM that ended the server was reported as a bus error."""
+    model_dir = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    proc, url = start_server(model_dir, "--backend", "numpy", "--context", str(CONTEXT))
+    try:
+        body = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        shard = sorted(model_dir.glob("*.safetensors"))[0]
+        size = shard.stat().st_size
+        with open(shard, "r+b") as f:
+            f.truncate(4096)
+        message = f"{shard}: changed on disk since it was loaded (was {size} bytes, now 4096); load the model again"
+        for extra in ({}, {}, {"stream": True}):  # the request that meets the change, then those refused at once
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body | extra, timeout=120)
+            assert reply.status_code == 503, reply.text
+            assert reply.json() == {
+                "error": {"message": message, "type": "server_error", "param": None, "code": "model_unavailable"}
+            }
+        anthropic = httpx.post(f"{url}/v1/messages", json=body, timeout=120)
+        assert anthropic.status_code == 503 and anthropic.json()["error"] == {"type": "api_error", "message": message}
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "reason": MODEL_CHANGED}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), log
+    assert "Traceback" not in log, log
+    said = [line for line in log.splitlines() if "changed on disk" in line]  # once, and no "bus error" at the end
+    assert said == [f"ERROR:    the model cannot answer until the server is restarted: {message}"], log
 
 
 @pytest.mark.parametrize(
