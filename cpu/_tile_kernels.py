@@ -28,8 +28,13 @@ from ._target import CACHE
 
 TILE_PASS = 4  # tiles of 16 inputs a task sums at once
 SUM_TILES = 4  # tiles 0-3 hold sums
+A_TILES, B_TILES = (4, 5), (6, 7)
+X_PARTS = 3  # BF16 parts of a float32 input
+_CONFIG = "mlx_oss_amx_tile_config"
+_I64 = ir.IntType(64)
 
 
+@numba.njit(cache=CACHE)
 def sum_tile(tiles: int, t: int, part: int) -> int:
     """The tile that sums part `part` of the products of tile `t` of `tiles` tiles of inputs.
 
@@ -41,12 +46,6 @@ def sum_tile(tiles: int, t: int, part: int) -> int:
     if tiles == 2:
         return t if part == 0 else 2 + t
     return t
-
-
-A_TILES, B_TILES = (4, 5), (6, 7)
-X_PARTS = 3  # BF16 parts of a float32 input
-_CONFIG = "mlx_oss_amx_tile_config"
-_I64 = ir.IntType(64)
 
 
 def _tile_config(builder):
@@ -207,7 +206,7 @@ def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, out):
     concatenating the groups' inputs, each laid out by `tiles_by_block`.
 
     One parallel loop for every group's work: a task takes 16 rows of one expert and up to TILE_PASS * 16 of its
-    inputs, decoding each of the rows' blocks once.
+    inputs, decoding each of the rows' blocks once for them.
     """
     _, rows, groups, _ = blocks.shape
     row_tiles = rows // 16
@@ -268,15 +267,13 @@ def bf16_matmul_tiles(weights, x, out):
 
 @numba.njit(cache=CACHE)
 def _store_sums(sums, count, out, inputs, first, tile):
-    """The products of 16 rows from `first` with `count` tiles of inputs from tile `tile`, out of the tiles that
-    summed them (see `sum_tile`), into `out [inputs, rows]` (the first `inputs` of them: the rest are padding)."""
+    """The products of 16 rows from `first` with `count` tiles of inputs from tile `tile`, added up from the tiles
+    that summed their parts (`sum_tile`), into `out [inputs, rows]` (its first `inputs`: the rest are padding)."""
     for t in range(count):
-        if count == 1:
-            products = sums[0] + sums[1] + sums[2]
-        elif count == 2:
-            products = sums[t] + sums[2 + t]
-        else:
-            products = sums[t]
+        products = sums[sum_tile(count, t, 0)].copy()
+        for part in range(1, X_PARTS):
+            if sum_tile(count, t, part) != sum_tile(count, t, part - 1):
+                products += sums[sum_tile(count, t, part)]
         for n in range(min(16, inputs - (tile + t) * 16)):
             out[(tile + t) * 16 + n, first : first + 16] = products[:, n]
 
