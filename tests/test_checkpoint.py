@@ -66,7 +66,9 @@ def test_files_from_the_official_writer_load_and_float32_is_the_same_model(singl
 
     rewrite_with_torch(single, widen)
     assert Checkpoint(single).info("lm_head.weight").dtype == "F32"
-    np.testing.assert_array_equal(mlx_oss.load(single).logits(tokens), before)
+    # The same values; on AMX the BF16 matrices are summed on its tiles, float32 ones by BLAS, in another order.
+    after = mlx_oss.load(single).logits(tokens)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
 
 
 def test_our_reader_agrees_with_the_safetensors_library(sharded):
