@@ -28,6 +28,7 @@ from .loading import BACKENDS, load
 from .sampling import SamplingParams, make_sampler
 
 PROG = "python -m mlx_oss.bench"
+WARM_UP = 64  # tokens of the untimed first prompt (see `benchmark`)
 
 
 def peak_rss_bytes() -> int:
@@ -139,8 +140,9 @@ def benchmark(
     """Load; prefill a prompt of each length in `prompt_tokens` from an empty cache; decode `gen_tokens` after the
     first prompt and after each of `contexts` positions (caches filled with random keys and values).
 
-    Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. A short
-    untimed prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does.
+    Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. An untimed
+    prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does: WARM_UP
+    tokens, enough that every expert of every layer is read and the prompt kernels run, not only the decoding ones.
     The decode steps at the different contexts alternate, so that a machine that slows down for a while (a shared
     VM does) slows all alike rather than skewing their ratios."""
     with PrivateMemoryPeak() as private:
@@ -153,7 +155,7 @@ def benchmark(
         rng = np.random.default_rng(seed)
         vocab = model.config.vocab_size
         greedy = make_sampler(SamplingParams(temperature=0))
-        next(iter(Completion(Decoder(model), rng.integers(0, vocab, 8).tolist(), greedy)))  # warm-up, untimed
+        next(iter(Completion(Decoder(model), rng.integers(0, vocab, WARM_UP).tolist(), greedy)))  # untimed
         prefills, completions = [], []
         for count in prompt_tokens:
             completion = iter(Completion(Decoder(model), rng.integers(0, vocab, count).tolist(), greedy))
