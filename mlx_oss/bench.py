@@ -23,12 +23,14 @@ from .bench_cache import fill_random
 from .bench_machine import cpu_model, read_bandwidth_gb_s, vector_flags
 from .bench_peer import PeerFigure, check_peer, gguf_beside, run_peer
 from .cli import add_kv_bits_argument, run
+from .errors import MlxOssError
 from .generate import Completion, Decoder
 from .loading import BACKENDS, load
 from .sampling import SamplingParams, make_sampler
 
 PROG = "python -m mlx_oss.bench"
 WARM_UP = 64  # tokens of the untimed first prompt (see `benchmark`)
+PEER_DEPTH_LIMIT = 4096  # the longest context llama-bench decodes at unless asked (`--peer-context`)
 
 
 def peak_rss_bytes() -> int:
@@ -278,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LLAMA_BENCH",
         help="also run llama.cpp's llama-bench (this executable) on MODEL.gguf and print its figures beside ours",
     )
+    parser.add_argument(
+        "--peer-context",
+        type=token_counts,
+        help=f"contexts llama-bench decodes at (default: those of --context up to {PEER_DEPTH_LIMIT}; llama-bench "
+        "reaches a context by prefilling it in every repeat, which at 32k tokens takes most of an hour on 2 cores)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_kv_bits_argument(parser, "an 8-bit KV cache (default: float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -292,9 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     result = benchmark(args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed, args.kv_bits)
     if args.bandwidth:
         result.read_gb_s = read_bandwidth_gb_s()
+    peer_error = None
     if args.peer:
-        result.peer = run_peer(args.peer, gguf_beside(args.model), prompts, args.gen_tokens, contexts, result.threads)
+        peer_contexts = (
+            [n for n in args.peer_context if n]
+            if args.peer_context is not None
+            else [n for n in contexts if n <= PEER_DEPTH_LIMIT]
+        )
+        try:
+            result.peer = run_peer(
+                args.peer, gguf_beside(args.model), prompts, args.gen_tokens, peer_contexts, result.threads
+            )
+        except MlxOssError as e:  # our figures took minutes: print them, then say what the peer did
+            peer_error = e
     print(json.dumps(asdict(result)) if args.json else format_result(result))
+    if peer_error is not None:
+        raise peer_error
     return 0
 
 

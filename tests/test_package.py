@@ -84,6 +84,8 @@ if "-o" in args:
     assert args["-t"] and args["-m"].endswith("model.gguf"), args
     prompts = [int(p) for p in args["-p"].split(",")]
     depths = [int(d) for d in args.get("-d", "0").split(",")]
+    if 99 in depths:
+        sys.exit("error: cannot reach depth 99")
     tests = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=100.0, stddev_ts=1.0) for p in prompts if p]
     tests += [dict(n_prompt=0, n_gen=int(args["-n"]), n_depth=d, avg_ts=2.0 + d, stddev_ts=0.5) for d in depths
               if int(args["-n"])]
@@ -101,10 +103,21 @@ def test_bench_prints_the_peers_figures_beside_its_own(tiny_checkpoint, tmp_path
     peer.write_text(FAKE_LLAMA_BENCH)
     peer.chmod(0o755)
     cmd = [sys.executable, "-m", "mlx_oss.bench", "--model", str(model), "--prompt-tokens", "5", "--gen-tokens", "1"]
-    out = subprocess.run([*cmd, "--context", "30", "--peer", str(peer)], capture_output=True, text=True, check=True)
-    prefill, short, long = [line for line in out.stdout.splitlines() if line.startswith(("prefill", "decode"))]
+    out = subprocess.run(
+        [*cmd, "--context", "30,5000", "--peer", str(peer)], capture_output=True, text=True, check=True
+    )
+    prefill, short, long, longest = [line for line in out.stdout.splitlines() if line.startswith(("prefill", "decode"))]
     assert "llama.cpp 100.00 ± 1.00 tokens/s" in prefill
     assert "llama.cpp 2.00 ± 0.50 tokens/s" in short and "llama.cpp 32.00 ± 0.50 tokens/s" in long
+    assert "decode at 5000" in longest and "llama.cpp" not in longest  # past PEER_DEPTH_LIMIT unless asked
+    asked = subprocess.run(
+        [*cmd, "--context", "5000", "--peer-context", "5000", "--peer", str(peer)], capture_output=True, text=True
+    )
+    assert "llama.cpp 5002.00 ± 0.50 tokens/s" in asked.stdout, asked.stderr
+    # A peer that fails leaves our figures printed, then says why in one line.
+    failed = subprocess.run([*cmd, "--peer-context", "99", "--peer", str(peer)], capture_output=True, text=True)
+    assert failed.returncode == 1 and "prefill 5" in failed.stdout and "peak RSS" in failed.stdout
+    assert failed.stderr.count("\n") == 1 and "cannot reach depth 99" in failed.stderr
     missing = subprocess.run([*cmd, "--peer", str(tmp_path / "none")], capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no llama-bench there" in missing.stderr
 
