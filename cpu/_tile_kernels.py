@@ -23,13 +23,18 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._numba_kernels import F32, I8, I16, I32, LANES, _blocks, _function, _pointer, _scale, _splat, _vector
+from mlx_oss.mxfp4 import FP4_VALUES
+
+from ._numba_kernels import F32, I8, I16, I32, LANES, _function, _load, _pointer, _prefetch, _scale, _splat, _vector
 from ._target import CACHE
 
 TILE_PASS = 4  # tiles of 16 inputs a task sums at once
 SUM_TILES = 4  # tiles 0-3 hold sums
 A_TILES, B_TILES = (4, 5), (6, 7)
 X_PARTS = 3  # BF16 parts of a float32 input
+# How far ahead (in blocks) each of a task's 16 rows asks for its weights: 16 rows read a block at a time are 16
+# streams that the hardware prefetchers leave waiting on memory.
+PREFETCH_BLOCKS = 8
 _CONFIG = "mlx_oss_amx_tile_config"
 _I64 = ir.IntType(64)
 
@@ -76,13 +81,29 @@ def _tile(n: int):
     return ir.Constant(I8, n)
 
 
-def _bf16_pairs(builder, low, high):
-    """Even and odd elements (`<16 x float>`) whose values BF16 holds exactly, as `<16 x i32>` BF16 pairs (the even
-    one in the low half): their float32 bits cut to the upper 16."""
-    vi = ir.VectorType(I32, LANES)
-    even = builder.lshr(builder.bitcast(low, vi), _vector(I32, [16] * LANES))
-    odd = builder.and_(builder.bitcast(high, vi), _vector(I32, [-65536] * LANES))
-    return builder.or_(even, odd)
+def _bf16_table(builder, scale):
+    """The 16 E2M1 values times `scale` as BF16, twice over (`<32 x i16>`, a `vpermw` table whose index bit 4 is
+    ignored): each product, exact in float32 with two significant bits, cut to its upper 16 bits, exact too."""
+    scaled = builder.fmul(_vector(F32, [float(v) for v in FP4_VALUES]), _splat(builder, scale, 16))
+    words = builder.bitcast(scaled, ir.VectorType(I16, 32))
+    return builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 32), list(range(1, 32, 2)) * 2))
+
+
+def _bf16_block(builder, block_pointer, g, table):
+    """MXFP4 block `g` as its 32 BF16 values in order (`<32 x i16>`, from `_bf16_table`): one `vpermw` of the
+    table by the nibbles, each byte's low nibble in word 2i and its high one in word 2i+1.
+
+    A byte widened to a 32-bit lane, OR its copy shifted up by 12, holds the low nibble in the low word's bits 0-3
+    (bit 4, the high nibble's, picks the table's second copy) and the high nibble in the high word's bits 0-3.
+    """
+    vi = ir.VectorType(I32, 16)
+    offset = builder.mul(g, ir.Constant(g.type, 16))
+    nibbles = builder.zext(_load(builder, block_pointer, offset, ir.VectorType(I8, 16)), vi)
+    index = builder.bitcast(builder.or_(nibbles, builder.shl(nibbles, _vector(I32, [12] * 16))), table.type)
+    words = ir.VectorType(I16, 32)
+    return builder.bitcast(
+        builder.call(_function(builder, "llvm.x86.avx512.permvar.hi.512", words, words, words), [table, index]), vi
+    )
 
 
 def _multiply_blocks(builder, tiles, count, load_a, xp, x_step, sums):
@@ -138,14 +159,15 @@ def _mxfp4_rows_intrinsic(tiles: int):
 
             def decode_and_load(g, a_tile):
                 buffer = builder.gep(ap, [ir.Constant(I32, 256 * A_TILES.index(a_tile))])
+                ahead = builder.add(g, ir.Constant(g.type, PREFETCH_BLOCKS))
                 for r in range(16):
                     row_blocks = builder.gep(bp, [builder.mul(count, ir.Constant(count.type, 16 * r))])
                     row_scales = builder.gep(sp, [builder.mul(count, ir.Constant(count.type, r))])
-                    scale = _splat(builder, _scale(builder, row_scales, g), LANES)
-                    for _, low, high in _blocks(builder, row_blocks, g):
-                        pairs = _bf16_pairs(builder, builder.fmul(low, scale), builder.fmul(high, scale))
-                        row = builder.gep(buffer, [ir.Constant(I32, 16 * r)])
-                        builder.store(pairs, builder.bitcast(row, vi.as_pointer()), align=4)
+                    _prefetch(builder, builder.gep(row_blocks, [builder.mul(ahead, ir.Constant(g.type, 16))]))
+                    _prefetch(builder, builder.gep(row_scales, [ahead]))
+                    table = _bf16_table(builder, _scale(builder, row_scales, g))
+                    row = builder.bitcast(builder.gep(buffer, [ir.Constant(I32, 16 * r)]), vi.as_pointer())
+                    builder.store(_bf16_block(builder, row_blocks, g, table), row, align=4)
                 source = builder.bitcast(buffer, I8.as_pointer())
                 _amx(builder, "tileloadd64", _tile(a_tile), source, ir.Constant(_I64, 64))
 
@@ -191,6 +213,14 @@ _bf16_rows_1, _bf16_rows_2, _bf16_rows_3, _bf16_rows_4 = (_bf16_rows_intrinsic(n
 
 
 @numba.njit(cache=CACHE)
+def _line_aligned(count):
+    """`count` uint32 starting on a 64-byte cache line: a tile row that straddles two lines loads 3-4 times slower."""
+    raw = np.empty(count + 16, dtype=np.uint32)
+    skip = (64 - raw.ctypes.data % 64) % 64 // 4
+    return raw[skip : skip + count]
+
+
+@numba.njit(cache=CACHE)
 def _starts(sizes):
     """Where each of the items of `sizes` starts in their concatenation, and (last) where it ends."""
     starts = np.zeros(sizes.size + 1, dtype=np.int64)
@@ -222,8 +252,8 @@ def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, out):
         tile = (local // row_tiles) * TILE_PASS  # pass by pass: a pass's inputs stay in the core's cache
         first = (local % row_tiles) * 16
         row = experts[i] * rows + first
-        a = np.empty(2 * 256, dtype=np.uint32)
-        sums = np.empty((SUM_TILES, 16, 16), dtype=np.float32)
+        a = _line_aligned(2 * 256)
+        sums = _line_aligned(SUM_TILES * 256).view(np.float32).reshape(SUM_TILES, 16, 16)
         b, s, flat_sums = row * groups * 16, row * groups, sums.reshape(-1)
         x_offset, x_stride = x_start[i] + tile * X_PARTS * 512, tiles[i] * X_PARTS * 512
         count = min(TILE_PASS, tiles[i] - tile)
@@ -251,7 +281,7 @@ def bf16_matmul_tiles(weights, x, out):
     for task in prange((tiles + TILE_PASS - 1) // TILE_PASS * row_tiles):
         tile = (task // row_tiles) * TILE_PASS
         first = (task % row_tiles) * 16
-        sums = np.empty((SUM_TILES, 16, 16), dtype=np.float32)
+        sums = _line_aligned(SUM_TILES * 256).view(np.float32).reshape(SUM_TILES, 16, 16)
         flat_sums, x_offset, w = sums.reshape(-1), tile * X_PARTS * 512, first * width
         count = min(TILE_PASS, tiles - tile)
         if count == 4:

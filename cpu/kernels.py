@@ -154,7 +154,7 @@ def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
     uint16: each float32 split exactly into three BF16 parts."""
     sizes = np.asarray(sizes, dtype=np.int64)
     tiles = int((-(-sizes // 16)).sum())
-    layout = np.empty(tiles * (x.shape[1] // 32) * _tiles.X_PARTS * 256, dtype=np.uint32)
+    layout = _aligned_empty(tiles * (x.shape[1] // 32) * _tiles.X_PARTS * 256).view(np.uint32)  # see `_aligned_empty`
     _tiles.tiles_by_block(np.ascontiguousarray(x, dtype=np.float32), sizes, layout)
     return layout.view(np.uint16)
 
@@ -231,8 +231,8 @@ def _aligned_empty(size: int) -> np.ndarray:
     """`size` float32 whose data starts on a 64-byte cache line.
 
     The kernels read inputs 64 bytes at a time; from rows that start mid-line (NumPy aligns to 16 bytes) every
-    such load would touch two lines. Row lengths here are multiples of 16 floats, so every row then starts on a
-    line too.
+    such load would touch two lines (and AMX's tile loads run 3-4 times slower). Row lengths here are multiples of
+    16 floats, so every row then starts on a line too.
     """
     buffer = np.empty(size * 4 + 64, dtype=np.uint8)
     start = -buffer.ctypes.data % 64
