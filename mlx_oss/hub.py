@@ -107,12 +107,13 @@ def _raise_for_status(r) -> None:
         if len(body) >= ERROR_BODY_BYTES:
             break
     # The copy carries what we read as UTF-8 text (junk replaced): a compressed or mislabelled body would make the
-    # library's own decoding raise UnicodeDecodeError instead of its error.
+    # library's own decoding raise UnicodeDecodeError instead of its error. NULs go too: `json.loads` guesses UTF-16
+    # or UTF-32 from zero bytes at the start, whatever the charset says.
     framing = ("content-encoding", "content-length", "transfer-encoding", "content-type")
     headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in framing]
     kind = "application/json" if "json" in r.headers.get("Content-Type", "") else "text/plain"
     headers.append(("Content-Type", f"{kind}; charset=utf-8"))
-    text = bytes(body[:ERROR_BODY_BYTES]).decode("utf-8", "replace").encode()
+    text = bytes(body[:ERROR_BODY_BYTES]).decode("utf-8", "replace").replace("\0", "\ufffd").encode()
     hf_raise_for_status(_http().Response(r.status_code, headers=headers, content=text, request=r.request))
 
 

@@ -568,15 +568,23 @@ def test_redirects_to_another_host_are_followed_without_the_token_and_bounded(fa
 
 
 @pytest.mark.parametrize("path", ["/api/models/*", f"*/resolve/*/{BIG}"])
-@pytest.mark.parametrize("body", ["endless", "junk", "bomb", "utf-32"])
+@pytest.mark.parametrize("body", ["endless", "junk", "nul", "bomb", "utf-32"])
 def test_an_error_answer_is_read_only_for_its_message(path, body, fake_hub, store):
-    """huggingface_hub reads an error's whole body and decodes it: an endless, compressed or mislabelled one."""
+    """huggingface_hub reads an error's whole body and decodes it: an endless, compressed or mislabelled one, or one
+    whose first bytes `json.loads` takes for UTF-16 (zeros, as random junk has one time in a hundred)."""
     from fakehub import endless, gzip_bomb
 
     headers = {"Content-Encoding": "gzip"} if body in ("junk", "bomb") else {}
     if body == "utf-32":
         headers = {"Content-Type": "application/json; charset=utf-32"}
-    content = {"endless": endless(b"<html>"), "junk": os.urandom(5000), "bomb": gzip_bomb(1 << 30)}
+    if body == "nul":
+        headers = {"Content-Type": "application/json"}
+    content = {
+        "endless": endless(b"<html>"),
+        "junk": os.urandom(5000),
+        "nul": b"\0\xbd" + os.urandom(5000),
+        "bomb": gzip_bomb(1 << 30),
+    }
     content = content.get(body, b"\0\xff" * 99)  # utf-32: not text in that encoding either
     rule = fake_hub.answer(path, content, status=500, headers=headers)
     with pytest.raises(HubError, match="the hub answered 500 Internal Server Error; try again later"):
