@@ -244,3 +244,12 @@ def test_without_a_writable_cache_folder_the_kernels_compile_in_each_process():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]
+
+
+def test_the_benchmarks_memory_speed_is_read_through_the_kernels():
+    """`--bandwidth` streams a buffer through `kernels.matvec` (a plain sum read a fifth slower: no prefetches)."""
+    from mlx_oss.bench_machine import read_bandwidth_gb_s
+
+    speed = read_bandwidth_gb_s(8 << 20, rounds=1)
+    assert (speed is None) == (kernels.ISA is None)
+    assert speed is None or 0.1 < speed < 10_000
