@@ -123,27 +123,64 @@ def _horizontal_sum(builder, vector):
     return builder.extract_element(vector, ir.Constant(I32, 0))
 
 
-def _e2m1(builder, nibbles):
-    """E2M1 values of the low four bits of each lane of `nibbles` (`<LANES x i32>`)."""
-    vf = ir.VectorType(F32, LANES)
-    vi = ir.VectorType(I32, LANES)
-    if LANES == 16:  # vpermps reads the low four bits of each index: the full signed table
-        permute = _function(builder, "llvm.x86.avx512.permvar.sf.512", vf, vf, vi)
-        return builder.call(permute, [_vector(F32, [float(v) for v in FP4_VALUES]), nibbles])
-    permute = _function(builder, "llvm.x86.avx2.permps", vf, vf, vi)  # low three bits: the magnitude
-    magnitude = builder.call(permute, [_vector(F32, [float(v) for v in FP4_VALUES[:8]]), nibbles])
-    sign = builder.and_(builder.shl(nibbles, _vector(I32, [28] * LANES)), _vector(I32, [0x80000000] * LANES))
-    return builder.bitcast(builder.or_(builder.bitcast(magnitude, vi), sign), vf)
+def _bf16_bytes(byte: int) -> list[int]:
+    """Byte `byte` (0 low, 1 high) of each E2M1 value's BF16 bits: exact, as every E2M1 value is a BF16 one."""
+    bits = np.asarray(FP4_VALUES, dtype=np.float32).view(np.uint32) >> 16
+    return [int(b >> (8 * byte)) & 0xFF for b in bits]
+
+
+def _block_order() -> np.ndarray:
+    """The order `_blocks` yields a block's 32 weights in, by element (element 2i is byte i's low nibble, 2i+1 its
+    high one): inputs are laid out in it (`kernels.block_ordered`), so each vector of weights meets its inputs in
+    one load."""
+    if LANES == 16:  # the low nibbles, then the high ones
+        return np.concatenate([np.arange(0, 32, 2), np.arange(1, 32, 2)])
+    order = []  # see `_avx2_blocks`: bytes 0 2 4 6, 1 3 5 7, 8 10 12 14, 9 11 13 15, each low nibbles then high
+    for first in (0, 1, 8, 9):
+        pairs = range(first, first + 8, 2)
+        order += [2 * i for i in pairs] + [2 * i + 1 for i in pairs]
+    return np.array(order)
+
+
+BLOCK_ORDER = _block_order()
 
 
 def _blocks(builder, block_pointer, g):
-    """Yield (lane offset within the block, low-nibble values, high-nibble values) for block `g`."""
-    vi = ir.VectorType(I32, LANES)
-    for half in range(0, 16, LANES):
-        offset = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, half))
-        nibbles = builder.zext(_load(builder, block_pointer, offset, ir.VectorType(I8, LANES)), vi)
-        high = builder.lshr(nibbles, _vector(I32, [4] * LANES))
-        yield offset, _e2m1(builder, nibbles), _e2m1(builder, high)
+    """Yield (position in `BLOCK_ORDER`, `<LANES x float>` weights) for the 32 E2M1 values of block `g`, unscaled."""
+    if LANES == 8:
+        yield from _avx2_blocks(builder, block_pointer, g)
+        return
+    # AVX-512: vpermps reads the low four bits of each index, so the full signed table decodes 16 nibbles at once.
+    vf, vi = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
+    permute = _function(builder, "llvm.x86.avx512.permvar.sf.512", vf, vf, vi)
+    table = _vector(F32, [float(v) for v in FP4_VALUES])
+    raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
+    nibbles = builder.zext(raw, vi)
+    yield 0, builder.call(permute, [table, nibbles])
+    yield 16, builder.call(permute, [table, builder.lshr(nibbles, _vector(I32, [4] * LANES))])
+
+
+def _avx2_blocks(builder, block_pointer, g):
+    """AVX2 has no 16-entry float permute. Instead `vpshufb` looks up the low and the high byte of each nibble's
+    BF16 bits, 32 nibbles at once (the block's low nibbles in one 128-bit lane, its high ones in the other); the
+    bytes are interleaved into BF16 words, and each 32-bit pair of words gives two floats: one shifted up 16, one
+    masked. That is 10 vector instructions a block where a permute per 8 values and its sign took 20."""
+    v32 = ir.VectorType(I8, 32)
+    raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
+    both = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(I32, 32), list(range(16)) * 2))
+    quads = ir.VectorType(ir.IntType(64), 4)
+    shifted = builder.lshr(builder.bitcast(both, quads), _vector(ir.IntType(64), [0, 0, 4, 4]))  # high lane: >> 4
+    nibbles = builder.and_(builder.bitcast(shifted, v32), _vector(I8, [0x0F] * 32))
+    lookup = _function(builder, "llvm.x86.avx2.pshuf.b", v32, v32, v32)
+    low = builder.call(lookup, [_vector(I8, _bf16_bytes(0) * 2), nibbles])
+    high = builder.call(lookup, [_vector(I8, _bf16_bytes(1) * 2), nibbles])
+    vi, vf = ir.VectorType(I32, 8), ir.VectorType(F32, 8)
+    for position, half in ((0, 0), (16, 8)):  # vpunpcklbw, then vpunpckhbw: bytes 0-7, 8-15 of each lane
+        pairs = [(lane + half + i, 32 + lane + half + i) for lane in (0, 16) for i in range(8)]
+        interleave = ir.Constant(ir.VectorType(I32, 32), [index for pair in pairs for index in pair])
+        words = builder.bitcast(builder.shuffle_vector(low, high, interleave), vi)
+        yield position, builder.bitcast(builder.shl(words, _vector(I32, [16] * 8)), vf)
+        yield position + 8, builder.bitcast(builder.and_(words, _vector(I32, [0xFFFF0000] * 8)), vf)
 
 
 def _scale(builder, scale_pointer, g):
@@ -161,30 +198,30 @@ def _scale(builder, scale_pointer, g):
 
 
 @intrinsic
-def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x_even, x_odd, groups):
-    """One MXFP4 row (`groups` blocks from `blocks[block_offset:]`) dotted with x split into even and odd elements."""
+def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, groups):
+    """One MXFP4 row (`groups` blocks from `blocks[block_offset:]`) dotted with x, each block's 32 elements in
+    `BLOCK_ORDER`."""
 
     def codegen(context, builder, signature, args):
-        b_arr, b_off, s_arr, s_off, xe_arr, xo_arr, count = args
-        bt, _, st, _, xet, xot, _ = signature.args
+        b_arr, b_off, s_arr, s_off, x_arr, count = args
+        bt, _, st, _, xt, _ = signature.args
         bp = _pointer(context, builder, bt, b_arr, b_off, I8)
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
-        xep = _pointer(context, builder, xet, xe_arr, ir.Constant(I32, 0), F32)
-        xop = _pointer(context, builder, xot, xo_arr, ir.Constant(I32, 0), F32)
+        xp = _pointer(context, builder, xt, x_arr, ir.Constant(I32, 0), F32)
         vf, fma = _fma(builder, LANES)
 
         def step(builder, g, acc):
             _prefetch_ahead(builder, bp, sp, g)
+            block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, 32))])
             block = None
-            for offset, low, high in _blocks(builder, bp, g):
-                xe = _load(builder, xep, offset, vf)
-                part = builder.call(fma, [high, _load(builder, xop, offset, vf), builder.fmul(low, xe)])
-                block = part if block is None else builder.fadd(block, part)
+            for position, weights in _blocks(builder, bp, g):
+                inputs = _load(builder, block_x, ir.Constant(g.type, position), vf)
+                block = builder.fmul(weights, inputs) if block is None else builder.call(fma, [weights, inputs, block])
             return builder.call(fma, [block, _splat(builder, _scale(builder, sp, g), LANES), acc])
 
         return _horizontal_sum(builder, _accumulate(builder, count, LANES, step))
 
-    return types.float32(blocks, block_offset, scales, scale_offset, x_even, x_odd, groups), codegen
+    return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
 
 
 def _row_dot_tokens_intrinsic(tokens: int):
@@ -194,8 +231,8 @@ def _row_dot_tokens_intrinsic(tokens: int):
     ):
         """One MXFP4 row dotted with `tokens` inputs at once: each block is decoded once and used `tokens` times.
 
-        `x` is laid out by block, then input (`kernels.passes_by_block`): input t's even elements of block g are
-        `x[x_offset + g * x_stride + 32 * t:][:16]`, its odd ones the next 16. Each input's lanes of partial sums
+        `x` is laid out by block, then input (`kernels.passes_by_block`): input t's elements of block g are
+        `x[x_offset + g * x_stride + 32 * t:][:32]`, in `BLOCK_ORDER`. Each input's lanes of partial sums
         are added to `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row.
         """
 
@@ -216,14 +253,11 @@ def _row_dot_tokens_intrinsic(tokens: int):
                 _prefetch_ahead(builder, bp, sp, g)
                 scale = _splat(builder, _scale(builder, sp, g), LANES)
                 block_x = builder.gep(xp, [builder.mul(g, x_step)])
-                for offset, low, high in _blocks(builder, bp, g):
-                    half = builder.sub(offset, builder.mul(g, ir.Constant(g.type, 16)))
-                    low, high = builder.fmul(low, scale), builder.fmul(high, scale)
+                for position, weights in _blocks(builder, bp, g):
+                    weights = builder.fmul(weights, scale)
                     for t, acc in enumerate(accs):
-                        even = builder.add(half, ir.Constant(half.type, 32 * t))
-                        odd = builder.add(even, ir.Constant(half.type, 16))
-                        total = builder.call(fma, [low, _load(builder, block_x, even, vf), builder.load(acc)])
-                        builder.store(builder.call(fma, [high, _load(builder, block_x, odd, vf), total]), acc)
+                        inputs = _load(builder, block_x, ir.Constant(g.type, 32 * t + position), vf)
+                        builder.store(builder.call(fma, [weights, inputs, builder.load(acc)]), acc)
             for target, acc in zip(targets, accs, strict=True):
                 builder.store(builder.load(acc), target, align=4)
             return context.get_dummy_value()
@@ -399,10 +433,10 @@ _mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE), _mix_intrinsic(1)
 
 
 @numba.njit(parallel=True, cache=CACHE)
-def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
+def mxfp4_matvec(blocks, scales, experts, x, out):
     """`out[p] = W[experts[p]] @ x[p]` for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]`.
 
-    `x_even`/`x_odd` `[n, G*16]` hold each x's even and odd elements (`kernels._deinterleave`).
+    `x [n, G*32]` holds each block's elements in `BLOCK_ORDER` (`kernels.block_ordered`).
     """
     _, rows, groups, _ = blocks.shape
     flat_blocks = blocks.reshape(-1)
@@ -413,9 +447,7 @@ def mxfp4_matvec(blocks, scales, experts, x_even, x_odd, out):
         first = (task - p * chunks) * MATVEC_ROWS
         for r in range(first, min(rows, first + MATVEC_ROWS)):
             row = experts[p] * rows + r
-            out[p, r] = _mxfp4_row_dot(
-                flat_blocks, row * groups * 16, flat_scales, row * groups, x_even[p], x_odd[p], groups
-            )
+            out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, x[p], groups)
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -485,7 +517,7 @@ def warm_up() -> None:
     blocks = _read_only(np.zeros((1, 1, 1, 16), np.uint8))
     scales = _read_only(np.full((1, 1, 1), 127, np.uint8))
     xs = np.zeros((1, 16), np.float32)
-    mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), xs, xs, np.empty((1, 1), np.float32))
+    mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), np.zeros((1, 32), np.float32), np.empty((1, 1), np.float32))
     q, cached, scores = (
         np.zeros((1, 2, 4), np.float32),
         np.zeros((1, 4, 1), np.float32),

@@ -1,11 +1,12 @@
 """Compiled matrix-vector kernels for the NumPy backend, through numba (the optional `fast` extra).
 
 Plain NumPy must expand MXFP4 weights to float32 before BLAS can use them, which costs more than
-reading them. These kernels multiply the packed weights directly: each block's 16 bytes are widened
-to 32-bit lanes and turned into E2M1 values by a register permute with a 16-entry table
-(AVX-512 `vpermps`; on AVX2 an 8-entry magnitude table plus the sign bit), then multiplied into
-float32 sums with the block's E8M0 scale. BF16 weights are widened in registers the same way. All
-arithmetic is float32, as in the plain path, so results agree with it to rounding.
+reading them. These kernels multiply the packed weights directly: each block's 32 nibbles become E2M1
+values in registers (AVX-512: widened to 32-bit lanes, looked up by a 16-entry `vpermps`; AVX2: the low and
+high bytes of their BF16 bits looked up by `vpshufb`, 32 at once, and spread into floats), then multiplied
+into float32 sums with the block's E8M0 scale. The inputs are laid out in the order the weights come out of
+that decoding (`block_ordered`). BF16 weights are widened in registers the same way. All arithmetic is
+float32, as in the plain path, so results agree with it to rounding.
 
 The permute is written in LLVM IR through numba intrinsics because numba's loops would promote the
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
@@ -99,7 +100,7 @@ def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x:
     For pairs whose expert has no other input: every weight row is read once per pair.
     """
     out = np.empty((experts.size, blocks.shape[1]), dtype=np.float32)
-    _compiled.mxfp4_matvec(blocks, scales, np.ascontiguousarray(experts, dtype=np.int64), *_deinterleave(x), out)
+    _compiled.mxfp4_matvec(blocks, scales, np.ascontiguousarray(experts, dtype=np.int64), block_ordered(x), out)
     return out
 
 
@@ -161,20 +162,18 @@ def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
 
 def passes_by_block(x: np.ndarray) -> np.ndarray:
     """x `[T, G*32]` (T a multiple of 8) flattened the way `mxfp4_matmul` reads it: pass after pass, each
-    `[G, pass, 32]`, a row's 32 elements of a block as its 16 even then its 16 odd ones. A pass's inputs for one
-    block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows,
-    4 KB, put them in the same L1 sets).
+    `[G, pass, 32]`, a row's 32 elements of a block in `block_ordered`'s order. A pass's inputs for one block lie
+    together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows, 4 KB, put
+    them in the same L1 sets).
     """
     tokens, width = x.shape
     groups = width // 32
-    pairs = np.asarray(x, dtype=np.float32).reshape(tokens, groups, 16, 2)
+    blocks = np.asarray(x, dtype=np.float32).reshape(tokens, groups, 32)[..., _compiled.BLOCK_ORDER]
     out = _aligned_empty(tokens * width)
     t = 0
     while t < tokens:
         step = _compiled.pass_tokens(tokens - t)
-        out[t * width : (t + step) * width].reshape(groups, step, 2, 16)[...] = pairs[t : t + step].transpose(
-            1, 0, 3, 2
-        )
+        out[t * width : (t + step) * width].reshape(groups, step, 32)[...] = blocks[t : t + step].transpose(1, 0, 2)
         t += step
     return out
 
@@ -213,18 +212,13 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start:
     return out.reshape(tokens, heads * dim)
 
 
-def _deinterleave(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split `x [..., G*32]` into the elements the low and the high nibbles multiply: `[..., G*16]` each."""
-    pairs = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 2)
-    halves = _aligned_copy(np.moveaxis(pairs, -1, 0))
-    return halves[0], halves[1]
-
-
-def _aligned_copy(x: np.ndarray) -> np.ndarray:
-    """`x` as a C-contiguous float32 array in `_aligned_empty` memory."""
-    out = _aligned_empty(x.size).reshape(x.shape)
-    out[...] = x
-    return out
+def block_ordered(x: np.ndarray) -> np.ndarray:
+    """`x [..., G*32]` with each block's 32 elements in the order the MXFP4 kernels decode weights in
+    (`_numba_kernels.BLOCK_ORDER`), in `_aligned_empty` memory."""
+    blocks = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 32)
+    out = _aligned_empty(x.size).reshape(blocks.shape)
+    np.take(blocks, _compiled.BLOCK_ORDER, axis=-1, out=out)
+    return out.reshape(x.shape)
 
 
 def _aligned_empty(size: int) -> np.ndarray:
