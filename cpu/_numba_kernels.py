@@ -22,11 +22,13 @@ LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
-TOKENS = 8  # inputs a prompt's expert rows are multiplied with per pass (one register each)
-# while at least this many are left (twice the accumulators, half the decoding per product; AVX2 has 16 registers)
-WIDE_TOKENS = 16 if ISA == "avx512" else TOKENS
+# Inputs a prompt's expert rows are multiplied with per pass (one register each): WIDE_TOKENS while at least that
+# many are left, then TOKENS; the inputs are padded to a multiple of TOKENS. AVX2 has 16 registers, AVX-512 32. A
+# narrow last pass wastes fewer products on padding than a wide one, for one more decoding of the weights.
+TOKENS = 8 if ISA == "avx512" else 4
+WIDE_TOKENS = 2 * TOKENS
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
-# input it reads again for every row (TOKENS x 512 values, 16 KB) stays in the core's L1 cache.
+# input it reads again for every row (WIDE_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
 ROW_CHUNK = 16
 GROUP_CHUNK = 16
 SCALE_TABLE = "mlx_oss_e8m0_scale_values"
