@@ -18,7 +18,7 @@ from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 from ._target import CACHE, ISA
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
-LANES = 16 if ISA == "avx512" else 8  # float32 lanes of one permute
+LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector of decoded MXFP4 weights
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
@@ -149,26 +149,26 @@ BLOCK_ORDER = _block_order()
 
 def _blocks(builder, block_pointer, g):
     """Yield (position in `BLOCK_ORDER`, `<LANES x float>` weights) for the 32 E2M1 values of block `g`, unscaled."""
+    raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
     if LANES == 8:
-        yield from _avx2_blocks(builder, block_pointer, g)
+        yield from _avx2_blocks(builder, raw)
         return
     # AVX-512: vpermps reads the low four bits of each index, so the full signed table decodes 16 nibbles at once.
     vf, vi = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
     permute = _function(builder, "llvm.x86.avx512.permvar.sf.512", vf, vf, vi)
     table = _vector(F32, [float(v) for v in FP4_VALUES])
-    raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
     nibbles = builder.zext(raw, vi)
     yield 0, builder.call(permute, [table, nibbles])
     yield 16, builder.call(permute, [table, builder.lshr(nibbles, _vector(I32, [4] * LANES))])
 
 
-def _avx2_blocks(builder, block_pointer, g):
-    """AVX2 has no 16-entry float permute. Instead `vpshufb` looks up the low and the high byte of each nibble's
-    BF16 bits, 32 nibbles at once (the block's low nibbles in one 128-bit lane, its high ones in the other); the
-    bytes are interleaved into BF16 words, and each 32-bit pair of words gives two floats: one shifted up 16, one
-    masked. That is 10 vector instructions a block where a permute per 8 values and its sign took 20."""
+def _avx2_blocks(builder, raw):
+    """`_blocks` for a block's 16 bytes `raw` on AVX2, which has no 16-entry float permute (one of the magnitude and
+    a sign fix-up per 8 values would take 20 vector instructions a block). Instead `vpshufb` looks up the low and
+    the high byte of each nibble's BF16 bits, 32 nibbles at once (the low nibbles in one 128-bit lane, the high
+    ones in the other); the bytes are interleaved into BF16 words, and each 32-bit pair of words gives two floats,
+    one shifted up 16, one masked: 10 instructions."""
     v32 = ir.VectorType(I8, 32)
-    raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
     both = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(I32, 32), list(range(16)) * 2))
     quads = ir.VectorType(ir.IntType(64), 4)
     shifted = builder.lshr(builder.bitcast(both, quads), _vector(ir.IntType(64), [0, 0, 4, 4]))  # high lane: >> 4

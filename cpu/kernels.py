@@ -8,7 +8,7 @@ into float32 sums with the block's E8M0 scale. The inputs are laid out in the or
 that decoding (`block_ordered`). BF16 weights are widened in registers the same way. All arithmetic is
 float32, as in the plain path, so results agree with it to rounding.
 
-The permute is written in LLVM IR through numba intrinsics because numba's loops would promote the
+The decoding is written in LLVM IR through numba intrinsics because numba's loops would promote the
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
 numba, use the plain NumPy path; `MLX_OSS_KERNELS=off` forces it (and `=avx2` the AVX2 kernels).
 
@@ -168,7 +168,7 @@ def passes_by_block(x: np.ndarray) -> np.ndarray:
     """
     tokens, width = x.shape
     groups = width // 32
-    blocks = np.asarray(x, dtype=np.float32).reshape(tokens, groups, 32)[..., _compiled.BLOCK_ORDER]
+    blocks = block_ordered(x).reshape(tokens, groups, 32)
     out = _aligned_empty(tokens * width)
     t = 0
     while t < tokens:
