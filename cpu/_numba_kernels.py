@@ -74,13 +74,15 @@ def _zeros(builder, count: int, lanes: int) -> list:
     return [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * lanes)) for _ in range(count)]
 
 
-def _accumulate(builder, count, lanes: int, step):
-    """Sum over `range(count)` of `step(builder, index, acc) -> acc`, with independent accumulators.
+def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=None):
+    """`combine` (default: addition) over `range(count)` of `step(builder, index, acc) -> acc`, with independent
+    accumulators starting at `start`.
 
     One accumulator would chain every iteration on the latency of the last addition; four cover it.
-    Returns the vector sum.
+    Returns the vector combination of the accumulators.
     """
-    accs = _zeros(builder, UNROLL, lanes)
+    combine = combine or _add
+    accs = [cgutils.alloca_once_value(builder, _vector(F32, [start] * lanes)) for _ in range(UNROLL)]
     width = ir.Constant(count.type, UNROLL)
     with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
         base = builder.mul(loop.index, width)
@@ -93,8 +95,17 @@ def _accumulate(builder, count, lanes: int, step):
         builder.store(step(builder, index, builder.load(accs[0])), accs[0])
     total = builder.load(accs[0])
     for acc in accs[1:]:
-        total = builder.fadd(total, builder.load(acc))
+        total = combine(builder, total, builder.load(acc))
     return total
+
+
+def _add(builder, a, b):
+    return builder.fadd(a, b)
+
+
+def _max(builder, a, b):
+    """The larger of `a` and `b`, lane by lane (`vmaxps`)."""
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
 
 
 def _prefetch(builder, pointer):
@@ -112,8 +123,10 @@ def _prefetch_ahead(builder, block_pointer, scale_pointer, g):
     _prefetch(builder, builder.gep(scale_pointer, [builder.add(g, ir.Constant(g.type, PREFETCH_BYTES // 16))]))
 
 
-def _horizontal_sum(builder, vector):
-    """The sum of a vector's lanes, halving it each step (a tree, not a chain of dependent additions)."""
+def _horizontal_sum(builder, vector, combine=None):
+    """The sum of a vector's lanes (or their `combine`), halving it each step (a tree, not a chain of dependent
+    additions)."""
+    combine = combine or _add
     lanes = vector.type.count
     while lanes > 1:
         lanes //= 2
@@ -121,7 +134,7 @@ def _horizontal_sum(builder, vector):
         high = builder.shuffle_vector(
             vector, vector, ir.Constant(ir.VectorType(I32, lanes), list(range(lanes, 2 * lanes)))
         )
-        vector = builder.fadd(low, high)
+        vector = combine(builder, low, high)
     return builder.extract_element(vector, ir.Constant(I32, 0))
 
 
@@ -433,6 +446,97 @@ def _mix_intrinsic(heads: int):
 _scores_tile, _scores_head = _scores_intrinsic(HEAD_TILE), _scores_intrinsic(1)
 _mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE), _mix_intrinsic(1)
 
+# exp(r) for |r| <= ln(2) / 2 as 1 + r + r^2 p(r), Cephes' `expf` coefficients (within an ulp or two of exp);
+# ln 2 in two parts, the first exact in few bits, so that x - n ln 2 is exact for the n of float32's range.
+EXP_POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4
+EXP_UNDERFLOW = -87.33654  # ln of float32's smallest normal: below it, 0
+
+
+def _exp(builder, x):
+    """exp(x) lane by lane for `x <= 0` (the log-weights of a softmax, -inf where masked): exp(r) 2^n with
+    n = round(x / ln 2), r = x - n ln 2. numba calls the C library's exp once per element; this is vectorized."""
+    vf, fma = _fma(builder, x.type.count)
+    lanes = x.type.count
+    vi = ir.VectorType(I32, lanes)
+    underflow = builder.fcmp_ordered("<", x, _vector(F32, [EXP_UNDERFLOW] * lanes))
+    x = builder.select(underflow, _vector(F32, [EXP_UNDERFLOW] * lanes), x)  # no -inf into the integer conversion
+    rint = _function(builder, f"llvm.rint.v{lanes}f32", vf, vf)
+    n = builder.call(rint, [builder.fmul(x, _vector(F32, [1 / np.log(2)] * lanes))])
+    r = builder.call(fma, [n, _vector(F32, [-LN2_HIGH] * lanes), x])
+    r = builder.call(fma, [n, _vector(F32, [-LN2_LOW] * lanes), r])
+    p = _vector(F32, [EXP_POLYNOMIAL[0]] * lanes)
+    for c in EXP_POLYNOMIAL[1:]:
+        p = builder.call(fma, [p, r, _vector(F32, [c] * lanes)])
+    e = builder.fadd(builder.call(fma, [p, builder.fmul(r, r), r]), _vector(F32, [1.0] * lanes))
+    exponent = builder.shl(builder.add(builder.fptosi(n, vi), _vector(I32, [127] * lanes)), _vector(I32, [23] * lanes))
+    e = builder.fmul(e, builder.bitcast(exponent, vf))
+    return builder.select(underflow, _vector(F32, [0.0] * lanes), e)
+
+
+@intrinsic
+def _row_max(typingctx, a, offset, count):
+    """The largest of `a[offset:][:count]` (-inf for none), `count` a multiple of 16."""
+
+    def codegen(context, builder, signature, args):
+        a_arr, a_off, n = args
+        ap = _pointer(context, builder, signature.args[0], a_arr, a_off, F32)
+        vf = ir.VectorType(F32, DOT_LANES)
+
+        def step(builder, i, acc):
+            return _max(builder, acc, _load(builder, ap, builder.mul(i, ir.Constant(n.type, DOT_LANES)), vf))
+
+        steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
+        lanes = _accumulate(builder, steps, DOT_LANES, step, start=-np.inf, combine=_max)
+        return _horizontal_sum(builder, lanes, combine=_max)
+
+    return types.float32(a, offset, count), codegen
+
+
+@intrinsic
+def _exp_sum(typingctx, a, offset, count, peak):
+    """Replaces `a[offset:][:count]` by `exp(a - peak)` (`_exp`; `peak` at least their largest) and returns their
+    sum, `count` a multiple of 16."""
+
+    def codegen(context, builder, signature, args):
+        a_arr, a_off, n, top = args
+        ap = _pointer(context, builder, signature.args[0], a_arr, a_off, F32)
+        vf = ir.VectorType(F32, DOT_LANES)
+        peaks = _splat(builder, top, DOT_LANES)
+
+        def step(builder, i, acc):
+            offset = builder.mul(i, ir.Constant(n.type, DOT_LANES))
+            pointer = builder.bitcast(builder.gep(ap, [offset]), vf.as_pointer())
+            weights = _exp(builder, builder.fsub(builder.load(pointer, align=1), peaks))
+            builder.store(weights, pointer, align=1)
+            return builder.fadd(acc, weights)
+
+        steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
+        return _horizontal_sum(builder, _accumulate(builder, steps, DOT_LANES, step))
+
+    return types.float32(a, offset, count, peak), codegen
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def softmax_with_sink(scores, sinks, denominators):
+    """`layers.softmax_with_sink` over `scores [T, H, N]` in place, head h's sink `sinks[h]`, each row's denominator
+    into `denominators [T, H]`: rows in parallel, each read twice (its largest, then its exponentials and their sum).
+    The last `N % 16` of a row take the C library's exp."""
+    tokens, heads, count = scores.shape
+    body = count - count % DOT_LANES
+    flat = scores.reshape(-1)
+    for row in prange(tokens * heads):
+        h = row % heads
+        start = row * count
+        peak = max(_row_max(flat, start, body), sinks[h])
+        for j in range(start + body, start + count):
+            peak = max(peak, flat[j])
+        total = _exp_sum(flat, start, body, peak)
+        for j in range(start + body, start + count):
+            flat[j] = np.exp(flat[j] - peak)
+            total += flat[j]
+        denominators[row // heads, h] = total + np.exp(sinks[h] - peak)
+
 
 @numba.njit(parallel=True, cache=CACHE)
 def mxfp4_matvec(blocks, scales, experts, x, out):
@@ -526,6 +630,7 @@ def warm_up() -> None:
         np.zeros((1, 2, 1), np.float32),
     )
     attention_scores(q, cached, 0, np.float32(1), scores)
+    softmax_with_sink(scores, np.zeros(2, np.float32), np.empty((1, 2), np.float32))
     attention_mix(scores, cached, 0, np.empty_like(q))
     mxfp4_matmul(blocks[0], scales[0], np.zeros(TOKENS * 32, np.float32), np.empty((TOKENS, 1), np.float32))
     for dtype in (np.uint16, np.float32):

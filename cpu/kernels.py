@@ -29,7 +29,7 @@ import threading
 import numpy as np
 
 from . import _target
-from .layers import first_visible_key, softmax_with_sink, visibility
+from .layers import first_visible_key, visibility
 
 ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
@@ -193,8 +193,8 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start:
 
     `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers holding at least the positions
     up to the last query's, `keys[..., 0]` being position `k_start` (a slice of them would have strides numba
-    cannot vectorize over). The products run in the kernels; the softmax in NumPy, whose `exp` is vectorized where
-    numba's is a call per element.
+    cannot vectorize over). The products and the softmax run in the kernels, the softmax's rows in parallel (on one
+    core, NumPy's four passes over a 32k-position row took longer than the products).
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape
@@ -205,9 +205,10 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start:
     _compiled.attention_scores(q, keys, first - k_start, np.float32(1.0 / np.sqrt(dim)), scores)
     if visible is not None:
         scores[~np.broadcast_to(visible[:, None, :], scores.shape)] = -np.inf
-    weights, denominator = softmax_with_sink(scores, sinks[None, :])
+    denominator = np.empty((tokens, heads), dtype=np.float32)
+    _compiled.softmax_with_sink(scores, np.ascontiguousarray(sinks, dtype=np.float32), denominator)
     out = np.empty(q.shape, dtype=np.float32)
-    _compiled.attention_mix(weights, values, first - k_start, out)
+    _compiled.attention_mix(scores, values, first - k_start, out)
     out /= denominator[..., None]
     return out.reshape(tokens, heads * dim)
 
