@@ -18,7 +18,7 @@ from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 from ._target import CACHE, ISA
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
-LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector of decoded MXFP4 weights
+LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
@@ -411,40 +411,55 @@ def _scores_intrinsic(heads: int):
     return scores_tile
 
 
-def _mix_intrinsic(heads: int):
+def _mix_intrinsic(heads: int, rows: int):
     @intrinsic
-    def mix_tile(typingctx, v, v_offset, w, w_offset, w_stride, out, out_offset, out_stride, blocks):
-        """Adds to `out[out_offset + i * out_stride]` the dot product of `v[v_offset:][:16 * blocks]` with the
-        weights of `heads` consecutive heads, `w[w_offset + i * w_stride:][:16 * blocks]`."""
+    def mix_tile(typingctx, v, v_offset, v_stride, w, w_offset, w_stride, out, out_offset, out_stride, blocks):
+        """Adds to `out[out_offset + i * out_stride + r]` the dot product of value row r,
+        `v[v_offset + r * v_stride:][:16 * blocks]`, with the weights of head i, `w[w_offset + i * w_stride:]
+        [:16 * blocks]`, for `rows` rows and `heads` heads: each vector of weights is loaded once for all rows, each
+        of values once for all heads."""
 
         def codegen(context, builder, signature, args):
-            v_arr, v_off, w_arr, w_off, w_step, o_arr, o_off, o_step, n = args
-            vt, _, wt, _, _, ot, _, _, _ = signature.args
+            v_arr, v_off, v_step, w_arr, w_off, w_step, o_arr, o_off, o_step, n = args
+            vt, _, _, wt, _, _, ot, _, _, _ = signature.args
             vp = _pointer(context, builder, vt, v_arr, v_off, F32)
             wp = _pointer(context, builder, wt, w_arr, w_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf, fma = _fma(builder, DOT_LANES)
-            accs = _zeros(builder, heads, DOT_LANES)
-            with cgutils.for_range(builder, n) as loop:
-                offset = builder.mul(loop.index, ir.Constant(n.type, DOT_LANES))
-                _prefetch(builder, builder.gep(vp, [builder.add(offset, ir.Constant(n.type, AHEAD_POSITIONS))]))
-                values = _load(builder, vp, offset, vf)
-                for i, acc in enumerate(accs):
-                    row = builder.add(builder.mul(w_step, ir.Constant(w_step.type, i)), offset)
-                    builder.store(builder.call(fma, [_load(builder, wp, row, vf), values, builder.load(acc)]), acc)
-            for i, acc in enumerate(accs):
-                target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, i))])
-                builder.store(builder.fadd(builder.load(target), _horizontal_sum(builder, builder.load(acc))), target)
+            vf, fma = _fma(builder, LANES)
+            accs = [_zeros(builder, rows, LANES) for _ in range(heads)]
+            value_rows = [builder.mul(v_step, ir.Constant(v_step.type, r)) for r in range(rows)]
+            weight_rows = [builder.mul(w_step, ir.Constant(w_step.type, i)) for i in range(heads)]
+            with cgutils.for_range(builder, builder.mul(n, ir.Constant(n.type, 16 // LANES))) as loop:
+                offset = builder.mul(loop.index, ir.Constant(n.type, LANES))
+                values = []
+                for row in value_rows:
+                    at = builder.add(row, offset)
+                    _prefetch(builder, builder.gep(vp, [builder.add(at, ir.Constant(n.type, AHEAD_POSITIONS))]))
+                    values.append(_load(builder, vp, at, vf))
+                for head, row in zip(accs, weight_rows, strict=True):
+                    weights = _load(builder, wp, builder.add(row, offset), vf)
+                    for acc, value in zip(head, values, strict=True):
+                        builder.store(builder.call(fma, [weights, value, builder.load(acc)]), acc)
+            for i, head in enumerate(accs):
+                for r, acc in enumerate(head):
+                    index = builder.add(builder.mul(o_step, ir.Constant(o_step.type, i)), ir.Constant(o_step.type, r))
+                    target = builder.gep(op, [index])
+                    total = _horizontal_sum(builder, builder.load(acc))
+                    builder.store(builder.fadd(builder.load(target), total), target)
             return context.get_dummy_value()
 
-        arguments = (v, v_offset, w, w_offset, w_stride, out, out_offset, out_stride)
+        arguments = (v, v_offset, v_stride, w, w_offset, w_stride, out, out_offset, out_stride)
         return types.none(*arguments, blocks), codegen
 
     return mix_tile
 
 
 _scores_tile, _scores_head = _scores_intrinsic(HEAD_TILE), _scores_intrinsic(1)
-_mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE), _mix_intrinsic(1)
+# Value rows a decoding step's weighted sum takes at once, each with `HEAD_TILE` heads: twice the products per
+# load of one row (AVX2: 8 accumulators of its 16 registers; AVX-512: 16 of 32).
+MIX_ROWS = 2
+_mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE, MIX_ROWS), _mix_intrinsic(1, MIX_ROWS)
+_mix_tile_row, _mix_head_row = _mix_intrinsic(HEAD_TILE, 1), _mix_intrinsic(1, 1)
 
 # exp(r) for |r| <= ln(2) / 2 as 1 + r + r^2 p(r), Cephes' `expf` coefficients (within an ulp or two of exp);
 # ln 2 in two parts, the first exact in few bits, so that x - n ln 2 is exact for the n of float32's range.
@@ -690,12 +705,13 @@ def attention_mix(weights, v, first, out):
     """`out[t, h, d] = weights[t, h] . v[h's kv head, d, first:]` for values `v [KV, D, capacity]`.
 
     One (query, kv head) a task. It walks the positions `POSITION_CHUNK` at a time, so that the group's weights
-    stay in L1 while each value row is read once and dotted with `HEAD_TILE` heads' weights at once.
+    stay in L1 while each value row is read once, `MIX_ROWS` rows at a time dotted with `HEAD_TILE` heads' weights.
     """
     tokens, heads, count = weights.shape
     kv_heads, dim, capacity = v.shape
     group = heads // kv_heads
     body = count - count % 16
+    rows_end = dim - dim % MIX_ROWS
     flat_w = weights.reshape(-1)
     flat_v = v.reshape(-1)
     flat_out = out.reshape(-1)
@@ -704,14 +720,22 @@ def attention_mix(weights, v, first, out):
         out[t, kv * group : heads_end] = 0
         for start in range(0, body, POSITION_CHUNK):
             blocks = min(POSITION_CHUNK, body - start) // 16
-            for d in range(dim):
+            for d in range(0, rows_end, MIX_ROWS):
                 values = (kv * dim + d) * capacity + first + start
                 for h in range(kv * group, tiles_end, HEAD_TILE):
-                    row = (t * heads + h) * count + start
-                    _mix_tile(flat_v, values, flat_w, row, count, flat_out, (t * heads + h) * dim + d, dim, blocks)
+                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
+                    _mix_tile(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
                 for h in range(tiles_end, heads_end):
-                    row = (t * heads + h) * count + start
-                    _mix_head(flat_v, values, flat_w, row, count, flat_out, (t * heads + h) * dim + d, dim, blocks)
+                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
+                    _mix_head(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
+            for d in range(rows_end, dim):
+                values = (kv * dim + d) * capacity + first + start
+                for h in range(kv * group, tiles_end, HEAD_TILE):
+                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
+                    _mix_tile_row(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
+                for h in range(tiles_end, heads_end):
+                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
+                    _mix_head_row(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
         for h in range(kv * group, heads_end):
             for d in range(dim):
                 for j in range(body, count):

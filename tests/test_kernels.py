@@ -94,12 +94,13 @@ def test_matvec_gives_each_row_the_bits_of_a_one_row_call(tokens):
 @pytest.mark.parametrize("long", [False, True])
 def test_attention_equals_the_numpy_attention(window, queries, long):
     """Short: fewer heads than a tile, one at a time. Long: a tile of heads plus one, over several chunks of
-    positions and a tail shorter than a 16-position block."""
+    positions and a tail shorter than a 16-position block, and a head size that leaves a value row out of the
+    weighted sum's pairs of rows."""
     from mlx_oss.cpu import _numba_kernels as compiled
 
-    group, length = (compiled.HEAD_TILE + 1, 2 * compiled.POSITION_CHUNK + 7) if long else (4, 37)
+    group, length, dim = (compiled.HEAD_TILE + 1, 2 * compiled.POSITION_CHUNK + 7, 17) if long else (4, 37, 16)
     rng = np.random.default_rng(queries)
-    kv_heads, dim, capacity = 2, 16, length + 13
+    kv_heads, capacity = 2, length + 13
     q = rng.standard_normal((queries, kv_heads * group, dim)).astype(np.float32)
     keys = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
     values = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
