@@ -69,9 +69,9 @@ def _fma(builder, lanes: int):
     return vf, _function(builder, f"llvm.fma.v{lanes}f32", vf, vf, vf, vf)
 
 
-def _zeros(builder, count: int, lanes: int) -> list:
-    """`count` vector accumulators, each `<lanes x float>` zeros (allocas that LLVM keeps in registers)."""
-    return [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * lanes)) for _ in range(count)]
+def _accumulators(builder, count: int, lanes: int, start: float = 0.0) -> list:
+    """`count` vector accumulators, each `<lanes x float>` of `start` (allocas that LLVM keeps in registers)."""
+    return [cgutils.alloca_once_value(builder, _vector(F32, [start] * lanes)) for _ in range(count)]
 
 
 def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=None):
@@ -82,7 +82,7 @@ def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=No
     Returns the vector combination of the accumulators.
     """
     combine = combine or _add
-    accs = [cgutils.alloca_once_value(builder, _vector(F32, [start] * lanes)) for _ in range(UNROLL)]
+    accs = _accumulators(builder, UNROLL, lanes, start)
     width = ir.Constant(count.type, UNROLL)
     with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
         base = builder.mul(loop.index, width)
@@ -333,7 +333,7 @@ def _dot_rows_intrinsic(rows: int):
             bp = _pointer(context, builder, bt, b_arr, b_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
             vf, fma = _fma(builder, DOT_LANES)
-            accs = [_zeros(builder, UNROLL, DOT_LANES) for _ in range(rows)]
+            accs = [_accumulators(builder, UNROLL, DOT_LANES) for _ in range(rows)]
 
             def weights(index):
                 offset = builder.mul(index, ir.Constant(n.type, DOT_LANES))
@@ -390,7 +390,7 @@ def _scores_intrinsic(heads: int):
             qp = _pointer(context, builder, qt, q_arr, q_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
             vf, fma = _fma(builder, DOT_LANES)
-            accs = _zeros(builder, heads, DOT_LANES)
+            accs = _accumulators(builder, heads, DOT_LANES)
             with cgutils.for_range(builder, n) as loop:
                 row = builder.mul(loop.index, k_step)
                 _prefetch(builder, builder.gep(kp, [builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))]))
@@ -426,7 +426,7 @@ def _mix_intrinsic(heads: int, rows: int):
             wp = _pointer(context, builder, wt, w_arr, w_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
             vf, fma = _fma(builder, LANES)
-            accs = [_zeros(builder, rows, LANES) for _ in range(heads)]
+            accs = [_accumulators(builder, rows, LANES) for _ in range(heads)]
             value_rows = [builder.mul(v_step, ir.Constant(v_step.type, r)) for r in range(rows)]
             weight_rows = [builder.mul(w_step, ir.Constant(w_step.type, i)) for i in range(heads)]
             with cgutils.for_range(builder, builder.mul(n, ir.Constant(n.type, 16 // LANES))) as loop:
@@ -471,8 +471,8 @@ EXP_UNDERFLOW = -87.33654  # ln of float32's smallest normal: below it, 0
 def _exp(builder, x):
     """exp(x) lane by lane for `x <= 0` (the log-weights of a softmax, -inf where masked): exp(r) 2^n with
     n = round(x / ln 2), r = x - n ln 2. numba calls the C library's exp once per element; this is vectorized."""
-    vf, fma = _fma(builder, x.type.count)
     lanes = x.type.count
+    vf, fma = _fma(builder, lanes)
     vi = ir.VectorType(I32, lanes)
     underflow = builder.fcmp_ordered("<", x, _vector(F32, [EXP_UNDERFLOW] * lanes))
     x = builder.select(underflow, _vector(F32, [EXP_UNDERFLOW] * lanes), x)  # no -inf into the integer conversion
