@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .bench_cache import fill_random
 from .bench_machine import cpu_model, read_bandwidth_gb_s, vector_flags
-from .bench_peer import PeerFigure, check_peer, gguf_beside, run_peer
+from .bench_peer import PeerFigure, check_peer, gguf_beside, merge_peer_rounds, run_peer
 from .cli import add_kv_bits_argument, run
 from .errors import MlxOssError
 from .generate import Completion, Decoder
@@ -82,20 +83,24 @@ class PrivateMemoryPeak:
 
 @dataclass
 class Prefill:
-    """A prompt of `prompt_tokens` run from an empty cache: the time to its first token, and tokens/s."""
+    """A prompt of `prompt_tokens` run from an empty cache: the time to its first token, and tokens/s (medians over
+    the rounds; `rounds` holds each round's tokens/s)."""
 
     prompt_tokens: int
     ttft_s: float
     tok_s: float
+    rounds: list[float] = field(default_factory=list)
 
 
 @dataclass
 class Decode:
-    """Decoding after `context_tokens` positions: the mean step over the timed tokens."""
+    """Decoding after `context_tokens` positions: the mean step over the timed tokens (medians over the rounds;
+    `rounds` holds each round's tokens/s)."""
 
     context_tokens: int
     tok_s: float
     step_s: float
+    rounds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +113,7 @@ class BenchResult:
     threads: int
     kv_bits: int | None  # None: float32 keys and values
     gen_tokens: int
+    rounds: int  # how many times every figure was measured (medians and ranges over them)
     load_s: float
     prefill: list[Prefill]
     decode: list[Decode]  # the first after the first prompt (a short context), then one per `--context`
@@ -138,51 +144,56 @@ def benchmark(
     contexts: Sequence[int] = (),
     seed: int = 0,
     kv_bits: int | None = None,
+    rounds: int = 1,
+    between_rounds: Callable[[], None] | None = None,
 ) -> BenchResult:
     """Load; prefill a prompt of each length in `prompt_tokens` from an empty cache; decode `gen_tokens` after the
-    first prompt and after each of `contexts` positions (caches filled with random keys and values).
+    first prompt and after each of `contexts` positions (caches filled with random keys and values). All of it
+    `rounds` times, calling `between_rounds` after each round (the peer's turn); figures are medians over them.
 
     Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. An untimed
     prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does: WARM_UP
     tokens, enough that every expert of every layer is read and the prompt kernels run, not only the decoding ones.
+    It runs again before every round, as whatever ran in between may have pushed the weights out of the page cache.
     The decode steps at the different contexts alternate, so that a machine that slows down for a while (a shared
-    VM does) slows all alike rather than skewing their ratios."""
+    VM does) slows all alike rather than skewing their ratios; rounds do the same for longer drifts."""
     with PrivateMemoryPeak() as private:
         start = time.perf_counter()
         model = load(model_dir, backend=backend)
         model.kv_bits = kv_bits  # the caches below are int8 at 8
         load_s = time.perf_counter() - start
         load_rss = rss_bytes()
-
         rng = np.random.default_rng(seed)
         vocab = model.config.vocab_size
         greedy = make_sampler(SamplingParams(temperature=0))
-        next(iter(Completion(Decoder(model), rng.integers(0, vocab, WARM_UP).tolist(), greedy)))  # untimed
-        prefills, completions = [], []
-        for count in prompt_tokens:
-            completion = iter(Completion(Decoder(model), rng.integers(0, vocab, count).tolist(), greedy))
-            start = time.perf_counter()
-            token = next(completion)
-            ttft_s = time.perf_counter() - start
-            prefills.append(Prefill(count, round(ttft_s, 3), round(count / ttft_s, 3)))
-            completions = completions or [(count, completion)]  # decoding goes on after the first prompt
-        for count in contexts:
-            cache = model.new_cache()
-            fill_random(model, cache, count, seed)
-            filler = rng.integers(0, vocab, count).tolist()  # what the cache stands for
-            completions.append((count, iter(Completion(Decoder(model, cache, filler), [*filler, token], greedy))))
-        for _, completion in completions:
-            next(completion)  # untimed: the first step after a prefill runs the prompt's last row again
-        steps: list[list[float]] = [[] for _ in completions]
-        for _ in range(gen_tokens):
-            for (_, completion), times in zip(completions, steps, strict=True):
-                start = time.perf_counter()
-                next(completion)
-                times.append(time.perf_counter() - start)
+
+        def prompt(count: int) -> Iterator[int]:
+            return iter(Completion(Decoder(model), rng.integers(0, vocab, count).tolist(), greedy))
+
+        prefill_rounds: list[list[Prefill]] = []
+        steps: list[list[list[float]]] = []  # [round][completion]: seconds per step
+        completions: list[tuple[int, Iterator[int]]] = []
+        for round_index in range(rounds):
+            next(prompt(WARM_UP))  # untimed
+            prefills = []
+            for count in prompt_tokens:
+                completion = prompt(count)
+                started = time.perf_counter()
+                token = next(completion)
+                ttft_s = time.perf_counter() - started
+                prefills.append(Prefill(count, ttft_s, count / ttft_s))
+                if not completions:  # decoding goes on after the first round's first prompt
+                    completions.append((count, completion))
+                    next(completion)  # untimed: the first step after a prefill runs the prompt's last row again
+            prefill_rounds.append(prefills)
+            if round_index == 0:
+                completions += [_filled(model, count, token, seed, rng, greedy) for count in contexts]
+            steps.append(_decode_steps([completion for _, completion in completions], gen_tokens))
+            if between_rounds is not None and round_index < rounds - 1:
+                between_rounds()
+    prefills = [_median_prefill(figures) for figures in zip(*prefill_rounds, strict=True)]
     decodes = [
-        Decode(count, round(len(times) / sum(times), 3), round(sum(times) / len(times), 4))
-        for (count, _), times in zip(completions, steps, strict=True)
-        if times
+        _median_decode(count, [times[i] for times in steps]) for i, (count, _) in enumerate(completions) if gen_tokens
     ]
     return BenchResult(
         model=str(model_dir),
@@ -193,6 +204,7 @@ def benchmark(
         threads=thread_count(),
         kv_bits=kv_bits,
         gen_tokens=gen_tokens,
+        rounds=rounds,
         load_s=round(load_s, 3),
         prefill=prefills,
         decode=decodes,
@@ -202,36 +214,91 @@ def benchmark(
     )
 
 
+def _filled(model, count: int, token: int, seed: int, rng, sampler) -> tuple[int, Iterator[int]]:
+    """A completion decoding after `count` positions of random keys and values, its first (untimed) step taken."""
+    cache = model.new_cache()
+    fill_random(model, cache, count, seed)
+    filler = rng.integers(0, model.config.vocab_size, count).tolist()  # what the cache stands for
+    completion = iter(Completion(Decoder(model, cache, filler), [*filler, token], sampler))
+    next(completion)  # untimed, as after a prefill
+    return count, completion
+
+
+def _decode_steps(completions: list[Iterator[int]], gen_tokens: int) -> list[list[float]]:
+    """`gen_tokens` steps of each completion, taken in turns: the seconds of each, per completion."""
+    times: list[list[float]] = [[] for _ in completions]
+    for _ in range(gen_tokens):
+        for completion, steps in zip(completions, times, strict=True):
+            started = time.perf_counter()
+            next(completion)
+            steps.append(time.perf_counter() - started)
+    return times
+
+
+def _median_prefill(rounds: Sequence[Prefill]) -> Prefill:
+    tok_s = [p.tok_s for p in rounds]
+    return Prefill(
+        rounds[0].prompt_tokens,
+        round(statistics.median(p.ttft_s for p in rounds), 3),
+        round(statistics.median(tok_s), 3),
+        [round(t, 3) for t in tok_s],
+    )
+
+
+def _median_decode(context_tokens: int, rounds: Sequence[list[float]]) -> Decode:
+    step_s = [sum(times) / len(times) for times in rounds]
+    tok_s = [1 / s for s in step_s]
+    return Decode(
+        context_tokens,
+        round(statistics.median(tok_s), 3),
+        round(statistics.median(step_s), 4),
+        [round(t, 3) for t in tok_s],
+    )
+
+
+def _spread(values: Sequence[float], spec: str = ".2f") -> str:
+    """` (lowest-highest)` over several rounds' figures; nothing for one."""
+    return f" ({min(values):{spec}}-{max(values):{spec}})" if len(values) > 1 else ""
+
+
 def format_result(r: BenchResult) -> str:
     gib = 1024**3
     peer_prefill = {f.prompt_tokens: f for f in r.peer if f.prompt_tokens}
     peer_decode = {f.context_tokens: f for f in r.peer if f.gen_tokens}
 
-    def beside(ours: float, peer: PeerFigure | None) -> str:
+    def beside(ours: Prefill | Decode, peer: PeerFigure | None) -> str:
         if peer is None:
             return ""
-        return f"  | llama.cpp {peer.tok_s:.2f} ± {peer.stddev_tok_s:.2f} tokens/s, ours {ours / peer.tok_s:.2f}x"
+        ratios = [a / b for a, b in zip(ours.rounds, peer.rounds, strict=True)]
+        return (
+            f"  | llama.cpp {peer.tok_s:.2f} ± {peer.stddev_tok_s:.2f} tokens/s{_spread(peer.rounds)}, "
+            f"ours {ours.tok_s / peer.tok_s:.2f}x{_spread(ratios)}"
+        )
 
     short = r.decode[0].tok_s if r.decode else None
+    rounds = ""
+    if r.rounds > 1:
+        rounds = f", medians of {r.rounds} rounds (lowest-highest)" + (", in turns with llama.cpp's" if r.peer else "")
     lines = [
         f"model           {r.model}",
         f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads; "
-        f"{f'{r.kv_bits}-bit' if r.kv_bits else 'float32'} KV cache)",
+        f"{f'{r.kv_bits}-bit' if r.kv_bits else 'float32'} KV cache{rounds})",
         f"cpu             {r.cpu} ({' '.join(r.cpu_flags) or 'no vector extensions known'})",
         *([f"memory reads    {r.read_gb_s:.1f} GB/s (all cores)"] if r.read_gb_s else []),
         f"load            {r.load_s:.2f} s",
     ]
     for p in r.prefill:
         lines.append(
-            f"prefill {p.prompt_tokens:<7} {p.tok_s:.2f} tokens/s  (first token after {p.ttft_s:.2f} s)"
-            + beside(p.tok_s, peer_prefill.get(p.prompt_tokens))
+            f"prefill {p.prompt_tokens:<7} {p.tok_s:.2f} tokens/s{_spread(p.rounds)}  (first token after "
+            f"{p.ttft_s:.2f} s)" + beside(p, peer_prefill.get(p.prompt_tokens))
         )
     for i, d in enumerate(r.decode):
         label = "decode" if i == 0 else f"decode at {d.context_tokens}"
-        share = f"; {d.tok_s / short:.0%} of short" if i and short else ""
+        shares = [a / b for a, b in zip(d.rounds, r.decode[0].rounds, strict=True)]
+        share = f"; {d.tok_s / short:.0%} of short{_spread(shares, '.0%')}" if i and short else ""
         lines.append(
-            f"{label:<15} {d.tok_s:.2f} tokens/s  ({d.step_s:.3f} s/token over {r.gen_tokens}{share})"
-            + beside(d.tok_s, peer_decode.get(0 if i == 0 else d.context_tokens))
+            f"{label:<15} {d.tok_s:.2f} tokens/s{_spread(d.rounds)}  ({d.step_s:.3f} s/token over {r.gen_tokens}"
+            f"{share})" + beside(d, peer_decode.get(0 if i == 0 else d.context_tokens))
         )
     lines += [
         f"RSS after load  {r.load_rss_bytes / gib:.2f} GiB",
@@ -286,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"contexts llama-bench decodes at (default: those of --context up to {PEER_DEPTH_LIMIT}; llama-bench "
         "reaches a context by prefilling it in every repeat, which at 32k tokens takes most of an hour on 2 cores)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure everything this many times and print medians and ranges; with --peer, llama-bench runs after "
+        "each round, so that both see the machine's drifts alike (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_kv_bits_argument(parser, "an 8-bit KV cache (default: float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -293,26 +367,40 @@ def main(argv: list[str] | None = None) -> int:
     prompts, contexts = [n for n in args.prompt_tokens if n], [n for n in args.context if n]
     if not prompts or args.gen_tokens < 0:
         parser.error("--prompt-tokens needs a length of at least 1, --gen-tokens must be at least 0")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.no_kernels:
         os.environ["MLX_OSS_KERNELS"] = "off"
     if args.peer:
         check_peer(args.peer, gguf_beside(args.model))
-    result = benchmark(args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed, args.kv_bits)
+    peer_rounds: list[list[PeerFigure]] = []
+    peer_error = None
+
+    def peer_turn() -> None:
+        nonlocal peer_error
+        if args.peer and peer_error is None:
+            try:
+                peer_rounds.append(
+                    run_peer(
+                        args.peer, gguf_beside(args.model), prompts, args.gen_tokens, peer_contexts, thread_count()
+                    )
+                )
+            except MlxOssError as e:  # our figures took minutes: print them, then say what the peer did
+                peer_error = e
+
+    peer_contexts = (
+        [n for n in args.peer_context if n]
+        if args.peer_context is not None
+        else [n for n in contexts if n <= PEER_DEPTH_LIMIT]
+    )
+    result = benchmark(
+        args.model, args.backend, prompts, args.gen_tokens, contexts, args.seed, args.kv_bits, args.rounds, peer_turn
+    )
     if args.bandwidth:
         result.read_gb_s = read_bandwidth_gb_s()
-    peer_error = None
-    if args.peer:
-        peer_contexts = (
-            [n for n in args.peer_context if n]
-            if args.peer_context is not None
-            else [n for n in contexts if n <= PEER_DEPTH_LIMIT]
-        )
-        try:
-            result.peer = run_peer(
-                args.peer, gguf_beside(args.model), prompts, args.gen_tokens, peer_contexts, result.threads
-            )
-        except MlxOssError as e:  # our figures took minutes: print them, then say what the peer did
-            peer_error = e
+    peer_turn()
+    if peer_error is None and peer_rounds:
+        result.peer = merge_peer_rounds(peer_rounds)
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     if peer_error is not None:
         raise peer_error

@@ -8,6 +8,7 @@ executable it is given, with the same prompt lengths, decode length, contexts an
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,26 @@ class PeerFigure:
     context_tokens: int
     tok_s: float
     stddev_tok_s: float
+    rounds: tuple[float, ...] = ()  # tokens/s of each run of llama-bench, when it ran several times
+
+
+def merge_peer_rounds(rounds: list[list[PeerFigure]]) -> list[PeerFigure]:
+    """One figure per test over several runs of llama-bench (which lists its tests in the same order every run):
+    the median tokens/s and spread, and each run's tokens/s."""
+    merged = []
+    for figures in zip(*rounds, strict=True):
+        first = figures[0]
+        merged.append(
+            PeerFigure(
+                first.prompt_tokens,
+                first.gen_tokens,
+                first.context_tokens,
+                statistics.median(f.tok_s for f in figures),
+                statistics.median(f.stddev_tok_s for f in figures),
+                tuple(f.tok_s for f in figures),
+            )
+        )
+    return merged
 
 
 def gguf_beside(model_dir: Path) -> Path:

@@ -78,7 +78,7 @@ def test_bench_prints_its_figures(tiny_checkpoint, backend):
 
 
 FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
-import json, sys
+import json, os, sys
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 if "-o" in args:
     assert args["-t"] and args["-m"].endswith("model.gguf"), args
@@ -86,7 +86,11 @@ if "-o" in args:
     depths = [int(d) for d in args.get("-d", "0").split(",")]
     if 99 in depths:
         sys.exit("error: cannot reach depth 99")
-    tests = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=100.0, stddev_ts=1.0) for p in prompts if p]
+    runs = __file__ + ".runs"  # prefill runs so far: each is 10 tokens/s faster than the last
+    run = open(runs).read().count("x") if args["-n"] == "0" and os.path.exists(runs) else 0
+    if args["-n"] == "0":
+        open(runs, "a").write("x")
+    tests = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=100.0 + 10 * run, stddev_ts=1.0) for p in prompts if p]
     tests += [dict(n_prompt=0, n_gen=int(args["-n"]), n_depth=d, avg_ts=2.0 + d, stddev_ts=0.5) for d in depths
               if int(args["-n"])]
     print(json.dumps(tests))
@@ -120,6 +124,33 @@ def test_bench_prints_the_peers_figures_beside_its_own(tiny_checkpoint, tmp_path
     assert failed.stderr.count("\n") == 1 and "cannot reach depth 99" in failed.stderr
     missing = subprocess.run([*cmd, "--peer", str(tmp_path / "none")], capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no llama-bench there" in missing.stderr
+
+
+def test_bench_rounds_take_turns_with_the_peer_and_print_medians_and_ranges(tiny_checkpoint, tmp_path):
+    """`--rounds 3` measures ours three times and runs the peer after each round (here one that gets faster each
+    run): every figure is the median, with the range and each round's figure in the JSON."""
+    model = tmp_path / "model"
+    model.symlink_to(tiny_checkpoint, target_is_directory=True)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    peer = tmp_path / "llama-bench"
+    peer.write_text(FAKE_LLAMA_BENCH)
+    peer.chmod(0o755)
+    cmd = [sys.executable, "-m", "mlx_oss.bench", "--model", str(model), "--prompt-tokens", "5,7", "--gen-tokens", "2"]
+    cmd += ["--context", "30", "--rounds", "3", "--peer", str(peer)]
+    result = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert result["rounds"] == 3
+    for figure in [*result["prefill"], *result["decode"]]:
+        assert len(figure["rounds"]) == 3 and all(t > 0 for t in figure["rounds"]), figure
+        assert figure["tok_s"] == sorted(figure["rounds"])[1], figure
+    prefill = [f for f in result["peer"] if f["prompt_tokens"] == 5]
+    assert [(f["tok_s"], f["rounds"]) for f in prefill] == [(110.0, [100.0, 110.0, 120.0])]  # a run after each round
+    (tmp_path / "llama-bench.runs").unlink()  # the table's peer starts from 100 tokens/s again
+    table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in table.splitlines() if line.startswith("prefill 5 "))
+    assert "llama.cpp 110.00 ± 1.00 tokens/s (100.00-120.00)" in line, line
+    assert "medians of 3 rounds" in table and "% of short (" in table
+    bad = subprocess.run([*cmd, "--rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr
 
 
 def test_bench_error_is_one_line(tmp_path):
