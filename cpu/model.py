@@ -139,9 +139,14 @@ class NumpyModel(Model):
 
         With `last_only` only the last position's logits are computed (`[1, vocab_size]`).
         """
-        c = self.config
-        tokens = checked_tokens(token_ids, c.vocab_size)
+        tokens = checked_tokens(token_ids, self.config.vocab_size)
         self.checkpoint.check_unchanged()  # a shard cut short since loading would end the process at its first read
+        # The parallel work is the kernels' or the workers'; BLAS's own threads would only spin between calls.
+        with self._workers.one_blas_thread():
+            return self._forward(tokens, cache, last_only)
+
+    def _forward(self, tokens: np.ndarray, cache: KVCache | None, last_only: bool) -> np.ndarray:
+        c = self.config
         start = cache.length if cache is not None else 0
         cos, sin = rope_tables(c.rope, c.head_dim, np.arange(start, start + tokens.size))
         x = as_float32(self.embed[tokens], self.embed_dtype)
@@ -175,8 +180,21 @@ class NumpyModel(Model):
             keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
             mixed = kernels.attention(q, keys, values, w.sinks, start, window, k_start)
         else:
-            mixed = attention(q, k, v, w.sinks, start, window, k_start)
+            mixed = self._attention_in_threads(q, k, v, w.sinks, start, window, k_start)
         return w.out(mixed)
+
+    def _attention_in_threads(self, q, k, v, sinks, start, window, k_start) -> np.ndarray:
+        """`layers.attention` with the kv heads shared out among the workers (BLAS runs on one thread each)."""
+        kv_heads = k.shape[0]
+        group = q.shape[1] // kv_heads
+        shares = [s for s in np.array_split(np.arange(kv_heads), self._workers.count) if s.size]
+
+        def share(heads: np.ndarray) -> np.ndarray:
+            first, last = heads[0], heads[-1] + 1
+            queries = slice(first * group, last * group)
+            return attention(q[:, queries], k[first:last], v[first:last], sinks[queries], start, window, k_start)
+
+        return np.concatenate(self._workers.map(share, shares), axis=1)
 
     def _moe(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
         """Each token through its top-k experts, their outputs weighted by the router."""

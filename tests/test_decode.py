@@ -137,3 +137,38 @@ def test_bounded_cache_steps_back_within_its_rewind_and_restarts_beyond(mlx_mode
     np.testing.assert_allclose(
         mlx_model.forward(seq[:9], bounded_cache), mlx_model.logits(seq[:9]), rtol=1e-4, atol=1e-4
     )
+
+
+def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(synthetic_checkpoint, monkeypatch):
+    """OpenBLAS's threads spin on after each call and take a core from the kernels or workers that run next: the
+    NumPy model's forward runs BLAS on one thread, restores the caller's setting after, and a prompt's attention
+    runs its kv heads in the workers' threads instead, giving the logits of one call over all heads."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from mlx_oss.cpu import layers
+    from mlx_oss.cpu import model as numpy_model
+
+    model = load_variant(synthetic_checkpoint(**SHAPE), "numpy")
+    seen = []
+
+    def attention(q, k, *args):
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        seen.append((threading.current_thread().name, q.shape[1], k.shape[0], blas))
+        return layers.attention(q, k, *args)
+
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    seq = tokens(12)
+    split = model.forward(seq, model.new_cache())
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+    monkeypatch.setattr(numpy_model, "attention", attention)
+    model._workers.count = 2  # two shares even on a one-core machine
+    np.testing.assert_allclose(model.forward(seq, model.new_cache()), split, rtol=1e-6, atol=1e-6)
+    layers_count, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert len(seen) == 2 * layers_count and all(blas == [1] * len(blas) for *_, blas in seen), seen
+    assert {name for name, *_ in seen} <= {t.name for t in threading.enumerate()} - {threading.current_thread().name}
+    assert sum(heads for _, _, heads, _ in seen) == layers_count * kv_heads
+    unsplit = layers.attention  # one call over all heads gives the same logits
+    monkeypatch.setattr(model, "_attention_in_threads", lambda q, k, v, *rest: unsplit(q, k, v, *rest))
+    np.testing.assert_allclose(model.forward(seq, model.new_cache()), split, rtol=1e-5, atol=1e-5)
