@@ -97,15 +97,21 @@ if "-o" in args:
 """
 
 
+def model_beside_fake_peer(checkpoint, folder):
+    """The model linked into `folder` with a GGUF beside it, and the stand-in llama-bench there."""
+    model = folder / "model"
+    model.symlink_to(checkpoint, target_is_directory=True)
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    peer = folder / "llama-bench"
+    peer.write_text(FAKE_LLAMA_BENCH)
+    peer.chmod(0o755)
+    return model, peer
+
+
 def test_bench_prints_the_peers_figures_beside_its_own(tiny_checkpoint, tmp_path):
     """`--peer` runs the llama-bench it is given (here a stand-in that answers in llama-bench's JSON) with the same
     prompt lengths and contexts, and puts each figure beside ours with the ratio."""
-    model = tmp_path / "model"
-    model.symlink_to(tiny_checkpoint, target_is_directory=True)
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    peer = tmp_path / "llama-bench"
-    peer.write_text(FAKE_LLAMA_BENCH)
-    peer.chmod(0o755)
+    model, peer = model_beside_fake_peer(tiny_checkpoint, tmp_path)
     cmd = [sys.executable, "-m", "mlx_oss.bench", "--model", str(model), "--prompt-tokens", "5", "--gen-tokens", "1"]
     out = subprocess.run(
         [*cmd, "--context", "30,5000", "--peer", str(peer)], capture_output=True, text=True, check=True
@@ -129,12 +135,7 @@ def test_bench_prints_the_peers_figures_beside_its_own(tiny_checkpoint, tmp_path
 def test_bench_rounds_take_turns_with_the_peer_and_print_medians_and_ranges(tiny_checkpoint, tmp_path):
     """`--rounds 3` measures ours three times and runs the peer after each round (here one that gets faster each
     run): every figure is the median, with the range and each round's figure in the JSON."""
-    model = tmp_path / "model"
-    model.symlink_to(tiny_checkpoint, target_is_directory=True)
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    peer = tmp_path / "llama-bench"
-    peer.write_text(FAKE_LLAMA_BENCH)
-    peer.chmod(0o755)
+    model, peer = model_beside_fake_peer(tiny_checkpoint, tmp_path)
     cmd = [sys.executable, "-m", "mlx_oss.bench", "--model", str(model), "--prompt-tokens", "5,7", "--gen-tokens", "2"]
     cmd += ["--context", "30", "--rounds", "3", "--peer", str(peer)]
     result = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True).stdout)
