@@ -22,13 +22,13 @@ LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (deco
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
 MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
-# Inputs a prompt's expert rows are multiplied with per pass (one register each): WIDE_TOKENS while at least that
-# many are left, then TOKENS; the inputs are padded to a multiple of TOKENS. AVX2 has 16 registers, AVX-512 32. A
-# narrow last pass wastes fewer products on padding than a wide one, for one more decoding of the weights.
-TOKENS = 8 if ISA == "avx512" else 4
-WIDE_TOKENS = 2 * TOKENS
+# Inputs a prompt's expert rows are multiplied with per pass, one register each: at most PASS_TOKENS (AVX2 has 16
+# registers, AVX-512 32). An expert's T inputs go through in the fewest passes, of near-equal widths (17 as 6, 6
+# and 5), one loop compiled for each width: padding T to a few fixed widths wasted up to a third of the products
+# of the experts a prompt's routing gives 9 to 20 tokens.
+PASS_TOKENS = 16 if ISA == "avx512" else 8
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
-# input it reads again for every row (WIDE_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
+# input it reads again for every row (PASS_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
 ROW_CHUNK = 16
 GROUP_CHUNK = 16
 SCALE_TABLE = "mlx_oss_e8m0_scale_values"
@@ -239,52 +239,54 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
     return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
 
 
-def _row_dot_tokens_intrinsic(tokens: int):
-    @intrinsic
-    def row_dot_tokens(
-        typingctx, blocks, block_offset, scales, scale_offset, x, x_offset, x_stride, sums, sums_offset, groups
-    ):
-        """One MXFP4 row dotted with `tokens` inputs at once: each block is decoded once and used `tokens` times.
-
-        `x` is laid out by block, then input (`kernels.passes_by_block`): input t's elements of block g are
-        `x[x_offset + g * x_stride + 32 * t:][:32]`, in `BLOCK_ORDER`. Each input's lanes of partial sums
-        are added to `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row.
-        """
-
-        def codegen(context, builder, signature, args):
-            b_arr, b_off, s_arr, s_off, x_arr, x_off, x_step, o_arr, o_off, count = args
-            bt, _, st, _, xt, _, _, ot, _, _ = signature.args
-            bp = _pointer(context, builder, bt, b_arr, b_off, I8)
-            sp = _pointer(context, builder, st, s_arr, s_off, I8)
-            xp = _pointer(context, builder, xt, x_arr, x_off, F32)
-            op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf, fma = _fma(builder, LANES)
-            targets = [
-                builder.bitcast(builder.gep(op, [ir.Constant(I32, t * LANES)]), vf.as_pointer()) for t in range(tokens)
-            ]
-            accs = [cgutils.alloca_once_value(builder, builder.load(target, align=4)) for target in targets]
-            with cgutils.for_range(builder, count) as loop:
-                g = loop.index
-                _prefetch_ahead(builder, bp, sp, g)
-                scale = _splat(builder, _scale(builder, sp, g), LANES)
-                block_x = builder.gep(xp, [builder.mul(g, x_step)])
-                for position, weights in _blocks(builder, bp, g):
-                    weights = builder.fmul(weights, scale)
-                    for t, acc in enumerate(accs):
-                        inputs = _load(builder, block_x, ir.Constant(g.type, 32 * t + position), vf)
-                        builder.store(builder.call(fma, [weights, inputs, builder.load(acc)]), acc)
-            for target, acc in zip(targets, accs, strict=True):
-                builder.store(builder.load(acc), target, align=4)
-            return context.get_dummy_value()
-
-        arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, x_stride, sums, sums_offset, groups)
-        return types.none(*arguments), codegen
-
-    return row_dot_tokens
+def _row_dot_loop(builder, bp, sp, xp, op, count, tokens: int):
+    """`_row_dot_tokens`'s loop over a row's `count` blocks for `tokens` inputs: each block decoded once, scaled, and
+    multiplied into each input's lanes of sums (kept in registers through the loop)."""
+    vf, fma = _fma(builder, LANES)
+    targets = [builder.bitcast(builder.gep(op, [ir.Constant(I32, t * LANES)]), vf.as_pointer()) for t in range(tokens)]
+    accs = [cgutils.alloca_once_value(builder, builder.load(target, align=4)) for target in targets]
+    stride = ir.Constant(count.type, 32 * tokens)
+    with cgutils.for_range(builder, count) as loop:
+        g = loop.index
+        _prefetch_ahead(builder, bp, sp, g)
+        scale = _splat(builder, _scale(builder, sp, g), LANES)
+        block_x = builder.gep(xp, [builder.mul(g, stride)])
+        for position, weights in _blocks(builder, bp, g):
+            weights = builder.fmul(weights, scale)
+            for t, acc in enumerate(accs):
+                inputs = _load(builder, block_x, ir.Constant(g.type, 32 * t + position), vf)
+                builder.store(builder.call(fma, [weights, inputs, builder.load(acc)]), acc)
+    for target, acc in zip(targets, accs, strict=True):
+        builder.store(builder.load(acc), target, align=4)
 
 
-_row_dot_tokens = _row_dot_tokens_intrinsic(TOKENS)
-_row_dot_wide = _row_dot_tokens_intrinsic(WIDE_TOKENS)
+@intrinsic
+def _row_dot_tokens(
+    typingctx, blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups
+):
+    """One MXFP4 row dotted with `tokens` inputs at once (1 to `PASS_TOKENS`): each block is decoded once and used
+    `tokens` times.
+
+    `x` is laid out by block, then input (`kernels.passes_by_block`): input t's elements of block g are
+    `x[x_offset + (g * tokens + t) * 32:][:32]`, in `BLOCK_ORDER`. Each input's lanes of partial sums are added to
+    `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row. The loop is
+    compiled for every width, its accumulators in registers, and the call branches to the one for `tokens`.
+    """
+
+    def codegen(context, builder, signature, args):
+        b_arr, b_off, s_arr, s_off, x_arr, x_off, width, o_arr, o_off, count = args
+        bt, _, st, _, xt, _, _, ot, _, _ = signature.args
+        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+        sp = _pointer(context, builder, st, s_arr, s_off, I8)
+        xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+        op = _pointer(context, builder, ot, o_arr, o_off, F32)
+        for tokens in range(1, PASS_TOKENS + 1):
+            with builder.if_then(builder.icmp_signed("==", width, ir.Constant(width.type, tokens))):
+                _row_dot_loop(builder, bp, sp, xp, op, count, tokens)
+        return context.get_dummy_value()
+
+    arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups)
+    return types.none(*arguments), codegen
 
 
 @intrinsic
@@ -575,8 +577,8 @@ def mxfp4_matvec(blocks, scales, experts, x, out):
 def mxfp4_matmul(blocks, scales, x, out):
     """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and T inputs (`out [T, R]`).
 
-    The inputs go through in passes of `pass_tokens` at a time, T a multiple of `TOKENS`; `x` holds them laid
-    out pass by pass, each pass by block (`kernels.passes_by_block`).
+    The inputs go through in passes of `pass_tokens` at a time; `x` holds them laid out pass by pass, each pass by
+    block (`kernels.passes_by_block`).
     """
     rows, groups, _ = blocks.shape
     tokens = out.shape[0]
@@ -585,22 +587,18 @@ def mxfp4_matmul(blocks, scales, x, out):
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         first = chunk * ROW_CHUNK
         last = min(rows, first + ROW_CHUNK)
-        sums = np.empty((ROW_CHUNK, WIDE_TOKENS, LANES), dtype=np.float32)
+        sums = np.empty((ROW_CHUNK, PASS_TOKENS, LANES), dtype=np.float32)
         flat_sums = sums.reshape(-1)
         t = 0
         while t < tokens:
             step = pass_tokens(tokens - t)
-            stride = step * 32
             sums[:] = 0
             for g in range(0, groups, GROUP_CHUNK):
                 count = min(GROUP_CHUNK, groups - g)
                 inputs = (t * groups + g * step) * 32
                 for r in range(first, last):
-                    b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * WIDE_TOKENS * LANES
-                    if step == WIDE_TOKENS:
-                        _row_dot_wide(flat_blocks, b, flat_scales, s, x, inputs, stride, flat_sums, o, count)
-                    else:
-                        _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, stride, flat_sums, o, count)
+                    b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * PASS_TOKENS * LANES
+                    _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, step, flat_sums, o, count)
             for r in range(first, last):
                 for u in range(step):
                     out[t + u, r] = sums[r - first, u].sum()
@@ -609,8 +607,9 @@ def mxfp4_matmul(blocks, scales, x, out):
 
 @numba.njit(cache=CACHE)
 def pass_tokens(remaining):
-    """How many of the `remaining` inputs (a multiple of `TOKENS`) `mxfp4_matmul`'s next pass takes."""
-    return WIDE_TOKENS if remaining >= WIDE_TOKENS else TOKENS
+    """How many of the `remaining` inputs `mxfp4_matmul`'s next pass takes: the fewest passes, near-equal widths."""
+    passes = (remaining + PASS_TOKENS - 1) // PASS_TOKENS
+    return (remaining + passes - 1) // passes
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -647,7 +646,7 @@ def warm_up() -> None:
     attention_scores(q, cached, 0, np.float32(1), scores)
     softmax_with_sink(scores, np.zeros(2, np.float32), np.empty((1, 2), np.float32))
     attention_mix(scores, cached, 0, np.empty_like(q))
-    mxfp4_matmul(blocks[0], scales[0], np.zeros(TOKENS * 32, np.float32), np.empty((TOKENS, 1), np.float32))
+    mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))
 

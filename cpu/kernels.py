@@ -107,15 +107,11 @@ def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x:
 def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
     """`x @ W.T` for one MXFP4 matrix (`blocks [R, G, 16]`, `scales [R, G]`) and several rows of `x`.
 
-    Each weight block is decoded once for every pass of up to 8 rows of x on AVX2, 16 on AVX-512 (x is padded
-    with zeros to a multiple of half that).
+    Each weight block is decoded once for every pass of up to 8 rows of x on AVX2, 16 on AVX-512.
     """
-    tokens = x.shape[0]
-    padded = np.zeros((-(-tokens // _compiled.TOKENS) * _compiled.TOKENS, x.shape[1]), dtype=np.float32)
-    padded[:tokens] = x
-    out = np.empty((padded.shape[0], blocks.shape[0]), dtype=np.float32)
-    _compiled.mxfp4_matmul(blocks, scales, passes_by_block(padded), out)
-    return out[:tokens]
+    out = np.empty((x.shape[0], blocks.shape[0]), dtype=np.float32)
+    _compiled.mxfp4_matmul(blocks, scales, passes_by_block(x), out)
+    return out
 
 
 def tiles_fit(blocks: np.ndarray) -> bool:
@@ -161,8 +157,8 @@ def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
 
 
 def passes_by_block(x: np.ndarray) -> np.ndarray:
-    """x `[T, G*32]` (T a multiple of `_compiled.TOKENS`) flattened the way `mxfp4_matmul` reads it: pass after
-    pass, each `[G, pass, 32]`, a row's 32 elements of a block in `block_ordered`'s order. A pass's inputs for one
+    """x `[T, G*32]` flattened the way `mxfp4_matmul` reads it: pass after pass (`_compiled.pass_tokens` rows
+    each), each `[G, pass, 32]`, a row's 32 elements of a block in `block_ordered`'s order. A pass's inputs for one
     block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows,
     4 KB, put them in the same L1 sets).
     """

@@ -58,12 +58,24 @@ def test_matvec_equals_decoding_then_multiplying(groups):
     assert_close(kernels.mxfp4_matvec(blocks, scales, experts, x), expected)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 40])
+@pytest.mark.parametrize("tokens", [*range(1, 17), 17, 23, 40])  # every width of a pass, on AVX2 and AVX-512
 def test_matmul_equals_decoding_then_multiplying(tokens):
     rng = np.random.default_rng(tokens)
     blocks, scales = mxfp4_weights(rng, 1, 37, 20)  # rows and groups that are not multiples of the tiles
     x = rng.standard_normal((tokens, 20 * 32)).astype(np.float32)
     assert_close(kernels.mxfp4_matmul(blocks[0], scales[0], x), x @ dequantize(blocks[0], scales[0]).T)
+
+
+def test_a_prompts_inputs_go_through_in_the_fewest_passes_of_near_equal_widths():
+    """Padding an expert's inputs to fixed pass widths wasted up to a third of its products."""
+    widest = kernels._compiled.PASS_TOKENS
+    for tokens in range(1, 5 * widest):
+        widths, left = [], tokens
+        while left:
+            widths.append(int(kernels._compiled.pass_tokens(left)))
+            left -= widths[-1]
+        assert len(widths) == -(-tokens // widest), (tokens, widths)
+        assert max(widths) <= widest and max(widths) - min(widths) <= 1, (tokens, widths)
 
 
 def test_matvec_equals_widening_then_multiplying():
