@@ -198,6 +198,12 @@ def _avx2_blocks(builder, raw):
         yield position + 8, builder.bitcast(builder.and_(words, _vector(I32, [0xFFFF0000] * 8)), vf)
 
 
+def _bf16_load(builder, pointer, offset, lanes: int):
+    """`<lanes x float>` from the BF16 bits at `pointer[offset:]`: each shifted into a float32's upper half."""
+    bits = builder.zext(_load(builder, pointer, offset, ir.VectorType(I16, lanes)), ir.VectorType(I32, lanes))
+    return builder.bitcast(builder.shl(bits, _vector(I32, [16] * lanes)), ir.VectorType(F32, lanes))
+
+
 def _scale(builder, scale_pointer, g):
     """The E8M0 scale of block `g` as a float32, from `mxfp4.SCALE_VALUES` (a load, not a register shuffle)."""
     table_type = ir.ArrayType(F32, len(SCALE_VALUES))
@@ -305,12 +311,7 @@ def _dot(typingctx, a, a_offset, b, b_offset, count):
         def step(builder, i, acc):
             offset = builder.mul(i, ir.Constant(n.type, DOT_LANES))
             _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
-            if bf16:
-                halves = _load(builder, ap, offset, ir.VectorType(I16, DOT_LANES))
-                bits = builder.zext(halves, ir.VectorType(I32, DOT_LANES))
-                w = builder.bitcast(builder.shl(bits, _vector(I32, [16] * DOT_LANES)), vf)
-            else:
-                w = _load(builder, ap, offset, vf)
+            w = _bf16_load(builder, ap, offset, DOT_LANES) if bf16 else _load(builder, ap, offset, vf)
             return builder.call(fma, [w, _load(builder, bp, offset, vf), acc])
 
         steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
@@ -340,11 +341,7 @@ def _dot_rows_intrinsic(rows: int):
             def weights(index):
                 offset = builder.mul(index, ir.Constant(n.type, DOT_LANES))
                 _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
-                if not bf16:
-                    return offset, _load(builder, ap, offset, vf)
-                halves = _load(builder, ap, offset, ir.VectorType(I16, DOT_LANES))
-                bits = builder.zext(halves, ir.VectorType(I32, DOT_LANES))
-                return offset, builder.bitcast(builder.shl(bits, _vector(I32, [16] * DOT_LANES)), vf)
+                return offset, _bf16_load(builder, ap, offset, DOT_LANES) if bf16 else _load(builder, ap, offset, vf)
 
             def step(index, j):
                 offset, w = weights(index)
