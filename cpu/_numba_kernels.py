@@ -603,6 +603,23 @@ def mxfp4_matmul(blocks, scales, x, out):
 
 
 @numba.njit(cache=CACHE)
+def lay_out_passes(x, order, out):
+    """`kernels.passes_by_block` into `out`: `x [T, G*32]` pass after pass, each `[G, pass, 32]`, a block's 32 elements
+    in `order` (`BLOCK_ORDER`). One copy, where NumPy's reorder and transposes took three, each a call per pass."""
+    tokens, width = x.shape
+    groups = width // 32
+    t = 0
+    while t < tokens:
+        step = pass_tokens(tokens - t)
+        for g in range(groups):
+            for u in range(step):
+                target = (t * groups + g * step + u) * 32
+                for j in range(32):
+                    out[target + j] = x[t + u, g * 32 + order[j]]
+        t += step
+
+
+@numba.njit(cache=CACHE)
 def pass_tokens(remaining):
     """How many of the `remaining` inputs `mxfp4_matmul`'s next pass takes: the fewest passes, near-equal widths."""
     passes = (remaining + PASS_TOKENS - 1) // PASS_TOKENS
@@ -643,6 +660,7 @@ def warm_up() -> None:
     attention_scores(q, cached, 0, np.float32(1), scores)
     softmax_with_sink(scores, np.zeros(2, np.float32), np.empty((1, 2), np.float32))
     attention_mix(scores, cached, 0, np.empty_like(q))
+    lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty(32, np.float32))
     mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))

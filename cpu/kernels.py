@@ -162,15 +162,8 @@ def passes_by_block(x: np.ndarray) -> np.ndarray:
     block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows,
     4 KB, put them in the same L1 sets).
     """
-    tokens, width = x.shape
-    groups = width // 32
-    blocks = block_ordered(x).reshape(tokens, groups, 32)
-    out = _aligned_empty(tokens * width)
-    t = 0
-    while t < tokens:
-        step = _compiled.pass_tokens(tokens - t)
-        out[t * width : (t + step) * width].reshape(groups, step, 32)[...] = blocks[t : t + step].transpose(1, 0, 2)
-        t += step
+    out = _aligned_empty(x.size)
+    _compiled.lay_out_passes(np.ascontiguousarray(x, dtype=np.float32), _compiled.BLOCK_ORDER, out)
     return out
 
 
