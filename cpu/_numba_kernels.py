@@ -605,7 +605,7 @@ def mxfp4_matmul(blocks, scales, x, out):
 @numba.njit(cache=CACHE)
 def lay_out_passes(x, order, out):
     """`kernels.passes_by_block` into `out`: `x [T, G*32]` pass after pass, each `[G, pass, 32]`, a block's 32 elements
-    in `order` (`BLOCK_ORDER`). One copy, where NumPy's reorder and transposes took three, each a call per pass."""
+    in `order` (`BLOCK_ORDER`), in one pass over x (NumPy would need a reorder, then a transpose per pass)."""
     tokens, width = x.shape
     groups = width // 32
     t = 0
