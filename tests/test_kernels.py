@@ -106,8 +106,8 @@ def test_matvec_gives_each_row_the_bits_of_a_one_row_call(tokens):
 @pytest.mark.parametrize("long", [False, True])
 def test_attention_equals_the_numpy_attention(window, queries, long):
     """Short: fewer heads than a tile, one at a time. Long: a tile of heads plus one, over several chunks of
-    positions and a tail shorter than a 16-position block, and a head size that leaves a value row out of the
-    weighted sum's pairs of rows."""
+    positions and a tail shorter than a 16-position block, and a head size that leaves value rows out of the
+    weighted sum's groups of `MIX_ROWS` rows."""
     from mlx_oss.cpu import _numba_kernels as compiled
 
     group, length, dim = (compiled.HEAD_TILE + 1, 2 * compiled.POSITION_CHUNK + 7, 17) if long else (4, 37, 16)
