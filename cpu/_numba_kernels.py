@@ -532,25 +532,55 @@ def _exp_sum(typingctx, a, offset, count, peak):
     return types.float32(a, offset, count, peak), codegen
 
 
+@numba.njit(cache=CACHE)
+def _softmax_row(flat, start, count, sink):
+    """`flat[start:][:count]` replaced by `exp(score - peak)`, `peak` the largest of them and `sink`: returns their
+    sum plus the sink's share, `exp(sink - peak)`. The last `count % 16` take the C library's exp."""
+    body = count - count % DOT_LANES
+    peak = max(_row_max(flat, start, body), sink)
+    for j in range(start + body, start + count):
+        peak = max(peak, flat[j])
+    total = _exp_sum(flat, start, body, peak)
+    for j in range(start + body, start + count):
+        flat[j] = np.exp(flat[j] - peak)
+        total += flat[j]
+    return total + np.exp(sink - peak)
+
+
 @numba.njit(parallel=True, cache=CACHE)
 def softmax_with_sink(scores, sinks, denominators):
     """`layers.softmax_with_sink` over `scores [T, H, N]` in place, head h's sink `sinks[h]`, each row's denominator
     into `denominators [T, H]`: rows in parallel, each read twice (its largest, then its exponentials and their sum).
-    The last `N % 16` of a row take the C library's exp."""
+    """
     tokens, heads, count = scores.shape
-    body = count - count % DOT_LANES
     flat = scores.reshape(-1)
     for row in prange(tokens * heads):
-        h = row % heads
-        start = row * count
-        peak = max(_row_max(flat, start, body), sinks[h])
-        for j in range(start + body, start + count):
-            peak = max(peak, flat[j])
-        total = _exp_sum(flat, start, body, peak)
-        for j in range(start + body, start + count):
-            flat[j] = np.exp(flat[j] - peak)
-            total += flat[j]
-        denominators[row // heads, h] = total + np.exp(sinks[h] - peak)
+        denominators[row // heads, row % heads] = _softmax_row(flat, row * count, count, sinks[row % heads])
+
+
+@numba.njit(nogil=True, cache=CACHE)
+def softmax_in_spans(scores, sinks, first, last, denominators):
+    """`layers.softmax_in_spans` into `denominators [G, T]`, on the calling thread (a prompt's attention runs its kv
+    heads in threads of its own), without holding the GIL.
+
+    A row's span is widened to whole vectors of 16 (moved left where it would pass the row's end) and the scores it
+    gains set to -inf, whose exponentials are 0: no scalar tail. Rows shorter than a vector keep one.
+    """
+    groups, tokens, count = scores.shape
+    flat = scores.reshape(-1)
+    for g in range(groups):
+        for t in range(tokens):
+            row = (g * tokens + t) * count
+            lo, hi = first[t], last[t]
+            if hi - lo < count - count % DOT_LANES:
+                width = -(-(hi - lo) // DOT_LANES) * DOT_LANES
+                lo = min(lo, count - width)
+                flat[row + lo : row + first[t]] = -np.inf
+                hi = lo + width
+                flat[row + last[t] : row + hi] = -np.inf
+            flat[row : row + lo] = 0
+            flat[row + hi : row + count] = 0
+            denominators[g, t] = _softmax_row(flat, row + lo, hi - lo, sinks[g])
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -660,6 +690,8 @@ def warm_up() -> None:
     )
     attention_scores(q, cached, 0, np.float32(1), scores)
     softmax_with_sink(scores, np.zeros(2, np.float32), np.empty((1, 2), np.float32))
+    spans = np.zeros(1, np.int64), np.ones(1, np.int64)
+    softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
     attention_mix(scores, cached, 0, np.empty_like(q))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty(32, np.float32))
     mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))

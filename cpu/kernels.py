@@ -202,6 +202,14 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start:
     return out.reshape(tokens, heads * dim)
 
 
+def softmax_in_spans(scores: np.ndarray, sink: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """`layers.softmax_in_spans`, compiled: the exponentials by the kernels' polynomial in vector registers, several
+    times quicker than NumPy's, and no masking pass."""
+    denominators = np.empty(scores.shape[:2], dtype=np.float32)
+    _compiled.softmax_in_spans(scores, np.ascontiguousarray(sink, dtype=np.float32), first, last, denominators)
+    return denominators
+
+
 def block_ordered(x: np.ndarray) -> np.ndarray:
     """`x [..., G*32]` with each block's 32 elements in the order the MXFP4 kernels decode weights in
     (`_numba_kernels.BLOCK_ORDER`), in `_aligned_empty` memory."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from mlx_oss.mxfp4 import SCALE_VALUES, decode_unscaled, dequantize
 
-QUERY_CHUNK = 256  # queries scored at once: bounds the score matrix on long prompts
+QUERY_CHUNK = 64  # queries scored at once: bounds the score matrix, and the keys a chunk scores past its diagonal
 SCORE_BYTES = 256 << 20  # at most this much of one score matrix: fewer queries at once over long caches
 DECODE_SCRATCH_BYTES = 1 << 20  # float32 bytes of one decoded slice of an expert weight (`mxfp4_linear`)
 LATE_SCALE_ROWS = 4  # up to this many rows of x, `mxfp4_linear` scales each block's dot product, not its values
@@ -27,6 +27,7 @@ def attention(
     q_start: int,
     window: int | None,
     k_start: int = 0,
+    softmax=None,
 ) -> np.ndarray:
     """Causal grouped-query attention with one learned sink logit per head.
 
@@ -35,28 +36,32 @@ def attention(
     Query head h reads kv head h // (H // KV). Key j is visible to query i iff j <= i and, on sliding layers,
     i - j < window. The sink joins the softmax's denominator as `exp(sink)` and contributes no value. Returns
     `[T, H * D]`.
+
+    Each kv head's products are two matrix products (BLAS) over a chunk of queries and the keys the chunk sees,
+    its query heads stacked as rows; `softmax` (default `softmax_in_spans`; the compiled kernels pass theirs)
+    turns the scores into weights in place.
     """
     T, H, D = q.shape
     KV, _, S = v.shape
     group = H // KV
+    softmax = softmax or softmax_in_spans
     scale = np.float32(1.0 / np.sqrt(D))
-    out = np.empty((T, KV, group, D), dtype=np.float32)
-    qg = q.reshape(T, KV, group, D)
-    sink = sinks.astype(np.float32).reshape(KV, group, 1)
+    out = np.empty((KV, group, T, D), dtype=np.float32)
+    queries = (q * scale).reshape(T, KV, group, D).transpose(1, 2, 0, 3)  # [KV, group, T, D]
+    sink = np.ascontiguousarray(sinks, dtype=np.float32).reshape(KV, group)
     chunk = max(1, min(QUERY_CHUNK, SCORE_BYTES // (H * S * 4)))
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         k_lo, k_hi = max(k_start, first_visible_key(q_start + t0, window)), q_start + t1  # later: never visible
-        visible = visibility(q_start + t0, t1 - t0, k_lo, k_hi - k_lo, window)
-        # scores [KV, group, t, s]
-        keys, values = k[..., k_lo - k_start : k_hi - k_start], v[..., k_lo - k_start : k_hi - k_start]
-        scores = np.einsum("tkgd,kds->kgts", qg[t0:t1], keys, optimize=True) * scale
-        if visible is not None:
-            scores = np.where(visible, scores, -np.inf)
-        weights, denom = softmax_with_sink(scores, sink)
-        mixed = np.einsum("kgts,kds->tkgd", weights, values, optimize=True)
-        out[t0:t1] = mixed / denom.transpose(2, 0, 1)[..., None]
-    return out.reshape(T, H * D)
+        first, last = visible_spans(q_start + t0, t1 - t0, k_lo, window)
+        held = slice(k_lo - k_start, k_hi - k_start)
+        for h in range(KV):
+            rows = np.ascontiguousarray(queries[h, :, t0:t1]).reshape(group * (t1 - t0), D)
+            scores = (rows @ k[h, :, held]).reshape(group, t1 - t0, k_hi - k_lo)
+            denominators = softmax(scores, sink[h], first, last)
+            mixed = scores.reshape(group * (t1 - t0), -1) @ v[h, :, held].T
+            out[h, :, t0:t1] = mixed.reshape(group, t1 - t0, D) / denominators[..., None]
+    return out.transpose(2, 0, 1, 3).reshape(T, H * D)
 
 
 def first_visible_key(q_start: int, window: int | None) -> int:
@@ -64,18 +69,34 @@ def first_visible_key(q_start: int, window: int | None) -> int:
     return 0 if window is None else max(0, q_start - window + 1)
 
 
+def visible_spans(q_start: int, queries: int, k_start: int, window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The keys each of the queries at positions `q_start ..` sees, as `[first, last)` counted from the key at
+    position `k_start` (int64 `[queries]` both): those up to its own position and, on sliding layers, less than
+    `window` before it."""
+    positions = np.arange(q_start, q_start + queries)
+    first = np.zeros(queries, dtype=np.int64) if window is None else np.maximum(positions - window + 1 - k_start, 0)
+    return first, positions + 1 - k_start
+
+
 def visibility(q_start: int, queries: int, k_start: int, keys: int, window: int | None) -> np.ndarray | None:
-    """Which keys each query sees (`[queries, keys]`, True where visible), for queries at positions `q_start ..`
-    and keys at `k_start ..`: key j at most query i and, on sliding layers, i - j < window. None for a decode
+    """Which keys each query sees (`[queries, keys]`, True where visible; see `visible_spans`). None for a decode
     step, which is given only the keys it sees."""
     if queries == 1 and (window is None or q_start - k_start < window):
         return None
-    q_pos = np.arange(q_start, q_start + queries)[:, None]
-    k_pos = np.arange(k_start, k_start + keys)[None, :]
-    visible = k_pos <= q_pos
-    if window is not None:
-        visible &= q_pos - k_pos < window
-    return visible
+    first, last = visible_spans(q_start, queries, k_start, window)
+    k_pos = np.arange(keys)
+    return (k_pos >= first[:, None]) & (k_pos < last[:, None])
+
+
+def softmax_in_spans(scores: np.ndarray, sink: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """`softmax_with_sink` of `scores [G, T, S]` in place, row (g, t) over its keys `first[t]:last[t]` only (the
+    rest weigh 0), with sink `sink[g]`: returns the denominators `[G, T]`."""
+    k_pos = np.arange(scores.shape[-1])
+    hidden = (k_pos < first[:, None]) | (k_pos >= last[:, None])
+    if hidden.any():
+        np.copyto(scores, np.float32(-np.inf), where=hidden)
+    _, denominators = softmax_with_sink(scores, sink[:, None])
+    return denominators
 
 
 def softmax_with_sink(scores: np.ndarray, sink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

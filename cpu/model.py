@@ -184,15 +184,18 @@ class NumpyModel(Model):
         return w.out(mixed)
 
     def _attention_in_threads(self, q, k, v, sinks, start, window, k_start) -> np.ndarray:
-        """`layers.attention` with the kv heads shared out among the workers (BLAS runs on one thread each)."""
+        """`layers.attention` with the kv heads shared out among the workers (BLAS runs on one thread each; with the
+        kernels, so does their softmax, which lets go of the GIL)."""
         kv_heads = k.shape[0]
         group = q.shape[1] // kv_heads
         shares = [s for s in np.array_split(np.arange(kv_heads), self._workers.count) if s.size]
+        softmax = kernels.softmax_in_spans if self.uses_kernels else None
 
         def share(heads: np.ndarray) -> np.ndarray:
             first, last = heads[0], heads[-1] + 1
             queries = slice(first * group, last * group)
-            return attention(q[:, queries], k[first:last], v[first:last], sinks[queries], start, window, k_start)
+            keys, values = k[first:last], v[first:last]
+            return attention(q[:, queries], keys, values, sinks[queries], start, window, k_start, softmax)
 
         return np.concatenate(self._workers.map(share, shares), axis=1)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from .config import ModelConfig
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (`generate.PREFILL_CHUNK`)
-NUMPY_QUERY_CHUNK = 256  # queries the NumPy attention scores at once (`cpu.layers.QUERY_CHUNK`)
+NUMPY_QUERY_CHUNK = 64  # queries the NumPy attention scores at once (`cpu.layers.QUERY_CHUNK`)
 NUMPY_SCORE_BYTES = 256 << 20  # the NumPy attention's bound on one score matrix (`cpu.layers.SCORE_BYTES`)
 MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP` (`cpu.quantized_kv_cache`'s too)
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once (both backends)
@@ -146,7 +146,6 @@ def activation_bytes(
     experts = T * k * (3 * c.intermediate_size + 2 * c.hidden_size) * 4  # gate, up, SwiGLU, input copy, output
     if backend == "numpy":
         scores = min(c.num_attention_heads * min(T, NUMPY_QUERY_CHUNK) * context * 4, NUMPY_SCORE_BYTES)
-        scores *= 2  # masked copy of the scores beside them
     else:
         scores = 0 if metal else c.num_attention_heads * T * context * 4 * 2  # the fused kernel keeps none
     logits = c.vocab_size * 4 + VOCAB_CHUNK * c.hidden_size * 4

@@ -14,7 +14,7 @@ from conftest import load_variant
 
 import mlx_oss
 from mlx_oss.cpu import kernels
-from mlx_oss.cpu.layers import attention, softmax_with_sink
+from mlx_oss.cpu.layers import attention, softmax_in_spans, softmax_with_sink, visible_spans
 from mlx_oss.mxfp4 import dequantize
 from mlx_oss.safetensors_io import bf16_to_f32
 
@@ -140,6 +140,25 @@ def test_softmax_with_sink_matches_numpy_to_an_ulp_over_exps_whole_range(length)
     assert (scores[expected == 0] == 0).all()
     np.testing.assert_allclose(scores, expected, rtol=3e-7, atol=np.finfo(np.float32).tiny)
     np.testing.assert_allclose(denominator, expected_denominator, rtol=1e-6)
+
+
+@pytest.mark.parametrize("count", [5, 16, 37, 300])
+@pytest.mark.parametrize("window", [None, 3, 20])
+def test_softmax_in_spans_matches_numpy(count, window):
+    """A prompt chunk's rows, each over the keys its query sees: spans from one key to the whole row, shorter than a
+    vector, widened past the row's end (moved left), and in rows shorter than a vector (a scalar tail)."""
+    rng = np.random.default_rng(count)
+    queries, groups = min(count, 7), 3
+    first, last = visible_spans(count - queries, queries, 0, window)
+    scores = (rng.standard_normal((groups, queries, count)) * 30).astype(np.float32)
+    sink = rng.standard_normal(groups).astype(np.float32)
+    expected = scores.copy()
+    expected_denominators = softmax_in_spans(expected, sink, first, last)
+    denominators = kernels.softmax_in_spans(scores, sink, first, last)
+    visible = (np.arange(count) >= first[:, None]) & (np.arange(count) < last[:, None])
+    assert (scores[:, ~visible] == 0).all() and (scores[:, visible] > 0).any()
+    np.testing.assert_allclose(scores, expected, rtol=3e-7, atol=np.finfo(np.float32).tiny)
+    np.testing.assert_allclose(denominators, expected_denominators, rtol=1e-6)
 
 
 needs_amx = pytest.mark.skipif(

@@ -91,14 +91,14 @@ def run(module: str, *args: str, memory: str | None = None, stdin: str = "hi") -
 
 @pytest.mark.parametrize("command", ["mlx_oss.chat", "mlx_oss.serve"])
 def test_a_context_that_cannot_fit_is_one_line_before_loading(tiny_checkpoint, command):
-    done = run(command, "--model", str(tiny_checkpoint), "--backend", "numpy", "--context", "100000", memory="500M")
+    done = run(command, "--model", str(tiny_checkpoint), "--backend", "numpy", "--context", "100000", memory="250M")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "loading" not in done.stderr, done.stderr
-    assert "--context 100000" in lines[0] and "does not fit in memory" in lines[0] and "500 MiB" in lines[0]
+    assert "--context 100000" in lines[0] and "does not fit in memory" in lines[0] and "250 MiB" in lines[0]
     fitting = int(lines[0].split("; --context ")[1].split()[0])
     files = me.read_model_files(tiny_checkpoint)
-    machine = me.MachineMemory(500 << 20, 500 << 20)
+    machine = me.MachineMemory(250 << 20, 250 << 20)
     assert me.verdict(me.estimate(*files_args(files), fitting), machine).status != me.DOES_NOT_FIT
     assert me.verdict(me.estimate(*files_args(files), fitting + 1024), machine).status == me.DOES_NOT_FIT
 
@@ -116,17 +116,17 @@ def test_a_context_past_the_model_s_own_is_refused(tiny_checkpoint):
 
 
 def test_context_auto_takes_the_longest_that_fits(tiny_checkpoint):
-    done = run("mlx_oss.models", "info", str(tiny_checkpoint), "--context", "auto", memory="500M")
+    done = run("mlx_oss.models", "info", str(tiny_checkpoint), "--context", "auto", memory="250M")
     assert done.returncode == 0, done.stderr
     chosen = int(done.stdout.split("memory at ")[1].split()[0])
     files = me.read_model_files(tiny_checkpoint)
-    machine = me.MachineMemory(500 << 20, 500 << 20)
+    machine = me.MachineMemory(250 << 20, 250 << 20)
     assert me.verdict(me.estimate(*files_args(files), chosen), machine).status == me.FITS
     assert me.verdict(me.estimate(*files_args(files), chosen + 1024), machine).status != me.FITS
     assert f"longest context that fits: {chosen}" in done.stdout
     answered = run(
         "mlx_oss.chat", "--model", str(tiny_checkpoint), "--backend", "numpy", "--context", "auto",
-        "--temperature", "0", "--max-tokens", "2", memory="500M",
+        "--temperature", "0", "--max-tokens", "2", memory="250M",
     )  # fmt: skip
     assert answered.returncode == 0, answered.stderr
 
@@ -157,7 +157,7 @@ def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_ch
 
     monkeypatch.setenv("MLX_OSS_APP_DIR", str(tmp_path / "app"))
     monkeypatch.setenv("MLX_OSS_MODELS", str(tmp_path / "store"))
-    monkeypatch.setenv(me.MEMORY_ENV, "500M")
+    monkeypatch.setenv(me.MEMORY_ENV, "250M")
     store_with(tmp_path / "store", "openai/gpt-oss-tiny", tiny_checkpoint)
     models = ModelsView(ModelStore())
     qtbot.addWidget(models)
@@ -173,7 +173,7 @@ def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_ch
     settings.resize(900, 700)
     assert settings.context_fit.text().startswith("fits: needs about")
     settings.context.setValue(131072)
-    assert settings.context_fit.text().startswith("does not fit: needs") and "of this computer's 500 MiB" in (
+    assert settings.context_fit.text().startswith("does not fit: needs") and "of this computer's 250 MiB" in (
         settings.context_fit.text()
     )
     settings.model.setCurrentText(str(tmp_path / "nowhere"))
