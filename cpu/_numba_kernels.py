@@ -34,8 +34,9 @@ GROUP_CHUNK = 16
 SCALE_TABLE = "mlx_oss_e8m0_scale_values"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
-# positions the weights are walked in so that a group's stay in L1 (8 heads x 4 KB), and how many positions ahead
-# each key or value row asks for memory (it reads one 64-byte line of a row at a time, 64 rows in turn).
+# positions it walks at a time, their scores held in a scratch row per head (a group's in L1: 8 heads x 4 KB), and
+# how many positions ahead each key or value row asks for memory (it reads one 64-byte line of a row at a time, 64
+# rows in turn).
 HEAD_TILE = 8 if ISA == "avx512" else 4  # accumulators that fit the registers with room to spare
 POSITION_CHUNK = 1024
 AHEAD_POSITIONS = 256
@@ -533,29 +534,25 @@ def _exp_sum(typingctx, a, offset, count, peak):
 
 
 @numba.njit(cache=CACHE)
-def _softmax_row(flat, start, count, sink):
-    """`flat[start:][:count]` replaced by `exp(score - peak)`, `peak` the largest of them and `sink`: returns their
-    sum plus the sink's share, `exp(sink - peak)`. The last `count % 16` take the C library's exp."""
+def _exps(flat, start, count, floor):
+    """`flat[start:][:count]` replaced by `exp(score - peak)`, `peak` the largest of them and `floor`: returns `peak`
+    and the exponentials' sum. The last `count % 16` take the C library's exp."""
     body = count - count % DOT_LANES
-    peak = max(_row_max(flat, start, body), sink)
+    peak = max(_row_max(flat, start, body), floor)
     for j in range(start + body, start + count):
         peak = max(peak, flat[j])
     total = _exp_sum(flat, start, body, peak)
     for j in range(start + body, start + count):
         flat[j] = np.exp(flat[j] - peak)
         total += flat[j]
+    return peak, total
+
+
+@numba.njit(cache=CACHE)
+def _softmax_row(flat, start, count, sink):
+    """`_exps` of a row whose softmax has a sink: returns its denominator, the sum plus `exp(sink - peak)`."""
+    peak, total = _exps(flat, start, count, sink)
     return total + np.exp(sink - peak)
-
-
-@numba.njit(parallel=True, cache=CACHE)
-def softmax_with_sink(scores, sinks, denominators):
-    """`layers.softmax_with_sink` over `scores [T, H, N]` in place, head h's sink `sinks[h]`, each row's denominator
-    into `denominators [T, H]`: rows in parallel, each read twice (its largest, then its exponentials and their sum).
-    """
-    tokens, heads, count = scores.shape
-    flat = scores.reshape(-1)
-    for row in prange(tokens * heads):
-        denominators[row // heads, row % heads] = _softmax_row(flat, row * count, count, sinks[row % heads])
 
 
 @numba.njit(nogil=True, cache=CACHE)
@@ -683,16 +680,10 @@ def warm_up() -> None:
     scales = _read_only(np.full((1, 1, 1), 127, np.uint8))
     xs = np.zeros((1, 16), np.float32)
     mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), np.zeros((1, 32), np.float32), np.empty((1, 1), np.float32))
-    q, cached, scores = (
-        np.zeros((1, 2, 4), np.float32),
-        np.zeros((1, 4, 1), np.float32),
-        np.zeros((1, 2, 1), np.float32),
-    )
-    attention_scores(q, cached, 0, np.float32(1), scores)
-    softmax_with_sink(scores, np.zeros(2, np.float32), np.empty((1, 2), np.float32))
+    q, cached = np.zeros((1, 2, 4), np.float32), np.zeros((1, 4, 1), np.float32)
     spans = np.zeros(1, np.int64), np.ones(1, np.int64)
+    attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
-    attention_mix(scores, cached, 0, np.empty_like(q))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty(32, np.float32))
     mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
@@ -715,75 +706,81 @@ def _task_heads(task, kv_heads, group):
 
 
 @numba.njit(parallel=True, cache=CACHE)
-def attention_scores(q, k, first, scale, out):
-    """`out[t, h, j] = scale * q[t, h] . k[h's kv head, :, first + j]` for keys `k [KV, D, capacity]`.
+def attention(q, k, v, sinks, base, first, last, scale, out):
+    """`out[t, h] = softmax(scale * q[t, h] . keys, sink) . values` for a few queries (decoding), over keys
+    `k [KV, D, capacity]` and values `v` alike, query t seeing the positions `base + first[t] .. base + last[t] - 1`
+    of the buffers.
 
-    One (query, kv head) a task. It walks the positions 16 at a time, each key block read once (from memory, for
-    the first tile of heads) and multiplied into the scores of `HEAD_TILE` heads at once, held in registers.
+    One (query, kv head) a task, its query heads together. It walks the positions `POSITION_CHUNK` at a time: the
+    chunk's scores (`_scores_tile`, each key read once for `HEAD_TILE` heads) stay in a scratch row per head, in
+    L1, where they become weights (an online softmax: the running largest score starts at the sink, and the sums
+    so far are rescaled when it grows) and are multiplied into the values (`_mix_tile`). Keys and values are read
+    once, the scores never leave the cache, and it is one parallel loop, not three.
     """
     tokens, heads, dim = q.shape
     kv_heads, _, capacity = k.shape
     group = heads // kv_heads
-    count = out.shape[2]
-    body = count - count % 16
+    rows_end = dim - dim % MIX_ROWS
     flat_q = q.reshape(-1)
     flat_k = k.reshape(-1)
-    flat_out = out.reshape(-1)
-    for task in prange(tokens * kv_heads):
-        t, kv, tiles_end, heads_end = _task_heads(task, kv_heads, group)
-        for j in range(0, body, 16):
-            keys = kv * dim * capacity + first + j
-            for h in range(kv * group, tiles_end, HEAD_TILE):
-                row = (t * heads + h) * count + j
-                _scores_tile(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, flat_out, row, count)
-            for h in range(tiles_end, heads_end):
-                row = (t * heads + h) * count + j
-                _scores_head(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, flat_out, row, count)
-        for h in range(kv * group, heads_end):
-            for j in range(body, count):
-                total = np.float32(0)
-                for d in range(dim):
-                    total += q[t, h, d] * k[kv, d, first + j]
-                out[t, h, j] = total * scale
-
-
-@numba.njit(parallel=True, cache=CACHE)
-def attention_mix(weights, v, first, out):
-    """`out[t, h, d] = weights[t, h] . v[h's kv head, d, first:]` for values `v [KV, D, capacity]`.
-
-    One (query, kv head) a task. It walks the positions `POSITION_CHUNK` at a time, so that the group's weights
-    stay in L1 while each value row is read once, `MIX_ROWS` rows at a time dotted with `HEAD_TILE` heads' weights.
-    """
-    tokens, heads, count = weights.shape
-    kv_heads, dim, capacity = v.shape
-    group = heads // kv_heads
-    body = count - count % 16
-    rows_end = dim - dim % MIX_ROWS
-    flat_w = weights.reshape(-1)
     flat_v = v.reshape(-1)
-    flat_out = out.reshape(-1)
     for task in prange(tokens * kv_heads):
         t, kv, tiles_end, heads_end = _task_heads(task, kv_heads, group)
-        out[t, kv * group : heads_end] = 0
-        for start in range(0, body, POSITION_CHUNK):
-            blocks = min(POSITION_CHUNK, body - start) // 16
-            for d in range(0, rows_end, MIX_ROWS):
-                values = (kv * dim + d) * capacity + first + start
-                for h in range(kv * group, tiles_end, HEAD_TILE):
-                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
-                    _mix_tile(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
+        h0 = kv * group
+        weights = np.empty(group * POSITION_CHUNK, np.float32)
+        sums = np.zeros(group * dim, np.float32)
+        peaks = sinks[h0:heads_end].copy()
+        totals = np.ones(group, np.float32)  # the sink's share, exp(sink - peak)
+        for start in range(base + first[t], base + last[t], POSITION_CHUNK):
+            count = min(POSITION_CHUNK, base + last[t] - start)
+            body = count - count % 16
+            for j in range(0, body, 16):
+                keys = kv * dim * capacity + start + j
+                for h in range(h0, tiles_end, HEAD_TILE):
+                    row = (h - h0) * POSITION_CHUNK + j
+                    _scores_tile(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, weights, row,
+                                 POSITION_CHUNK)  # fmt: skip
                 for h in range(tiles_end, heads_end):
-                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
-                    _mix_head(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
-            for d in range(rows_end, dim):
-                values = (kv * dim + d) * capacity + first + start
-                for h in range(kv * group, tiles_end, HEAD_TILE):
-                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
-                    _mix_tile_row(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
-                for h in range(tiles_end, heads_end):
-                    row, o = (t * heads + h) * count + start, (t * heads + h) * dim + d
-                    _mix_head_row(flat_v, values, capacity, flat_w, row, count, flat_out, o, dim, blocks)
-        for h in range(kv * group, heads_end):
-            for d in range(dim):
+                    row = (h - h0) * POSITION_CHUNK + j
+                    _scores_head(flat_k, keys, capacity, flat_q, (t * heads + h) * dim, dim, scale, weights, row,
+                                 POSITION_CHUNK)  # fmt: skip
+            for h in range(h0, heads_end):
                 for j in range(body, count):
-                    out[t, h, d] += weights[t, h, j] * v[kv, d, first + j]
+                    total = np.float32(0)
+                    for d in range(dim):
+                        total += q[t, h, d] * k[kv, d, start + j]
+                    weights[(h - h0) * POSITION_CHUNK + j] = total * scale
+            for i in range(heads_end - h0):
+                peak, total = _exps(weights, i * POSITION_CHUNK, count, peaks[i])
+                factor = np.exp(peaks[i] - peak)
+                totals[i] = totals[i] * factor + total
+                sums[i * dim : (i + 1) * dim] *= factor
+                peaks[i] = peak
+            blocks = body // 16
+            for d in range(0, rows_end, MIX_ROWS):
+                values = (kv * dim + d) * capacity + start
+                for h in range(h0, tiles_end, HEAD_TILE):
+                    i = h - h0
+                    _mix_tile(flat_v, values, capacity, weights, i * POSITION_CHUNK, POSITION_CHUNK, sums, i * dim + d,
+                              dim, blocks)  # fmt: skip
+                for h in range(tiles_end, heads_end):
+                    i = h - h0
+                    _mix_head(flat_v, values, capacity, weights, i * POSITION_CHUNK, POSITION_CHUNK, sums, i * dim + d,
+                              dim, blocks)  # fmt: skip
+            for d in range(rows_end, dim):
+                values = (kv * dim + d) * capacity + start
+                for h in range(h0, tiles_end, HEAD_TILE):
+                    i = h - h0
+                    _mix_tile_row(flat_v, values, capacity, weights, i * POSITION_CHUNK, POSITION_CHUNK, sums,
+                                  i * dim + d, dim, blocks)  # fmt: skip
+                for h in range(tiles_end, heads_end):
+                    i = h - h0
+                    _mix_head_row(flat_v, values, capacity, weights, i * POSITION_CHUNK, POSITION_CHUNK, sums,
+                                  i * dim + d, dim, blocks)  # fmt: skip
+            for i in range(heads_end - h0):
+                for d in range(dim):
+                    for j in range(body, count):
+                        sums[i * dim + d] += weights[i * POSITION_CHUNK + j] * v[kv, d, start + j]
+        for i in range(heads_end - h0):
+            for d in range(dim):
+                out[t, h0 + i, d] = sums[i * dim + d] / totals[i]

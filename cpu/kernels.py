@@ -29,7 +29,7 @@ import threading
 import numpy as np
 
 from . import _target
-from .layers import first_visible_key, visibility
+from .layers import first_visible_key, visible_spans
 
 ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
@@ -177,28 +177,20 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start: int = 0) -> np.ndarray:
-    """`layers.attention` for a few queries (decoding), without BLAS, whose threads would spin on after each
-    call and take the cores from the kernels around it at long contexts.
+    """`layers.attention` for a few queries (decoding), in one compiled loop (`_numba_kernels.attention`), without
+    BLAS, whose threads would spin on after each call and take the cores from the kernels around it.
 
     `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers holding at least the positions
     up to the last query's, `keys[..., 0]` being position `k_start` (a slice of them would have strides numba
-    cannot vectorize over). The products and the softmax run in the kernels, the softmax's rows in parallel (on one
-    core, NumPy's four passes over a 32k-position row took longer than the products).
+    cannot vectorize over).
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape
     first = first_visible_key(q_start, window)
-    count = q_start + tokens - first  # keys past the last query are never visible
-    visible = visibility(q_start, tokens, first, count, window)  # None for a single query: it sees them all
-    scores = np.empty((tokens, heads, count), dtype=np.float32)
-    _compiled.attention_scores(q, keys, first - k_start, np.float32(1.0 / np.sqrt(dim)), scores)
-    if visible is not None:
-        scores[~np.broadcast_to(visible[:, None, :], scores.shape)] = -np.inf
-    denominator = np.empty((tokens, heads), dtype=np.float32)
-    _compiled.softmax_with_sink(scores, np.ascontiguousarray(sinks, dtype=np.float32), denominator)
+    spans = visible_spans(q_start, tokens, first, window)
     out = np.empty(q.shape, dtype=np.float32)
-    _compiled.attention_mix(scores, values, first - k_start, out)
-    out /= denominator[..., None]
+    sinks = np.ascontiguousarray(sinks, dtype=np.float32)
+    _compiled.attention(q, keys, values, sinks, first - k_start, *spans, np.float32(1.0 / np.sqrt(dim)), out)
     return out.reshape(tokens, heads * dim)
 
 

@@ -78,16 +78,6 @@ def visible_spans(q_start: int, queries: int, k_start: int, window: int | None) 
     return first, positions + 1 - k_start
 
 
-def visibility(q_start: int, queries: int, k_start: int, keys: int, window: int | None) -> np.ndarray | None:
-    """Which keys each query sees (`[queries, keys]`, True where visible; see `visible_spans`). None for a decode
-    step, which is given only the keys it sees."""
-    if queries == 1 and (window is None or q_start - k_start < window):
-        return None
-    first, last = visible_spans(q_start, queries, k_start, window)
-    k_pos = np.arange(keys)
-    return (k_pos >= first[:, None]) & (k_pos < last[:, None])
-
-
 def softmax_in_spans(scores: np.ndarray, sink: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """`softmax_with_sink` of `scores [G, T, S]` in place, row (g, t) over its keys `first[t]:last[t]` only (the
     rest weigh 0), with sink `sink[g]`: returns the denominators `[G, T]`."""

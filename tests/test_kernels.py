@@ -123,20 +123,18 @@ def test_attention_equals_the_numpy_attention(window, queries, long):
 
 
 @pytest.mark.parametrize("length", [5, 16, 37, 1029])
-def test_softmax_with_sink_matches_numpy_to_an_ulp_over_exps_whole_range(length):
+def test_compiled_softmax_matches_numpy_to_an_ulp_over_exps_whole_range(length):
     """Log-weights from 0 down past float32's underflow (below its smallest normal, weights flush to 0), masked
     (-inf) ones and a row masked whole, whose weight all goes to the sink; a tail shorter than a vector takes the C
     library's exp."""
-    from mlx_oss.cpu import _numba_kernels as compiled
-
     rng = np.random.default_rng(length)
-    scores = (rng.standard_normal((2, 3, length)) * 40).astype(np.float32)
-    scores[0, 1, ::3] = -np.inf
-    scores[1, 2] = -np.inf
+    scores = (rng.standard_normal((3, 2, length)) * 40).astype(np.float32)
+    scores[1, 0, ::3] = -np.inf
+    scores[2, 1] = -np.inf
     sinks = rng.standard_normal(3).astype(np.float32)
-    expected, expected_denominator = softmax_with_sink(scores.copy(), sinks[None, :])
-    denominator = np.empty((2, 3), np.float32)
-    compiled.softmax_with_sink(scores, sinks, denominator)
+    expected, expected_denominator = softmax_with_sink(scores.copy(), sinks[:, None])
+    whole_rows = np.zeros(2, np.int64), np.full(2, length)
+    denominator = kernels.softmax_in_spans(scores, sinks, *whole_rows)
     assert (scores[expected == 0] == 0).all()
     np.testing.assert_allclose(scores, expected, rtol=3e-7, atol=np.finfo(np.float32).tiny)
     np.testing.assert_allclose(denominator, expected_denominator, rtol=1e-6)
