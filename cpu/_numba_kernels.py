@@ -548,13 +548,6 @@ def _exps(flat, start, count, floor):
     return peak, total
 
 
-@numba.njit(cache=CACHE)
-def _softmax_row(flat, start, count, sink):
-    """`_exps` of a row whose softmax has a sink: returns its denominator, the sum plus `exp(sink - peak)`."""
-    peak, total = _exps(flat, start, count, sink)
-    return total + np.exp(sink - peak)
-
-
 @numba.njit(nogil=True, cache=CACHE)
 def softmax_in_spans(scores, sinks, first, last, denominators):
     """`layers.softmax_in_spans` into `denominators [G, T]`, on the calling thread (a prompt's attention runs its kv
@@ -577,7 +570,8 @@ def softmax_in_spans(scores, sinks, first, last, denominators):
                 flat[row + last[t] : row + hi] = -np.inf
             flat[row : row + lo] = 0
             flat[row + hi : row + count] = 0
-            denominators[g, t] = _softmax_row(flat, row + lo, hi - lo, sinks[g])
+            peak, total = _exps(flat, row + lo, hi - lo, sinks[g])
+            denominators[g, t] = total + np.exp(sinks[g] - peak)
 
 
 @numba.njit(parallel=True, cache=CACHE)
