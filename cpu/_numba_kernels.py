@@ -533,6 +533,54 @@ def _exp_sum(typingctx, a, offset, count, peak):
     return types.float32(a, offset, count, peak), codegen
 
 
+def _swiglu(builder, gate, up, alpha, limit):
+    """`layers.clamped_swiglu` lane by lane: gate * sigmoid(alpha * gate) * (up + 1), gate clamped from above and up
+    on both sides, with `_exp` (whose domain is x <= 0) of -|alpha * gate|: sigmoid(a) is 1 / (1 + e) for a >= 0,
+    and e / (1 + e) below, with e = exp(-|a|) (NumPy's form, gate / (exp(-a) + 1), overflows to inf there)."""
+    lanes = gate.type.count
+    gate = builder.select(
+        builder.fcmp_ordered(">", gate, _splat(builder, limit, lanes)), _splat(builder, limit, lanes), gate
+    )
+    low = builder.fneg(_splat(builder, limit, lanes))
+    up = builder.select(builder.fcmp_ordered("<", up, low), low, up)
+    up = builder.select(builder.fcmp_ordered(">", up, _splat(builder, limit, lanes)), _splat(builder, limit, lanes), up)
+    a = builder.fmul(gate, _splat(builder, alpha, lanes))
+    positive = builder.fcmp_ordered(">=", a, _vector(F32, [0.0] * lanes))
+    e = _exp(builder, builder.select(positive, builder.fneg(a), a))
+    swish = builder.fdiv(
+        builder.select(positive, gate, builder.fmul(gate, e)), builder.fadd(e, _vector(F32, [1.0] * lanes))
+    )
+    return builder.fmul(swish, builder.fadd(up, _vector(F32, [1.0] * lanes)))
+
+
+@intrinsic
+def _swiglu_block(typingctx, gate_up, gate_up_offset, bias, bias_offset, alpha, limit, out, out_offset):
+    """One block's 32 SwiGLU outputs (`_swiglu`) of `gate_up[gate_up_offset:][:64] + bias[bias_offset:][:64]` (gate
+    and up interleaved) into `out[out_offset:][:32]`, in `BLOCK_ORDER`: the 64 inputs are loaded as one vector and
+    shuffled into that order's gates and ups."""
+
+    def codegen(context, builder, signature, args):
+        g_arr, g_off, b_arr, b_off, a, lim, o_arr, o_off = args
+        gt, _, bt, _, _, _, ot, _ = signature.args
+        gp = _pointer(context, builder, gt, g_arr, g_off, F32)
+        bp = _pointer(context, builder, bt, b_arr, b_off, F32)
+        op = _pointer(context, builder, ot, o_arr, o_off, F32)
+        v64 = ir.VectorType(F32, 64)
+        zero = ir.Constant(g_off.type, 0)
+        inputs = builder.fadd(_load(builder, gp, zero, v64), _load(builder, bp, zero, v64))
+        for start in range(0, 32, LANES):
+            elements = [int(e) for e in BLOCK_ORDER[start : start + LANES]]
+            pick = [ir.Constant(ir.VectorType(I32, LANES), [2 * e + half for e in elements]) for half in (0, 1)]
+            gate, up = (builder.shuffle_vector(inputs, inputs, mask) for mask in pick)
+            target = builder.bitcast(
+                builder.gep(op, [ir.Constant(o_off.type, start)]), ir.VectorType(F32, LANES).as_pointer()
+            )
+            builder.store(_swiglu(builder, gate, up, a, lim), target, align=4)
+        return context.get_dummy_value()
+
+    return types.none(gate_up, gate_up_offset, bias, bias_offset, alpha, limit, out, out_offset), codegen
+
+
 @numba.njit(cache=CACHE)
 def _exps(flat, start, count, floor):
     """`flat[start:][:count]` replaced by `exp(score - peak)`, `peak` the largest of them and `floor`: returns `peak`
@@ -641,6 +689,35 @@ def lay_out_passes(x, order, out):
         t += step
 
 
+@numba.njit(parallel=True, cache=CACHE)
+def swiglu_laid_out(gate_up, bias, bias_rows, alpha, limit, passes, out):
+    """gpt-oss's clamped SwiGLU (`_swiglu`) of `gate_up [T, 2I] + bias[bias_rows[t]]`, gate and up interleaved,
+    written where the next MXFP4 kernel reads its input: pass after pass as `lay_out_passes` writes (`passes`, for
+    `mxfp4_matmul`), or row after row with each block's elements in `BLOCK_ORDER` (for `mxfp4_matvec`). Rows go to
+    the threads, a block at a time in vector registers: one pass over the memory, where NumPy's clamps, exp and
+    products took eight and the layout a ninth, on one core."""
+    tokens, doubled = gate_up.shape
+    groups = doubled // 64
+    flat_gate_up, flat_bias = gate_up.reshape(-1), bias.reshape(-1)
+    for t in prange(tokens):
+        row = np.int64(t)  # prange's index is unsigned: mixed with signed, numba would index with a float
+        start, step = _pass_holding(row, tokens) if passes else (row, np.int64(1))
+        for g in range(groups):
+            target = (start * groups + g * step + row - start) * 32
+            _swiglu_block(flat_gate_up, (row * groups + g) * 64, flat_bias, (bias_rows[t] * groups + g) * 64, alpha,
+                          limit, out, target)  # fmt: skip
+
+
+@numba.njit(cache=CACHE)
+def _pass_holding(row, tokens):
+    """The first row and the width of the pass `lay_out_passes` puts row `row` of `tokens` in."""
+    start, step = 0, pass_tokens(tokens)
+    while start + step <= row:
+        start += step
+        step = pass_tokens(tokens - start)
+    return start, step
+
+
 @numba.njit(cache=CACHE)
 def pass_tokens(remaining):
     """How many of the `remaining` inputs `mxfp4_matmul`'s next pass takes: the fewest passes, near-equal widths."""
@@ -679,6 +756,9 @@ def warm_up() -> None:
     attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty(32, np.float32))
+    for passes in (True, False):
+        swiglu_laid_out(np.zeros((1, 64), np.float32), np.zeros((1, 64), np.float32), np.zeros(1, np.int64),
+                        np.float32(1), np.float32(1), passes, np.empty(32, np.float32))  # fmt: skip
     mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))

@@ -72,8 +72,7 @@ class Experts:
     def _alone(self, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Pair p through expert `experts[p]` with input `x[p]`, by the kernels on the packed weights."""
         gate_up = kernels.mxfp4_matvec(self.gate_up_blocks, self.gate_up_scales, experts, x)
-        gate_up += self.gate_up_bias[experts]
-        act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)
+        act = kernels.swiglu_laid_out(gate_up, self.gate_up_bias, experts, self.alpha, self.limit, passes=False)
         out = kernels.mxfp4_matvec(self.down_blocks, self.down_scales, experts, act)
         out += self.down_bias[experts]
         return out
@@ -92,8 +91,9 @@ class Experts:
     def _expert(self, e: int, x: np.ndarray) -> np.ndarray:
         """Expert `e` on the rows of `x`."""
         if self.uses_kernels:
-            gate_up = kernels.mxfp4_matmul(self.gate_up_blocks[e], self.gate_up_scales[e], x) + self.gate_up_bias[e]
-            act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)
+            gate_up = kernels.mxfp4_matmul(self.gate_up_blocks[e], self.gate_up_scales[e], x)
+            bias_rows = np.full(x.shape[0], e)
+            act = kernels.swiglu_laid_out(gate_up, self.gate_up_bias, bias_rows, self.alpha, self.limit, passes=True)
             return kernels.mxfp4_matmul(self.down_blocks[e], self.down_scales[e], act) + self.down_bias[e]
         gate_up = mxfp4_linear(x, self.gate_up_blocks[e], self.gate_up_scales[e], self.gate_up_bias[e])
         act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)

@@ -14,7 +14,7 @@ from conftest import load_variant
 
 import mlx_oss
 from mlx_oss.cpu import kernels
-from mlx_oss.cpu.layers import attention, softmax_in_spans, softmax_with_sink, visible_spans
+from mlx_oss.cpu.layers import attention, clamped_swiglu, softmax_in_spans, softmax_with_sink, visible_spans
 from mlx_oss.mxfp4 import dequantize
 from mlx_oss.safetensors_io import bf16_to_f32
 
@@ -76,6 +76,29 @@ def test_a_prompts_inputs_go_through_in_the_fewest_passes_of_near_equal_widths()
             left -= widths[-1]
         assert len(widths) == -(-tokens // widest), (tokens, widths)
         assert max(widths) <= widest and max(widths) - min(widths) <= 1, (tokens, widths)
+
+
+@pytest.mark.parametrize("passes", [True, False])
+@pytest.mark.parametrize("tokens", [1, 4, 17, 40])  # one pass, a partial one, several of unequal widths
+def test_swiglu_laid_out_is_the_clamped_swiglu_where_the_down_projection_reads_it(tokens, passes):
+    """The experts' SwiGLU, fused with the gate/up bias and the down projection's input layout, against NumPy's
+    `clamped_swiglu` laid out by `passes_by_block` or `block_ordered`, and through the kernel that reads it."""
+    rng = np.random.default_rng(tokens)
+    groups = 3
+    gate_up = (rng.standard_normal((tokens, 64 * groups)) * 6).astype(np.float32)  # past the clamp of 7 at times
+    bias = rng.standard_normal((5, 64 * groups)).astype(np.float32)
+    rows = rng.integers(0, 5, tokens)
+    with_bias = gate_up + bias[rows]
+    act = clamped_swiglu(with_bias[:, 0::2], with_bias[:, 1::2], 1.702, 7.0)
+    laid_out = kernels.swiglu_laid_out(gate_up, bias, rows, 1.702, 7.0, passes=passes)
+    expected = kernels.passes_by_block(act) if passes else kernels.block_ordered(act).reshape(-1)
+    np.testing.assert_allclose(laid_out.ordered, expected, rtol=1e-6, atol=1e-7)  # exp may differ by an ulp
+    blocks, scales = mxfp4_weights(rng, 1, 9, groups)
+    if passes:
+        assert_close(kernels.mxfp4_matmul(blocks[0], scales[0], laid_out), act @ dequantize(blocks[0], scales[0]).T)
+    else:
+        experts = np.zeros(tokens, dtype=np.int64)
+        assert_close(kernels.mxfp4_matvec(blocks, scales, experts, laid_out), act @ dequantize(blocks[0], scales[0]).T)
 
 
 def test_matvec_equals_widening_then_multiplying():
