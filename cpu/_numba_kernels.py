@@ -296,10 +296,70 @@ def _row_dot_tokens(
     return types.none(*arguments), codegen
 
 
+BF16_STEP = 2 * DOT_LANES  # BF16 weights a step of a row's dot product takes: 16 32-bit words of two each
+BF16_ORDER = np.concatenate([np.arange(0, BF16_STEP, 2), np.arange(1, BF16_STEP, 2)])  # see `_row_weights`
+
+
+def _row_weights(builder, ap, offset, bf16: bool):
+    """Yield (offset in x, `<16 x float>` weights) for the step of a row at element `offset`: 16 float32s, or 32 BF16s
+    read as 16 words whose low halves (the even elements), shifted up, and high halves (the odd ones), masked, are
+    two vectors of floats, two instructions for 32 weights where widening 16 takes two; x is laid out to match
+    (`BF16_ORDER`, `kernels.bf16_ordered`)."""
+    vf = ir.VectorType(F32, DOT_LANES)
+    if not bf16:
+        yield offset, _load(builder, ap, offset, vf)
+        return
+    words = _load(builder, ap, offset, ir.VectorType(I32, DOT_LANES))
+    yield offset, builder.bitcast(builder.shl(words, _vector(I32, [16] * DOT_LANES)), vf)
+    odd = builder.add(offset, ir.Constant(offset.type, DOT_LANES))
+    yield odd, builder.bitcast(builder.and_(words, _vector(I32, [0xFFFF0000] * DOT_LANES)), vf)
+
+
+def _row_sums(builder, ap, bf16: bool, xs: list, n) -> list:
+    """The `<16 x float>` sums of a weight row `ap[:n]` (float32, or BF16 bits widened in registers) times each row
+    of x at the pointers `xs`, each in `UNROLL` accumulators added up at the end: one weight load for all of them,
+    and each row's sum the same operations in the same order whatever the number of rows. A BF16 row 16 past a
+    multiple of 32 ends with 16 widened one by one, x in its own order there."""
+    vf, fma = _fma(builder, DOT_LANES)
+    accs = [_accumulators(builder, UNROLL, DOT_LANES) for _ in xs]
+    width = BF16_STEP if bf16 else DOT_LANES
+
+    def step(index, j):
+        offset = builder.mul(index, ir.Constant(n.type, width))
+        _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
+        for x_offset, w in _row_weights(builder, ap, offset, bf16):
+            for x, acc in zip(xs, accs, strict=True):
+                builder.store(builder.call(fma, [w, _load(builder, x, x_offset, vf), builder.load(acc[j])]), acc[j])
+
+    steps = builder.udiv(n, ir.Constant(n.type, width))
+    unroll = ir.Constant(steps.type, UNROLL)
+    with cgutils.for_range(builder, builder.udiv(steps, unroll)) as loop:
+        base = builder.mul(loop.index, unroll)
+        for j in range(UNROLL):
+            step(builder.add(base, ir.Constant(steps.type, j)), j)
+    tail_start = builder.mul(builder.udiv(steps, unroll), unroll)
+    with cgutils.for_range(builder, builder.sub(steps, tail_start)) as loop:
+        step(builder.add(tail_start, loop.index), 0)
+    if bf16:
+        last = builder.udiv(builder.urem(n, ir.Constant(n.type, width)), ir.Constant(n.type, DOT_LANES))
+        with cgutils.for_range(builder, last):
+            offset = builder.mul(steps, ir.Constant(n.type, width))
+            w = _bf16_load(builder, ap, offset, DOT_LANES)
+            for x, acc in zip(xs, accs, strict=True):
+                builder.store(builder.call(fma, [w, _load(builder, x, offset, vf), builder.load(acc[0])]), acc[0])
+    totals = []
+    for acc in accs:
+        total = builder.load(acc[0])
+        for other in acc[1:]:
+            total = builder.fadd(total, builder.load(other))
+        totals.append(total)
+    return totals
+
+
 @intrinsic
 def _dot(typingctx, a, a_offset, b, b_offset, count):
     """`a[a_offset:][:count] . b[b_offset:][:count]`, float32 `b`, for `count` a multiple of 16. `a` is float32 or
-    BF16 bits (uint16), widened in registers."""
+    BF16 bits (uint16), widened in registers; for BF16, b is in `BF16_ORDER` (`_row_weights`)."""
 
     def codegen(context, builder, signature, args):
         a_arr, a_off, b_arr, b_off, n = args
@@ -307,16 +367,7 @@ def _dot(typingctx, a, a_offset, b, b_offset, count):
         bf16 = at.dtype == types.uint16
         ap = _pointer(context, builder, at, a_arr, a_off, I16 if bf16 else F32)
         bp = _pointer(context, builder, bt, b_arr, b_off, F32)
-        vf, fma = _fma(builder, DOT_LANES)
-
-        def step(builder, i, acc):
-            offset = builder.mul(i, ir.Constant(n.type, DOT_LANES))
-            _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
-            w = _bf16_load(builder, ap, offset, DOT_LANES) if bf16 else _load(builder, ap, offset, vf)
-            return builder.call(fma, [w, _load(builder, bp, offset, vf), acc])
-
-        steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
-        return _horizontal_sum(builder, _accumulate(builder, steps, DOT_LANES, step))
+        return _horizontal_sum(builder, _row_sums(builder, ap, bf16, [bp], n)[0])
 
     return types.float32(a, a_offset, b, b_offset, count), codegen
 
@@ -326,8 +377,8 @@ def _dot_rows_intrinsic(rows: int):
     def dot_rows(typingctx, a, a_offset, b, b_offset, b_stride, count, out, out_offset, out_stride):
         """`out[out_offset + t * out_stride] = a[a_offset:][:count] . b[b_offset + t * b_stride:][:count]` for
         `rows` rows t of `b`: each block of `a` (float32 or BF16 bits) is loaded and widened once for all of them.
-        Every row's sum runs exactly as `_dot`'s (the same accumulators in the same order), so a row gives the bits
-        `_dot` gives: verifying drafted tokens reads the weights once and decodes as one-token steps do."""
+        Every row's sum runs exactly as `_dot`'s (`_row_sums`), so a row gives the bits `_dot` gives: verifying
+        drafted tokens reads the weights once and decodes as one-token steps do."""
 
         def codegen(context, builder, signature, args):
             a_arr, a_off, b_arr, b_off, b_step, n, o_arr, o_off, o_step = args
@@ -336,33 +387,8 @@ def _dot_rows_intrinsic(rows: int):
             ap = _pointer(context, builder, at, a_arr, a_off, I16 if bf16 else F32)
             bp = _pointer(context, builder, bt, b_arr, b_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
-            vf, fma = _fma(builder, DOT_LANES)
-            accs = [_accumulators(builder, UNROLL, DOT_LANES) for _ in range(rows)]
-
-            def weights(index):
-                offset = builder.mul(index, ir.Constant(n.type, DOT_LANES))
-                _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
-                return offset, _bf16_load(builder, ap, offset, DOT_LANES) if bf16 else _load(builder, ap, offset, vf)
-
-            def step(index, j):
-                offset, w = weights(index)
-                for t in range(rows):
-                    x = _load(builder, bp, builder.add(builder.mul(b_step, ir.Constant(b_step.type, t)), offset), vf)
-                    builder.store(builder.call(fma, [w, x, builder.load(accs[t][j])]), accs[t][j])
-
-            steps = builder.udiv(n, ir.Constant(n.type, DOT_LANES))
-            width = ir.Constant(steps.type, UNROLL)
-            with cgutils.for_range(builder, builder.udiv(steps, width)) as loop:
-                base = builder.mul(loop.index, width)
-                for j in range(UNROLL):
-                    step(builder.add(base, ir.Constant(steps.type, j)), j)
-            tail_start = builder.mul(builder.udiv(steps, width), width)
-            with cgutils.for_range(builder, builder.sub(steps, tail_start)) as loop:
-                step(builder.add(tail_start, loop.index), 0)
-            for t in range(rows):
-                total = builder.load(accs[t][0])
-                for acc in accs[t][1:]:
-                    total = builder.fadd(total, builder.load(acc))
+            xs = [builder.gep(bp, [builder.mul(b_step, ir.Constant(b_step.type, t))]) for t in range(rows)]
+            for t, total in enumerate(_row_sums(builder, ap, bf16, xs, n)):
                 target = builder.gep(op, [builder.mul(o_step, ir.Constant(o_step.type, t))])
                 builder.store(_horizontal_sum(builder, total), target)
             return context.get_dummy_value()

@@ -199,7 +199,21 @@ def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
     kernels that follow."""
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    _compiled.matvec(weights, np.ascontiguousarray(x, dtype=np.float32), out)  # memory-bound: x unaligned is fine
+    x = bf16_ordered(x) if weights.dtype == np.uint16 else np.ascontiguousarray(x, dtype=np.float32)
+    _compiled.matvec(weights, x, out)  # memory-bound: x unaligned is fine
+    return out
+
+
+def bf16_ordered(x: np.ndarray) -> np.ndarray:
+    """`x [T, C]` with each 32 elements in the order `matvec` widens BF16 weights in (`_compiled.BF16_ORDER`: the
+    even ones, then the odd ones), all but a last 16, which keep theirs."""
+    x = np.asarray(x, dtype=np.float32)
+    body = x.shape[1] - x.shape[1] % _compiled.BF16_STEP
+    out = np.empty(x.shape, dtype=np.float32)
+    out[:, :body] = (
+        x[:, :body].reshape(x.shape[0], -1, _compiled.BF16_STEP)[..., _compiled.BF16_ORDER].reshape(-1, body)
+    )
+    out[:, body:] = x[:, body:]
     return out
 
 

@@ -101,10 +101,12 @@ def test_swiglu_laid_out_is_the_clamped_swiglu_where_the_down_projection_reads_i
         assert_close(kernels.mxfp4_matvec(blocks, scales, experts, laid_out), act @ dequantize(blocks[0], scales[0]).T)
 
 
-def test_matvec_equals_widening_then_multiplying():
+@pytest.mark.parametrize("columns", [160, 176])  # BF16 rows go 32 at a time, with a last 16 where they do not divide
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_matvec_equals_widening_then_multiplying(columns, tokens):
     rng = np.random.default_rng(3)
-    weights = read_only(rng.integers(0, 1 << 16, (50, 160), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
-    x = rng.standard_normal((3, 160)).astype(np.float32)
+    weights = read_only(rng.integers(0, 1 << 16, (50, columns), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
+    x = rng.standard_normal((tokens, columns)).astype(np.float32)
     assert_close(kernels.matvec(weights, x), x @ bf16_to_f32(weights).T)
     wide = read_only(bf16_to_f32(weights) * np.float32(1.001))
     assert_close(kernels.matvec(wide, x), x @ wide.T)
@@ -115,8 +117,8 @@ def test_matvec_gives_each_row_the_bits_of_a_one_row_call(tokens):
     """Verifying drafted tokens multiplies a few rows at once; each must come out as the one-token step would give
     it, to the bit, so that speculative greedy decoding picks what plain decoding picks."""
     rng = np.random.default_rng(tokens)
-    weights = read_only(rng.integers(0, 1 << 16, (70, 2880), dtype=np.uint16) & 0xBFFF)
-    x = rng.standard_normal((tokens, 2880)).astype(np.float32)
+    weights = read_only(rng.integers(0, 1 << 16, (70, 2896), dtype=np.uint16) & 0xBFFF)  # 16 past a multiple of 32
+    x = rng.standard_normal((tokens, 2896)).astype(np.float32)
     for w in (weights, read_only(bf16_to_f32(weights))):
         together = kernels.matvec(w, x)
         alone = np.concatenate([kernels.matvec(w, x[t : t + 1]) for t in range(tokens)])
