@@ -5,8 +5,9 @@ reading them. These kernels multiply the packed weights directly: each block's 3
 values in registers (AVX-512: widened to 32-bit lanes, looked up by a 16-entry `vpermps`; AVX2: the low and
 high bytes of their BF16 bits looked up by `vpshufb`, 32 at once, and spread into floats), then multiplied
 into float32 sums with the block's E8M0 scale. The inputs are laid out in the order the weights come out of
-that decoding (`block_ordered`). BF16 weights are widened in registers the same way. All arithmetic is
-float32, as in the plain path, so results agree with it to rounding.
+that decoding (`block_ordered`). BF16 weights are widened in registers, 32 at a time as the low and high halves of
+16 words, their inputs laid out to match (`bf16_ordered`). All arithmetic is float32, as in the plain path, so
+results agree with it to rounding.
 
 The decoding is written in LLVM IR through numba intrinsics because numba's loops would promote the
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
