@@ -72,8 +72,12 @@ class NumpyModel(Model):
         self.unembed = self._dense(head, None)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]
+        self.map_in()
+
+    def map_in(self) -> None:
+        """Map every tensor a token reads in full (`mapped`) into the process now (`Checkpoint.prefault`)."""
         for name in self.mapped:
-            checkpoint.prefault(name)
+            self.checkpoint.prefault(name)
 
     def _dense(self, weight: str, bias: str | None) -> Dense:
         """A checkpoint matrix, mapped as stored when float32 or BF16 (which `Dense` widens as it goes)."""

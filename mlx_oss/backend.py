@@ -130,6 +130,12 @@ class Model(Protocol):
         """Logits `[len(token_ids), vocab_size]` of a fresh full-sequence pass."""
         return self.forward(token_ids)
 
+    def map_in(self) -> None:
+        """Bring the weights every token reads back into this process's memory now, from the page cache or the
+        disk, where something else (another model, the benchmark's peer) has pushed them out since loading; the next
+        tokens would otherwise wait on the disk. Nothing for a backend that holds its own copy of the weights."""
+        return None
+
 
 def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
     """Token ids as a flat int64 array, refused when empty or outside the vocabulary."""

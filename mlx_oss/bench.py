@@ -154,7 +154,8 @@ def benchmark(
     Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. An untimed
     prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does: WARM_UP
     tokens, enough that every expert of every layer is read and the prompt kernels run, not only the decoding ones.
-    It runs again before every round, as whatever ran in between may have pushed the weights out of the page cache.
+    Before every later round the model maps its weights back in (`Model.map_in`; whatever ran in between may have
+    pushed them out of the page cache, and a prompt reads experts the untimed one did not) and runs it again.
     The decode steps at the different contexts alternate, so that a machine that slows down for a while (a shared
     VM does) slows all alike rather than skewing their ratios; rounds do the same for longer drifts."""
     with PrivateMemoryPeak() as private:
@@ -174,6 +175,8 @@ def benchmark(
         steps: list[list[list[float]]] = []  # [round][completion]: seconds per step
         completions: list[tuple[int, Iterator[int]]] = []
         for round_index in range(rounds):
+            if round_index:
+                model.map_in()
             next(prompt(WARM_UP))  # untimed
             prefills = []
             for count in prompt_tokens:

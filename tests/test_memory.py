@@ -185,3 +185,23 @@ def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_ch
         models.grab().save(str(SCREENS / "memory-models.png"))
         settings.context.setValue(100000)
         settings.grab().save(str(SCREENS / "memory-settings.png"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the mapping's resident size is read from /proc")
+def test_map_in_brings_back_the_weights_pushed_out_since_loading(tiny_checkpoint):
+    """The benchmark calls `map_in` before each round: llama-bench's turn in between pushes our weights out of the
+    page cache, and a prompt would otherwise read the experts its untimed warm-up did not from the disk."""
+    import psutil
+
+    import mlx_oss
+
+    model = mlx_oss.load(tiny_checkpoint, backend="numpy")
+
+    def resident() -> int:
+        return sum(m.rss for m in psutil.Process().memory_maps() if m.path.endswith(".safetensors"))
+
+    loaded = resident()
+    model.checkpoint.release()  # every mapped page leaves the process, as the page cache's eviction takes them
+    assert resident() < loaded / 4
+    model.map_in()
+    assert resident() >= 0.9 * loaded
