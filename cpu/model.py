@@ -79,6 +79,9 @@ class NumpyModel(Model):
         for name in self.mapped:
             self.checkpoint.prefault(name)
 
+    def map_out(self) -> None:
+        self.checkpoint.release()
+
     def _dense(self, weight: str, bias: str | None) -> Dense:
         """A checkpoint matrix, mapped as stored when float32 or BF16 (which `Dense` widens as it goes)."""
         ck = self.checkpoint

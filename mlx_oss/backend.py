@@ -136,6 +136,12 @@ class Model(Protocol):
         tokens would otherwise wait on the disk. Nothing for a backend that holds its own copy of the weights."""
         return None
 
+    def map_out(self) -> None:
+        """Let go of the weights' pages in this process's memory (the page cache keeps them until it needs the room),
+        so that the OS may drop them; the next token, or `map_in`, maps them again. Nothing for a backend that holds
+        its own copy of the weights."""
+        return None
+
 
 def checked_tokens(token_ids, vocab_size: int) -> np.ndarray:
     """Token ids as a flat int64 array, refused when empty or outside the vocabulary."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from .bench_cache import fill_random
 from .bench_machine import cpu_model, read_bandwidth_gb_s, vector_flags
-from .bench_peer import PeerFigure, check_peer, gguf_beside, merge_peer_rounds, run_peer
+from .bench_peer import PeerFigure, check_peer, drop_from_page_cache, gguf_beside, merge_peer_rounds, run_peer
 from .cli import add_kv_bits_argument, run
 from .errors import MlxOssError
 from .generate import Completion, Decoder
@@ -149,7 +149,8 @@ def benchmark(
 ) -> BenchResult:
     """Load; prefill a prompt of each length in `prompt_tokens` from an empty cache; decode `gen_tokens` after the
     first prompt and after each of `contexts` positions (caches filled with random keys and values). All of it
-    `rounds` times, calling `between_rounds` after each round (the peer's turn); figures are medians over them.
+    `rounds` times, calling `between_rounds` after each round (the peer's turn) with the weights mapped out
+    (`Model.map_out`, as they are when it returns); figures are medians over them.
 
     Everything runs the engine's token loop (`generate.Completion`, greedy), timed one token at a time. An untimed
     prompt first compiles what is compiled and faults the weights in, as llama-bench's warm-up run does: WARM_UP
@@ -193,7 +194,9 @@ def benchmark(
                 completions += [_filled(model, count, token, seed, rng, greedy) for count in contexts]
             steps.append(_decode_steps([completion for _, completion in completions], gen_tokens))
             if between_rounds is not None and round_index < rounds - 1:
+                model.map_out()  # so that the peer's turn may drop our weights from the page cache
                 between_rounds()
+        model.map_out()
     prefills = [_median_prefill(figures) for figures in zip(*prefill_rounds, strict=True)]
     decodes = [
         _median_decode(count, [times[i] for times in steps]) for i, (count, _) in enumerate(completions) if gen_tokens
@@ -382,14 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     def peer_turn() -> None:
         nonlocal peer_error
         if args.peer and peer_error is None:
+            gguf = gguf_beside(args.model)
+            drop_from_page_cache(sorted(Path(args.model).iterdir()))  # see `drop_from_page_cache`
             try:
-                peer_rounds.append(
-                    run_peer(
-                        args.peer, gguf_beside(args.model), prompts, args.gen_tokens, peer_contexts, thread_count()
-                    )
-                )
+                peer_rounds.append(run_peer(args.peer, gguf, prompts, args.gen_tokens, peer_contexts, thread_count()))
             except MlxOssError as e:  # our figures took minutes: print them, then say what the peer did
                 peer_error = e
+            drop_from_page_cache([gguf])
 
     peer_contexts = (
         [n for n in args.peer_context if n]

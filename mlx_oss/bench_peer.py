@@ -8,6 +8,7 @@ executable it is given, with the same prompt lengths, decode length, contexts an
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -81,6 +82,28 @@ def run_peer(
         depths = ",".join(map(str, [0, *contexts]))
         figures += _figures(_run([*common, "-p", "0", "-n", str(gen_tokens), "-d", depths], timeout))
     return figures
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Ask the OS to drop these files' pages from its page cache (those no process maps), where it can.
+
+    The 20b and its GGUF rarely fit the page cache together, and Linux keeps the pages read twice (the last turn's,
+    over its repetitions) ahead of those read once: the next turn, faulting its own weights back in, kept losing
+    part of them to the disk while it was timed (our 128-token prompt ran at 9-15 tokens/s after llama-bench's turn,
+    21-23 without it). Each turn starts with the other's file out of the cache, its own read back untimed."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _run(command: list[str], timeout: float) -> str:

@@ -188,9 +188,10 @@ def test_the_app_says_whether_a_model_fits(qtbot, tmp_path, monkeypatch, tiny_ch
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the mapping's resident size is read from /proc")
-def test_map_in_brings_back_the_weights_pushed_out_since_loading(tiny_checkpoint):
-    """The benchmark calls `map_in` before each round: llama-bench's turn in between pushes our weights out of the
-    page cache, and a prompt would otherwise read the experts its untimed warm-up did not from the disk."""
+def test_map_out_lets_go_of_the_weights_and_map_in_brings_them_back(tiny_checkpoint):
+    """The benchmark maps the weights out for llama-bench's turn (so that their pages may leave the page cache) and
+    back in before its next round: a prompt would otherwise read the experts its untimed warm-up did not from the
+    disk."""
     import psutil
 
     import mlx_oss
@@ -201,7 +202,7 @@ def test_map_in_brings_back_the_weights_pushed_out_since_loading(tiny_checkpoint
         return sum(m.rss for m in psutil.Process().memory_maps() if m.path.endswith(".safetensors"))
 
     loaded = resident()
-    model.checkpoint.release()  # every mapped page leaves the process, as the page cache's eviction takes them
+    model.map_out()
     assert resident() < loaded / 4
     model.map_in()
     assert resident() >= 0.9 * loaded
