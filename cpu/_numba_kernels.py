@@ -564,19 +564,16 @@ def _swiglu(builder, gate, up, alpha, limit):
     on both sides, with `_exp` (whose domain is x <= 0) of -|alpha * gate|: sigmoid(a) is 1 / (1 + e) for a >= 0,
     and e / (1 + e) below, with e = exp(-|a|) (NumPy's form, gate / (exp(-a) + 1), overflows to inf there)."""
     lanes = gate.type.count
-    gate = builder.select(
-        builder.fcmp_ordered(">", gate, _splat(builder, limit, lanes)), _splat(builder, limit, lanes), gate
-    )
-    low = builder.fneg(_splat(builder, limit, lanes))
+    high, one = _splat(builder, limit, lanes), _vector(F32, [1.0] * lanes)
+    low = builder.fneg(high)
+    gate = builder.select(builder.fcmp_ordered(">", gate, high), high, gate)
     up = builder.select(builder.fcmp_ordered("<", up, low), low, up)
-    up = builder.select(builder.fcmp_ordered(">", up, _splat(builder, limit, lanes)), _splat(builder, limit, lanes), up)
+    up = builder.select(builder.fcmp_ordered(">", up, high), high, up)
     a = builder.fmul(gate, _splat(builder, alpha, lanes))
     positive = builder.fcmp_ordered(">=", a, _vector(F32, [0.0] * lanes))
     e = _exp(builder, builder.select(positive, builder.fneg(a), a))
-    swish = builder.fdiv(
-        builder.select(positive, gate, builder.fmul(gate, e)), builder.fadd(e, _vector(F32, [1.0] * lanes))
-    )
-    return builder.fmul(swish, builder.fadd(up, _vector(F32, [1.0] * lanes)))
+    swish = builder.fdiv(builder.select(positive, gate, builder.fmul(gate, e)), builder.fadd(e, one))
+    return builder.fmul(swish, builder.fadd(up, one))
 
 
 @intrinsic

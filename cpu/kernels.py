@@ -102,7 +102,7 @@ def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x:
     For pairs whose expert has no other input: every weight row is read once per pair. `x` is a plain array, or
     `swiglu_laid_out`'s for `passes=False`.
     """
-    ordered = x.ordered.reshape(x.rows, -1) if isinstance(x, LaidOut) else block_ordered(x)
+    ordered = x.for_kernel(passes=False).reshape(x.rows, -1) if isinstance(x, LaidOut) else block_ordered(x)
     out = np.empty((experts.size, blocks.shape[1]), dtype=np.float32)
     _compiled.mxfp4_matvec(blocks, scales, np.ascontiguousarray(experts, dtype=np.int64), ordered, out)
     return out
@@ -114,18 +114,26 @@ def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.nd
     Each weight block is decoded once for every pass of up to 8 rows of x on AVX2, 16 on AVX-512. `x` is a plain
     array, or `swiglu_laid_out`'s for `passes=True`.
     """
-    laid_out = x if isinstance(x, LaidOut) else LaidOut(passes_by_block(x), x.shape[0])
+    laid_out = x if isinstance(x, LaidOut) else LaidOut(passes_by_block(x), x.shape[0], passes=True)
     out = np.empty((laid_out.rows, blocks.shape[0]), dtype=np.float32)
-    _compiled.mxfp4_matmul(blocks, scales, laid_out.ordered, out)
+    _compiled.mxfp4_matmul(blocks, scales, laid_out.for_kernel(passes=True), out)
     return out
 
 
 @dataclass(frozen=True)
 class LaidOut:
-    """The rows of an MXFP4 kernel's input, already in the order it reads them (flat, in `_aligned_empty` memory)."""
+    """The rows of an MXFP4 kernel's input, already in the order it reads them (flat, in `_aligned_empty` memory):
+    pass by pass for `mxfp4_matmul` (`passes`), or row by row for `mxfp4_matvec`."""
 
     ordered: np.ndarray
     rows: int
+    passes: bool
+
+    def for_kernel(self, passes: bool) -> np.ndarray:
+        """`ordered`, for a kernel that reads the layout `passes` says (the other would multiply shuffled rows)."""
+        if passes != self.passes:
+            raise ValueError(f"rows laid out {'pass by pass' if self.passes else 'row by row'} for the other kernel")
+        return self.ordered
 
 
 def swiglu_laid_out(
@@ -139,7 +147,7 @@ def swiglu_laid_out(
     bias_rows = np.ascontiguousarray(bias_rows, dtype=np.int64)
     gate_up, bias = (np.ascontiguousarray(a, dtype=np.float32) for a in (gate_up, bias))
     _compiled.swiglu_laid_out(gate_up, bias, bias_rows, np.float32(alpha), np.float32(limit), passes, out)
-    return LaidOut(out, tokens)
+    return LaidOut(out, tokens, passes)
 
 
 def tiles_fit(blocks: np.ndarray) -> bool:

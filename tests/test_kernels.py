@@ -99,6 +99,11 @@ def test_swiglu_laid_out_is_the_clamped_swiglu_where_the_down_projection_reads_i
     else:
         experts = np.zeros(tokens, dtype=np.int64)
         assert_close(kernels.mxfp4_matvec(blocks, scales, experts, laid_out), act @ dequantize(blocks[0], scales[0]).T)
+    with pytest.raises(ValueError, match="for the other kernel"):  # a layout read by the wrong kernel is refused
+        if passes:
+            kernels.mxfp4_matvec(blocks, scales, np.zeros(tokens, dtype=np.int64), laid_out)
+        else:
+            kernels.mxfp4_matmul(blocks[0], scales[0], laid_out)
 
 
 @pytest.mark.parametrize("columns", [160, 176])  # BF16 rows go 32 at a time, with a last 16 where they do not divide
