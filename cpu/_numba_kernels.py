@@ -109,19 +109,22 @@ def _max(builder, a, b):
     return builder.select(builder.fcmp_ordered(">", a, b), a, b)
 
 
-def _prefetch(builder, pointer):
-    """Ask for the cache line at `pointer`: the hardware prefetcher alone left a core's stream below its share."""
+def _prefetch(builder, pointer, locality: int = 3):
+    """Ask for the cache line at `pointer`: the hardware prefetcher alone left a core's stream below its share.
+    `locality` 3 brings it to L1, 2 to L2 only (`prefetcht1`)."""
     i8p = ir.IntType(8).as_pointer()
     prefetch = _function(builder, "llvm.prefetch.p0", ir.VoidType(), i8p, I32, I32, I32)
-    read, keep, data = ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)
+    read, keep, data = ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)
     builder.call(prefetch, [builder.bitcast(pointer, i8p), read, keep, data])
 
 
-def _prefetch_ahead(builder, block_pointer, scale_pointer, g):
-    """While reading MXFP4 block `g` of a row, ask for the blocks and scales `PREFETCH_BYTES` of blocks ahead."""
-    ahead = builder.add(builder.mul(g, ir.Constant(g.type, 16)), ir.Constant(g.type, PREFETCH_BYTES))
-    _prefetch(builder, builder.gep(block_pointer, [ahead]))
-    _prefetch(builder, builder.gep(scale_pointer, [builder.add(g, ir.Constant(g.type, PREFETCH_BYTES // 16))]))
+def _prefetch_ahead(builder, block_pointer, scale_pointer, g, ahead=None):
+    """While reading MXFP4 block `g`, ask for the block and scale `ahead` blocks on: by default `PREFETCH_BYTES` of
+    blocks further along the same stream of rows, into L1; a given distance is far enough to go to L2 only."""
+    locality = 3 if ahead is None else 2
+    at = builder.add(g, ahead if ahead is not None else ir.Constant(g.type, PREFETCH_BYTES // 16))
+    _prefetch(builder, builder.gep(block_pointer, [builder.mul(at, ir.Constant(g.type, 16))]), locality)
+    _prefetch(builder, builder.gep(scale_pointer, [at]), locality)
 
 
 def _horizontal_sum(builder, vector, combine=None):
@@ -246,7 +249,7 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
     return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
 
 
-def _row_dot_loop(builder, bp, sp, xp, op, count, tokens: int):
+def _row_dot_loop(builder, bp, sp, xp, op, count, ahead, tokens: int):
     """`_row_dot_tokens`'s loop over a row's `count` blocks for `tokens` inputs: each block decoded once, scaled, and
     multiplied into each input's lanes of sums (kept in registers through the loop)."""
     vf, fma = _fma(builder, LANES)
@@ -255,7 +258,7 @@ def _row_dot_loop(builder, bp, sp, xp, op, count, tokens: int):
     stride = ir.Constant(count.type, 32 * tokens)
     with cgutils.for_range(builder, count) as loop:
         g = loop.index
-        _prefetch_ahead(builder, bp, sp, g)
+        _prefetch_ahead(builder, bp, sp, g, ahead)
         scale = _splat(builder, _scale(builder, sp, g), LANES)
         block_x = builder.gep(xp, [builder.mul(g, stride)])
         for position, weights in _blocks(builder, bp, g):
@@ -268,8 +271,20 @@ def _row_dot_loop(builder, bp, sp, xp, op, count, tokens: int):
 
 
 @intrinsic
+def _lanes_total(typingctx, sums, offset):
+    """The sum of the `LANES` floats at `sums[offset:]`, added in a tree: a loop over them would chain each addition
+    on the last, for every row and input of a pass."""
+
+    def codegen(context, builder, signature, args):
+        pointer = _pointer(context, builder, signature.args[0], args[0], args[1], F32)
+        return _horizontal_sum(builder, _load(builder, pointer, ir.Constant(I32, 0), ir.VectorType(F32, LANES)))
+
+    return types.float32(sums, offset), codegen
+
+
+@intrinsic
 def _row_dot_tokens(
-    typingctx, blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups
+    typingctx, blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups, ahead
 ):
     """One MXFP4 row dotted with `tokens` inputs at once (1 to `PASS_TOKENS`): each block is decoded once and used
     `tokens` times.
@@ -278,21 +293,25 @@ def _row_dot_tokens(
     `x[x_offset + (g * tokens + t) * 32:][:32]`, in `BLOCK_ORDER`. Each input's lanes of partial sums are added to
     `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row. The loop is
     compiled for every width, its accumulators in registers, and the call branches to the one for `tokens`.
+
+    Each block read asks for the block `ahead` blocks on, into L2: `mxfp4_matmul` passes the same block of its next
+    chunk of rows, which this core reads next. (The decoding kernel's distance along the rows lands, in this tiled
+    order, on blocks read several tiles later, and into L1, where they pushed out the inputs.)
     """
 
     def codegen(context, builder, signature, args):
-        b_arr, b_off, s_arr, s_off, x_arr, x_off, width, o_arr, o_off, count = args
-        bt, _, st, _, xt, _, _, ot, _, _ = signature.args
+        b_arr, b_off, s_arr, s_off, x_arr, x_off, width, o_arr, o_off, count, ahead = args
+        bt, _, st, _, xt, _, _, ot, _, _, _ = signature.args
         bp = _pointer(context, builder, bt, b_arr, b_off, I8)
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
         xp = _pointer(context, builder, xt, x_arr, x_off, F32)
         op = _pointer(context, builder, ot, o_arr, o_off, F32)
         for tokens in range(1, PASS_TOKENS + 1):
             with builder.if_then(builder.icmp_signed("==", width, ir.Constant(width.type, tokens))):
-                _row_dot_loop(builder, bp, sp, xp, op, count, tokens)
+                _row_dot_loop(builder, bp, sp, xp, op, count, ahead, tokens)
         return context.get_dummy_value()
 
-    arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups)
+    arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups, ahead)
     return types.none(*arguments), codegen
 
 
@@ -674,6 +693,7 @@ def mxfp4_matmul(blocks, scales, x, out):
     tokens = out.shape[0]
     flat_blocks = blocks.reshape(-1)
     flat_scales = scales.reshape(-1)
+    ahead = ROW_CHUNK * groups  # the next chunk's blocks: see `_row_dot_tokens`
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         first = chunk * ROW_CHUNK
         last = min(rows, first + ROW_CHUNK)
@@ -688,10 +708,10 @@ def mxfp4_matmul(blocks, scales, x, out):
                 inputs = (t * groups + g * step) * 32
                 for r in range(first, last):
                     b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * PASS_TOKENS * LANES
-                    _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, step, flat_sums, o, count)
+                    _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, step, flat_sums, o, count, ahead)
             for r in range(first, last):
                 for u in range(step):
-                    out[t + u, r] = sums[r - first, u].sum()
+                    out[t + u, r] = _lanes_total(flat_sums, ((r - first) * PASS_TOKENS + u) * LANES)
             t += step
 
 
