@@ -11,7 +11,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
@@ -27,6 +27,11 @@ MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one st
 # and 5), one loop compiled for each width: padding T to a few fixed widths wasted up to a third of the products
 # of the experts a prompt's routing gives 9 to 20 tokens.
 PASS_TOKENS = 16 if ISA == "avx512" else 8
+# A prompt's products with a BF16 matrix (`bf16_matmul_passes`, AVX-512 only) go DENSE_ROWS rows at a time, each
+# input load shared by them, in passes of at most DENSE_PASS_TOKENS: 24 accumulators of the 32 registers. BF16 rows
+# widen in two instructions per 32 weights, so the loads of inputs, not the decoding, bound the one-row loop.
+DENSE_ROWS = 2
+DENSE_PASS_TOKENS = 12
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
 # input it reads again for every row (PASS_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
 ROW_CHUNK = 16
@@ -249,25 +254,39 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
     return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
 
 
-def _row_dot_loop(builder, bp, sp, xp, op, count, ahead, tokens: int):
-    """`_row_dot_tokens`'s loop over a row's `count` blocks for `tokens` inputs: each block decoded once, scaled, and
-    multiplied into each input's lanes of sums (kept in registers through the loop)."""
+def _pass_loop(builder, rows_weights, xp, ops, count, tokens: int):
+    """The loop of a pass over `count` blocks of 32 elements for `tokens` inputs and one or more rows: each block's
+    weights come once per row from `rows_weights(g)` (one list of (position in the block's 32 elements, vector)
+    per row), each input vector is loaded once and multiplied into every row's lanes of sums for that input (kept
+    in registers through the loop, read from and written back to the pointers `ops`, one per row)."""
     vf, fma = _fma(builder, LANES)
-    targets = [builder.bitcast(builder.gep(op, [ir.Constant(I32, t * LANES)]), vf.as_pointer()) for t in range(tokens)]
-    accs = [cgutils.alloca_once_value(builder, builder.load(target, align=4)) for target in targets]
+    rows_accs = []
+    for op in ops:
+        at = [builder.gep(op, [ir.Constant(I32, t * LANES)]) for t in range(tokens)]
+        targets = [builder.bitcast(pointer, vf.as_pointer()) for pointer in at]
+        accs = [cgutils.alloca_once_value(builder, builder.load(target, align=4)) for target in targets]
+        rows_accs.append(list(zip(targets, accs, strict=True)))
     stride = ir.Constant(count.type, 32 * tokens)
     with cgutils.for_range(builder, count) as loop:
         g = loop.index
-        _prefetch_ahead(builder, bp, sp, g, ahead)
-        scale = _splat(builder, _scale(builder, sp, g), LANES)
+        weights = rows_weights(g)
         block_x = builder.gep(xp, [builder.mul(g, stride)])
-        for position, weights in _blocks(builder, bp, g):
-            weights = builder.fmul(weights, scale)
-            for t, acc in enumerate(accs):
+        for part, (position, _) in enumerate(weights[0]):
+            for t in range(tokens):
                 inputs = _load(builder, block_x, ir.Constant(g.type, 32 * t + position), vf)
-                builder.store(builder.call(fma, [weights, inputs, builder.load(acc)]), acc)
-    for target, acc in zip(targets, accs, strict=True):
-        builder.store(builder.load(acc), target, align=4)
+                for row_weights, accs in zip(weights, rows_accs, strict=True):
+                    acc = accs[t][1]
+                    builder.store(builder.call(fma, [row_weights[part][1], inputs, builder.load(acc)]), acc)
+    for accs in rows_accs:
+        for target, acc in accs:
+            builder.store(builder.load(acc), target, align=4)
+
+
+def _pass_widths(builder, width, widest: int, loop):
+    """Branch to `loop(tokens)` compiled for the `width` of this pass, 1 to `widest`."""
+    for tokens in range(1, widest + 1):
+        with builder.if_then(builder.icmp_signed("==", width, ir.Constant(width.type, tokens))):
+            loop(tokens)
 
 
 @intrinsic
@@ -306,13 +325,56 @@ def _row_dot_tokens(
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
         xp = _pointer(context, builder, xt, x_arr, x_off, F32)
         op = _pointer(context, builder, ot, o_arr, o_off, F32)
-        for tokens in range(1, PASS_TOKENS + 1):
-            with builder.if_then(builder.icmp_signed("==", width, ir.Constant(width.type, tokens))):
-                _row_dot_loop(builder, bp, sp, xp, op, count, ahead, tokens)
+
+        def decoded(g):  # the block's weights, scaled
+            _prefetch_ahead(builder, bp, sp, g, ahead)
+            scale = _splat(builder, _scale(builder, sp, g), LANES)
+            return [[(position, builder.fmul(weights, scale)) for position, weights in _blocks(builder, bp, g)]]
+
+        _pass_widths(builder, width, PASS_TOKENS, lambda tokens: _pass_loop(builder, decoded, xp, [op], count, tokens))
         return context.get_dummy_value()
 
     arguments = (blocks, block_offset, scales, scale_offset, x, x_offset, tokens, sums, sums_offset, groups, ahead)
     return types.none(*arguments), codegen
+
+
+def _bf16_pass_intrinsic(rows: int):
+    """An intrinsic for `rows` consecutive BF16 rows (`columns` apart) dotted with a pass's inputs: `_row_dot_tokens`
+    for rows widened in registers (`_row_weights`), 32 elements a block, every input load shared by the rows; x laid
+    out in `BF16_ORDER`, the rows' sums `PASS_TOKENS * LANES` apart."""
+
+    @intrinsic
+    def rows_tokens(typingctx, weights, offset, columns, x, x_offset, tokens, sums, sums_offset, count, ahead):
+        def codegen(context, builder, signature, args):
+            w_arr, w_off, cols, x_arr, x_off, width, o_arr, o_off, n, far = args
+            wt, _, _, xt, _, _, ot, _, _, _ = signature.args
+            starts = [builder.add(w_off, builder.mul(cols, ir.Constant(cols.type, k))) for k in range(rows)]
+            wps = [_pointer(context, builder, wt, w_arr, start, I16) for start in starts]
+            xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+            sums_at = [builder.add(o_off, ir.Constant(o_off.type, k * PASS_TOKENS * LANES)) for k in range(rows)]
+            ops = [_pointer(context, builder, ot, o_arr, at, F32) for at in sums_at]
+
+            def widened(g):  # the even elements' weights, then the odd ones' (`BF16_ORDER`)
+                offset = builder.mul(g, ir.Constant(g.type, 32))
+                rows_weights = []
+                for wp in wps:
+                    _prefetch(builder, builder.gep(wp, [builder.mul(builder.add(g, far), ir.Constant(g.type, 32))]), 2)
+                    parts = _row_weights(builder, wp, offset, bf16=True)
+                    rows_weights.append([(position, w) for position, (_, w) in zip((0, DOT_LANES), parts, strict=True)])
+                return rows_weights
+
+            _pass_widths(
+                builder, width, DENSE_PASS_TOKENS, lambda tokens: _pass_loop(builder, widened, xp, ops, n, tokens)
+            )
+            return context.get_dummy_value()
+
+        arguments = (weights, offset, columns, x, x_offset, tokens, sums, sums_offset, count, ahead)
+        return types.none(*arguments), codegen
+
+    return rows_tokens
+
+
+_bf16_row_pass, _bf16_rows_pass = _bf16_pass_intrinsic(1), _bf16_pass_intrinsic(DENSE_ROWS)
 
 
 BF16_STEP = 2 * DOT_LANES  # BF16 weights a step of a row's dot product takes: 16 32-bit words of two each
@@ -683,17 +745,13 @@ def mxfp4_matvec(blocks, scales, experts, x, out):
 
 
 @numba.njit(parallel=True, cache=CACHE)
-def mxfp4_matmul(blocks, scales, x, out):
-    """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and T inputs (`out [T, R]`).
-
-    The inputs go through in passes of `pass_tokens` at a time; `x` holds them laid out pass by pass, each pass by
-    block (`kernels.passes_by_block`).
-    """
-    rows, groups, _ = blocks.shape
-    tokens = out.shape[0]
-    flat_blocks = blocks.reshape(-1)
-    flat_scales = scales.reshape(-1)
-    ahead = ROW_CHUNK * groups  # the next chunk's blocks: see `_row_dot_tokens`
+def _in_passes(weights, scales, x, groups, widest, out):
+    """`out [T, R] = x @ W.T` for a matrix of R rows of `groups` blocks of 32 elements (MXFP4 or BF16, see
+    `_tile`): the rows in chunks of ROW_CHUNK shared out among the threads, the inputs in passes of near-equal
+    widths up to `widest` (`x` laid out by `lay_out_passes` for that width), each pass in tiles of GROUP_CHUNK
+    blocks (the inputs' slice stays in L1 while the chunk's rows go through it)."""
+    tokens, rows = out.shape
+    ahead = ROW_CHUNK * groups  # each block read asks for the same block of the thread's next chunk
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         first = chunk * ROW_CHUNK
         last = min(rows, first + ROW_CHUNK)
@@ -701,29 +759,75 @@ def mxfp4_matmul(blocks, scales, x, out):
         flat_sums = sums.reshape(-1)
         t = 0
         while t < tokens:
-            step = pass_tokens(tokens - t)
+            step = pass_tokens(tokens - t, widest)
             sums[:] = 0
             for g in range(0, groups, GROUP_CHUNK):
-                count = min(GROUP_CHUNK, groups - g)
                 inputs = (t * groups + g * step) * 32
-                for r in range(first, last):
-                    b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * PASS_TOKENS * LANES
-                    _row_dot_tokens(flat_blocks, b, flat_scales, s, x, inputs, step, flat_sums, o, count, ahead)
+                count = min(GROUP_CHUNK, groups - g)
+                _tile(weights, scales, x, inputs, step, flat_sums, first, last, g, count, groups, ahead)
             for r in range(first, last):
                 for u in range(step):
                     out[t + u, r] = _lanes_total(flat_sums, ((r - first) * PASS_TOKENS + u) * LANES)
             t += step
 
 
+def _tile(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
+    """`_in_passes`'s tile: rows `first:last`, blocks `g:g+count` multiplied into the pass's `sums`. Compiled for
+    MXFP4 `weights` (blocks, uint8) one row at a time, or BF16 bits (uint16; `scales` unused) `DENSE_ROWS` at a
+    time."""
+    raise NotImplementedError("compiled only, inside _in_passes")
+
+
+@overload(_tile, inline="always")
+def _tile_for(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
+    if weights.dtype == types.uint16:
+
+        def bf16_rows(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
+            columns = groups * 32
+            r = first
+            while r + DENSE_ROWS <= last:
+                o = (r - first) * PASS_TOKENS * LANES
+                _bf16_rows_pass(weights, r * columns + g * 32, columns, x, inputs, step, sums, o, count, ahead)
+                r += DENSE_ROWS
+            for row in range(r, last):
+                o = (row - first) * PASS_TOKENS * LANES
+                _bf16_row_pass(weights, row * columns + g * 32, columns, x, inputs, step, sums, o, count, ahead)
+
+        return bf16_rows
+
+    def mxfp4_rows(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
+        for r in range(first, last):
+            b, s, o = (r * groups + g) * 16, r * groups + g, (r - first) * PASS_TOKENS * LANES
+            _row_dot_tokens(weights, b, scales, s, x, inputs, step, sums, o, count, ahead)
+
+    return mxfp4_rows
+
+
+def mxfp4_matmul(blocks, scales, x, out):
+    """`out = x @ W.T` for one MXFP4 matrix `blocks [R, G, 16]`, `scales [R, G]` and T inputs (`out [T, R]`).
+
+    The inputs go through in passes of `pass_tokens` at a time; `x` holds them laid out pass by pass, each pass by
+    block (`kernels.passes_by_block`).
+    """
+    _in_passes(blocks.reshape(-1), scales.reshape(-1), x, blocks.shape[1], PASS_TOKENS, out)
+
+
+def bf16_matmul_passes(weights, x, out):
+    """`out = x @ W.T` for BF16-bits `weights [R, C]` (C a multiple of 32; AVX-512) and T inputs, laid out by
+    `lay_out_passes` in `BF16_ORDER` for passes of up to `DENSE_PASS_TOKENS`."""
+    _in_passes(weights.reshape(-1), np.empty(0, np.uint8), x, weights.shape[1] // 32, DENSE_PASS_TOKENS, out)
+
+
 @numba.njit(cache=CACHE)
-def lay_out_passes(x, order, out):
-    """`kernels.passes_by_block` into `out`: `x [T, G*32]` pass after pass, each `[G, pass, 32]`, a block's 32 elements
-    in `order` (`BLOCK_ORDER`), in one pass over x (NumPy would need a reorder, then a transpose per pass)."""
+def lay_out_passes(x, order, widest, out):
+    """`kernels.passes_by_block` into `out`: `x [T, G*32]` pass after pass (`pass_tokens` of `widest`), each
+    `[G, pass, 32]`, a block's 32 elements in `order` (`BLOCK_ORDER`, `BF16_ORDER`), in one pass over x (NumPy
+    would need a reorder, then a transpose per pass)."""
     tokens, width = x.shape
     groups = width // 32
     t = 0
     while t < tokens:
-        step = pass_tokens(tokens - t)
+        step = pass_tokens(tokens - t, widest)
         for g in range(groups):
             for u in range(step):
                 target = (t * groups + g * step + u) * 32
@@ -762,9 +866,10 @@ def _pass_holding(row, tokens):
 
 
 @numba.njit(cache=CACHE)
-def pass_tokens(remaining):
-    """How many of the `remaining` inputs `mxfp4_matmul`'s next pass takes: the fewest passes, near-equal widths."""
-    passes = (remaining + PASS_TOKENS - 1) // PASS_TOKENS
+def pass_tokens(remaining, widest=PASS_TOKENS):
+    """How many of the `remaining` inputs the next pass takes: the fewest passes of at most `widest`, near-equal
+    widths."""
+    passes = (remaining + widest - 1) // widest
     return (remaining + passes - 1) // passes
 
 
@@ -798,11 +903,14 @@ def warm_up() -> None:
     spans = np.zeros(1, np.int64), np.ones(1, np.int64)
     attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
-    lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty(32, np.float32))
+    lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, PASS_TOKENS, np.empty(32, np.float32))
     for passes in (True, False):
         swiglu_laid_out(np.zeros((1, 64), np.float32), np.zeros((1, 64), np.float32), np.zeros(1, np.int64),
                         np.float32(1), np.float32(1), passes, np.empty(32, np.float32))  # fmt: skip
     mxfp4_matmul(blocks[0], scales[0], np.zeros(32, np.float32), np.empty((1, 1), np.float32))
+    if ISA == "avx512":
+        bf16 = _read_only(np.zeros((1, 32), np.uint16))
+        bf16_matmul_passes(bf16, np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         matvec(_read_only(np.zeros((1, 16), dtype)), xs, np.empty((1, 1), np.float32))
 

@@ -25,6 +25,8 @@ class Dense:
             y = kernels.matvec(self.weight, x)
         elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
             y = kernels.bf16_matmul(self.weight, x)
+        elif self.uses_kernels and kernels.bf16_passes_fit(self.weight, x.shape[0]):
+            y = kernels.bf16_matmul_passes(self.weight, x)
         elif self.weight.dtype == np.float32:
             y = x @ self.weight.T
         else:

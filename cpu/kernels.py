@@ -6,8 +6,9 @@ values in registers (AVX-512: widened to 32-bit lanes, looked up by a 16-entry `
 high bytes of their BF16 bits looked up by `vpshufb`, 32 at once, and spread into floats), then multiplied
 into float32 sums with the block's E8M0 scale. The inputs are laid out in the order the weights come out of
 that decoding (`block_ordered`). BF16 weights are widened in registers, 32 at a time as the low and high halves of
-16 words, their inputs laid out to match (`bf16_ordered`). All arithmetic is float32, as in the plain path, so
-results agree with it to rounding.
+16 words, their inputs laid out to match (`bf16_ordered`); on AVX-512 a prompt's products with them go the same
+way, two rows to each load of the inputs (`bf16_matmul_passes`), not through BLAS on a widened copy. All arithmetic
+is float32, as in the plain path, so results agree with it to rounding.
 
 The decoding is written in LLVM IR through numba intrinsics because numba's loops would promote the
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
@@ -37,6 +38,11 @@ ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # w
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
 DISABLE_VARIABLE = _target.VARIABLE
 DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
+# A prompt's rows of x through a BF16 matrix on AVX-512 (`bf16_matmul_passes`): up to DENSE_PROMPT_ROWS (a prompt
+# chunk), below which BLAS, widening the whole matrix to float32 first, has few rows to spread that over; taken
+# DENSE_PIECE at a time, whose slice of x (0.7-1 MB) stays in L2 while each chunk of rows goes through it.
+DENSE_PROMPT_ROWS = 512
+DENSE_PIECE = 64
 
 # numba's OpenMP threads spin ~300k rounds after each kernel by default, fighting BLAS's threads for the cores
 # whenever the two alternate (a prompt's expert decode, then its matmul). A short spin keeps back-to-back kernels
@@ -182,6 +188,24 @@ def bf16_matmul(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def bf16_passes_fit(weights: np.ndarray, rows: int) -> bool:
+    """Whether `bf16_matmul_passes` should take `rows` rows of x through these BF16-bits `weights [R, C]`: on
+    AVX-512, C a multiple of 32, at most `DENSE_PROMPT_ROWS` rows."""
+    return ISA == "avx512" and weights.dtype == np.uint16 and weights.shape[1] % 32 == 0 and rows <= DENSE_PROMPT_ROWS
+
+
+def bf16_matmul_passes(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x @ W.T` for BF16-bits `weights [R, C]` (where `bf16_passes_fit`), widened in registers where they are
+    mapped, `DENSE_ROWS` rows to each load of x."""
+    out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
+    for start in range(0, x.shape[0], DENSE_PIECE):
+        piece = np.ascontiguousarray(x[start : start + DENSE_PIECE], dtype=np.float32)
+        laid_out = _aligned_empty(piece.size)
+        _compiled.lay_out_passes(piece, _compiled.BF16_ORDER, _compiled.DENSE_PASS_TOKENS, laid_out)
+        _compiled.bf16_matmul_passes(weights, laid_out, out[start : start + DENSE_PIECE])
+    return out
+
+
 def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
     """Consecutive groups of `sizes` rows of `x [N, G*32]` as AMX's B tiles (`_tile_kernels.tiles_by_block`), as
     uint16: each float32 split exactly into three BF16 parts."""
@@ -199,7 +223,8 @@ def passes_by_block(x: np.ndarray) -> np.ndarray:
     4 KB, put them in the same L1 sets).
     """
     out = _aligned_empty(x.size)
-    _compiled.lay_out_passes(np.ascontiguousarray(x, dtype=np.float32), _compiled.BLOCK_ORDER, out)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _compiled.lay_out_passes(x, _compiled.BLOCK_ORDER, _compiled.PASS_TOKENS, out)
     return out
 
 

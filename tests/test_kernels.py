@@ -220,6 +220,19 @@ def test_bf16_tile_matmul_equals_widening_then_multiplying(tokens):
     assert_close(kernels.bf16_matmul(weights, x), x @ bf16_to_f32(weights).T)
 
 
+@pytest.mark.parametrize("tokens", [1, 12, 13, 70])  # one pass, a full one, two of unequal widths, two pieces
+@pytest.mark.parametrize(("rows", "columns"), [(35, 544), (48, 32)])  # a chunk's odd last row; 17 blocks, 1 block
+def test_bf16_pass_matmul_equals_widening_then_multiplying(rows, columns, tokens):
+    rng = np.random.default_rng(rows + tokens)
+    weights = read_only(rng.integers(0, 1 << 16, (rows, columns), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
+    x = rng.standard_normal((tokens, columns)).astype(np.float32)
+    if kernels.ISA != "avx512":  # built for AVX-512's 32 registers only: AVX2 keeps BLAS
+        assert not kernels.bf16_passes_fit(weights, tokens)
+        return
+    assert kernels.bf16_passes_fit(weights, tokens)
+    assert_close(kernels.bf16_matmul_passes(weights, x), x @ bf16_to_f32(weights).T)
+
+
 @needs_amx
 def test_tile_inputs_are_split_exactly_into_three_bf16_parts():
     """The tiles multiply BF16 numbers; a float32 input must be the exact sum of its three parts, so that AMX sums
