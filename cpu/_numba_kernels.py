@@ -11,6 +11,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
@@ -32,6 +33,7 @@ PASS_TOKENS = 16 if ISA == "avx512" else 8
 # widen in two instructions per 32 weights, so the loads of inputs, not the decoding, bound the one-row loop.
 DENSE_ROWS = 2
 DENSE_PASS_TOKENS = 12
+assert ISA != "avx512" or DENSE_PASS_TOKENS <= PASS_TOKENS  # `_in_passes` holds PASS_TOKENS inputs' sums a row
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
 # input it reads again for every row (PASS_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
 ROW_CHUNK = 16
@@ -313,7 +315,7 @@ def _row_dot_tokens(
     `sums[sums_offset + t * LANES:][:LANES]`, summed across by the caller at the end of the row. The loop is
     compiled for every width, its accumulators in registers, and the call branches to the one for `tokens`.
 
-    Each block read asks for the block `ahead` blocks on, into L2: `mxfp4_matmul` passes the same block of its next
+    Each block read asks for the block `ahead` blocks on, into L2: `_in_passes` passes the same block of the next
     chunk of rows, which this core reads next. (The decoding kernel's distance along the rows lands, in this tiled
     order, on blocks read several tiles later, and into L1, where they pushed out the inputs.)
     """
@@ -780,7 +782,11 @@ def _tile(weights, scales, x, inputs, step, sums, first, last, g, count, groups,
 
 @overload(_tile, inline="always")
 def _tile_for(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
+    if weights.dtype not in (types.uint8, types.uint16):
+        raise TypingError(f"_in_passes takes MXFP4 blocks (uint8) or BF16 bits (uint16), not {weights.dtype}")
     if weights.dtype == types.uint16:
+        if LANES != DOT_LANES:
+            raise TypingError("the BF16 pass kernel is built for AVX-512 only")
 
         def bf16_rows(weights, scales, x, inputs, step, sums, first, last, g, count, groups, ahead):
             columns = groups * 32

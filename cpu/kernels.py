@@ -38,9 +38,10 @@ ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # w
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
 DISABLE_VARIABLE = _target.VARIABLE
 DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
-# A prompt's rows of x through a BF16 matrix on AVX-512 (`bf16_matmul_passes`): up to DENSE_PROMPT_ROWS (a prompt
-# chunk), below which BLAS, widening the whole matrix to float32 first, has few rows to spread that over; taken
-# DENSE_PIECE at a time, whose slice of x (0.7-1 MB) stays in L2 while each chunk of rows goes through it.
+# A prompt's rows of x through a BF16 matrix on AVX-512 go through `bf16_matmul_passes`, not BLAS (which first widens
+# the whole matrix to float32, a cost it spreads over the rows), up to DENSE_PROMPT_ROWS: the engine's prompt chunk
+# (`generate.PREFILL_CHUNK`), where the two measured even. DENSE_PIECE rows at a time, whose slice of x (0.7-1 MB)
+# stays in L2 while each chunk of rows goes through it.
 DENSE_PROMPT_ROWS = 512
 DENSE_PIECE = 64
 
@@ -190,13 +191,16 @@ def bf16_matmul(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def bf16_passes_fit(weights: np.ndarray, rows: int) -> bool:
     """Whether `bf16_matmul_passes` should take `rows` rows of x through these BF16-bits `weights [R, C]`: on
-    AVX-512, C a multiple of 32, at most `DENSE_PROMPT_ROWS` rows."""
-    return ISA == "avx512" and weights.dtype == np.uint16 and weights.shape[1] % 32 == 0 and rows <= DENSE_PROMPT_ROWS
+    AVX-512, C a multiple of 32, the rows contiguous (as mapped), at most `DENSE_PROMPT_ROWS` rows."""
+    shape_fits = weights.ndim == 2 and weights.shape[1] % 32 == 0 and weights.flags.c_contiguous
+    return ISA == "avx512" and weights.dtype == np.uint16 and shape_fits and rows <= DENSE_PROMPT_ROWS
 
 
 def bf16_matmul_passes(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     """`x @ W.T` for BF16-bits `weights [R, C]` (where `bf16_passes_fit`), widened in registers where they are
     mapped, `DENSE_ROWS` rows to each load of x."""
+    if not bf16_passes_fit(weights, 0) or x.ndim != 2 or x.shape[1] != weights.shape[1]:
+        raise ValueError(f"bf16_matmul_passes: weights {weights.dtype} {weights.shape} with x {x.shape}")
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
     for start in range(0, x.shape[0], DENSE_PIECE):
         piece = np.ascontiguousarray(x[start : start + DENSE_PIECE], dtype=np.float32)

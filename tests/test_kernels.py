@@ -220,8 +220,11 @@ def test_bf16_tile_matmul_equals_widening_then_multiplying(tokens):
     assert_close(kernels.bf16_matmul(weights, x), x @ bf16_to_f32(weights).T)
 
 
-@pytest.mark.parametrize("tokens", [1, 12, 13, 70])  # one pass, a full one, two of unequal widths, two pieces
-@pytest.mark.parametrize(("rows", "columns"), [(35, 544), (48, 32)])  # a chunk's odd last row; 17 blocks, 1 block
+@pytest.mark.parametrize(
+    ("rows", "columns", "tokens"),
+    [(35, 544, t) for t in [1, 12, 13, 70]]  # a chunk's odd last row, 17 blocks; two unequal passes, two pieces
+    + [(48, 32, t) for t in range(1, 13)],  # every width of a pass
+)
 def test_bf16_pass_matmul_equals_widening_then_multiplying(rows, columns, tokens):
     rng = np.random.default_rng(rows + tokens)
     weights = read_only(rng.integers(0, 1 << 16, (rows, columns), dtype=np.uint16) & 0xBFFF)  # no NaN or inf bits
@@ -231,6 +234,17 @@ def test_bf16_pass_matmul_equals_widening_then_multiplying(rows, columns, tokens
         return
     assert kernels.bf16_passes_fit(weights, tokens)
     assert_close(kernels.bf16_matmul_passes(weights, x), x @ bf16_to_f32(weights).T)
+
+
+def test_bf16_pass_matmul_takes_only_what_it_can():
+    weights = np.zeros((16, 64), np.uint16)
+    assert kernels.bf16_passes_fit(weights, 1) == (kernels.ISA == "avx512")
+    assert not kernels.bf16_passes_fit(weights, kernels.DENSE_PROMPT_ROWS + 1)  # BLAS's widening pays off there
+    assert not kernels.bf16_passes_fit(np.zeros((16, 48), np.uint16), 1)  # 32 weights a block
+    assert not kernels.bf16_passes_fit(np.zeros((16, 128), np.uint16)[:, :64], 1)  # rows apart in memory
+    assert not kernels.bf16_passes_fit(weights.astype(np.float32), 1)
+    with pytest.raises(ValueError, match="bf16_matmul_passes"):
+        kernels.bf16_matmul_passes(weights, np.zeros((2, 32), np.float32))
 
 
 @needs_amx
