@@ -39,11 +39,21 @@ def instruction_set() -> tuple[str | None, str, bool]:
     features = llvm.get_host_cpu_features()
     if FORCED_AVX2:
         features = {"avx2": features.get("avx2"), "fma": features.get("fma")}
+        if features["avx2"] and features["fma"]:
+            build_as_an_avx2_cpu(numba)
     if features.get("avx512f") and features.get("avx512bw"):
         return "avx512", "numba kernels for AVX-512", False
     if features.get("avx2") and features.get("fma"):
         return "avx2", "numba kernels for AVX2", False
     return None, "no AVX2 or AVX-512 on this CPU", False
+
+
+def build_as_an_avx2_cpu(numba) -> None:
+    """Have numba compile for an AVX2 CPU (Haswell's features), not for this one: built with the host's AVX-512
+    features, the AVX2 kernels would use its 32 vector registers and its encodings, which a laptop has not (AVX2
+    has 16), so a forced build would not be the one laptops run. numba reads these when it first compiles."""
+    numba.config.CPU_NAME = "haswell"
+    numba.config.CPU_FEATURES = ""  # the named CPU's own
 
 
 def amx_permitted() -> bool:
