@@ -203,10 +203,8 @@ def bf16_matmul_passes(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"bf16_matmul_passes: weights {weights.dtype} {weights.shape} with x {x.shape}")
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
     for start in range(0, x.shape[0], DENSE_PIECE):
-        piece = np.ascontiguousarray(x[start : start + DENSE_PIECE], dtype=np.float32)
-        laid_out = _aligned_empty(piece.size)
-        _compiled.lay_out_passes(piece, _compiled.BF16_ORDER, _compiled.DENSE_PASS_TOKENS, laid_out)
-        _compiled.bf16_matmul_passes(weights, laid_out, out[start : start + DENSE_PIECE])
+        piece = passes_by_block(x[start : start + DENSE_PIECE], _compiled.BF16_ORDER, _compiled.DENSE_PASS_TOKENS)
+        _compiled.bf16_matmul_passes(weights, piece, out[start : start + DENSE_PIECE])
     return out
 
 
@@ -220,15 +218,17 @@ def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
     return layout.view(np.uint16)
 
 
-def passes_by_block(x: np.ndarray) -> np.ndarray:
+def passes_by_block(x: np.ndarray, order: np.ndarray | None = None, widest: int | None = None) -> np.ndarray:
     """x `[T, G*32]` flattened the way `mxfp4_matmul` reads it: pass after pass (`_compiled.pass_tokens` rows
-    each), each `[G, pass, 32]`, a row's 32 elements of a block in `block_ordered`'s order. A pass's inputs for one
-    block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which at 32 rows,
-    4 KB, put them in the same L1 sets).
+    each, at most `widest`: by default `PASS_TOKENS`), each `[G, pass, 32]`, a row's 32 elements of a block in
+    `order` (by default `block_ordered`'s; `bf16_matmul_passes` gives `BF16_ORDER` and its own width). A pass's
+    inputs for one block lie together, and the blocks a tile reads sit a pass's width apart, not all T rows' (which
+    at 32 rows, 4 KB, put them in the same L1 sets).
     """
+    order = _compiled.BLOCK_ORDER if order is None else order
+    widest = _compiled.PASS_TOKENS if widest is None else widest
     out = _aligned_empty(x.size)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    _compiled.lay_out_passes(x, _compiled.BLOCK_ORDER, _compiled.PASS_TOKENS, out)
+    _compiled.lay_out_passes(np.ascontiguousarray(x, dtype=np.float32), order, widest, out)
     return out
 
 
