@@ -6,6 +6,8 @@ it; see `kernels`.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -39,6 +41,7 @@ assert ISA != "avx512" or DENSE_PASS_TOKENS <= PASS_TOKENS  # `_in_passes` holds
 ROW_CHUNK = 16
 GROUP_CHUNK = 16
 SCALE_TABLE = "mlx_oss_e8m0_scale_values"
+SCALED_TABLES = "mlx_oss_scaled_e2m1_tables"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
 # positions it walks at a time, their scores held in a scratch row per head (a group's in L1: 8 heads x 4 KB), and
@@ -149,12 +152,6 @@ def _horizontal_sum(builder, vector, combine=None):
     return builder.extract_element(vector, ir.Constant(I32, 0))
 
 
-def _bf16_bytes(byte: int) -> list[int]:
-    """Byte `byte` (0 low, 1 high) of each E2M1 value's BF16 bits: exact, as every E2M1 value is a BF16 one."""
-    bits = np.asarray(FP4_VALUES, dtype=np.float32).view(np.uint32) >> 16
-    return [int(b >> (8 * byte)) & 0xFF for b in bits]
-
-
 def _block_order() -> np.ndarray:
     """The order `_blocks` yields a block's 32 weights in, by element (element 2i is byte i's low nibble, 2i+1 its
     high one): inputs are laid out in it (`kernels.block_ordered`), so each vector of weights meets its inputs in
@@ -171,35 +168,80 @@ def _block_order() -> np.ndarray:
 BLOCK_ORDER = _block_order()
 
 
-def _blocks(builder, block_pointer, g):
-    """Yield (position in `BLOCK_ORDER`, `<LANES x float>` weights) for the 32 E2M1 values of block `g`, unscaled."""
+@functools.cache
+def scaled_tables() -> np.ndarray:
+    """For each E8M0 scale e, the 64 bytes `_blocks` decodes a block of scale e with: `uint8 [256, 64]`.
+
+    Every E2M1 value times every scale, as float32 products (`mxfp4.SCALE_VALUES`), exact: each has at most two
+    significant bits (scale 255, infinite, gives infinities and, times zero, NaN). On AVX-512 a row is the 16
+    products (a `vpermps` table); on AVX2 the low bytes of their BF16 bits, then the high bytes, each 16 twice over
+    (the `vpshufb` tables of both 128-bit lanes): the products' lower 16 bits are all zero, so BF16 holds them
+    exactly. Decoding by the block's own table spares the kernels a multiply by the scale per vector of weights (or
+    per block of sums).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        products = np.multiply.outer(SCALE_VALUES, FP4_VALUES).astype(np.float32)
+    if LANES == 16:
+        return np.ascontiguousarray(products).view(np.uint8)
+    bits = products.view(np.uint32)
+    assert not (bits & 0xFFFF).any(), "an E2M1 value times an E8M0 scale is not exact in BF16"
+    low, high = ((bits >> shift) & 0xFF for shift in (16, 24))
+    return np.concatenate([low, low, high, high], axis=1).astype(np.uint8)
+
+
+def _module_constant(builder, name: str, data: np.ndarray):
+    """A pointer to the first byte of a read-only copy of `data` in the module, 64-byte aligned (made on first
+    use)."""
+    table_type = ir.ArrayType(I8, data.nbytes)
+    try:
+        table = builder.module.get_global(name)
+    except KeyError:
+        table = ir.GlobalVariable(builder.module, table_type, name)
+        table.linkage = "internal"
+        table.global_constant = True
+        table.align = 64
+        table.initializer = ir.Constant(table_type, bytearray(np.ascontiguousarray(data).tobytes()))
+    return builder.gep(table, [ir.Constant(I32, 0), ir.Constant(I32, 0)])
+
+
+def _scaled_table(builder, scale_pointer, g, offset: int, vector_type):
+    """`vector_type` from byte `offset` of the `scaled_tables` row of block `g`'s scale."""
+    tables = _module_constant(builder, SCALED_TABLES, scaled_tables())
+    exponent = builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)
+    row = builder.add(builder.mul(exponent, ir.Constant(I32, 64)), ir.Constant(I32, offset))
+    return builder.load(builder.bitcast(builder.gep(tables, [row]), vector_type.as_pointer()), align=32)
+
+
+def _blocks(builder, block_pointer, scale_pointer, g):
+    """Yield (position in `BLOCK_ORDER`, `<LANES x float>` weights) for the 32 values of MXFP4 block `g`, scaled:
+    looked up in the block's own table (`scaled_tables`)."""
     raw = _load(builder, block_pointer, builder.mul(g, ir.Constant(g.type, 16)), ir.VectorType(I8, 16))
     if LANES == 8:
-        yield from _avx2_blocks(builder, raw)
+        yield from _avx2_blocks(builder, raw, scale_pointer, g)
         return
-    # AVX-512: vpermps reads the low four bits of each index, so the full signed table decodes 16 nibbles at once.
+    # AVX-512: vpermps reads the low four bits of each index, so one table decodes 16 nibbles at once.
     vf, vi = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
     permute = _function(builder, "llvm.x86.avx512.permvar.sf.512", vf, vf, vi)
-    table = _vector(F32, [float(v) for v in FP4_VALUES])
+    table = _scaled_table(builder, scale_pointer, g, 0, vf)
     nibbles = builder.zext(raw, vi)
     yield 0, builder.call(permute, [table, nibbles])
     yield 16, builder.call(permute, [table, builder.lshr(nibbles, _vector(I32, [4] * LANES))])
 
 
-def _avx2_blocks(builder, raw):
+def _avx2_blocks(builder, raw, scale_pointer, g):
     """`_blocks` for a block's 16 bytes `raw` on AVX2, which has no 16-entry float permute (one of the magnitude and
     a sign fix-up per 8 values would take 20 vector instructions a block). Instead `vpshufb` looks up the low and
-    the high byte of each nibble's BF16 bits, 32 nibbles at once (the low nibbles in one 128-bit lane, the high
-    ones in the other); the bytes are interleaved into BF16 words, and each 32-bit pair of words gives two floats,
-    one shifted up 16, one masked: 10 instructions."""
+    the high byte of each nibble's scaled BF16 bits, 32 nibbles at once (the low nibbles in one 128-bit lane, the
+    high ones in the other); the bytes are interleaved into BF16 words, and each 32-bit pair of words gives two
+    floats, one shifted up 16, one masked: 10 instructions."""
     v32 = ir.VectorType(I8, 32)
     both = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(I32, 32), list(range(16)) * 2))
     quads = ir.VectorType(ir.IntType(64), 4)
     shifted = builder.lshr(builder.bitcast(both, quads), _vector(ir.IntType(64), [0, 0, 4, 4]))  # high lane: >> 4
     nibbles = builder.and_(builder.bitcast(shifted, v32), _vector(I8, [0x0F] * 32))
     lookup = _function(builder, "llvm.x86.avx2.pshuf.b", v32, v32, v32)
-    low = builder.call(lookup, [_vector(I8, _bf16_bytes(0) * 2), nibbles])
-    high = builder.call(lookup, [_vector(I8, _bf16_bytes(1) * 2), nibbles])
+    low = builder.call(lookup, [_scaled_table(builder, scale_pointer, g, 0, v32), nibbles])
+    high = builder.call(lookup, [_scaled_table(builder, scale_pointer, g, 32, v32), nibbles])
     vi, vf = ir.VectorType(I32, 8), ir.VectorType(F32, 8)
     for position, half in ((0, 0), (16, 8)):  # vpunpcklbw, then vpunpckhbw: bytes 0-7, 8-15 of each lane
         pairs = [(lane + half + i, 32 + lane + half + i) for lane in (0, 16) for i in range(8)]
@@ -217,16 +259,8 @@ def _bf16_load(builder, pointer, offset, lanes: int):
 
 def _scale(builder, scale_pointer, g):
     """The E8M0 scale of block `g` as a float32, from `mxfp4.SCALE_VALUES` (a load, not a register shuffle)."""
-    table_type = ir.ArrayType(F32, len(SCALE_VALUES))
-    try:
-        table = builder.module.get_global(SCALE_TABLE)
-    except KeyError:
-        table = ir.GlobalVariable(builder.module, table_type, SCALE_TABLE)
-        table.linkage = "internal"
-        table.global_constant = True
-        table.initializer = ir.Constant(table_type, [ir.Constant(F32, float(v)) for v in SCALE_VALUES])
-    exponent = builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)
-    return builder.load(builder.gep(table, [ir.Constant(I32, 0), exponent]))
+    table = builder.bitcast(_module_constant(builder, SCALE_TABLE, SCALE_VALUES), F32.as_pointer())
+    return builder.load(builder.gep(table, [builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)]))
 
 
 @intrinsic
@@ -245,11 +279,9 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
         def step(builder, g, acc):
             _prefetch_ahead(builder, bp, sp, g)
             block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, 32))])
-            block = None
-            for position, weights in _blocks(builder, bp, g):
-                inputs = _load(builder, block_x, ir.Constant(g.type, position), vf)
-                block = builder.fmul(weights, inputs) if block is None else builder.call(fma, [weights, inputs, block])
-            return builder.call(fma, [block, _splat(builder, _scale(builder, sp, g), LANES), acc])
+            for position, weights in _blocks(builder, bp, sp, g):
+                acc = builder.call(fma, [weights, _load(builder, block_x, ir.Constant(g.type, position), vf), acc])
+            return acc
 
         return _horizontal_sum(builder, _accumulate(builder, count, LANES, step))
 
@@ -330,8 +362,7 @@ def _row_dot_tokens(
 
         def decoded(g):  # the block's weights, scaled
             _prefetch_ahead(builder, bp, sp, g, ahead)
-            scale = _splat(builder, _scale(builder, sp, g), LANES)
-            return [[(position, builder.fmul(weights, scale)) for position, weights in _blocks(builder, bp, g)]]
+            return [list(_blocks(builder, bp, sp, g))]
 
         _pass_widths(builder, width, PASS_TOKENS, lambda tokens: _pass_loop(builder, decoded, xp, [op], count, tokens))
         return context.get_dummy_value()

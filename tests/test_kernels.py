@@ -58,6 +58,28 @@ def test_matvec_equals_decoding_then_multiplying(groups):
     assert_close(kernels.mxfp4_matvec(blocks, scales, experts, x), expected)
 
 
+@pytest.mark.parametrize(("lowest", "inputs"), [(0, 1.0), (127, 2.0**-14)])  # small inputs for large scales
+def test_every_scale_decodes_exactly_through_its_own_table(lowest, inputs):
+    """The kernels decode a block by a table of the E2M1 values times its scale: a row for each scale, against
+    float64, up to 252 (above it 6 * 2**(e - 127) overflows float32, as in `mxfp4.dequantize` and transformers'
+    BF16), the smallest ones subnormal."""
+    rng = np.random.default_rng(lowest)
+    exponents = np.arange(lowest, min(lowest + 127, 253))
+    scales = read_only(exponents.astype(np.uint8).reshape(1, -1, 1))
+    blocks = rng.integers(0, 256, (1, exponents.size, 1, 16), dtype=np.uint8)
+    blocks[0, :, 0, 0] = 0x71  # a 6 and a 0.5 in every row: the largest and smallest magnitudes
+    blocks = read_only(blocks)
+    x = (rng.standard_normal((3, 32)) * inputs).astype(np.float32)
+    weights = dequantize(blocks[0], np.full(scales[0].shape, 127, np.uint8)).astype(np.float64)
+    expected = x.astype(np.float64) @ (weights * np.ldexp(1.0, exponents - 127)[:, None]).T
+    row_size = np.abs(expected).max(axis=0)
+    for ours in (
+        kernels.mxfp4_matvec(blocks, scales, np.zeros(3, np.int64), x),
+        kernels.mxfp4_matmul(blocks[0], scales[0], x),
+    ):
+        np.testing.assert_allclose(ours / row_size, expected / row_size, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("tokens", [*range(1, 17), 17, 23, 40])  # every width of a pass, on AVX2 and AVX-512
 def test_matmul_equals_decoding_then_multiplying(tokens):
     rng = np.random.default_rng(tokens)
