@@ -440,7 +440,8 @@ def _row_sums(builder, ap, bf16: bool, xs: list, n) -> list:
 
     def step(index, j):
         offset = builder.mul(index, ir.Constant(n.type, width))
-        _prefetch(builder, builder.gep(ap, [builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))]))
+        ahead = builder.add(offset, ir.Constant(n.type, PREFETCH_BYTES // 2))
+        _prefetch(builder, builder.gep(ap, [ahead]), 2)  # into L2 only: L1's few fill buffers stay the loads'
         for x_offset, w in _row_weights(builder, ap, offset, bf16):
             for x, acc in zip(xs, accs, strict=True):
                 builder.store(builder.call(fma, [w, _load(builder, x, x_offset, vf), builder.load(acc[j])]), acc[j])
