@@ -69,6 +69,8 @@ class NumpyModel(Model):
         self.embed = checkpoint.raw("model.embed_tokens.weight")
         self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        if not c.tie_word_embeddings:  # a token reads one row of the embedding
+            checkpoint.read_in_rows("model.embed_tokens.weight")
         self.unembed = self._dense(head, None)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]

@@ -122,6 +122,10 @@ class Checkpoint:
         """Map a tensor's pages now (see `SafetensorsFile.prefault`)."""
         self.files[self.locations[name]].prefault(name)
 
+    def read_in_rows(self, name: str) -> None:
+        """Say that a tensor is read a few rows at a time (see `SafetensorsFile.read_in_rows`)."""
+        self.files[self.locations[name]].read_in_rows(name)
+
     def release(self) -> None:
         """Drop every mapped page from the process's resident memory (after copying weights elsewhere)."""
         for file in self.files.values():

@@ -206,3 +206,35 @@ def test_map_out_lets_go_of_the_weights_and_map_in_brings_them_back(tiny_checkpo
     assert resident() < loaded / 4
     model.map_in()
     assert resident() >= 0.9 * loaded
+
+
+def _mapping_flags(path: Path) -> list[tuple[int, int, set[str]]]:
+    """(file offset, length, VmFlags) of each of this process's mappings of `path`, from /proc/self/smaps."""
+    found, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            current = (int(fields[2], 16), end - start) if fields[-1] == str(path) else None
+        elif fields[0] == "VmFlags:" and current is not None:
+            found.append((*current, set(fields[1:])))
+    return found
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no transparent huge pages (Linux)"
+)
+def test_the_weights_are_mapped_for_huge_pages_but_the_embedding_rows_are_not(tiny_checkpoint):
+    """Streamed weights read faster from 2 MB pages; a token reads one row of the embedding, which should not bring
+    in (and count as resident) the 2 MB around it."""
+    import mlx_oss
+
+    model = mlx_oss.load(tiny_checkpoint, backend="numpy")
+    checkpoint = model.checkpoint
+    embed = checkpoint.info("model.embed_tokens.weight")
+    shard = checkpoint.files[checkpoint.locations["model.embed_tokens.weight"]].path
+    mappings = _mapping_flags(Path(shard).resolve())
+    assert mappings, f"{shard} is not mapped"
+    around_embed = [flags for offset, length, flags in mappings if offset <= embed.begin < offset + length]
+    assert around_embed and "nh" in around_embed[0]
+    assert any("hg" in flags for _, _, flags in mappings)
