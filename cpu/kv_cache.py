@@ -95,16 +95,14 @@ class KVCache(Cache):
 
 
 def _buffer(shape: tuple[int, int], capacity: int) -> np.ndarray:
-    """A `[*shape, capacity]` float32 buffer whose rows do not start 4 KB apart (or a multiple of it).
+    """A `[*shape, capacity]` float32 buffer whose rows are an odd number of 64-byte cache lines apart.
 
-    A decoding step's scores read the same positions of all of a kv head's `head_dim` rows at once: rows a multiple
-    of 4 KB apart fall in the same few sets of the core's caches and evict each other (at 32k positions the scores
-    took a fifth longer). Capacity is rounded to whole cache lines and, where that lands on 4 KB, one line more.
+    A decoding step's scores read the same positions of all of a kv head's `head_dim` rows at once. Rows an even
+    number of lines apart share the core's cache sets (4 KB apart, all of them one set; 2 KB apart, two) and evict
+    each other; an odd number puts the 64 rows of a head in 64 different sets.
     """
-    capacity = -(-capacity // 16) * 16
-    if capacity % 1024 == 0:
-        capacity += 16
-    return np.empty((*shape, capacity), np.float32)
+    lines = -(-capacity // 16)
+    return np.empty((*shape, 16 * (lines + 1 - lines % 2)), np.float32)
 
 
 def _copy_held(buffer: np.ndarray, length: int) -> np.ndarray:

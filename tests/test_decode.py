@@ -172,3 +172,19 @@ def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(synthe
     unsplit = layers.attention  # one call over all heads gives the same logits
     monkeypatch.setattr(model, "_attention_in_threads", lambda q, k, v, *rest: unsplit(q, k, v, *rest))
     np.testing.assert_allclose(model.forward(seq, model.new_cache()), split, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("requested", [1, 16, 256, 640, 1024, 5120, 10752, 20480])
+def test_the_caches_rows_are_an_odd_number_of_cache_lines_apart(requested):
+    """A decoding step reads the same positions of a kv head's 64 rows at once: rows an even number of 64-byte
+    lines apart (4 KB, 2 KB) would share cache sets and evict each other. So also once the cache has grown."""
+    from mlx_oss.cpu.kv_cache import KVCache
+
+    cache = KVCache(num_layers=1, kv_heads=2, head_dim=64, capacity=requested)
+    for grown in (False, True):
+        if grown:
+            rows = np.zeros((3 * requested + 5, 2, 64), np.float32)
+            cache.append(0, rows, rows)
+        for buffer in cache.buffers(0):
+            assert buffer.shape[-1] >= requested
+            assert buffer.strides[1] % 64 == 0 and (buffer.strides[1] // 64) % 2 == 1
