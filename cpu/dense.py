@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,7 @@ class Dense:
     workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        in_features = self.weight.shape[1]
-        if self.uses_kernels and x.shape[0] <= kernels.DECODE_ROWS and in_features % 16 == 0:
+        if self._decodes(x):
             y = kernels.matvec(self.weight, x)
         elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
             y = kernels.bf16_matmul(self.weight, x)
@@ -34,6 +34,10 @@ class Dense:
         if self.bias is not None:
             y += self.bias
         return y
+
+    def _decodes(self, x: np.ndarray) -> bool:
+        """Whether `x` is a decoding step's few rows that the kernels multiply reading the weight once (`matvec`)."""
+        return self.uses_kernels and x.shape[0] <= kernels.DECODE_ROWS and kernels.stackable([self.weight])
 
     def _widened(self, x: np.ndarray) -> np.ndarray:
         """`x @ W.T` for BF16 W, widened to float32 a cache-sized block of rows at a time; with `workers`, each
@@ -57,3 +61,21 @@ class Dense:
             n = self.workers.count
             self.workers.map(widen_and_multiply, [starts[i::n] for i in range(n)])
         return y
+
+
+def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
+    """The outputs of `layers` (one input) side by side, `[T, sum of their outputs]`. A decoding step's go through
+    one kernel call (`kernels.matvec` of all the weights): a step's q, k and v projections in a checkpoint's own
+    layout take one launch of the threads and one reordering of x, and k's and v's small matrices are read beside
+    q's, not each by both threads alone."""
+    weights = [layer.weight for layer in layers]
+    if len(layers) == 1 or not all(layer._decodes(x) for layer in layers) or not kernels.stackable(weights):
+        return np.concatenate([layer(x) for layer in layers], axis=1)
+    y = kernels.matvec(weights, x)
+    start = 0
+    for layer in layers:
+        end = start + layer.weight.shape[0]
+        if layer.bias is not None:
+            y[:, start:end] += layer.bias
+        start = end
+    return y

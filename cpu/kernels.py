@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,14 +233,28 @@ def passes_by_block(x: np.ndarray, order: np.ndarray | None = None, widest: int 
     return out
 
 
-def matvec(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+def matvec(weights: np.ndarray | Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
     """`x @ W.T` for float32 or BF16-bits (uint16) `weights [R, C]` (C a multiple of 16) and a few rows of x,
-    reading W once. BLAS would do float32 as fast, but its threads spin on after each call and slow the
-    kernels that follow."""
-    out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    x = bf16_ordered(x) if weights.dtype == np.uint16 else np.ascontiguousarray(x, dtype=np.float32)
-    _compiled.matvec(weights, x, out)  # memory-bound: x unaligned is fine
+    reading W once; or for several such matrices (`stackable`), their outputs side by side in one call. BLAS would
+    do float32 as fast, but its threads spin on after each call and slow the kernels that follow."""
+    stack = tuple(weights) if isinstance(weights, (list, tuple)) else (weights,)
+    if not stackable(stack):
+        raise ValueError("matvec takes matrices of one dtype, layout and width, a multiple of 16")
+    out = np.empty((x.shape[0], sum(w.shape[0] for w in stack)), dtype=np.float32)
+    x = bf16_ordered(x) if stack[0].dtype == np.uint16 else np.ascontiguousarray(x, dtype=np.float32)
+    _compiled.matvec(stack, x, out)  # memory-bound: x unaligned is fine
     return out
+
+
+def stackable(weights: Sequence[np.ndarray]) -> bool:
+    """Whether `matvec` takes these matrices in one call: C-contiguous, float32 or BF16 bits, all of one dtype,
+    width (a multiple of 16) and writability (numba compiles a tuple of one array type)."""
+    first = weights[0]
+    return first.dtype in (np.float32, np.uint16) and first.shape[1] % 16 == 0 and all(
+        w.ndim == 2 and w.flags.c_contiguous and w.dtype == first.dtype and w.shape[1] == first.shape[1]
+        and w.flags.writeable == first.flags.writeable
+        for w in weights
+    )  # fmt: skip
 
 
 def bf16_ordered(x: np.ndarray) -> np.ndarray:

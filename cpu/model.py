@@ -25,7 +25,7 @@ from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
 from . import kernels
-from .dense import Dense
+from .dense import Dense, side_by_side
 from .experts import Experts
 from .kv_cache import KVCache
 from .layers import attention, rms_norm, route
@@ -172,7 +172,7 @@ class NumpyModel(Model):
         c = self.config
         w = layer.attention
         T = h.shape[0]
-        qkv = np.concatenate([proj(h) for proj in w.qkv], axis=1) if len(w.qkv) > 1 else w.qkv[0](h)
+        qkv = side_by_side(w.qkv, h) if len(w.qkv) > 1 else w.qkv[0](h)
         heads = c.num_attention_heads
         qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]

@@ -153,6 +153,25 @@ def test_matvec_gives_each_row_the_bits_of_a_one_row_call(tokens):
         assert_close(together, x @ bf16_to_f32(weights).T)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_matrices_side_by_side_give_each_matrix_s_own_product(tokens):
+    """A step's q, k and v projections in one call: each matrix's columns of the output, to the bit, as its own call
+    gives them (row counts that are not multiples of a task's 64 rows), and a Dense's bias added to its own."""
+    from mlx_oss.cpu.dense import Dense, side_by_side
+
+    rng = np.random.default_rng(tokens)
+    weights = [read_only(rng.integers(0, 1 << 16, (rows, 96), dtype=np.uint16) & 0xBFFF) for rows in (130, 16, 65)]
+    x = rng.standard_normal((tokens, 96)).astype(np.float32)
+    together = kernels.matvec(weights, x)
+    np.testing.assert_array_equal(together, np.concatenate([kernels.matvec(w, x) for w in weights], axis=1))
+    assert_close(together, x @ bf16_to_f32(np.concatenate(weights)).T)
+    layers = [Dense(w, rng.standard_normal(w.shape[0]).astype(np.float32), uses_kernels=True) for w in weights]
+    layers[1].bias = None
+    np.testing.assert_array_equal(side_by_side(layers, x), np.concatenate([layer(x) for layer in layers], axis=1))
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.matvec([weights[0], read_only(bf16_to_f32(weights[1]))], x)
+
+
 @pytest.mark.parametrize("window", [None, 4, 64])
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("long", [False, True])
