@@ -24,7 +24,7 @@ F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
-MATVEC_ROWS = 64  # consecutive rows of one expert a decoding task reads: one stream for the prefetchers
+MATVEC_ROWS = 64  # consecutive rows of one matrix (or expert) a decoding task reads, at most: one stream
 # Inputs a prompt's expert rows are multiplied with per pass, one register each: at most PASS_TOKENS (AVX2 has 16
 # registers, AVX-512 32). An expert's T inputs go through in the fewest passes, of near-equal widths (17 as 6, 6
 # and 5), one loop compiled for each width: padding T to a few fixed widths wasted up to a third of the products
@@ -40,7 +40,6 @@ assert ISA != "avx512" or DENSE_PASS_TOKENS <= PASS_TOKENS  # `_in_passes` holds
 # input it reads again for every row (PASS_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
 ROW_CHUNK = 16
 GROUP_CHUNK = 16
-SCALE_TABLE = "mlx_oss_e8m0_scale_values"
 SCALED_TABLES = "mlx_oss_scaled_e2m1_tables"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
@@ -255,12 +254,6 @@ def _bf16_load(builder, pointer, offset, lanes: int):
     """`<lanes x float>` from the BF16 bits at `pointer[offset:]`: each shifted into a float32's upper half."""
     bits = builder.zext(_load(builder, pointer, offset, ir.VectorType(I16, lanes)), ir.VectorType(I32, lanes))
     return builder.bitcast(builder.shl(bits, _vector(I32, [16] * lanes)), ir.VectorType(F32, lanes))
-
-
-def _scale(builder, scale_pointer, g):
-    """The E8M0 scale of block `g` as a float32, from `mxfp4.SCALE_VALUES` (a load, not a register shuffle)."""
-    table = builder.bitcast(_module_constant(builder, SCALE_TABLE, SCALE_VALUES), F32.as_pointer())
-    return builder.load(builder.gep(table, [builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)]))
 
 
 @intrinsic
@@ -912,17 +905,17 @@ def pass_tokens(remaining, widest=PASS_TOKENS):
 
 
 @numba.njit(cache=CACHE)
-def _row_tasks(weights):
-    """`matvec`'s tasks: for each, its matrix, first row and first column of the output (`MATVEC_ROWS` rows of one
-    matrix, the matrices in turn)."""
+def _row_tasks(weights, span):
+    """`matvec`'s tasks: for each, its matrix, first row and first column of the output (`span` rows of one matrix,
+    the matrices in turn)."""
     count = 0
     for m in range(len(weights)):
-        count += (_matrix(weights, m).shape[0] + MATVEC_ROWS - 1) // MATVEC_ROWS
+        count += (_matrix(weights, m).shape[0] + span - 1) // span
     matrix, first, column = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.int64)
     task, offset = 0, 0
     for m in range(len(weights)):
         rows = _matrix(weights, m).shape[0]
-        for r in range(0, rows, MATVEC_ROWS):
+        for r in range(0, rows, span):
             matrix[task], first[task], column[task] = m, r, offset + r
             task += 1
         offset += rows
@@ -935,21 +928,27 @@ def _matrix(weights, m):
     return weights[m]
 
 
+def matvec_span(rows: int) -> int:
+    """Rows a `matvec` task takes: up to MATVEC_ROWS, and at least four tasks a thread, so that a router's few rows,
+    or a small matrix on many cores, still reach every thread."""
+    return max(1, min(MATVEC_ROWS, rows // (4 * numba.get_num_threads())))
+
+
 @numba.njit(parallel=True, cache=CACHE)
-def matvec(weights, x, out):
+def matvec(weights, x, out, span):
     """`out = x @ W.T` for a tuple of float32 or BF16-bits matrices `[R_i, C]` of one type (C a multiple of 16) and a
     few rows `x [T, C]`, their outputs side by side in `out [T, sum of R_i]`: one parallel loop over all their rows,
-    so that a step's q, k and v projections take one call, not three."""
+    in tasks of `span` rows of one matrix (`matvec_span`), so that a step's q, k and v projections take one call."""
     tokens, cols = x.shape
     total = out.shape[1]
     flat_x, flat_out = x.reshape(-1), out.reshape(-1)
     # Several rows (verifying drafted tokens): `DOT_ROWS` of them per load of a weight row, the rest one by one.
     grouped = tokens - tokens % DOT_ROWS
-    matrix, first, column = _row_tasks(weights)
+    matrix, first, column = _row_tasks(weights, span)
     for task in prange(matrix.size):
         weight = _matrix(weights, matrix[task])
         flat = weight.reshape(-1)
-        for r in range(first[task], min(weight.shape[0], first[task] + MATVEC_ROWS)):
+        for r in range(first[task], min(weight.shape[0], first[task] + span)):
             o = column[task] + r - first[task]
             for t in range(0, grouped, DOT_ROWS):
                 _dot_rows(flat, r * cols, flat_x, t * cols, cols, cols, flat_out, t * total + o, total)
@@ -977,8 +976,8 @@ def warm_up() -> None:
         bf16_matmul_passes(bf16, np.zeros(32, np.float32), np.empty((1, 1), np.float32))
     for dtype in (np.uint16, np.float32):
         weight = _read_only(np.zeros((1, 16), dtype))
-        matvec((weight,), xs, np.empty((1, 1), np.float32))
-    matvec((weight,) * 3, xs, np.empty((1, 3), np.float32))  # q, k and v of a checkpoint in its own layout
+        matvec((weight,), xs, np.empty((1, 1), np.float32), 1)
+        matvec((weight,) * 3, xs, np.empty((1, 3), np.float32), 1)  # q, k and v of a checkpoint in its own layout
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

@@ -23,9 +23,22 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mlx_oss.mxfp4 import FP4_VALUES
+from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
-from ._numba_kernels import F32, I8, I16, I32, LANES, _function, _load, _pointer, _prefetch, _scale, _splat, _vector
+from ._numba_kernels import (
+    F32,
+    I8,
+    I16,
+    I32,
+    LANES,
+    _function,
+    _load,
+    _module_constant,
+    _pointer,
+    _prefetch,
+    _splat,
+    _vector,
+)
 from ._target import CACHE
 
 TILE_PASS = 4  # tiles of 16 inputs a task sums at once
@@ -36,6 +49,7 @@ X_PARTS = 3  # BF16 parts of a float32 input
 # streams that the hardware prefetchers leave waiting on memory.
 PREFETCH_BLOCKS = 8
 _CONFIG = "mlx_oss_amx_tile_config"
+_SCALE_TABLE = "mlx_oss_e8m0_scale_values"
 _I64 = ir.IntType(64)
 
 
@@ -55,21 +69,12 @@ def sum_tile(tiles: int, t: int, part: int) -> int:
 
 def _tile_config(builder):
     """AMX's tile configuration (palette 1; eight tiles of 16 rows x 64 bytes), as a constant in memory."""
-    config = [0] * 64
+    config = np.zeros(64, np.uint8)
     config[0] = 1
     for tile in range(8):
         config[16 + 2 * tile] = 64  # bytes a row, a little-endian uint16
         config[48 + tile] = 16  # rows
-    config_type = ir.ArrayType(I8, 64)
-    try:
-        table = builder.module.get_global(_CONFIG)
-    except KeyError:
-        table = ir.GlobalVariable(builder.module, config_type, _CONFIG)
-        table.linkage = "internal"
-        table.global_constant = True
-        table.align = 64
-        table.initializer = ir.Constant(config_type, [ir.Constant(I8, v) for v in config])
-    return builder.bitcast(table, I8.as_pointer())
+    return _module_constant(builder, _CONFIG, config)
 
 
 def _amx(builder, name, *arguments):
@@ -79,6 +84,12 @@ def _amx(builder, name, *arguments):
 
 def _tile(n: int):
     return ir.Constant(I8, n)
+
+
+def _scale(builder, scale_pointer, g):
+    """The E8M0 scale of block `g` as a float32, from `mxfp4.SCALE_VALUES` (a load, not a register shuffle)."""
+    table = builder.bitcast(_module_constant(builder, _SCALE_TABLE, SCALE_VALUES), F32.as_pointer())
+    return builder.load(builder.gep(table, [builder.zext(builder.load(builder.gep(scale_pointer, [g])), I32)]))
 
 
 def _bf16_table(builder, scale):

@@ -64,10 +64,9 @@ class Dense:
 
 
 def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
-    """The outputs of `layers` (one input) side by side, `[T, sum of their outputs]`. A decoding step's go through
-    one kernel call (`kernels.matvec` of all the weights): a step's q, k and v projections in a checkpoint's own
-    layout take one launch of the threads and one reordering of x, and k's and v's small matrices are read beside
-    q's, not each by both threads alone."""
+    """The outputs of `layers` (one input) side by side, `[T, sum of their outputs]`. A decoding step's come from one
+    `kernels.matvec` call: one launch of the threads and one reordering of x for a step's q, k and v projections in a
+    checkpoint's own layout, k's and v's small matrices read alongside q's instead of in parallel loops of their own."""
     weights = [layer.weight for layer in layers]
     if len(layers) == 1 or not all(layer._decodes(x) for layer in layers) or not kernels.stackable(weights):
         return np.concatenate([layer(x) for layer in layers], axis=1)

@@ -239,10 +239,12 @@ def matvec(weights: np.ndarray | Sequence[np.ndarray], x: np.ndarray) -> np.ndar
     do float32 as fast, but its threads spin on after each call and slow the kernels that follow."""
     stack = tuple(weights) if isinstance(weights, (list, tuple)) else (weights,)
     if not stackable(stack):
-        raise ValueError("matvec takes matrices of one dtype, layout and width, a multiple of 16")
+        raise ValueError("matvec takes C-contiguous matrices of one dtype, writability and width, a multiple of 16")
+    if x.ndim != 2 or x.shape[1] != stack[0].shape[1]:
+        raise ValueError(f"matvec: x {x.shape} does not match matrices of {stack[0].shape[1]} columns")
     out = np.empty((x.shape[0], sum(w.shape[0] for w in stack)), dtype=np.float32)
     x = bf16_ordered(x) if stack[0].dtype == np.uint16 else np.ascontiguousarray(x, dtype=np.float32)
-    _compiled.matvec(stack, x, out)  # memory-bound: x unaligned is fine
+    _compiled.matvec(stack, x, out, _compiled.matvec_span(out.shape[1]))  # memory-bound: x unaligned is fine
     return out
 
 
@@ -250,7 +252,7 @@ def stackable(weights: Sequence[np.ndarray]) -> bool:
     """Whether `matvec` takes these matrices in one call: C-contiguous, float32 or BF16 bits, all of one dtype,
     width (a multiple of 16) and writability (numba compiles a tuple of one array type)."""
     first = weights[0]
-    return first.dtype in (np.float32, np.uint16) and first.shape[1] % 16 == 0 and all(
+    return first.ndim == 2 and first.dtype in (np.float32, np.uint16) and first.shape[1] % 16 == 0 and all(
         w.ndim == 2 and w.flags.c_contiguous and w.dtype == first.dtype and w.shape[1] == first.shape[1]
         and w.flags.writeable == first.flags.writeable
         for w in weights

@@ -97,9 +97,9 @@ class KVCache(Cache):
 def _buffer(shape: tuple[int, int], capacity: int) -> np.ndarray:
     """A `[*shape, capacity]` float32 buffer whose rows are an odd number of 64-byte cache lines apart.
 
-    A decoding step's scores read the same positions of all of a kv head's `head_dim` rows at once. Rows an even
-    number of lines apart share the core's cache sets (4 KB apart, all of them one set; 2 KB apart, two) and evict
-    each other; an odd number puts the 64 rows of a head in 64 different sets.
+    A decoding step's scores read the same positions of all of a kv head's `head_dim` rows at once. Rows a large
+    power of two of lines apart share the core's cache sets (4 KB apart, all of them one set; 2 KB apart, two) and
+    evict each other; an odd number of lines apart puts up to 64 rows of a head in as many different sets.
     """
     lines = -(-capacity // 16)
     return np.empty((*shape, 16 * (lines + 1 - lines % 2)), np.float32)

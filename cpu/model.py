@@ -69,7 +69,7 @@ class NumpyModel(Model):
         self.embed = checkpoint.raw("model.embed_tokens.weight")
         self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        if not c.tie_word_embeddings:  # a token reads one row of the embedding
+        if not c.tie_word_embeddings:  # a token reads one row (tied, it is the unembedding too, read whole)
             checkpoint.read_in_rows("model.embed_tokens.weight")
         self.unembed = self._dense(head, None)
         self.final_norm = checkpoint.float32("model.norm.weight")

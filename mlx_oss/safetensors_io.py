@@ -151,9 +151,9 @@ class SafetensorsFile:
         return np.frombuffer(self._mapped(), DTYPES[info.dtype], count, info.begin).reshape(info.shape)
 
     def _mapped(self) -> mmap.mmap:
-        """The file's map; on Linux it asks for huge pages (`MADV_HUGEPAGE`): the pages it reads in come in as 2 MB
-        folios, mapped 2 MB at a time, so a stream through the weights leaves the TLB and the prefetchers alone (a
-        page cache of small folios read the experts a tenth or more slower than memory of the process's own)."""
+        """The file's map. On Linux it asks for huge pages (`MADV_HUGEPAGE`): pages it reads in may then come as
+        2 MB folios, mapped 2 MB at a time, and a stream through the weights takes fewer TLB misses and prefetcher
+        restarts (the README's benchmark section has the figures)."""
         if self._map is None:
             self.check_unchanged()
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)

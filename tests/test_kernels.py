@@ -59,7 +59,7 @@ def test_matvec_equals_decoding_then_multiplying(groups):
 
 
 @pytest.mark.parametrize(("lowest", "inputs"), [(0, 1.0), (127, 2.0**-14)])  # small inputs for large scales
-def test_every_scale_decodes_exactly_through_its_own_table(lowest, inputs):
+def test_every_scale_decodes_through_its_own_table(lowest, inputs):
     """The kernels decode a block by a table of the E2M1 values times its scale: a row for each scale, against
     float64, up to 252 (above it 6 * 2**(e - 127) overflows float32, as in `mxfp4.dequantize` and transformers'
     BF16), the smallest ones subnormal."""
@@ -170,6 +170,18 @@ def test_matrices_side_by_side_give_each_matrix_s_own_product(tokens):
     np.testing.assert_array_equal(side_by_side(layers, x), np.concatenate([layer(x) for layer in layers], axis=1))
     with pytest.raises(ValueError, match="one dtype"):
         kernels.matvec([weights[0], read_only(bf16_to_f32(weights[1]))], x)
+    with pytest.raises(ValueError, match="does not match"):  # it would read past each weight row
+        kernels.matvec(weights, np.zeros((1, 112), np.float32))
+
+
+def test_warm_up_compiles_what_a_decoding_step_calls():
+    """A kernel compiled at the first token would hold the GIL in the serving process (`warm_up` runs in a child):
+    one matrix, and q, k and v side by side, for BF16 and float32 maps."""
+    kernels.warm_up()
+    compiled = {str(signature[0]) for signature in kernels._compiled.matvec.signatures}
+    for dtype in ("uint16", "float32"):
+        for count in (1, 3):
+            assert f"UniTuple(readonly array({dtype}, 2d, C) x {count})" in compiled
 
 
 @pytest.mark.parametrize("window", [None, 4, 64])
