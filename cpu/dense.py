@@ -21,7 +21,7 @@ class Dense:
     workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._decodes(x):
+        if _decoding([self], x):
             y = kernels.matvec(self.weight, x)
         elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
             y = kernels.bf16_matmul(self.weight, x)
@@ -34,10 +34,6 @@ class Dense:
         if self.bias is not None:
             y += self.bias
         return y
-
-    def _decodes(self, x: np.ndarray) -> bool:
-        """Whether `x` is a decoding step's few rows that the kernels multiply reading the weight once (`matvec`)."""
-        return self.uses_kernels and x.shape[0] <= kernels.DECODE_ROWS and kernels.stackable([self.weight])
 
     def _widened(self, x: np.ndarray) -> np.ndarray:
         """`x @ W.T` for BF16 W, widened to float32 a cache-sized block of rows at a time; with `workers`, each
@@ -67,10 +63,11 @@ def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
     """The outputs of `layers` (one input) side by side, `[T, sum of their outputs]`. A decoding step's come from one
     `kernels.matvec` call: one launch of the threads and one reordering of x for a step's q, k and v projections in a
     checkpoint's own layout, k's and v's small matrices read alongside q's instead of in parallel loops of their own."""
-    weights = [layer.weight for layer in layers]
-    if len(layers) == 1 or not all(layer._decodes(x) for layer in layers) or not kernels.stackable(weights):
+    if len(layers) == 1:
+        return layers[0](x)
+    if not _decoding(layers, x):
         return np.concatenate([layer(x) for layer in layers], axis=1)
-    y = kernels.matvec(weights, x)
+    y = kernels.matvec([layer.weight for layer in layers], x)
     start = 0
     for layer in layers:
         end = start + layer.weight.shape[0]
@@ -78,3 +75,12 @@ def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
             y[:, start:end] += layer.bias
         start = end
     return y
+
+
+def _decoding(layers: Sequence[Dense], x: np.ndarray) -> bool:
+    """Whether `x` is a decoding step's few rows, which the kernels multiply through the layers' weights in one
+    `kernels.matvec` call, reading each weight once."""
+    weights = [layer.weight for layer in layers]
+    return (
+        all(layer.uses_kernels for layer in layers) and x.shape[0] <= kernels.DECODE_ROWS and kernels.stackable(weights)
+    )

@@ -172,7 +172,7 @@ class NumpyModel(Model):
         c = self.config
         w = layer.attention
         T = h.shape[0]
-        qkv = side_by_side(w.qkv, h) if len(w.qkv) > 1 else w.qkv[0](h)
+        qkv = side_by_side(w.qkv, h)  # one matrix in the NumPy layout, three in a checkpoint's own
         heads = c.num_attention_heads
         qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
