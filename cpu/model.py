@@ -2,7 +2,8 @@
 
 Memory: every weight stays in the memory-mapped checkpoint as stored (MXFP4 experts, BF16 or float32
 matrices), so the process owns little beyond its KV cache; the pages every token reads are mapped in at
-load (`Checkpoint.prefault`), not at the first token that reads them.
+load (`Checkpoint.prefault`), not at the first token that reads them. The embedding, of which a token reads one
+row, is read from the file row by row instead, so it never counts in the process's resident memory.
 
 Speed: with the compiled kernels (`kernels`), packed weights are multiplied where they lie; an expert chosen
 by several tokens of a prompt decodes each block once for all of them. Plain NumPy decodes a few expert rows
@@ -49,6 +50,9 @@ class LayerWeights:
     experts: Experts
 
 
+EMBEDDING = "model.embed_tokens.weight"
+
+
 class NumpyModel(Model):
     backend = "numpy"
 
@@ -66,12 +70,11 @@ class NumpyModel(Model):
                 self.kernel_description = f"plain NumPy (the compiled kernels failed to build: {e})"
         self._workers = Workers()
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
-        self.embed = checkpoint.raw("model.embed_tokens.weight")
-        self.embed_dtype = checkpoint.info("model.embed_tokens.weight").dtype
-        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        if not c.tie_word_embeddings:  # a token reads one row (tied, it is the unembedding too, read whole)
-            checkpoint.read_in_rows("model.embed_tokens.weight")
-        self.unembed = self._dense(head, None)
+        self.embed_dtype = checkpoint.info(EMBEDDING).dtype
+        # Tied, the embedding is the unembedding too, mapped and read whole at every token; untied, a token reads
+        # one row, from the file (`Checkpoint.read_rows`), which leaves nothing mapped.
+        self._mapped_embedding = checkpoint.raw(EMBEDDING) if c.tie_word_embeddings else None
+        self.unembed = self._dense(EMBEDDING if c.tie_word_embeddings else "lm_head.weight", None)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]
         self.map_in()
@@ -154,11 +157,16 @@ class NumpyModel(Model):
         with self._workers.one_blas_thread():
             return self._forward(tokens, cache, last_only)
 
+    def _embedding(self, tokens: np.ndarray) -> np.ndarray:
+        if self._mapped_embedding is not None:
+            return self._mapped_embedding[tokens]
+        return self.checkpoint.read_rows(EMBEDDING, tokens)
+
     def _forward(self, tokens: np.ndarray, cache: KVCache | None, last_only: bool) -> np.ndarray:
         c = self.config
         start = cache.length if cache is not None else 0
         cos, sin = rope_tables(c.rope, c.head_dim, np.arange(start, start + tokens.size))
-        x = as_float32(self.embed[tokens], self.embed_dtype)
+        x = as_float32(self._embedding(tokens), self.embed_dtype)
         for i, layer in enumerate(self.layers):
             x += self._attention(i, layer, rms_norm(x, layer.input_norm, c.rms_norm_eps), cos, sin, start, cache)
             x += self._moe(layer, rms_norm(x, layer.post_attention_norm, c.rms_norm_eps))

@@ -122,9 +122,11 @@ class Checkpoint:
         """Map a tensor's pages now (see `SafetensorsFile.prefault`)."""
         self.files[self.locations[name]].prefault(name)
 
-    def read_in_rows(self, name: str) -> None:
-        """Say that a tensor is read a few rows at a time (see `SafetensorsFile.read_in_rows`)."""
-        self.files[self.locations[name]].read_in_rows(name)
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows of a tensor, read from the file, not mapped (see `SafetensorsFile.read_rows`)."""
+        if name not in self.locations:
+            raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        return self.files[self.locations[name]].read_rows(name, rows)
 
     def release(self) -> None:
         """Drop every mapped page from the process's resident memory (after copying weights elsewhere)."""

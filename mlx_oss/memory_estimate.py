@@ -120,8 +120,8 @@ def small_vector_elements(config: ModelConfig) -> int:
 
 
 def embedding_bytes(config: ModelConfig) -> int:
-    """The BF16 input embedding table: the NumPy backend reads only the rows of the tokens seen, so most of its
-    mapped pages never become resident (unless the unembedding shares it and reads it whole)."""
+    """The BF16 input embedding table: the NumPy backend reads the rows of the tokens seen from the file, so none
+    of it becomes resident (unless the unembedding shares it and reads it whole)."""
     return 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size * 2
 
 

@@ -55,6 +55,32 @@ def test_sharded_and_single_file_give_the_same_model(sharded, single):
     np.testing.assert_array_equal(mlx_oss.load(sharded).logits(tokens), mlx_oss.load(single).logits(tokens))
 
 
+def test_rows_read_from_the_file_are_the_mapped_rows_in_the_order_asked(single):
+    checkpoint = Checkpoint(single)
+    name = "model.embed_tokens.weight"
+    rows = np.array([7, 0, 299, 7, 150])
+    np.testing.assert_array_equal(checkpoint.read_rows(name, rows), checkpoint.raw(name)[rows])
+    assert checkpoint.read_rows(name, np.array([], np.int64)).shape == (0, *checkpoint.info(name).shape[1:])
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [([300], "has rows 0 to 299; asked for row 300"), ([3, -1], "asked for row -1"), ([1.0], "must be integers")],
+)
+def test_rows_outside_the_tensor_are_refused_naming_it(single, rows, message):
+    with pytest.raises(IndexError, match=rf"model.safetensors: .*'model.embed_tokens.weight'.*{re.escape(message)}"):
+        Checkpoint(single).read_rows("model.embed_tokens.weight", np.array(rows))
+
+
+def test_rows_of_a_shard_cut_short_after_loading_are_a_checkpoint_error(single):
+    checkpoint = Checkpoint(single)
+    name = "model.embed_tokens.weight"
+    info = checkpoint.info(name)
+    os.truncate(single / "model.safetensors", info.begin + 10)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        checkpoint.read_rows(name, np.array([info.shape[0] - 1]))
+
+
 def test_files_from_the_official_writer_load_and_float32_is_the_same_model(single):
     tokens = np.arange(0, 300, 23)
     before = mlx_oss.load(single).logits(tokens)
