@@ -45,8 +45,8 @@ PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memo
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
 # positions it walks at a time, their scores held in a scratch row per head, and how many positions ahead each key
 # or value row asks for memory (it reads one 64-byte line of a row at a time, 64 rows in turn). A group's scratch
-# (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the lines the rows have in flight; twice as long, it crowded
-# them out at some row strides (the README's benchmark section).
+# (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the lines the rows have in flight; twice as long, it would fill
+# a 32 KB L1 (Zen 3's) on its own.
 HEAD_TILE = 8 if ISA == "avx512" else 4  # accumulators that fit the registers with room to spare
 POSITION_CHUNK = 512
 AHEAD_POSITIONS = 256
