@@ -105,11 +105,15 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.files[self.locations[name]].tensors[name]
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor as stored, memory-mapped (BF16 as uint16 bits)."""
+    def _file(self, name: str) -> SafetensorsFile:
+        """The shard holding tensor `name`."""
         if name not in self.locations:
             raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
-        return self.files[self.locations[name]].array(name)
+        return self.files[self.locations[name]]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored, memory-mapped (BF16 as uint16 bits)."""
+        return self._file(name).array(name)
 
     def float32(self, name: str) -> np.ndarray:
         """A float tensor widened to float32. Float32 tensors stay memory-mapped; others are read and widened
@@ -124,9 +128,7 @@ class Checkpoint:
 
     def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Some rows of a tensor, read from the file, not mapped (see `SafetensorsFile.read_rows`)."""
-        if name not in self.locations:
-            raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
-        return self.files[self.locations[name]].read_rows(name, rows)
+        return self._file(name).read_rows(name, rows)
 
     def release(self) -> None:
         """Drop every mapped page from the process's resident memory (after copying weights elsewhere)."""

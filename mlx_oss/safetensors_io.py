@@ -192,7 +192,7 @@ class SafetensorsFile:
         array: for a table a token reads one row of (the embedding).
 
         Read through the map, each row would stay counted in the process's resident memory with the 64 KB the
-        system maps around a fault: after some ten thousand distinct tokens, most of the 20b's 1.16 GB embedding.
+        system maps around a fault: over a long session, most of the 20b's 1.16 GB embedding.
         Read with `pread`, a row comes from the page cache and leaves nothing mapped.
         """
         info = self.tensors[name]
