@@ -85,9 +85,10 @@ def _accumulators(builder, count: int, lanes: int, start: float = 0.0) -> list:
     return [cgutils.alloca_once_value(builder, _vector(F32, [start] * lanes)) for _ in range(count)]
 
 
-def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=None):
+def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=None, each_round=None):
     """`combine` (default: addition) over `range(count)` of `step(builder, index, acc) -> acc`, with independent
-    accumulators starting at `start`.
+    accumulators starting at `start`; `each_round(builder, index)`, if given, once before each round of `UNROLL`
+    steps (not in the tail).
 
     One accumulator would chain every iteration on the latency of the last addition; four cover it.
     Returns the vector combination of the accumulators.
@@ -97,6 +98,8 @@ def _accumulate(builder, count, lanes: int, step, start: float = 0.0, combine=No
     width = ir.Constant(count.type, UNROLL)
     with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
         base = builder.mul(loop.index, width)
+        if each_round is not None:
+            each_round(builder, base)
         for j, acc in enumerate(accs):
             index = builder.add(base, ir.Constant(count.type, j))
             builder.store(step(builder, index, builder.load(acc)), accs[j])
@@ -271,13 +274,18 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
         vf, fma = _fma(builder, LANES)
 
         def step(builder, g, acc):
-            _prefetch_ahead(builder, bp, sp, g)
             block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, 32))])
             for position, weights in _blocks(builder, bp, sp, g):
                 acc = builder.call(fma, [weights, _load(builder, block_x, ir.Constant(g.type, position), vf), acc])
             return acc
 
-        return _horizontal_sum(builder, _accumulate(builder, count, LANES, step))
+        # A round of UNROLL blocks is 64 bytes, a cache line: one request a round asks for every line once, where
+        # one a block asked for each four times, load-port work the kernel is short of (it is bound by its
+        # instructions, not by memory).
+        def each_round(builder, g):
+            _prefetch_ahead(builder, bp, sp, g)
+
+        return _horizontal_sum(builder, _accumulate(builder, count, LANES, step, each_round=each_round))
 
     return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
 
