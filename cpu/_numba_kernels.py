@@ -18,7 +18,7 @@ from numba.extending import intrinsic, overload
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
-from ._target import CACHE, ISA
+from ._target import CACHE, ISA, L1_DATA_BYTES
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
@@ -37,9 +37,20 @@ DENSE_ROWS = 2
 DENSE_PASS_TOKENS = 12
 assert ISA != "avx512" or DENSE_PASS_TOKENS <= PASS_TOKENS  # `_in_passes` holds PASS_TOKENS inputs' sums a row
 # A prompt's kernel walks the weight in tiles of ROW_CHUNK rows by GROUP_CHUNK blocks, so that the slice of
-# input it reads again for every row (PASS_TOKENS x 512 values, 16 KB on AVX2) stays in the core's L1 cache.
+# input it reads again for every row (PASS_TOKENS x GROUP_CHUNK x 32 values) stays in the core's L1 cache
+# (`tile_blocks`).
 ROW_CHUNK = 16
-GROUP_CHUNK = 16
+
+
+def tile_blocks(l1_bytes: int, pass_tokens: int) -> int:
+    """Blocks of a prompt kernel's tile: as many as keep a pass's slice of inputs within three quarters of the L1
+    data cache, from 4 to 16. The rest of L1 holds the rows' blocks, the sums and the tables: a slice as large as
+    the whole L1 (16 blocks of 16 inputs in Zen 4's 32 KB) ran the kernel 0.88x as fast as 12 blocks. (numba's cache
+    keys a build by the CPU's name, so a cached build keeps the tile it was compiled with: only speed depends on it.)"""
+    return max(4, min(16, 3 * l1_bytes // 4 // (pass_tokens * 32 * 4)))
+
+
+GROUP_CHUNK = tile_blocks(L1_DATA_BYTES, PASS_TOKENS)
 SCALED_TABLES = "mlx_oss_scaled_e2m1_tables"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import platform
 import sys
+from pathlib import Path
 
 VARIABLE = "MLX_OSS_KERNELS"  # "off" (or 0, no, false) switches the kernels off; "avx2" forces the AVX2 ones,
 # "avx512" the AVX-512 ones without AMX (the same build as on a CPU without AMX)
@@ -78,7 +79,24 @@ def amx_permitted() -> bool:
 
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
+
+def l1_data_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"), default: int = 48 << 10) -> int:
+    """A core's level-1 data cache in bytes, as Linux describes the first CPU's caches in `caches`; `default`
+    where it does not (another system, an unreadable or odd entry)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    try:
+        for index in sorted(caches.glob("index*")):
+            level, kind = ((index / name).read_text().strip() for name in ("level", "type"))
+            if level == "1" and kind in ("Data", "Unified"):
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except (OSError, ValueError, IndexError):
+        pass
+    return default
+
+
 ISA, DESCRIPTION, BROKEN = instruction_set()
+L1_DATA_BYTES = l1_data_bytes()  # what a prompt kernel's tile of inputs must fit in
 AMX = ISA == "avx512" and amx_permitted()  # prompts' products on AMX tiles (see `_tile_kernels`)
 if AMX:
     DESCRIPTION = "numba kernels for AVX-512, prompts on AMX"

@@ -100,6 +100,30 @@ def test_a_prompts_inputs_go_through_in_the_fewest_passes_of_near_equal_widths()
         assert max(widths) <= widest and max(widths) - min(widths) <= 1, (tokens, widths)
 
 
+def test_a_prompts_tile_of_inputs_leaves_a_quarter_of_l1():
+    tile_blocks = kernels._compiled.tile_blocks
+    assert tile_blocks(32 << 10, 16) == 12  # Zen 4 (and Skylake-X) with AVX-512: 24 KB of a 32 KB L1
+    assert tile_blocks(48 << 10, 16) == 16  # a 48 KB L1: at most 16 blocks
+    assert tile_blocks(32 << 10, 8) == 16  # AVX2's passes of 8
+    assert tile_blocks(4 << 10, 16) == 4
+    here = tile_blocks(kernels._target.L1_DATA_BYTES, kernels._compiled.PASS_TOKENS)
+    assert here == kernels._compiled.GROUP_CHUNK
+
+
+def test_the_l1_data_cache_is_read_from_linux_s_description(tmp_path):
+    l1_data_bytes = kernels._target.l1_data_bytes
+    caches = [("1", "Instruction", "64K"), ("1", "Data", "32K"), ("2", "Unified", "1M")]
+    for index, (level, kind, size) in enumerate(caches):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (entry / name).write_text(text + "\n")
+    assert l1_data_bytes(tmp_path) == 32 << 10
+    (tmp_path / "index1" / "size").write_text("lots\n")
+    assert l1_data_bytes(tmp_path, default=1234) == 1234
+    assert l1_data_bytes(tmp_path / "missing", default=1234) == 1234
+
+
 @pytest.mark.parametrize("passes", [True, False])
 @pytest.mark.parametrize("tokens", [1, 4, 17, 40])  # one pass, a partial one, several of unequal widths
 def test_swiglu_laid_out_is_the_clamped_swiglu_where_the_down_projection_reads_it(tokens, passes):
