@@ -3,9 +3,9 @@
 
 The kernel is compiled (not run) for `--build`, as numba would compile it on that CPU, and the loop that holds its
 multiply-adds goes to `llvm-mca -mcpu=` each of `--model`. A model, not a measurement: on a Xeon that timed 4.0 cycles
-a block it gave 3.37, and 1.11x for a change timed there at 1.00x. It says where to look on a CPU we do not have, not
-what a change will gain. Needs `llvm-mca` (Debian: `apt-get install llvm-19`, then `--mca llvm-mca-19`; LLVM 14's
-knows no Zen 4).
+a block it gave 3.37, and 1.11x for a change timed there at 1.00x; on a Zen 4 EPYC that timed about 4.7, 4.32. It
+says where to look on a CPU we do not have, not what a change will gain. Needs `llvm-mca` (Debian: `apt-get install
+llvm-19`, then `--mca llvm-mca-19`; LLVM 14's knows no Zen 4).
 An AVX-512 build needs a CPU with AVX-512 to compile on, since the kernels' width follows the host (`_target`).
 """
 
