@@ -18,7 +18,7 @@ from numba.extending import intrinsic, overload
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
-from ._target import CACHE, ISA, L1_DATA_BYTES
+from ._target import CACHE, ISA, l1_data_bytes
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
@@ -50,7 +50,7 @@ def tile_blocks(l1_bytes: int, pass_tokens: int) -> int:
     return max(4, min(16, 3 * l1_bytes // 4 // (pass_tokens * 32 * 4)))
 
 
-GROUP_CHUNK = tile_blocks(L1_DATA_BYTES, PASS_TOKENS)
+GROUP_CHUNK = tile_blocks(l1_data_bytes(), PASS_TOKENS)
 SCALED_TABLES = "mlx_oss_scaled_e2m1_tables"
 PREFETCH_BYTES = 4096  # how far ahead of its reads a row's stream asks for memory
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,

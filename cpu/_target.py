@@ -96,7 +96,6 @@ def l1_data_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"), def
 
 
 ISA, DESCRIPTION, BROKEN = instruction_set()
-L1_DATA_BYTES = l1_data_bytes()  # what a prompt kernel's tile of inputs must fit in
 AMX = ISA == "avx512" and amx_permitted()  # prompts' products on AMX tiles (see `_tile_kernels`)
 if AMX:
     DESCRIPTION = "numba kernels for AVX-512, prompts on AMX"

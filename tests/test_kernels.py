@@ -106,7 +106,7 @@ def test_a_prompts_tile_of_inputs_leaves_a_quarter_of_l1():
     assert tile_blocks(48 << 10, 16) == 16  # a 48 KB L1: at most 16 blocks
     assert tile_blocks(32 << 10, 8) == 16  # AVX2's passes of 8
     assert tile_blocks(4 << 10, 16) == 4
-    here = tile_blocks(kernels._target.L1_DATA_BYTES, kernels._compiled.PASS_TOKENS)
+    here = tile_blocks(kernels._target.l1_data_bytes(), kernels._compiled.PASS_TOKENS)
     assert here == kernels._compiled.GROUP_CHUNK
 
 
