@@ -7,6 +7,7 @@ it; see `kernels`.
 from __future__ import annotations
 
 import functools
+import math
 
 import numba
 import numpy as np
@@ -18,7 +19,7 @@ from numba.extending import intrinsic, overload
 
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
-from ._target import CACHE, ISA, l1_data_bytes
+from ._target import CACHE, ISA, VNNI, l1_data_bytes
 
 F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
@@ -282,23 +283,159 @@ def _mxfp4_row_dot(typingctx, blocks, block_offset, scales, scale_offset, x, gro
         bp = _pointer(context, builder, bt, b_arr, b_off, I8)
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
         xp = _pointer(context, builder, xt, x_arr, ir.Constant(I32, 0), F32)
-        vf, fma = _fma(builder, LANES)
-
-        def step(builder, g, acc):
-            block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, 32))])
-            for position, weights in _blocks(builder, bp, sp, g):
-                acc = builder.call(fma, [weights, _load(builder, block_x, ir.Constant(g.type, position), vf), acc])
-            return acc
-
-        # A round of UNROLL blocks is 64 bytes, a cache line: one request a round asks for every line once, where
-        # one a block asked for each four times, load-port work the kernel is short of (it is bound by its
-        # instructions, not by memory).
-        def each_round(builder, g):
-            _prefetch_ahead(builder, bp, sp, g)
-
-        return _horizontal_sum(builder, _accumulate(builder, count, LANES, step, each_round=each_round))
+        return _horizontal_sum(builder, _mxfp4_sums(builder, bp, sp, xp, ir.Constant(count.type, 0), count))
 
     return types.float32(blocks, block_offset, scales, scale_offset, x, groups), codegen
+
+
+def _mxfp4_sums(builder, bp, sp, xp, first, end):
+    """The `<LANES x float>` sums of a row's MXFP4 blocks `first` to `end` (exclusive) times x (each block in
+    `BLOCK_ORDER`), decoded by `_blocks`."""
+    vf, fma = _fma(builder, LANES)
+
+    def step(builder, index, acc):
+        g = builder.add(first, index)
+        block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, 32))])
+        for position, weights in _blocks(builder, bp, sp, g):
+            acc = builder.call(fma, [weights, _load(builder, block_x, ir.Constant(g.type, position), vf), acc])
+        return acc
+
+    # A round of UNROLL blocks is 64 bytes, a cache line: one request a round asks for every line once, where
+    # one a block asked for each four times, load-port work the kernel is short of (it is bound by its
+    # instructions, not by memory).
+    def each_round(builder, index):
+        _prefetch_ahead(builder, bp, sp, builder.add(first, index))
+
+    return _accumulate(builder, builder.sub(end, first), LANES, step, each_round=each_round)
+
+
+# Decoding's MXFP4 products on AVX512-VNNI (`VNNI`): `vpdpbusd` multiplies 64 bytes by 64 bytes and adds each four
+# products into a 32-bit sum, 4x the products of a float32 FMA. A block's weights are exact small integers (twice
+# an E2M1 value: -12..12, offset by 12 to the unsigned bytes the instruction takes), so the rounding is all on the
+# input side: each block of x becomes integers X = round(x * 2**(22 - e)), e the exponent of the block's largest
+# magnitude, split into three signed bytes (X = x2 * 2**16 + x1 * 2**8 + x0). Their products, summed exactly in
+# 32 bits and scaled once per block, differ from float32's by at most 2**-22 of the block's largest input times
+# the row's weights: float32's own order of rounding. A 64-byte load holds four blocks (a round); each 32-bit lane
+# of the sums belongs to one of them, so one vector of scales serves the round.
+ROUND_BLOCKS = 4
+X_BITS = 22
+ROUNDING = 1.5 * 2.0**52
+WEIGHT_OFFSET = 12  # added to the weights (twice the E2M1 values) to make them unsigned
+VNNI_WEIGHTS = (WEIGHT_OFFSET + 2 * FP4_VALUES).astype(np.uint8)  # by nibble
+
+
+@numba.njit(nogil=True, cache=CACHE)
+def quantize_rounds(x, parts, corrections, scales):
+    """`x [G*32]` (each block in `BLOCK_ORDER`) as `_mxfp4_row_dot_vnni` reads it, for its G // 4 rounds of four
+    blocks: `parts int8 [rounds * 384]`, per round the three bytes of X (most significant first), each as the four
+    blocks' low-nibble elements, then their high-nibble ones (64 bytes each); `corrections int32 [rounds * 16]`, per
+    lane of a round's sums 12 times the sum of the 8 inputs it multiplies (the weights' offset); `scales float32
+    [rounds * 16]`, per lane 2**(e - 23) (the weights are twice their values). False, leaving them partly written,
+    where x is not finite or has a block whose largest magnitude is below 2**-103, but not 0."""
+    bits = x.view(np.int32)
+    big = np.empty(32, np.int32)
+    for b in range(x.size // (32 * ROUND_BLOCKS) * ROUND_BLOCKS):
+        start = b * 32
+        peak = np.int32(0)  # the largest magnitude's bits: as integers they order finite floats' magnitudes
+        for i in range(32):
+            peak = max(peak, bits[start + i] & np.int32(0x7FFFFFFF))
+        if peak >= 0x7F800000:  # inf or NaN
+            return False
+        # math.frexp's exponent of the peak: from a normal float's bits; a subnormal's count 2**-149s. A block of
+        # zeros takes any scale; below 2**-103 a block's would not be a normal float32.
+        exponent = (peak >> 23) - 126 if peak >= 0x00800000 else math.frexp(float(peak))[1] - 149
+        if peak == 0:
+            exponent = 0
+        elif exponent - X_BITS - 1 < -126:
+            return False
+        factor = math.ldexp(1.0, X_BITS - exponent)
+        for i in range(32):  # x * factor is exact and below 2**22; adding 1.5 * 2**52 rounds it to an integer
+            big[i] = np.int32((x[start + i] * factor + ROUNDING) - ROUNDING)
+        scale = np.float32(math.ldexp(1.0, exponent - X_BITS - 1))
+        for k in range(4):
+            total = np.int32(0)
+            for i in range(4 * k, 4 * k + 4):
+                total += big[i] + big[16 + i]
+            corrections[b * 4 + k] = WEIGHT_OFFSET * total
+            scales[b * 4 + k] = scale
+        for half in range(2):
+            at = b // ROUND_BLOCKS * 384 + half * 64 + b % ROUND_BLOCKS * 16
+            for i in range(16):
+                value = big[half * 16 + i]
+                low = ((value + np.int32(128)) & np.int32(255)) - np.int32(128)
+                value = (value - low) >> np.int32(8)
+                middle = ((value + np.int32(128)) & np.int32(255)) - np.int32(128)
+                parts[at + i] = (value - middle) >> np.int32(8)
+                parts[at + 128 + i] = middle
+                parts[at + 256 + i] = low
+    return True
+
+
+@intrinsic
+def _mxfp4_row_dot_vnni(typingctx, blocks, block_offset, scales, scale_offset, parts, corrections, x_scales, x, groups):
+    """`_mxfp4_row_dot` by integer dot products: the row's blocks in rounds of four, against x quantized by
+    `quantize_rounds`, the last `groups % 4` blocks in float32 against `x` (in `BLOCK_ORDER`). A row with a scale
+    of 0 (2**-127, subnormal, which a scale built from the exponent's bits makes 0) goes again, all in float32."""
+
+    def codegen(context, builder, signature, args):
+        b_arr, b_off, s_arr, s_off, p_arr, c_arr, xs_arr, x_arr, count = args
+        bt, _, st, _, pt, ct, xst, xt, _ = signature.args
+        zero = ir.Constant(I32, 0)
+        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+        sp = _pointer(context, builder, st, s_arr, s_off, I8)
+        pp = _pointer(context, builder, pt, p_arr, zero, I8)
+        cp = _pointer(context, builder, ct, c_arr, zero, I32)
+        xsp = _pointer(context, builder, xst, xs_arr, zero, F32)
+        xp = _pointer(context, builder, xt, x_arr, zero, F32)
+        bytes64, words, vi, vf = (ir.VectorType(t, n) for t, n in ((I8, 64), (I16, 32), (I32, 16), (F32, 16)))
+        lookup = _function(builder, "llvm.x86.avx512.pshuf.b.512", bytes64, bytes64, bytes64)
+        dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", vi, vi, vi, vi)
+        _, fma = _fma(builder, 16)
+        weights_table = _vector(I8, [int(v) for v in VNNI_WEIGHTS] * 4)
+        nibble = _vector(I8, [0x0F] * 64)
+        c4, c16 = ir.Constant(count.type, 4), ir.Constant(count.type, 16)
+        saw_zero_scale = cgutils.alloca_once_value(builder, zero)  # a scale of 0 seen: see the docstring
+
+        def step(builder, r, acc):
+            raw = _load(builder, bp, builder.mul(r, ir.Constant(r.type, 64)), bytes64)
+            low = builder.and_(raw, nibble)
+            high = builder.and_(
+                builder.bitcast(builder.lshr(builder.bitcast(raw, words), _vector(I16, [4] * 32)), bytes64), nibble
+            )
+            halves = [builder.bitcast(builder.call(lookup, [weights_table, n]), vi) for n in (low, high)]
+            round_parts = builder.gep(pp, [builder.mul(r, ir.Constant(r.type, 384))])
+            sums = ir.Constant(vi, None)
+            for part in range(3):
+                if part:
+                    sums = builder.shl(sums, _vector(I32, [8] * 16))
+                for half, weights in enumerate(halves):
+                    inputs = _load(builder, round_parts, ir.Constant(r.type, part * 128 + half * 64), vi)
+                    sums = builder.call(dot, [sums, weights, inputs])
+            sums = builder.sub(sums, _load(builder, cp, builder.mul(r, c16), vi))
+            scale_word = builder.load(builder.bitcast(builder.gep(sp, [builder.mul(r, c4)]), I32.as_pointer()), align=1)
+            # Bit 7 of each zero byte of the word (and only then any bit): four scalar instructions.
+            found = builder.sub(scale_word, ir.Constant(I32, 0x01010101))
+            found = builder.and_(builder.and_(found, builder.not_(scale_word)), ir.Constant(I32, 0x80808080))
+            builder.store(builder.or_(builder.load(saw_zero_scale), found), saw_zero_scale)
+            four = builder.zext(builder.bitcast(scale_word, ir.VectorType(I8, 4)), ir.VectorType(I32, 4))
+            four = builder.shl(four, _vector(I32, [23] * 4))
+            spread = ir.Constant(ir.VectorType(I32, 16), [lane // 4 for lane in range(16)])
+            weight_scales = builder.bitcast(builder.shuffle_vector(four, four, spread), vf)
+            scaled = builder.fmul(builder.sitofp(sums, vf), _load(builder, xsp, builder.mul(r, c16), vf))
+            _prefetch_ahead(builder, bp, sp, builder.mul(r, c4))
+            return builder.call(fma, [scaled, weight_scales, acc])
+
+        rounds = builder.udiv(count, c4)
+        sums = builder.fadd(
+            _accumulate(builder, rounds, 16, step),
+            _mxfp4_sums(builder, bp, sp, xp, builder.mul(rounds, c4), count),
+        )
+        total = cgutils.alloca_once_value(builder, sums)
+        with builder.if_then(builder.icmp_unsigned("!=", builder.load(saw_zero_scale), zero), likely=False):
+            builder.store(_mxfp4_sums(builder, bp, sp, xp, ir.Constant(count.type, 0), count), total)
+        return _horizontal_sum(builder, builder.load(total))
+
+    return types.float32(blocks, block_offset, scales, scale_offset, parts, corrections, x_scales, x, groups), codegen
 
 
 def _pass_loop(builder, rows_weights, xp, ops, count, tokens: int):
@@ -792,6 +929,32 @@ def mxfp4_matvec(blocks, scales, experts, x, out):
 
 
 @numba.njit(parallel=True, cache=CACHE)
+def mxfp4_matvec_vnni(blocks, scales, experts, x, parts, corrections, x_scales, out):
+    """`mxfp4_matvec` by `_mxfp4_row_dot_vnni`: each row of x first quantized by `quantize_rounds` into `parts`,
+    `corrections` and `x_scales` (`[n, ...]`, their sizes for `x`'s width). A row of x it does not take (not
+    finite, or tiny) goes by `_mxfp4_row_dot`: infinities and NaN come out as float32's."""
+    _, rows, groups, _ = blocks.shape
+    flat_blocks = blocks.reshape(-1)
+    flat_scales = scales.reshape(-1)
+    quantized = np.empty(experts.size, np.bool_)
+    for p in prange(experts.size):
+        quantized[p] = quantize_rounds(x[p], parts[p], corrections[p], x_scales[p])
+    chunks = (rows + MATVEC_ROWS - 1) // MATVEC_ROWS
+    for task in prange(experts.size * chunks):
+        p = task // chunks
+        first = (task - p * chunks) * MATVEC_ROWS
+        for r in range(first, min(rows, first + MATVEC_ROWS)):
+            row = experts[p] * rows + r
+            if quantized[p]:
+                out[p, r] = _mxfp4_row_dot_vnni(
+                    flat_blocks, row * groups * 16, flat_scales, row * groups,
+                    parts[p], corrections[p], x_scales[p], x[p], groups,
+                )  # fmt: skip
+            else:
+                out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, x[p], groups)
+
+
+@numba.njit(parallel=True, cache=CACHE)
 def _in_passes(weights, scales, x, groups, widest, out):
     """`out [T, R] = x @ W.T` for a matrix of R rows of `groups` blocks of 32 elements (MXFP4 or BF16, see
     `_tile`): the rows in chunks of ROW_CHUNK shared out among the threads, the inputs in passes of near-equal
@@ -982,6 +1145,10 @@ def warm_up() -> None:
     scales = _read_only(np.full((1, 1, 1), 127, np.uint8))
     xs = np.zeros((1, 16), np.float32)
     mxfp4_matvec(blocks, scales, np.zeros(1, np.int64), np.zeros((1, 32), np.float32), np.empty((1, 1), np.float32))
+    if VNNI:
+        quantized = np.empty((1, 384), np.int8), np.empty((1, 16), np.int32), np.empty((1, 16), np.float32)
+        x = np.zeros((1, 128), np.float32)
+        mxfp4_matvec_vnni(blocks, scales, np.zeros(1, np.int64), x, *quantized, np.empty((1, 1), np.float32))
     q, cached = np.zeros((1, 2, 4), np.float32), np.zeros((1, 4, 1), np.float32)
     spans = np.zeros(1, np.int64), np.ones(1, np.int64)
     attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))

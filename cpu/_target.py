@@ -77,6 +77,13 @@ def amx_permitted() -> bool:
         return False
 
 
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI's `vpdpbusd` (Intel's since Cascade Lake, AMD's since Zen 4)."""
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("avx512vnni"))
+
+
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
@@ -97,5 +104,8 @@ def l1_data_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"), def
 
 ISA, DESCRIPTION, BROKEN = instruction_set()
 AMX = ISA == "avx512" and amx_permitted()  # prompts' products on AMX tiles (see `_tile_kernels`)
+VNNI = ISA == "avx512" and has_vnni()  # decoding's MXFP4 products as integer dot products (`_numba_kernels`)
+if VNNI:
+    DESCRIPTION += ", decoding's MXFP4 products on VNNI"
 if AMX:
-    DESCRIPTION = "numba kernels for AVX-512, prompts on AMX"
+    DESCRIPTION += ", prompts on AMX"

@@ -8,7 +8,9 @@ into float32 sums with the block's E8M0 scale. The inputs are laid out in the or
 that decoding (`block_ordered`). BF16 weights are widened in registers, 32 at a time as the low and high halves of
 16 words, their inputs laid out to match (`bf16_ordered`); on AVX-512 a prompt's products with them go the same
 way, two rows to each load of the inputs (`bf16_matmul_passes`), not through BLAS on a widened copy. All arithmetic
-is float32, as in the plain path, so results agree with it to rounding.
+is float32, as in the plain path, so results agree with it to rounding; where the CPU has AVX512-VNNI, decoding's
+MXFP4 products are integer dot products of the weights (small integers, exactly) with inputs rounded to 2**-22 of
+their block's largest (`mxfp4_matvec`), which agree with float32's to its rounding too.
 
 The decoding is written in LLVM IR through numba intrinsics because numba's loops would promote the
 nibble arithmetic to 64-bit lanes. Machines with neither AVX-512 nor AVX2, and machines without
@@ -37,6 +39,7 @@ from .layers import first_visible_key, visible_spans
 
 ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
+VNNI = _target.VNNI  # decoding's expert products as integer dot products (`_numba_kernels.mxfp4_matvec_vnni`)
 DISABLE_VARIABLE = _target.VARIABLE
 DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
 # A prompt's rows of x through a BF16 matrix on AVX-512 go through `bf16_matmul_passes`, not BLAS (which first widens
@@ -108,12 +111,27 @@ def mxfp4_matvec(blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, x:
     """Row p of the result is `W[experts[p]] @ x[p]`, for MXFP4 `blocks [E, R, G, 16]` and `scales [E, R, G]`.
 
     For pairs whose expert has no other input: every weight row is read once per pair. `x` is a plain array, or
-    `swiglu_laid_out`'s for `passes=False`.
+    `swiglu_laid_out`'s for `passes=False`. Where the CPU has AVX512-VNNI, by integer dot products on x rounded to
+    2**-22 of each block's largest input (`_compiled.mxfp4_matvec_vnni`): float32's precision, in fewer
+    instructions.
     """
     ordered = x.for_kernel(passes=False).reshape(x.rows, -1) if isinstance(x, LaidOut) else block_ordered(x)
     out = np.empty((experts.size, blocks.shape[1]), dtype=np.float32)
-    _compiled.mxfp4_matvec(blocks, scales, np.ascontiguousarray(experts, dtype=np.int64), ordered, out)
+    experts = np.ascontiguousarray(experts, dtype=np.int64)
+    if VNNI:
+        _compiled.mxfp4_matvec_vnni(blocks, scales, experts, ordered, *_quantized_buffers(ordered.shape), out)
+    else:
+        _compiled.mxfp4_matvec(blocks, scales, experts, ordered, out)
     return out
+
+
+def _quantized_buffers(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Room for rows of x `[n, G*32]` quantized as `mxfp4_matvec_vnni` reads them (`_compiled.quantize_rounds`),
+    in `_aligned_empty` memory."""
+    n, rounds = shape[0], shape[1] // (32 * _compiled.ROUND_BLOCKS)
+    parts = _aligned_empty(n * rounds * 96).view(np.int8).reshape(n, rounds * 384)
+    corrections = _aligned_empty(n * rounds * 16).view(np.int32).reshape(n, rounds * 16)
+    return parts, corrections, _aligned_empty(n * rounds * 16).reshape(n, rounds * 16)
 
 
 def mxfp4_matmul(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -48,14 +48,69 @@ def test_the_instruction_set_can_be_forced_for_tests():
         assert not kernels.AMX
 
 
-@pytest.mark.parametrize("groups", [1, 3, 90])
-def test_matvec_equals_decoding_then_multiplying(groups):
+# Decoding's MXFP4 products on VNNI's integer dot products where the CPU has them, and on float32's FMAs.
+MATVEC_PATHS = [True, False] if kernels.VNNI else [False]
+
+
+@pytest.mark.parametrize("vnni", MATVEC_PATHS)
+@pytest.mark.parametrize("groups", [1, 3, 4, 90])  # all in float32, one round of VNNI's four blocks, rounds and two
+def test_matvec_equals_decoding_then_multiplying(groups, vnni, monkeypatch):
+    monkeypatch.setattr(kernels, "VNNI", vnni)
     rng = np.random.default_rng(groups)
     blocks, scales = mxfp4_weights(rng, 5, 24, groups)
     experts = np.array([4, 0, 4, 2])
     x = rng.standard_normal((4, groups * 32)).astype(np.float32)
+    x[1, :32] *= 1e4  # blocks of inputs far apart in size
+    x[2, -32:] = 0
     expected = np.stack([dequantize(blocks[e], scales[e]) @ x[p] for p, e in enumerate(experts)])
     assert_close(kernels.mxfp4_matvec(blocks, scales, experts, x), expected)
+
+
+@pytest.mark.skipif(not kernels.VNNI, reason="no AVX512-VNNI on this CPU")
+def test_vnni_inputs_are_three_bytes_within_half_a_unit_of_2_to_the_minus_22_of_their_blocks_largest():
+    """`quantize_rounds` against its contract, recomputed here: X = round(x * 2**(22 - e)) per block of 32 (e the
+    exponent of the largest magnitude), split into three signed bytes; the weights' offset (12) times each lane's
+    8 inputs; the blocks' scales 2**(e - 23). Blocks of every size, from subnormal to 2**100, and of zeros."""
+    rng = np.random.default_rng(7)
+    blocks = 4 * 3
+    x = rng.standard_normal((blocks, 32)) * np.ldexp(1.0, rng.integers(-100, 100, (blocks, 1)))
+    x[3] = 0
+    x[5] = rng.standard_normal(32) * 1e-30  # the smallest a block's scale holds: 2**-103 and up
+    x = kernels.block_ordered(x.astype(np.float32).reshape(-1))
+    parts, corrections, scales = (a[0] for a in kernels._quantized_buffers((1, x.size)))
+    assert kernels._compiled.quantize_rounds(x, parts, corrections, scales)
+    by_block = parts.astype(np.int64).reshape(blocks // 4, 3, 2, 4, 16)  # round, byte, nibble half, block, element
+    integers = (by_block[:, 0] << 16) + (by_block[:, 1] << 8) + by_block[:, 2]
+    integers = integers.transpose(0, 2, 1, 3).reshape(blocks, 32)  # as x: each block's low then high nibbles'
+    exponents = np.frexp(np.abs(x.reshape(blocks, 32)).max(axis=1))[1]
+    exponents[3] = 0
+    unit = np.ldexp(1.0, exponents - 22)[:, None]
+    assert np.all(np.abs(integers * unit - x.reshape(blocks, 32)) <= unit / 2)
+    assert np.abs(integers).max() <= 1 << 22 and np.abs(by_block[:, 0]).max() <= 64  # no int32 sum overflows
+    assert np.abs(integers[1]).max() > 1 << 21  # the largest input uses the bits
+    lanes = integers.reshape(blocks, 2, 4, 4).sum(axis=(1, 3))  # each lane: 4 low-nibble and 4 high-nibble inputs
+    np.testing.assert_array_equal(corrections, 12 * lanes.reshape(-1))
+    np.testing.assert_array_equal(scales, np.repeat(np.ldexp(1.0, exponents - 23), 4).astype(np.float32))
+
+
+@pytest.mark.skipif(not kernels.VNNI, reason="no AVX512-VNNI on this CPU")
+def test_vnni_matvec_leaves_rows_of_x_it_cannot_scale_to_float32(monkeypatch):
+    """A row of x with an infinity or NaN, or with a block too small for a float32 scale, goes through float32's
+    kernel: its outputs as float32 gives them (infinities, NaN, tiny values); the other rows by VNNI."""
+    rng = np.random.default_rng(5)
+    blocks, scales = mxfp4_weights(rng, 2, 24, 8)
+    experts = np.array([1, 0, 1, 1])
+    x = rng.standard_normal((4, 8 * 32)).astype(np.float32)
+    x[0, 40] = np.inf
+    x[1, 7] = np.nan
+    x[2, 64:96] = np.float32(1e-35)
+    ours = kernels.mxfp4_matvec(blocks, scales, experts, x)
+    monkeypatch.setattr(kernels, "VNNI", False)
+    float32 = kernels.mxfp4_matvec(blocks, scales, experts, x)
+    np.testing.assert_array_equal(ours[:3], float32[:3])
+    assert np.isnan(ours[1]).all() and not np.isfinite(ours[0]).all()
+    assert not np.array_equal(ours[3], float32[3])  # by the integer products: rounded otherwise
+    assert_close(ours[3], dequantize(blocks[1], scales[1]) @ x[3])
 
 
 @pytest.mark.parametrize(("lowest", "inputs"), [(0, 1.0), (127, 2.0**-14)])  # small inputs for large scales
