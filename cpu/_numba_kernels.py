@@ -1052,6 +1052,22 @@ def lay_out_passes(x, order, widest, out):
         t += step
 
 
+@numba.njit(nogil=True, cache=CACHE)
+def reorder_steps(x, order, out):
+    """`out [T, C]`: each row of `x [T, C]` with the elements of each whole step of `order.size` in `order` (out[s +
+    i] = x[s + order[i]]), a last part shorter than a step as it is: `kernels.block_ordered`, `kernels.bf16_ordered`
+    (NumPy's indexing spends more in its own overhead than on the copy, twice a layer for every token decoded)."""
+    tokens, width = x.shape
+    step = order.size
+    body = width - width % step
+    for t in range(tokens):
+        for start in range(0, body, step):
+            for i in range(step):
+                out[t, start + i] = x[t, start + order[i]]
+        for i in range(body, width):
+            out[t, i] = x[t, i]
+
+
 @numba.njit(parallel=True, cache=CACHE)
 def swiglu_laid_out(gate_up, bias, bias_rows, alpha, limit, passes, out):
     """gpt-oss's clamped SwiGLU (`_swiglu`) of `gate_up [T, 2I] + bias[bias_rows[t]]`, gate and up interleaved,
@@ -1156,6 +1172,7 @@ def warm_up() -> None:
     attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, PASS_TOKENS, np.empty(32, np.float32))
+    reorder_steps(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty((1, 32), np.float32))
     for passes in (True, False):
         swiglu_laid_out(np.zeros((1, 64), np.float32), np.zeros((1, 64), np.float32), np.zeros(1, np.int64),
                         np.float32(1), np.float32(1), passes, np.empty(32, np.float32))  # fmt: skip

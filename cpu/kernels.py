@@ -280,13 +280,9 @@ def stackable(weights: Sequence[np.ndarray]) -> bool:
 def bf16_ordered(x: np.ndarray) -> np.ndarray:
     """`x [T, C]` with each 32 elements in the order `matvec` widens BF16 weights in (`_compiled.BF16_ORDER`: the
     even ones, then the odd ones), all but a last 16, which keep theirs."""
-    x = np.asarray(x, dtype=np.float32)
-    body = x.shape[1] - x.shape[1] % _compiled.BF16_STEP
+    x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, dtype=np.float32)
-    out[:, :body] = (
-        x[:, :body].reshape(x.shape[0], -1, _compiled.BF16_STEP)[..., _compiled.BF16_ORDER].reshape(-1, body)
-    )
-    out[:, body:] = x[:, body:]
+    _compiled.reorder_steps(x, _compiled.BF16_ORDER, out)
     return out
 
 
@@ -319,9 +315,9 @@ def softmax_in_spans(scores: np.ndarray, sink: np.ndarray, first: np.ndarray, la
 def block_ordered(x: np.ndarray) -> np.ndarray:
     """`x [..., G*32]` with each block's 32 elements in the order the MXFP4 kernels decode weights in
     (`_numba_kernels.BLOCK_ORDER`), in `_aligned_empty` memory."""
-    blocks = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 32)
-    out = _aligned_empty(x.size).reshape(blocks.shape)
-    np.take(blocks, _compiled.BLOCK_ORDER, axis=-1, out=out)
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = _aligned_empty(x.size).reshape(rows.shape)
+    _compiled.reorder_steps(rows, _compiled.BLOCK_ORDER, out)
     return out.reshape(x.shape)
 
 
