@@ -435,7 +435,7 @@ def test_avx2_kernels_match_transformers():
             "no:cacheprovider",
             *selection,
             "-k",
-            "not plain and not mlx and not avx2_kernels and not tile and not amx",
+            "not plain and not mlx and not avx2_kernels and not tile and not amx and not vnni",
         ],
         env=env,
         capture_output=True,
