@@ -922,13 +922,26 @@ def mxfp4_matvec(blocks, scales, experts, x, out):
     _, rows, groups, _ = blocks.shape
     flat_blocks = blocks.reshape(-1)
     flat_scales = scales.reshape(-1)
-    chunks = (rows + MATVEC_ROWS - 1) // MATVEC_ROWS
+    chunks = _matvec_chunks(rows)
     for task in prange(experts.size * chunks):
-        p = task // chunks
-        first = (task - p * chunks) * MATVEC_ROWS
-        for r in range(first, min(rows, first + MATVEC_ROWS)):
+        p, first, end = _matvec_task(task, chunks, rows)
+        for r in range(first, end):
             row = experts[p] * rows + r
             out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, x[p], groups)
+
+
+@numba.njit(inline="always")
+def _matvec_chunks(rows):
+    """The tasks of one pair's rows in a decoding matrix product: `MATVEC_ROWS` rows each."""
+    return (rows + MATVEC_ROWS - 1) // MATVEC_ROWS
+
+
+@numba.njit(inline="always")
+def _matvec_task(task, chunks, rows):
+    """Task `task`'s pair and its rows `first` to `end` (exclusive), for pairs of `chunks` tasks each."""
+    p = task // chunks
+    first = (task - p * chunks) * MATVEC_ROWS
+    return p, first, min(rows, first + MATVEC_ROWS)
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -942,11 +955,10 @@ def mxfp4_matvec_vnni(blocks, scales, experts, x, parts, corrections, x_scales, 
     quantized = np.empty(experts.size, np.bool_)
     for p in prange(experts.size):
         quantized[p] = quantize_rounds(x[p], parts[p], corrections[p], x_scales[p])
-    chunks = (rows + MATVEC_ROWS - 1) // MATVEC_ROWS
+    chunks = _matvec_chunks(rows)
     for task in prange(experts.size * chunks):
-        p = task // chunks
-        first = (task - p * chunks) * MATVEC_ROWS
-        for r in range(first, min(rows, first + MATVEC_ROWS)):
+        p, first, end = _matvec_task(task, chunks, rows)
+        for r in range(first, end):
             row = experts[p] * rows + r
             if quantized[p]:
                 out[p, r] = _mxfp4_row_dot_vnni(
