@@ -70,7 +70,7 @@ def test_matvec_equals_decoding_then_multiplying(groups, vnni, monkeypatch):
 def test_vnni_inputs_are_three_bytes_within_half_a_unit_of_2_to_the_minus_22_of_their_blocks_largest():
     """`quantize_rounds` against its contract, recomputed here: X = round(x * 2**(22 - e)) per block of 32 (e the
     exponent of the largest magnitude), split into three signed bytes; the weights' offset (12) times each lane's
-    8 inputs; the blocks' scales 2**(e - 23). Blocks of every size, from subnormal to 2**100, and of zeros."""
+    8 inputs; the blocks' scales 2**(e - 23). Blocks of sizes from about 2**-100 to 2**100, and of zeros."""
     rng = np.random.default_rng(7)
     blocks = 4 * 3
     x = rng.standard_normal((blocks, 32)) * np.ldexp(1.0, rng.integers(-100, 100, (blocks, 1)))
@@ -111,6 +111,25 @@ def test_vnni_matvec_leaves_rows_of_x_it_cannot_scale_to_float32(monkeypatch):
     assert np.isnan(ours[1]).all() and not np.isfinite(ours[0]).all()
     assert not np.array_equal(ours[3], float32[3])  # by the integer products: rounded otherwise
     assert_close(ours[3], dequantize(blocks[1], scales[1]) @ x[3])
+
+
+@pytest.mark.skipif(not kernels.VNNI, reason="no AVX512-VNNI on this CPU")
+def test_vnni_matvec_takes_rows_with_a_scale_of_0_in_float32():
+    """A scale of 0 is the subnormal 2**-127, which VNNI's scale vectors (built from exponent bits) would make 0: a
+    row with one, inside the rounds of four blocks, is summed again in float32. Each row against float64, relative
+    to its own size: one whose every scale is 0, one with a single 0 among large scales, one without."""
+    rng = np.random.default_rng(9)
+    blocks = read_only(rng.integers(0, 256, (1, 3, 8, 16), dtype=np.uint8))
+    scales = np.full((1, 3, 8), 130, np.uint8)
+    scales[0, 0] = 0
+    scales[0, 1, 5] = 0
+    scales = read_only(scales)
+    x = rng.standard_normal((3, 8 * 32)).astype(np.float32)
+    expected = np.stack([x[r].astype(np.float64) @ dequantize(blocks[0], scales[0]).astype(np.float64)[r]
+                         for r in range(3)])  # fmt: skip
+    ours = kernels.mxfp4_matvec(blocks, scales, np.zeros(3, np.int64), x)
+    rows = np.arange(3)
+    np.testing.assert_allclose(ours[rows, rows] / np.abs(expected), expected / np.abs(expected), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("lowest", "inputs"), [(0, 1.0), (127, 2.0**-14)])  # small inputs for large scales
