@@ -58,12 +58,13 @@ SCALED_TABLES = "mlx_oss_scaled_e2m1_tables"
 PREFETCH_BYTES = 2048
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
 # positions it walks at a time, their scores held in a scratch row per head, and how many positions ahead each key
-# or value row asks for memory (it reads one 64-byte line of a row at a time, 64 rows in turn). A group's scratch
-# (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the lines the rows have in flight; twice as long, it would fill
-# a 32 KB L1 (Zen 3's) on its own.
+# or value row asks for memory. It reads one 64-byte line of a row at a time, 64 rows in turn, in runs of a chunk
+# (2 KB a row): prefetches into L1 left the reads at about 21 GB/s, where asking a chunk ahead into L2 reached the
+# memory's speed (see the README). A group's scratch (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the rows'
+# lines; twice as long, it would fill a 32 KB L1 (Zen 3's) on its own.
 HEAD_TILE = 8 if ISA == "avx512" else 4  # accumulators that fit the registers with room to spare
 POSITION_CHUNK = 512
-AHEAD_POSITIONS = 256
+AHEAD_POSITIONS = 512
 
 
 def _vector(element, values):
@@ -686,7 +687,8 @@ def _scores_intrinsic(heads: int):
             accs = _accumulators(builder, heads, DOT_LANES)
             with cgutils.for_range(builder, n) as loop:
                 row = builder.mul(loop.index, k_step)
-                _prefetch(builder, builder.gep(kp, [builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))]))
+                ahead = builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))
+                _prefetch(builder, builder.gep(kp, [ahead]), locality=2)
                 keys = _load(builder, kp, row, vf)
                 for i, acc in enumerate(accs):
                     index = builder.add(builder.mul(n, ir.Constant(n.type, i)), loop.index)
@@ -727,7 +729,8 @@ def _mix_intrinsic(heads: int, rows: int):
                 values = []
                 for row in value_rows:
                     at = builder.add(row, offset)
-                    _prefetch(builder, builder.gep(vp, [builder.add(at, ir.Constant(n.type, AHEAD_POSITIONS))]))
+                    ahead = builder.add(at, ir.Constant(n.type, AHEAD_POSITIONS))
+                    _prefetch(builder, builder.gep(vp, [ahead]), locality=2)
                     values.append(_load(builder, vp, at, vf))
                 for head, row in zip(accs, weight_rows, strict=True):
                     weights = _load(builder, wp, builder.add(row, offset), vf)
@@ -750,9 +753,9 @@ def _mix_intrinsic(heads: int, rows: int):
 _scores_tile, _scores_head = _scores_intrinsic(HEAD_TILE), _scores_intrinsic(1)
 # Value rows a decoding step's weighted sum takes at once, each with `HEAD_TILE` heads. On AVX2, 3 rows x 4 heads
 # keep 12 sums in flight, enough to cover the FMA's latency at two a cycle (2 x 4 kept 8, no slack), in 16 of its
-# 16 registers. On AVX-512 the loads bound the loop, so 4 rows share each load of a head's weights: 4 x 8 sums
-# fill the 32 registers and LLVM keeps a few in memory, yet it ran faster than 2 rows (6 alike, 8 slower).
-MIX_ROWS = 4 if ISA == "avx512" else 3
+# 16 registers. On AVX-512, 3 rows x 8 heads: 24 sums, 3 values and a weight in the 32 registers. 4 rows, with 32
+# sums, kept some in memory: faster while the loop waited on memory, 0.72-0.88x as fast once the rows came from L2.
+MIX_ROWS = 3
 _mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE, MIX_ROWS), _mix_intrinsic(1, MIX_ROWS)
 _mix_tile_row, _mix_head_row = _mix_intrinsic(HEAD_TILE, 1), _mix_intrinsic(1, 1)
 
