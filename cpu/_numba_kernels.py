@@ -59,9 +59,9 @@ PREFETCH_BYTES = 2048
 # Decoding attention: query heads of one kv head whose scores (or weighted values) are summed in registers at once,
 # positions it walks at a time, their scores held in a scratch row per head, and how many positions ahead each key
 # or value row asks for memory. It reads one 64-byte line of a row at a time, 64 rows in turn, in runs of a chunk
-# (2 KB a row): prefetches into L1 left the reads at about 21 GB/s, where asking a chunk ahead into L2 reached the
-# memory's speed (see the README). A group's scratch (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the rows'
-# lines; twice as long, it would fill a 32 KB L1 (Zen 3's) on its own.
+# (2 KB a row): prefetches into L1 kept too few of those lines in flight, so each row asks a chunk ahead, into L2
+# (see the README). A group's scratch (8 heads x 2 KB) leaves most of a 32 or 48 KB L1 to the rows' lines; twice as
+# long, it would fill a 32 KB L1 (Zen 3's) on its own.
 HEAD_TILE = 8 if ISA == "avx512" else 4  # accumulators that fit the registers with room to spare
 POSITION_CHUNK = 512
 AHEAD_POSITIONS = 512
@@ -754,7 +754,7 @@ _scores_tile, _scores_head = _scores_intrinsic(HEAD_TILE), _scores_intrinsic(1)
 # Value rows a decoding step's weighted sum takes at once, each with `HEAD_TILE` heads. On AVX2, 3 rows x 4 heads
 # keep 12 sums in flight, enough to cover the FMA's latency at two a cycle (2 x 4 kept 8, no slack), in 16 of its
 # 16 registers. On AVX-512, 3 rows x 8 heads: 24 sums, 3 values and a weight in the 32 registers. 4 rows, with 32
-# sums, kept some in memory: faster while the loop waited on memory, 0.72-0.88x as fast once the rows came from L2.
+# sums, keep some in memory, which only paid while the loop waited on memory (see the README).
 MIX_ROWS = 3
 _mix_tile, _mix_head = _mix_intrinsic(HEAD_TILE, MIX_ROWS), _mix_intrinsic(1, MIX_ROWS)
 _mix_tile_row, _mix_head_row = _mix_intrinsic(HEAD_TILE, 1), _mix_intrinsic(1, 1)
