@@ -1,0 +1,81 @@
+"""BF16 matrices packed into 12 bits a weight (`mlx_oss.packed_bf16`): lossless for any bits, compact for weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlx_oss.packed_bf16 import (
+    GROUP,
+    PackedMatrix,
+    check_exceptions,
+    exception_count,
+    pack_rows,
+    packed_width,
+    unpack_rows,
+)
+
+
+def bf16(values: np.ndarray) -> np.ndarray:
+    return (np.asarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def hostile_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    special = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x807F, 0x7F7F], np.uint16)
+    every_high_byte = (np.arange(256, dtype=np.uint16) << 8 | 0x5A).reshape(1, 256)
+    return {
+        "any bits": rng.integers(0, 1 << 16, (37, 192), dtype=np.uint16),
+        "weights": bf16(rng.standard_normal((64, 2880)) * 0.02),
+        "zeros": np.zeros((3, 64), np.uint16),
+        "specials": np.tile(special, (4, 64))[:, : 64 * 9 // 9 * 8],
+        "every high byte": every_high_byte,
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_rows()))
+def test_packing_is_lossless_for_any_bits(name):
+    bits = hostile_rows()[name]
+    packed, tables, exceptions = pack_rows(bits)
+    rows, columns = bits.shape
+    assert packed.shape == (rows, packed_width(columns)) == (rows, columns * 3 // 2)
+    assert tables.shape == (rows, 16) and (tables[:, 0] == 0).all()
+    assert exceptions.shape == (exception_count(bits), 2)
+    assert check_exceptions(exceptions, rows, columns) is None
+    np.testing.assert_array_equal(unpack_rows(packed, tables, exceptions), bits)
+    matrix = PackedMatrix(packed, tables, exceptions)
+    assert matrix.shape == bits.shape
+    for start, stop in ((0, rows), (rows // 2, rows), (1, min(rows, 3))):
+        np.testing.assert_array_equal(matrix.rows(start, stop), bits[start:stop])
+    # the decoding kernel's view of the exceptions: per row, their columns and float32 values
+    for r in range(rows):
+        first, last = matrix.row_starts[r], matrix.row_starts[r + 1]
+        values = matrix.exception_values[first:last].view(np.uint32) >> 16
+        np.testing.assert_array_equal(values, bits[r, matrix.exception_columns[first:last]])
+
+
+def test_weights_pack_into_three_quarters_with_few_exceptions():
+    """Trained-like weights (a row spans a few octaves): a handful of exceptions per million weights."""
+    bits = hostile_rows()["weights"]
+    packed, tables, exceptions = pack_rows(bits)
+    assert packed.nbytes + tables.nbytes == bits.nbytes * 3 // 4 + tables.nbytes
+    assert len(exceptions) < 1e-3 * bits.size
+    # a row of 16 far outliers: more high bytes than its table holds, so some become exceptions, and come back
+    bits = bits.copy()
+    bits[5, :16] = bf16(np.ldexp(1.0, np.arange(40, 120, 5)))
+    packed, tables, exceptions = pack_rows(bits)
+    assert np.isin(np.arange(16) + 5 * bits.shape[1], exceptions[:, 0]).sum() >= 2
+    np.testing.assert_array_equal(unpack_rows(packed, tables, exceptions), bits)
+
+
+def test_only_whole_groups_pack():
+    with pytest.raises(ValueError, match=f"multiple of {GROUP} columns, not 96"):
+        pack_rows(np.zeros((2, 96), np.uint16))
+
+
+def test_a_broken_exception_list_is_named():
+    good = np.array([[3, 0x3F80], [70, 0x4000]], np.int64)
+    assert check_exceptions(good, 2, 64) is None
+    assert "out of order" in check_exceptions(good[::-1], 2, 64)
+    assert "outside the matrix" in check_exceptions(np.array([[128, 1]], np.int64), 2, 64)
+    assert "16-bit" in check_exceptions(np.array([[1, 1 << 16]], np.int64), 2, 64)
