@@ -1173,6 +1173,131 @@ def matvec(weights, x, out, span):
                 out[t, o] = _dot(flat, r * cols, x[t], 0, cols)
 
 
+# Decoding's products with packed BF16 matrices (`mlx_oss.packed_bf16`): 96 bytes a group of 64 weights, 32 of 4-bit
+# codes and 64 low bytes. A vector of codes looks up the row's 16 high bytes in one byte shuffle (`vpshufb`, within
+# each 128-bit lane), the low and high bytes interleave into BF16 words (`vpunpcklbw`, `vpunpckhbw`), and each
+# 32-bit pair of words gives two floats, as `_row_weights` widens BF16: x is laid out to match (`PACKED_ORDER`).
+# Each row's few exceptions (weights stored as +0.0) are added after its sum, from x as it is.
+PACKED_GROUP, PACKED_GROUP_BYTES = 64, 96
+PACKED_VECTOR = 64 if ISA == "avx512" else 32  # bytes of a vector register
+PACKED_AHEAD = 4096  # bytes ahead of its reads a row's stream asks for, into L2
+
+
+def _packed_order() -> np.ndarray:
+    """The element of a group each lane of `_packed_weights`'s vectors holds, vector after vector."""
+    order = []
+    for part in range(0, PACKED_GROUP, PACKED_VECTOR):  # a vector of low bytes at a time
+        for half in (0, 8):  # the interleave of each 128-bit lane's low eight bytes, then of its high eight
+            words = [part + 16 * lane + half + i for lane in range(PACKED_VECTOR // 16) for i in range(8)]
+            order += words[0::2] + words[1::2]  # a pair's first word shifted up, then its second masked
+    return np.array(order)
+
+
+PACKED_ORDER = _packed_order()
+
+
+def _packed_weights(builder, group, table):
+    """Yield the `<PACKED_VECTOR / 4 x float>` weights of the packed group at `group`, in `PACKED_ORDER`; `table` is
+    the row's 16 high bytes repeated in every 128-bit lane."""
+    vb, codes_type = ir.VectorType(I8, PACKED_VECTOR), ir.VectorType(I8, 32)
+    lanes = PACKED_VECTOR // 4
+    vi, vf = ir.VectorType(I32, lanes), ir.VectorType(F32, lanes)
+    name = "llvm.x86.avx512.pshuf.b.512" if PACKED_VECTOR == 64 else "llvm.x86.avx2.pshuf.b"
+    lookup = _function(builder, name, vb, vb, vb)
+    codes = _load(builder, group, ir.Constant(I32, 0), codes_type)
+    words16 = ir.VectorType(I16, 16)
+    high_nibbles = builder.bitcast(builder.lshr(builder.bitcast(codes, words16), _vector(I16, [4] * 16)), codes_type)
+    if PACKED_VECTOR == 64:  # weights 0-31's codes, then 32-63's, in one vector
+        both = ir.Constant(ir.VectorType(I32, 64), list(range(64)))
+        indices = [builder.shuffle_vector(codes, high_nibbles, both)]
+    else:
+        indices = [codes, high_nibbles]
+    for part, index in enumerate(indices):
+        high = builder.call(lookup, [table, builder.and_(index, _vector(I8, [0x0F] * PACKED_VECTOR))])
+        low = _load(builder, group, ir.Constant(I32, 32 + part * PACKED_VECTOR), vb)
+        for half in (0, 8):
+            pairs = [(16 * lane + half + i, PACKED_VECTOR + 16 * lane + half + i)
+                     for lane in range(PACKED_VECTOR // 16) for i in range(8)]  # fmt: skip
+            mask = ir.Constant(ir.VectorType(I32, PACKED_VECTOR), [k for pair in pairs for k in pair])
+            words = builder.bitcast(builder.shuffle_vector(low, high, mask), vi)
+            yield builder.bitcast(builder.shl(words, _vector(I32, [16] * lanes)), vf)
+            yield builder.bitcast(builder.and_(words, _vector(I32, [0xFFFF0000] * lanes)), vf)
+
+
+@intrinsic
+def _packed_dot(typingctx, packed, offset, tables, table_offset, x, x_offset, groups):
+    """One packed BF16 row (`groups` groups from `packed[offset:]`, its table at `tables[table_offset:]`) dotted with
+    `x[x_offset:]` laid out in `PACKED_ORDER`, its exceptions left out."""
+
+    def codegen(context, builder, signature, args):
+        p_arr, p_off, t_arr, t_off, x_arr, x_off, count = args
+        pt, _, tt, _, xt, _, _ = signature.args
+        pp = _pointer(context, builder, pt, p_arr, p_off, I8)
+        xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+        lanes = PACKED_VECTOR // 4
+        vf, fma = _fma(builder, lanes)
+        tp = _pointer(context, builder, tt, t_arr, t_off, I8)
+        row_table = _load(builder, tp, ir.Constant(I32, 0), ir.VectorType(I8, 16))
+        spread = ir.Constant(ir.VectorType(I32, PACKED_VECTOR), [i % 16 for i in range(PACKED_VECTOR)])
+        table = builder.shuffle_vector(row_table, row_table, spread)
+        accs = _accumulators(builder, UNROLL, lanes)
+        with cgutils.for_range(builder, count) as loop:
+            g = loop.index
+            group = builder.gep(pp, [builder.mul(g, ir.Constant(g.type, PACKED_GROUP_BYTES))])
+            for line in (0, 64):
+                _prefetch(builder, builder.gep(group, [ir.Constant(I32, PACKED_AHEAD + line)]), 2)
+            group_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, PACKED_GROUP))])
+            for j, weights in enumerate(_packed_weights(builder, group, table)):
+                acc = accs[j % UNROLL]
+                inputs = _load(builder, group_x, ir.Constant(I32, j * lanes), vf)
+                builder.store(builder.call(fma, [weights, inputs, builder.load(acc)]), acc)
+        total = builder.load(accs[0])
+        for acc in accs[1:]:
+            total = builder.fadd(total, builder.load(acc))
+        return _horizontal_sum(builder, total)
+
+    return types.float32(packed, offset, tables, table_offset, x, x_offset, groups), codegen
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def packed_matvec(packed, tables, row_starts, columns, values, x, x_plain, out, span):
+    """`matvec` for a tuple of packed BF16 matrices (`packed`, `tables` and each one's exceptions: `row_starts`
+    into `columns` and `values`, see `packed_bf16.PackedMatrix`): `x` in `PACKED_ORDER`, `x_plain` as it is."""
+    tokens, cols = x.shape
+    groups = cols // PACKED_GROUP
+    flat_x = x.reshape(-1)
+    matrix, first, column = _row_tasks(packed, span)
+    for task in prange(matrix.size):
+        m = matrix[task]
+        weight = _matrix(packed, m)
+        flat, flat_tables = weight.reshape(-1), _matrix(tables, m).reshape(-1)
+        starts, where, exceptions = _matrix(row_starts, m), _matrix(columns, m), _matrix(values, m)
+        width = weight.shape[1]
+        for r in range(first[task], min(weight.shape[0], first[task] + span)):
+            o = column[task] + r - first[task]
+            for t in range(tokens):
+                dot = _packed_dot(flat, r * width, flat_tables, r * 16, flat_x, t * cols, groups)
+                for e in range(starts[r], starts[r + 1]):
+                    dot += exceptions[e] * x_plain[t, where[e]]
+                out[t, o] = dot
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def unpack_packed(packed, tables, out):
+    """The BF16 bits of packed rows into `out [R, C]`, exceptions aside (left as +0.0: see `packed_bf16`)."""
+    rows, width = packed.shape
+    groups = width // PACKED_GROUP_BYTES
+    half = PACKED_GROUP // 2
+    for r in prange(rows):
+        for g in range(groups):
+            at = g * PACKED_GROUP_BYTES
+            to = g * PACKED_GROUP
+            for j in range(half):
+                code = packed[r, at + j]
+                out[r, to + j] = (np.uint16(tables[r, code & 15]) << 8) | packed[r, at + half + j]
+                out[r, to + half + j] = (np.uint16(tables[r, code >> 4]) << 8) | packed[r, at + PACKED_GROUP + j]
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types the model passes."""
     blocks = _read_only(np.zeros((1, 1, 1, 16), np.uint8))
@@ -1196,6 +1321,13 @@ def warm_up() -> None:
     if ISA == "avx512":
         bf16 = _read_only(np.zeros((1, 32), np.uint16))
         bf16_matmul_passes(bf16, np.zeros(32, np.float32), np.empty((1, 1), np.float32))
+    packed = _read_only(np.zeros((1, PACKED_GROUP_BYTES), np.uint8)), _read_only(np.zeros((1, 16), np.uint8))
+    exceptions = np.zeros(2, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    for count in (1, 3):  # a checkpoint's unembedding; its q, k and v
+        parts = [(part,) * count for part in packed + exceptions]
+        x = np.zeros((1, PACKED_GROUP), np.float32)
+        packed_matvec(*parts, x, x, np.empty((1, count), np.float32), 1)
+    unpack_packed(*packed, np.empty((1, PACKED_GROUP), np.uint16))
     for dtype in (np.uint16, np.float32):
         weight = _read_only(np.zeros((1, 16), dtype))
         matvec((weight,), xs, np.empty((1, 1), np.float32), 1)

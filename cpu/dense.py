@@ -1,4 +1,5 @@
-"""A dense layer `x @ W.T + b` whose weight is float32, or BF16 bits left as the checkpoint stores them."""
+"""A dense layer `x @ W.T + b` whose weight is float32, BF16 bits left as the checkpoint stores them, or BF16
+packed into 12 bits a weight (`packed_bf16`)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlx_oss.packed_bf16 import PackedMatrix
+
 from . import kernels
 from .workers import Workers
 
 WIDEN_BYTES = 4 << 20  # float32 bytes of BF16 weight widened at once for BLAS: a block that stays in cache
+UNPACK_ROWS = 1024  # rows of a packed matrix unpacked to BF16 at once for a prompt (6 MB at 2880 columns)
 
 
 @dataclass
 class Dense:
-    weight: np.ndarray  # [out, in]: float32, or BF16 bits as uint16
+    weight: np.ndarray | PackedMatrix  # [out, in]: float32, BF16 bits as uint16, or packed BF16
     bias: np.ndarray | None
     uses_kernels: bool  # whether the compiled kernels may be used
     workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if _decoding([self], x):
-            y = kernels.matvec(self.weight, x)
+            y = _matvec([self.weight], x)
+        elif isinstance(self.weight, PackedMatrix):
+            y = self._unpacked(x)
         elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
             y = kernels.bf16_matmul(self.weight, x)
         elif self.uses_kernels and kernels.bf16_passes_fit(self.weight, x.shape[0]):
@@ -33,6 +39,19 @@ class Dense:
             y = self._widened(x)
         if self.bias is not None:
             y += self.bias
+        return y
+
+    def _unpacked(self, x: np.ndarray) -> np.ndarray:
+        """`x @ W.T` for packed W, unpacked to BF16 `UNPACK_ROWS` rows at a time, each block through the BF16 path
+        (a prompt's products take far longer than unpacking; decoding takes the packed rows as they are)."""
+        rows = self.weight.shape[0]
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        unpacked = kernels.unpacked if self.uses_kernels else PackedMatrix.rows
+        for r0 in range(0, rows, UNPACK_ROWS):
+            r1 = min(rows, r0 + UNPACK_ROWS)
+            block = unpacked(self.weight, r0, r1)
+            block.flags.writeable = False  # the type the kernels were built for: a checkpoint's read-only map
+            y[:, r0:r1] = Dense(block, None, self.uses_kernels, self.workers)(x)
         return y
 
     def _widened(self, x: np.ndarray) -> np.ndarray:
@@ -67,7 +86,7 @@ def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
         return layers[0](x)
     if not _decoding(layers, x):
         return np.concatenate([layer(x) for layer in layers], axis=1)
-    y = kernels.matvec([layer.weight for layer in layers], x)
+    y = _matvec([layer.weight for layer in layers], x)
     start = 0
     for layer in layers:
         end = start + layer.weight.shape[0]
@@ -79,8 +98,17 @@ def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
 
 def _decoding(layers: Sequence[Dense], x: np.ndarray) -> bool:
     """Whether `x` is a decoding step's few rows, which the kernels multiply through the layers' weights in one
-    `kernels.matvec` call, reading each weight once."""
+    `kernels.matvec` (or `kernels.packed_matvec`) call, reading each weight once."""
     weights = [layer.weight for layer in layers]
-    return (
-        all(layer.uses_kernels for layer in layers) and x.shape[0] <= kernels.DECODE_ROWS and kernels.stackable(weights)
-    )
+    if not all(layer.uses_kernels for layer in layers) or x.shape[0] > kernels.DECODE_ROWS:
+        return False
+    if all(isinstance(w, PackedMatrix) for w in weights):
+        return len({w.shape[1] for w in weights}) == 1
+    return not any(isinstance(w, PackedMatrix) for w in weights) and kernels.stackable(weights)
+
+
+def _matvec(weights: list, x: np.ndarray) -> np.ndarray:
+    """The decoding kernel for these weights (all packed, or all stackable: `_decoding`)."""
+    if isinstance(weights[0], PackedMatrix):
+        return kernels.packed_matvec(weights, x)
+    return kernels.matvec(weights, x)

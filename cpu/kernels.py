@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlx_oss.packed_bf16 import PackedMatrix
+
 from . import _target
 from .layers import first_visible_key, visible_spans
 
@@ -263,6 +265,34 @@ def matvec(weights: np.ndarray | Sequence[np.ndarray], x: np.ndarray) -> np.ndar
     out = np.empty((x.shape[0], sum(w.shape[0] for w in stack)), dtype=np.float32)
     x = bf16_ordered(x) if stack[0].dtype == np.uint16 else np.ascontiguousarray(x, dtype=np.float32)
     _compiled.matvec(stack, x, out, _compiled.matvec_span(out.shape[1]))  # memory-bound: x unaligned is fine
+    return out
+
+
+def packed_matvec(matrices: Sequence[PackedMatrix], x: np.ndarray) -> np.ndarray:
+    """`matvec` for packed BF16 matrices (`packed_bf16.PackedMatrix`, of one width): their outputs side by side."""
+    stack = tuple(matrices)
+    columns = stack[0].shape[1]
+    if x.ndim != 2 or x.shape[1] != columns or any(m.shape[1] != columns for m in stack):
+        raise ValueError(f"packed_matvec: x {x.shape} does not match matrices of {columns} columns")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ordered = np.empty_like(x)
+    _compiled.reorder_steps(x, _compiled.PACKED_ORDER, ordered)
+    out = np.empty((x.shape[0], sum(m.shape[0] for m in stack)), dtype=np.float32)
+    parts = [tuple(getattr(m, name) for m in stack) for name in _PACKED_PARTS]
+    _compiled.packed_matvec(*parts, ordered, x, out, _compiled.matvec_span(out.shape[1]))
+    return out
+
+
+_PACKED_PARTS = ("packed", "tables", "row_starts", "exception_columns", "exception_values")
+
+
+def unpacked(matrix: PackedMatrix, start: int, stop: int) -> np.ndarray:
+    """BF16 bits of rows `start:stop` of a packed matrix (`PackedMatrix.rows`, compiled)."""
+    out = np.empty((stop - start, matrix.shape[1]), dtype=np.uint16)
+    _compiled.unpack_packed(matrix.packed[start:stop], matrix.tables[start:stop], out)
+    first, last = matrix.row_starts[start], matrix.row_starts[stop]
+    index = matrix.exceptions[first:last, 0] - start * matrix.shape[1]
+    out.reshape(-1)[index] = matrix.exceptions[first:last, 1].astype(np.uint16)
     return out
 
 

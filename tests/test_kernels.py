@@ -16,6 +16,7 @@ import mlx_oss
 from mlx_oss.cpu import kernels
 from mlx_oss.cpu.layers import attention, clamped_swiglu, softmax_in_spans, softmax_with_sink, visible_spans
 from mlx_oss.mxfp4 import dequantize
+from mlx_oss.packed_bf16 import PackedMatrix, pack_rows
 from mlx_oss.safetensors_io import bf16_to_f32
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernels: {kernels.DESCRIPTION}")
@@ -272,6 +273,59 @@ def test_matrices_side_by_side_give_each_matrix_s_own_product(tokens):
         kernels.matvec(weights, np.zeros((1, 112), np.float32))
 
 
+def packed_matrix(rng, rows: int, columns: int) -> tuple[np.ndarray, PackedMatrix]:
+    """BF16 weights (a few outliers among them, which pack as exceptions) and their packed, read-only form."""
+    bits = (rng.standard_normal((rows, columns)).astype(np.float32) * 0.02).view(np.uint32) >> 16
+    bits = bits.astype(np.uint16)
+    bits[rows // 2, :20] = np.ldexp(np.ones(20, np.float32), np.arange(20) * 4 - 40).view(np.uint32) >> 16
+    packed, tables, exceptions = pack_rows(bits)
+    assert len(exceptions) > 0
+    return bits, PackedMatrix(read_only(packed), read_only(tables), read_only(exceptions))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_packed_matvec_equals_unpacking_then_multiplying(tokens):
+    """Packed BF16 matrices side by side (q, k and v), exceptions included: each row as the BF16 kernel's to
+    rounding, and to the bit as a one-row call gives it (drafted tokens are verified several rows at once)."""
+    rng = np.random.default_rng(tokens)
+    weights = [packed_matrix(rng, rows, 192) for rows in (130, 16, 65)]
+    x = rng.standard_normal((tokens, 192)).astype(np.float32)
+    together = kernels.packed_matvec([m for _, m in weights], x)
+    bits = np.concatenate([b for b, _ in weights])
+    assert_close(together, (x.astype(np.float64) @ bf16_to_f32(bits).T.astype(np.float64)).astype(np.float32))
+    alone = np.concatenate([kernels.packed_matvec([m for _, m in weights], x[t : t + 1]) for t in range(tokens)])
+    np.testing.assert_array_equal(together, alone)
+    for b, m in weights:
+        np.testing.assert_array_equal(kernels.unpacked(m, 0, b.shape[0]), b)
+        np.testing.assert_array_equal(kernels.unpacked(m, 3, 9), b[3:9])
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.packed_matvec([m for _, m in weights], np.zeros((1, 128), np.float32))
+
+
+def test_a_dense_layer_of_packed_weights_gives_the_bf16_layers_products():
+    """Decoding reads the packed rows (`packed_matvec`); a prompt's rows go through the BF16 paths on blocks
+    unpacked as it goes (`UNPACK_ROWS` at a time)."""
+    from mlx_oss.cpu import dense
+    from mlx_oss.cpu.dense import Dense, side_by_side
+
+    rng = np.random.default_rng(9)
+    weights = [packed_matrix(rng, rows, 128) for rows in (70, 20)]
+    bias = rng.standard_normal(70).astype(np.float32)
+    for tokens in (1, 40):
+        x = rng.standard_normal((tokens, 128)).astype(np.float32)
+        for uses_kernels in (True, False):
+            packed = [Dense(m, bias if i == 0 else None, uses_kernels) for i, (_, m) in enumerate(weights)]
+            plain = [Dense(read_only(b), bias if i == 0 else None, uses_kernels) for i, (b, _) in enumerate(weights)]
+            assert_close(side_by_side(packed, x), side_by_side(plain, x))
+            assert_close(packed[0](x), plain[0](x))
+    old = dense.UNPACK_ROWS
+    try:
+        dense.UNPACK_ROWS = 16  # several blocks, a last one short
+        assert_close(Dense(weights[0][1], None, True)(x), x @ bf16_to_f32(weights[0][0]).T)
+    finally:
+        dense.UNPACK_ROWS = old
+
+
 def test_warm_up_compiles_what_a_decoding_step_calls():
     """A kernel compiled at the first token would hold the GIL in the serving process (`warm_up` runs in a child):
     one matrix, and q, k and v side by side, for BF16 and float32 maps."""
@@ -280,6 +334,8 @@ def test_warm_up_compiles_what_a_decoding_step_calls():
     for dtype in ("uint16", "float32"):
         for count in (1, 3):
             assert f"UniTuple(readonly array({dtype}, 2d, C) x {count})" in compiled
+    packed = {str(signature[0]) for signature in kernels._compiled.packed_matvec.signatures}
+    assert {f"UniTuple(readonly array(uint8, 2d, C) x {count})" for count in (1, 3)} <= packed
 
 
 @pytest.mark.parametrize("window", [None, 4, 64])
