@@ -1,5 +1,5 @@
-"""Converting a Hugging Face gpt-oss checkpoint to another layout (see `mlx_oss.layouts`): the MLX or the NumPy
-layout, or, for a checkpoint whose experts were saved unquantized, the published MXFP4 one.
+"""Converting a Hugging Face gpt-oss checkpoint to another layout (see `mlx_oss.layouts`): the MLX, the NumPy or
+the packed layout, or, for a checkpoint whose experts were saved unquantized, the published MXFP4 one.
 
 The source is only read. Tensors stream from its memory-mapped shards into the new ones a piece at a time,
 into a temporary directory beside the destination that is renamed into place at the end: an interrupted or
@@ -20,23 +20,26 @@ from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import MAX_CONFIG_BYTES, MXFP4_QUANTIZATION
 from mlx_oss.errors import MlxOssError
 from mlx_oss.layouts import (
+    CONVERTED,
     HF,
     MLX,
     MLX_MXFP4,
     MXFP4,
     NUMPY,
+    PACKED,
     Q8,
     UNQUANTIZED,
     mlx_specs,
     mxfp4_specs,
     numpy_specs,
+    packed_specs,
     q8_specs,
     quantizable,
 )
 from mlx_oss.regular_files import read_json
 from mlx_oss.safetensors_io import INDEX_FILE, SHARD_BYTES, TensorSpec, write_shards
 
-TARGETS = (MLX, NUMPY, MXFP4)
+TARGETS = CONVERTED
 
 
 def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSpec]:
@@ -66,6 +69,8 @@ def plan(checkpoint: Checkpoint, target: str, q8: bool = False) -> list[TensorSp
         raise MlxOssError("8-bit storage (--q8) is an option of the MLX layout only")
     if target == NUMPY:
         return numpy_specs(checkpoint)
+    if target == PACKED:
+        return packed_specs(checkpoint)
     specs = mlx_specs(checkpoint)
     if q8:
         try:

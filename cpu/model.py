@@ -88,9 +88,14 @@ class NumpyModel(Model):
         self.checkpoint.release()
 
     def _dense(self, weight: str, bias: str | None) -> Dense:
-        """A checkpoint matrix, mapped as stored when float32 or BF16 (which `Dense` widens as it goes)."""
+        """A checkpoint matrix, mapped as stored when float32, BF16 or packed BF16 (which `Dense` widens or unpacks
+        as it goes)."""
         ck = self.checkpoint
-        if ck.info(weight).dtype in ("BF16", "F32"):
+        packed = ck.packed(weight)
+        if packed is not None:
+            w = packed
+            self.mapped += [weight.removesuffix(".weight") + part for part in (".packed", ".tables")]
+        elif ck.info(weight).dtype in ("BF16", "F32"):
             w = ck.raw(weight)
             self.mapped.append(weight)
         else:

@@ -14,7 +14,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .layouts import MLX, Expected, detect_layout, expected_tensors, q8_shapes, quantizable
+from .layouts import HF, MLX, Expected, detect_layout, expected_tensors, packable, packed_shapes, q8_shapes, quantizable
+from .packed_bf16 import PARTS, PackedMatrix, check_exceptions
 from .regular_files import confined_name, printable, read_json
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
@@ -88,14 +89,20 @@ class Checkpoint:
             if base + ".scales" in self.locations:  # stored 8-bit by the lossy MLX option
                 for part, (shape, dtype) in q8_shapes(expected.pop(name).shape).items():
                     expected[f"{base}.{part}"] = Expected(shape, (dtype,))
+        for name in packable(self.config) if self.layout == HF else ():
+            base = name.removesuffix(".weight")
+            if base + ".packed" in self.locations:  # stored packed (`packed_bf16`)
+                for part, want in packed_shapes(expected.pop(name).shape).items():
+                    expected[f"{base}.{part}"] = want
         for name, want in expected.items():
             if name not in self.locations:
                 raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
             info = self.info(name)
             where = self.directory / self.locations[name]
-            if info.shape != want.shape:
+            if not _fits(info.shape, want.shape):
+                implied = ", ".join("n" if w == -1 else str(w) for w in want.shape)
                 raise CheckpointError(
-                    f"{where}: tensor '{name}' has shape {list(info.shape)}, config.json implies {list(want.shape)}"
+                    f"{where}: tensor '{name}' has shape {list(info.shape)}, config.json implies [{implied}]"
                 )
             if info.dtype not in want.dtypes:
                 raise CheckpointError(
@@ -114,6 +121,18 @@ class Checkpoint:
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored, memory-mapped (BF16 as uint16 bits)."""
         return self._file(name).array(name)
+
+    def packed(self, name: str) -> PackedMatrix | None:
+        """Matrix `name` (a `.weight`) as stored packed (`packed_bf16`), mapped; None where it is stored as it is."""
+        base = name.removesuffix(".weight")
+        if base + ".packed" not in self.locations:
+            return None
+        matrix = PackedMatrix(*(self.raw(f"{base}.{part}") for part in PARTS))
+        problem = check_exceptions(matrix.exceptions, *matrix.shape)
+        if problem:
+            where = self.directory / self.locations[base + ".exceptions"]
+            raise CheckpointError(f"{where}: tensor '{base}.exceptions' {problem}")
+        return matrix
 
     def float32(self, name: str) -> np.ndarray:
         """A float tensor widened to float32. Float32 tensors stay memory-mapped; others are read and widened
@@ -137,3 +156,8 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files.values())
+
+
+def _fits(shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether a tensor's shape is the expected one (-1: any length along that axis)."""
+    return len(shape) == len(want) and all(w in (-1, s) for s, w in zip(shape, want, strict=True))

@@ -7,6 +7,9 @@
   and the rest unchanged. Attention and embeddings may instead be 8-bit (MLX affine, group 64): lossy.
 - `numpy`: what the NumPy backend maps without copying: q, k and v fused into one `qkv_proj` and every small
   tensor (attention, router, norms, sinks, biases) stored as float32; embeddings and experts as in `hf`.
+- `packed`: the `hf` layout with the BF16 matrices a CPU decoding step reads whole (attention projections, the
+  unembedding) packed losslessly into 12 bits a weight (`packed_bf16`), three tensors each in place of the weight:
+  25 % fewer bytes a token. Any of them may stay BF16; loaders see the `hf` layout (`Checkpoint.packed`).
 - `unquantized`: what transformers saves of a dequantized gpt-oss (many fine-tunes): experts as float matrices,
   `gate_up_proj [E, hidden, 2 * I]` (columns gate, up, gate, up, ...) and `down_proj [E, I, hidden]`, multiplied as
   `x @ W`. No backend runs it; `mxfp4_specs` quantizes it back to `hf`.
@@ -28,13 +31,16 @@ import numpy as np
 from .config import MXFP4_BLOCK, ModelConfig
 from .errors import MlxOssError
 from .mxfp4 import quantize
+from .packed_bf16 import CODES, exception_count, pack_rows, packable_width, packed_width
 from .safetensors_io import TensorSpec, as_float32
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 HF, MLX, NUMPY, UNQUANTIZED = "hf", "mlx", "numpy", "unquantized"
+PACKED = "packed"  # the `hf` layout with packed BF16 matrices: the converter's name for it
 MXFP4 = "mxfp4"  # an `unquantized` checkpoint quantized into the `hf` layout: the converter's and its folder's name
+CONVERTED = (MLX, NUMPY, PACKED, MXFP4)  # what the converter writes, each in its own folder of the model store
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 MLX_MXFP4 = {"group_size": MXFP4_BLOCK, "bits": 4, "mode": "mxfp4"}
 Q8 = {"group_size": 64, "bits": 8}  # MLX's affine 8-bit: per group a scale and a bias
@@ -134,6 +140,25 @@ def quantizable(config: ModelConfig) -> list[str]:
     return names
 
 
+def packable(config: ModelConfig) -> list[str]:
+    """The BF16 matrices the `packed` layout may store packed: those a decoding step reads whole."""
+    names = [] if config.tie_word_embeddings else ["lm_head.weight"]
+    for p in _layer_prefixes(config):
+        names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return names
+
+
+def packed_shapes(shape: tuple[int, int]) -> dict[str, Expected]:
+    """The `packed` and `tables` tensors of a packed matrix `[rows, columns]`, and its `exceptions` (any count:
+    -1)."""
+    rows, columns = shape
+    return {
+        "packed": Expected((rows, packed_width(columns)), ("U8",)),
+        "tables": Expected((rows, CODES), ("U8",)),
+        "exceptions": Expected((-1, 2), ("I64",)),
+    }
+
+
 def q8_shapes(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of the `weight`, `scales` and `biases` of an 8-bit matrix `[rows, cols]`."""
     rows, cols = shape
@@ -145,7 +170,19 @@ def q8_shapes(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _whole(source: Checkpoint, name: str, dtype: str | None = None) -> TensorSpec:
-    """A tensor as it is (the memory-mapped array itself, no copy), or widened to F32 a block of rows at a time."""
+    """A tensor as it is (the memory-mapped array itself, no copy), or widened to F32 a block of rows at a time; a
+    packed matrix as its BF16 weight, unpacked a block of rows at a time."""
+    packed = source.packed(name)
+    if packed is not None:
+        rows = packed.shape[0]
+        target = dtype or "BF16"
+
+        def unpacked():
+            for r0 in range(0, rows, ROWS_PER_CHUNK):
+                bits = packed.rows(r0, min(rows, r0 + ROWS_PER_CHUNK))
+                yield bits if target == "BF16" else as_float32(bits, "BF16")
+
+        return TensorSpec(name, target, packed.shape, unpacked)
     array = source.raw(name)
     stored = source.info(name).dtype
     target = dtype or stored
@@ -230,6 +267,59 @@ def numpy_specs(source: Checkpoint) -> list[TensorSpec]:
         else:
             specs.append(_whole(source, name))
     return specs
+
+
+def packed_specs(source: Checkpoint) -> list[TensorSpec]:
+    """The tensors of the `packed` layout, from a source in the `hf` layout: each packable BF16 matrix whose width
+    allows it (`packed_bf16.packable_width`) packed, the rest as they are."""
+    packable_names = set(packable(source.config))
+    specs = []
+    for name in expected_tensors(source.config, HF):
+        if name in packable_names and source.packed(name) is not None:
+            raise MlxOssError(
+                f"{source.directory}: '{name}' is packed already; convert from the checkpoint it came from"
+            )
+        info = source.info(name)
+        if name in packable_names and info.dtype == "BF16" and packable_width(info.shape[1]):
+            specs += _packed(name, source.raw(name))
+        else:
+            specs.append(_whole(source, name))
+    return specs
+
+
+def _packed(name: str, matrix: np.ndarray) -> list[TensorSpec]:
+    """A BF16 matrix's `packed`, `tables` and `exceptions` tensors. The exceptions' count (their tensor's shape) is
+    counted first, from the high bytes alone; the tables and exceptions are kept from the packed tensor's pass (a
+    few hundredths of its bytes), or made by another if asked for first."""
+    base = name.removesuffix(".weight")
+    rows, columns = matrix.shape
+    starts = range(0, rows, ROWS_PER_CHUNK)
+    count = sum(exception_count(matrix[r0 : r0 + ROWS_PER_CHUNK]) for r0 in starts)
+    kept: dict[str, list[np.ndarray]] = {}
+
+    def pieces():
+        tables, exceptions = [], []
+        for r0 in starts:
+            packed, table, listed = pack_rows(matrix[r0 : r0 + ROWS_PER_CHUNK])
+            listed[:, 0] += r0 * columns
+            tables.append(table)
+            exceptions.append(listed)
+            yield packed
+        kept.update(tables=tables, exceptions=exceptions)
+
+    def kept_part(part: str):
+        def chunks():
+            if part not in kept:
+                for _ in pieces():
+                    pass
+            yield from kept[part]
+
+        return chunks
+
+    shapes = packed_shapes((rows, columns))
+    shapes["exceptions"] = Expected((count, 2), ("I64",))
+    sources = {"packed": pieces, "tables": kept_part("tables"), "exceptions": kept_part("exceptions")}
+    return [TensorSpec(f"{base}.{part}", want.dtypes[0], want.shape, sources[part]) for part, want in shapes.items()]
 
 
 def _concat_rows(source: Checkpoint, names: list[str]):

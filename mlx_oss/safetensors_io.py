@@ -335,6 +335,8 @@ def write_safetensors(
         for spec in specs:
             written = 0
             for chunk in spec.chunks():
+                if np.size(chunk) == 0:  # nothing to write (and no byte view of a shape with a zero)
+                    continue
                 # a contiguous chunk (a memory-mapped tensor included) is written from where it lies, not copied
                 data = memoryview(np.ascontiguousarray(chunk, dtype=DTYPES[spec.dtype])).cast("B")
                 for start in range(0, len(data), WRITE_BYTES):

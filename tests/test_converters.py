@@ -19,7 +19,8 @@ from conftest import need_backend
 import mlx_oss
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.converters.layout import convert
-from mlx_oss.layouts import MLX, NUMPY, Q8
+from mlx_oss.layouts import HF, MLX, NUMPY, PACKED, Q8, packable
+from mlx_oss.packed_bf16 import PackedMatrix
 from mlx_oss.rope import yarn_frequencies
 
 SHAPE = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3, sliding_window=6)
@@ -69,6 +70,62 @@ def test_mlx_layout_is_a_lossless_repack(source, converted):
     config = json.loads((target / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
     assert config["mlx_oss"] == {"layout": "mlx", "lossy": False}
+
+
+def test_packed_layout_is_a_lossless_repack_that_decodes_alike(source, converted, tmp_path):
+    target = converted(source, PACKED)
+    packed, original = Checkpoint(target), Checkpoint(source)
+    assert packed.layout == HF  # to every reader but the CPU's decoding kernels, a Hugging Face checkpoint
+    names = packable(original.config)
+    for name in names:
+        matrix = packed.packed(name)
+        assert matrix is not None and name not in packed.locations
+        np.testing.assert_array_equal(matrix.rows(0, matrix.shape[0]), original.raw(name))
+        assert matrix.packed.nbytes == original.info(name).nbytes * 3 // 4  # and 16 bytes a row of table
+    assert tree_size(target) < tree_size(source)
+    assert json.loads((target / "config.json").read_text())["mlx_oss"] == {"layout": "packed", "lossy": False}
+    model, reference = mlx_oss.load(target, backend="numpy"), mlx_oss.load(source, backend="numpy")
+    assert isinstance(model.unembed.weight, PackedMatrix)
+    ours, theirs = model.logits(TOKENS), reference.logits(TOKENS)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+    caches = model.new_cache(), reference.new_cache()
+    for m, cache in zip((model, reference), caches, strict=True):
+        m.forward(TOKENS[:10], cache)
+    for token in TOKENS[10:14]:  # decoding steps: the packed rows through `packed_matvec`
+        ours, theirs = (m.forward([token], cache) for m, cache in zip((model, reference), caches, strict=True))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+    # every other reader unpacks: the NumPy layout made from the packed one is the one made from the original
+    from_packed = convert(target, tmp_path / "numpy", NUMPY)
+    weights = {k: v for k, v in tree_hash(from_packed).items() if k.endswith(".safetensors")}
+    assert weights == {k: v for k, v in tree_hash(converted(source, NUMPY)).items() if k.endswith(".safetensors")}
+
+
+def overwrite(directory: Path, name: str, array: np.ndarray) -> None:
+    """Write `array` over tensor `name`'s bytes in its shard (same size)."""
+    ck = Checkpoint(directory)
+    info, shard = ck.info(name), directory / ck.locations[name]
+    assert info.nbytes == array.nbytes
+    del ck
+    with open(shard, "r+b") as f:
+        f.seek(info.begin)
+        f.write(np.ascontiguousarray(array).tobytes())
+
+
+def test_a_damaged_packed_matrix_is_refused_by_name(source, tmp_path):
+    original = Path(shutil.copytree(source, tmp_path / "src"))
+    name = "model.layers.1.self_attn.o_proj"
+    weight = Checkpoint(original).raw(name + ".weight").copy()
+    weight[0, :20] = np.ldexp(np.ones(20, np.float32), np.arange(20) * 5 - 50).view(np.uint32) >> 16  # outliers
+    overwrite(original, name + ".weight", weight)
+    packed = convert(original, tmp_path / "packed", PACKED)
+    exceptions = Checkpoint(packed).raw(name + ".exceptions").copy()
+    assert len(exceptions) >= 4  # more distinct high bytes than a row's table holds
+    np.testing.assert_array_equal(Checkpoint(packed).packed(name + ".weight").rows(0, 1), weight[:1])
+    exceptions[0, 0] = 1 << 40  # past the matrix
+    overwrite(packed, name + ".exceptions", exceptions)
+    problem = "lists indices out of order or outside the matrix"
+    with pytest.raises(mlx_oss.CheckpointError, match=f"tensor '{name}.exceptions' {problem}"):
+        mlx_oss.load(packed, backend="numpy")
 
 
 def mlx_lm_logits(directory: Path, tokens) -> np.ndarray:
@@ -168,6 +225,7 @@ def test_cli_converts_and_reports(source, tmp_path):
         ("no-directory", "no such model directory"),
         ("destination-exists", "already exists; remove it or choose another destination"),
         ("already-converted", "already in the numpy layout; convert from the Hugging Face checkpoint"),
+        ("already-packed", "is packed already; convert from the checkpoint it came from"),
         ("q8-numpy", "--q8) is an option of the MLX layout only"),
     ],
 )
@@ -187,6 +245,8 @@ def test_cli_refuses_bad_input_in_one_line(breakage, message, synthetic_checkpoi
         (destination / "keep.txt").write_text("mine")
     elif breakage == "already-converted":
         source = converted(synthetic_checkpoint(**SHAPE, shard_bytes=300_000), NUMPY)
+    elif breakage == "already-packed":
+        source, target = converted(synthetic_checkpoint(**SHAPE, shard_bytes=300_000), PACKED), ["packed"]
     elif breakage == "q8-numpy":
         target = ["numpy", "--q8"]
     before = tree_hash(source) if source.exists() else {}

@@ -34,19 +34,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["hf", "converted"])
+@pytest.mark.parametrize("layout", ["hf", "converted", "packed"])
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(case, backend, layout, synthetic_checkpoint, converted):
     shape, options, length = CASES[case]
     path = synthetic_checkpoint(**shape, **options)
-    model_dir = path if layout == "hf" else converted(path, backend)
+    model_dir = path if layout == "hf" else converted(path, backend if layout == "converted" else "packed")
     model = mlx_oss.load(model_dir, backend=backend)
     tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, length)
     assert_logits_match(model.logits(tokens), reference_logits(path, tokens))
 
 
-def test_tiny_preset_matches_transformers(tiny_checkpoint, backend):
-    model = mlx_oss.load(tiny_checkpoint, backend=backend)
+@pytest.mark.parametrize("layout", ["hf", "packed"])
+def test_tiny_preset_matches_transformers(tiny_checkpoint, backend, layout, converted):
+    model = mlx_oss.load(tiny_checkpoint if layout == "hf" else converted(tiny_checkpoint, "packed"), backend=backend)
     tokens = [200006, 17360, 200008, 13225, 11, 1495, 553, 481, 30, 200007, 200006, 173781]
     assert_logits_match(model.logits(tokens), reference_logits(tiny_checkpoint, tokens))
 
