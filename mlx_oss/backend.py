@@ -177,11 +177,12 @@ def choose_backend(requested: str, layout: str = "hf") -> tuple[str, str]:
 
 
 def fastest_layout(backend: str) -> str:
-    """The layout `backend` ("mlx" or "numpy") runs fastest on. For NumPy it is the download itself when the compiled
-    kernels are there (they multiply BF16 in place, half the bytes of the NumPy layout's float32), else the NumPy
-    layout."""
+    """The layout `backend` ("mlx" or "numpy") runs fastest on. For NumPy with the compiled kernels it is the packed
+    one (a decoded token reads 0.6 GB less), else the download itself (the kernels multiply BF16 in place, half the
+    bytes of the NumPy layout's float32); for plain NumPy the NumPy layout. A store without it falls back to the
+    download (`StoredModel.layout_for`)."""
     if backend != "numpy":
         return backend
     from .cpu import kernels
 
-    return "hf" if kernels.available() else "numpy"
+    return "packed" if kernels.available() else "numpy"

@@ -14,7 +14,7 @@ from .backend import BACKENDS
 from .cancel import CancelToken
 from .cli import Progress, add_kv_bits_argument, context_length, format_bytes, format_count
 from .errors import MlxOssError
-from .layouts import HF, MLX, MXFP4, NUMPY, parameter_count
+from .layouts import CONVERTED, HF, MXFP4, parameter_count
 from .store import DEFAULT_MODEL, ModelStore, StoredModel, shown
 
 PROG = "python -m mlx_oss.models"
@@ -173,8 +173,8 @@ def convert(store: ModelStore, name: str, target: str, q8: bool) -> int:
 
 def delete(store: ModelStore, name: str, layout: str | None, yes: bool) -> int:
     model = store.get(name)
-    what = f"the {layout} layout of {name}" if layout in (MLX, NUMPY, MXFP4) else f"{name} (every layout)"
-    if layout in (MLX, NUMPY, MXFP4) and layout in model.layouts:
+    what = f"the {layout} layout of {name}" if layout in CONVERTED else f"{name} (every layout)"
+    if layout in CONVERTED and layout in model.layouts:
         size = model.size(layout)
     else:
         size = sum(model.size(x) for x in model.layouts)
@@ -200,14 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", help=f"hub name, e.g. {DEFAULT_MODEL}")
     sub.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     sub = commands.add_parser(
-        "convert", help="convert a downloaded model to the MLX or NumPy layout (mxfp4: quantize unquantized experts)"
+        "convert",
+        help="convert a downloaded model to the MLX, NumPy or packed layout (mxfp4: quantize unquantized experts)",
     )
     sub.add_argument("name")
-    sub.add_argument("--to", choices=(MLX, NUMPY, MXFP4), required=True)
+    sub.add_argument("--to", choices=CONVERTED, required=True)
     sub.add_argument("--q8", action="store_true", help="LOSSY 8-bit attention and embeddings (MLX layout only)")
     sub = commands.add_parser("delete", help="delete a model, or one of its converted layouts")
     sub.add_argument("name")
-    sub.add_argument("--layout", choices=(HF, MLX, NUMPY, MXFP4), help="only this layout (hf: the whole model)")
+    sub.add_argument("--layout", choices=(HF, *CONVERTED), help="only this layout (hf: the whole model)")
     sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub = commands.add_parser(
         "info", help="what a model is, where its files are, which backend would run it, the memory it needs"

@@ -25,7 +25,7 @@ from pathlib import Path
 from .atomic import write_atomically
 from .errors import MlxOssError
 from .json_input import parse_json
-from .layouts import HF, MLX, MXFP4, NUMPY, UNQUANTIZED, detect_layout
+from .layouts import CONVERTED, HF, MXFP4, UNQUANTIZED, detect_layout
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 STORE_ENV = "MLX_OSS_MODELS"
@@ -111,7 +111,7 @@ class StoredModel:
     folder: Path
     revision: str | None = None
     files: dict[str, int] = field(default_factory=dict)  # verified download: path in repo -> size
-    layouts: dict[str, Path] = field(default_factory=dict)  # "hf" / "mlx" / "numpy" / "mxfp4" -> directory
+    layouts: dict[str, Path] = field(default_factory=dict)  # "hf" / "mlx" / "numpy" / "packed" / "mxfp4" -> folder
 
     @property
     def downloaded(self) -> bool:
@@ -185,7 +185,7 @@ class ModelStore:
                 model.layouts[HF] = snapshot
         if HF not in model.layouts and (snapshot := _complete_snapshot(folder)) is not None:
             model.layouts[HF] = snapshot  # fetched by another Hugging Face tool, which checked the sizes
-        for layout in (MLX, NUMPY, MXFP4):
+        for layout in CONVERTED:
             if (folder / OURS / layout / "config.json").is_file():
                 model.layouts[layout] = folder / OURS / layout
         return model
@@ -226,13 +226,13 @@ class ModelStore:
     def delete(self, name: str, layout: str | None = None) -> list[Path]:
         """Remove one converted layout, or (`layout` None) the whole repository folder. Returns what went."""
         model = self.get(name)
-        if layout in (MLX, NUMPY, MXFP4):
+        if layout in CONVERTED:
             if layout not in model.layouts:
                 raise MlxOssError(f"{name} has no {layout} layout in {self.root}")
             shutil.rmtree(model.layouts[layout])
             return [model.layouts[layout]]
         if layout not in (None, HF):
-            raise MlxOssError(f"unknown layout {layout!r}; choose hf, mlx, numpy or mxfp4")
+            raise MlxOssError(f"unknown layout {layout!r}; choose {', '.join((HF, *CONVERTED))}")
         if not model.folder.exists():
             raise MlxOssError(f"{name} is not in the store ({self.root})")
         shutil.rmtree(model.folder)

@@ -253,6 +253,15 @@ def test_models_command_line(fake_hub, store):
         assert resolve_model(NAME, "numpy") == store.converted(NAME, "numpy")
     assert resolve_model(NAME, "mlx") == store.get(NAME).layouts["hf"]
 
+    # with the kernels, the packed layout once there is one (a decoded token reads less), else still the download
+    out = run_models("convert", NAME, "--to", "packed")
+    assert out.returncode == 0, out.stderr
+    assert resolve_model(NAME, "numpy") == (store.converted(NAME, "packed") if kernels.available() else fastest)
+    with kernels_switched_off():
+        assert resolve_model(NAME, "numpy") == store.converted(NAME, "numpy")
+    out = run_models("delete", NAME, "--layout", "packed", "--yes")
+    assert out.returncode == 0 and "packed" not in store.get(NAME).layouts
+
     out = run_models("list")
     assert out.returncode == 0
     row = next(line for line in out.stdout.splitlines() if line.startswith(NAME))
