@@ -1180,7 +1180,7 @@ def matvec(weights, x, out, span):
 # Each row's few exceptions (weights stored as +0.0) are added after its sum, from x as it is.
 PACKED_GROUP, PACKED_GROUP_BYTES = 64, 96
 PACKED_VECTOR = 64 if ISA == "avx512" else 32  # bytes of a vector register
-PACKED_AHEAD = 4096  # bytes ahead of its reads a row's stream asks for, into L2
+PACKED_AHEAD = 8192  # bytes ahead of its reads a row's stream asks for, into L2 (4096 kept too few in flight)
 
 
 def _packed_order() -> np.ndarray:
