@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from mlx_oss.cli import format_bytes
-from mlx_oss.layouts import MLX, MXFP4, NUMPY
+from mlx_oss.layouts import MLX, MXFP4, NUMPY, PACKED
 from mlx_oss.memory_estimate import fit_for_directory
 from mlx_oss.store import DEFAULT_MODEL, ModelStore
 
@@ -62,6 +62,10 @@ class ModelsView(QWidget):
         self.use_button = QPushButton("Chat with it")
         self.convert_mlx_button = QPushButton("Convert to MLX")
         self.convert_numpy_button = QPushButton("Convert to NumPy")
+        self.pack_button = QPushButton("Pack for CPU")
+        self.pack_button.setToolTip(
+            "Lossless: 0.6 GB less for each token to read, so faster decoding with the compiled CPU kernels"
+        )
         self.quantize_button = QPushButton("Quantize to MXFP4")
         self.quantize_button.setToolTip("Needed to run a model whose experts are stored unquantized (a fine-tune)")
         self.delete_button = QPushButton("Delete…")
@@ -69,6 +73,7 @@ class ModelsView(QWidget):
             self.use_button,
             self.convert_mlx_button,
             self.convert_numpy_button,
+            self.pack_button,
             self.quantize_button,
             self.delete_button,
         ):
@@ -78,6 +83,7 @@ class ModelsView(QWidget):
         self.use_button.clicked.connect(lambda: self.use_requested.emit(self.selected()))
         self.convert_mlx_button.clicked.connect(lambda: self.convert(self.selected(), MLX))
         self.convert_numpy_button.clicked.connect(lambda: self.convert(self.selected(), NUMPY))
+        self.pack_button.clicked.connect(lambda: self.convert(self.selected(), PACKED))
         self.quantize_button.clicked.connect(lambda: self.convert(self.selected(), MXFP4))
         self.delete_button.clicked.connect(lambda: self.delete(self.selected()))
 
@@ -159,6 +165,7 @@ class ModelsView(QWidget):
         self.use_button.setEnabled(bool(model and model.layouts) and not unquantized)
         self.convert_mlx_button.setEnabled(idle and ready and not unquantized and MLX not in model.layouts)
         self.convert_numpy_button.setEnabled(idle and ready and not unquantized and NUMPY not in model.layouts)
+        self.pack_button.setEnabled(idle and ready and not unquantized and PACKED not in model.layouts)
         self.quantize_button.setEnabled(idle and unquantized)
         self.delete_button.setEnabled(idle and model is not None)
         self.download_button.setEnabled(idle)

@@ -258,6 +258,11 @@ def test_the_model_manager_downloads_converts_and_deletes(qtbot, app_dir, tiny_c
     qtbot.waitUntil(lambda: models.task is None, timeout=TIMEOUT_MS)
     assert "converted to the numpy layout" in models.status.text()
     assert models.table.item(0, 1).text() == "hf, numpy"
+    assert models.pack_button.isEnabled()
+    models.pack_button.click()
+    qtbot.waitUntil(lambda: models.task is None, timeout=TIMEOUT_MS)
+    assert "converted to the packed layout" in models.status.text() and not models.pack_button.isEnabled()
+    assert models.table.item(0, 1).text() == "hf, numpy, packed"
     models.use_button.click()
     assert window.settings.model == name and AppSettings.load().model == name
     assert window.tabs.currentWidget() is window.chat
