@@ -290,9 +290,7 @@ def unpacked(matrix: PackedMatrix, start: int, stop: int) -> np.ndarray:
     """BF16 bits of rows `start:stop` of a packed matrix (`PackedMatrix.rows`, compiled)."""
     out = np.empty((stop - start, matrix.shape[1]), dtype=np.uint16)
     _compiled.unpack_packed(matrix.packed[start:stop], matrix.tables[start:stop], out)
-    first, last = matrix.row_starts[start], matrix.row_starts[stop]
-    index = matrix.exceptions[first:last, 0] - start * matrix.shape[1]
-    out.reshape(-1)[index] = matrix.exceptions[first:last, 1].astype(np.uint16)
+    matrix.overlay_exceptions(out, start, stop)
     return out
 
 

@@ -22,6 +22,7 @@ from mlx_oss.backend import Model, checked_tokens
 from mlx_oss.checkpoint import Checkpoint
 from mlx_oss.config import ModelConfig
 from mlx_oss.layouts import NUMPY
+from mlx_oss.packed_bf16 import PARTS
 from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
@@ -94,7 +95,7 @@ class NumpyModel(Model):
         packed = ck.packed(weight)
         if packed is not None:
             w = packed
-            self.mapped += [weight.removesuffix(".weight") + part for part in (".packed", ".tables")]
+            self.mapped += [weight.removesuffix(".weight") + "." + part for part in PARTS]
         elif ck.info(weight).dtype in ("BF16", "F32"):
             w = ck.raw(weight)
             self.mapped.append(weight)

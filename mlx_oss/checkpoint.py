@@ -15,7 +15,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError
 from .layouts import HF, MLX, Expected, detect_layout, expected_tensors, packable, packed_shapes, q8_shapes, quantizable
-from .packed_bf16 import PARTS, PackedMatrix, check_exceptions
+from .packed_bf16 import PARTS, PackedMatrix, check_packed, packable_width
 from .regular_files import confined_name, printable, read_json
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsFile, TensorInfo, as_float32
 
@@ -89,11 +89,19 @@ class Checkpoint:
             if base + ".scales" in self.locations:  # stored 8-bit by the lossy MLX option
                 for part, (shape, dtype) in q8_shapes(expected.pop(name).shape).items():
                     expected[f"{base}.{part}"] = Expected(shape, (dtype,))
+        self.packed_names: set[str] = set()  # matrices stored packed (`packed_bf16`), their parts checked below
         for name in packable(self.config) if self.layout == HF else ():
             base = name.removesuffix(".weight")
-            if base + ".packed" in self.locations:  # stored packed (`packed_bf16`)
-                for part, want in packed_shapes(expected.pop(name).shape).items():
+            if base + ".packed" in self.locations:
+                shape = expected.pop(name).shape
+                if not packable_width(shape[1]):
+                    where = self.directory / self.locations[base + ".packed"]
+                    raise CheckpointError(
+                        f"{where}: tensor '{base}.packed' packs a matrix of {shape[1]} columns, which cannot be packed"
+                    )
+                for part, want in packed_shapes(shape).items():
                     expected[f"{base}.{part}"] = want
+                self.packed_names.add(name)
         for name, want in expected.items():
             if name not in self.locations:
                 raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
@@ -123,15 +131,17 @@ class Checkpoint:
         return self._file(name).array(name)
 
     def packed(self, name: str) -> PackedMatrix | None:
-        """Matrix `name` (a `.weight`) as stored packed (`packed_bf16`), mapped; None where it is stored as it is."""
-        base = name.removesuffix(".weight")
-        if base + ".packed" not in self.locations:
+        """Matrix `name` (a `.weight`) as stored packed (`packed_bf16`), mapped and checked; None where it is stored
+        as it is (a `.packed` tensor the layout does not pack, never checked, is not read)."""
+        if name not in self.packed_names:
             return None
+        base = name.removesuffix(".weight")
         matrix = PackedMatrix(*(self.raw(f"{base}.{part}") for part in PARTS))
-        problem = check_exceptions(matrix.exceptions, *matrix.shape)
+        problem = check_packed(matrix)
         if problem:
-            where = self.directory / self.locations[base + ".exceptions"]
-            raise CheckpointError(f"{where}: tensor '{base}.exceptions' {problem}")
+            part, _, why = problem.partition(": ")
+            where = self.directory / self.locations[f"{base}.{part}"]
+            raise CheckpointError(f"{where}: tensor '{base}.{part}' {why}")
         return matrix
 
     def float32(self, name: str) -> np.ndarray:

@@ -127,18 +127,36 @@ class PackedMatrix:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """BF16 bits of rows `start:stop`, unpacked."""
-        columns = self.shape[1]
+        bits = unpack_rows(self.packed[start:stop], self.tables[start:stop], np.zeros((0, 2), np.int64))
+        self.overlay_exceptions(bits, start, stop)
+        return bits
+
+    def overlay_exceptions(self, bits: np.ndarray, start: int, stop: int) -> None:
+        """Write the exceptions of rows `start:stop` into their unpacked bits `bits`."""
         first, last = self.row_starts[start], self.row_starts[stop]
-        local = self.exceptions[first:last].copy()
-        local[:, 0] -= start * columns
-        return unpack_rows(self.packed[start:stop], self.tables[start:stop], local)
+        index = self.exceptions[first:last, 0] - start * self.shape[1]
+        bits.reshape(-1)[index] = self.exceptions[first:last, 1].astype(np.uint16)
 
 
-def check_exceptions(exceptions: np.ndarray, rows: int, columns: int) -> str | None:
-    """Why a stored exception list cannot belong to a packed `[rows, columns]` matrix, or None."""
+def check_packed(matrix: PackedMatrix) -> str | None:
+    """Why a stored packed matrix breaks the format (and would decode one way in the decoding kernel, which adds each
+    exception to a +0.0, and another unpacked, where it replaces it), or None: its tables start with 0x00, and its
+    exceptions are in increasing order within the matrix, 16-bit, each where code 0 and low byte 0 are stored."""
+    rows, columns = matrix.shape
+    if rows and (matrix.tables[:, 0] != 0).any():
+        return "tables: an entry 0 is not 0x00"
+    exceptions = matrix.exceptions
     index = exceptions[:, 0]
-    if index.size and (index[0] < 0 or index[-1] >= rows * columns or (np.diff(index) <= 0).any()):
-        return "lists indices out of order or outside the matrix"
-    if index.size and ((exceptions[:, 1] < 0) | (exceptions[:, 1] > 0xFFFF)).any():
-        return "lists values that are not 16-bit BF16 bits"
+    if not index.size:
+        return None
+    if index[0] < 0 or index[-1] >= rows * columns or (np.diff(index) <= 0).any():
+        return "exceptions: lists indices out of order or outside the matrix"
+    if ((exceptions[:, 1] < 0) | (exceptions[:, 1] > 0xFFFF)).any():
+        return "exceptions: lists values that are not 16-bit BF16 bits"
+    row, column = np.divmod(index, columns)
+    group, within = np.divmod(column, GROUP)
+    at = group * GROUP_BYTES
+    codes = matrix.packed[row, at + within % (GROUP // 2)] >> np.where(within < GROUP // 2, 0, 4).astype(np.uint8)
+    if ((codes & 0x0F) != 0).any() or (matrix.packed[row, at + GROUP // 2 + within] != 0).any():
+        return "exceptions: one lies where a weight other than +0.0 is stored"
     return None

@@ -128,6 +128,45 @@ def test_a_damaged_packed_matrix_is_refused_by_name(source, tmp_path):
         mlx_oss.load(packed, backend="numpy")
 
 
+def with_extra_tensors(directory: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
+    """Add `tensors` to a sharded checkpoint, in a shard of their own listed in its index."""
+    from mlx_oss.safetensors_io import INDEX_FILE, TensorSpec, write_safetensors
+
+    shard = "model-extra.safetensors"
+    specs = [TensorSpec(n, dtypes[n], a.shape, lambda a=a: [a]) for n, a in tensors.items()]
+    write_safetensors(directory / shard, specs)
+    index = json.loads((directory / INDEX_FILE).read_text())
+    index["weight_map"] |= {name: shard for name in tensors}
+    (directory / INDEX_FILE).write_text(json.dumps(index))
+
+
+def test_packed_tensors_where_the_layout_packs_nothing_are_never_read(synthetic_checkpoint, tmp_path):
+    """A `.packed` tensor beside a matrix the layout does not pack (the router) goes unread, however it is shaped;
+    one for a matrix whose width cannot be packed is refused at opening, by name."""
+    source = Path(shutil.copytree(synthetic_checkpoint(**SHAPE, shard_bytes=300_000), tmp_path / "src"))
+    reference = mlx_oss.load(source, backend="numpy").logits(TOKENS[:6])
+    crafted = {"packed": np.zeros((200_000, 96), np.uint8), "tables": np.zeros((1, 16), np.uint8)}
+    crafted["exceptions"] = np.zeros((0, 2), np.int64)
+    dtypes = {"packed": "U8", "tables": "U8", "exceptions": "I64"}
+    base = "model.layers.0.mlp.router"
+    with_extra_tensors(
+        source, {f"{base}.{k}": v for k, v in crafted.items()}, {f"{base}.{k}": d for k, d in dtypes.items()}
+    )
+    assert Checkpoint(source).packed(base + ".weight") is None
+    np.testing.assert_array_equal(mlx_oss.load(source, backend="numpy").logits(TOKENS[:6]), reference)
+
+    narrow = Path(shutil.copytree(synthetic_checkpoint(**{**SHAPE, "hidden_size": 96}), tmp_path / "narrow"))
+    base = "model.layers.0.self_attn.q_proj"
+    rows = Checkpoint(narrow).info(base + ".weight").shape[0]
+    parts = {"packed": np.zeros((rows, 96), np.uint8), "tables": np.zeros((rows, 16), np.uint8)}
+    parts["exceptions"] = np.zeros((0, 2), np.int64)
+    with_extra_tensors(
+        narrow, {f"{base}.{k}": v for k, v in parts.items()}, {f"{base}.{k}": d for k, d in dtypes.items()}
+    )
+    with pytest.raises(mlx_oss.CheckpointError, match=f"tensor '{base}.packed' packs a matrix of 96 columns"):
+        Checkpoint(narrow)
+
+
 def mlx_lm_logits(directory: Path, tokens) -> np.ndarray:
     """mlx-lm's own gpt-oss model on `directory`, its BF16 parameters widened to float32 as ours are."""
     import mlx.core as mx

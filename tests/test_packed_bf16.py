@@ -8,7 +8,7 @@ import pytest
 from mlx_oss.packed_bf16 import (
     GROUP,
     PackedMatrix,
-    check_exceptions,
+    check_packed,
     exception_count,
     pack_rows,
     packed_width,
@@ -41,10 +41,9 @@ def test_packing_is_lossless_for_any_bits(name):
     assert packed.shape == (rows, packed_width(columns)) == (rows, columns * 3 // 2)
     assert tables.shape == (rows, 16) and (tables[:, 0] == 0).all()
     assert exceptions.shape == (exception_count(bits), 2)
-    assert check_exceptions(exceptions, rows, columns) is None
     np.testing.assert_array_equal(unpack_rows(packed, tables, exceptions), bits)
     matrix = PackedMatrix(packed, tables, exceptions)
-    assert matrix.shape == bits.shape
+    assert matrix.shape == bits.shape and check_packed(matrix) is None
     for start, stop in ((0, rows), (rows // 2, rows), (1, min(rows, 3))):
         np.testing.assert_array_equal(matrix.rows(start, stop), bits[start:stop])
     # the decoding kernel's view of the exceptions: per row, their columns and float32 values
@@ -73,9 +72,25 @@ def test_only_whole_groups_pack():
         pack_rows(np.zeros((2, 96), np.uint16))
 
 
-def test_a_broken_exception_list_is_named():
-    good = np.array([[3, 0x3F80], [70, 0x4000]], np.int64)
-    assert check_exceptions(good, 2, 64) is None
-    assert "out of order" in check_exceptions(good[::-1], 2, 64)
-    assert "outside the matrix" in check_exceptions(np.array([[128, 1]], np.int64), 2, 64)
-    assert "16-bit" in check_exceptions(np.array([[1, 1 << 16]], np.int64), 2, 64)
+def test_a_stored_matrix_that_breaks_the_format_is_named():
+    """What the decoding kernel relies on (an exception's place holds +0.0, which it adds the exception to) is
+    checked, as are the list's order, range and values."""
+    bits = hostile_rows()["any bits"][:, :128]
+    packed, tables, exceptions = pack_rows(bits)
+    assert len(exceptions) > 2
+
+    def problem(packed=packed, tables=tables, exceptions=exceptions):
+        return check_packed(PackedMatrix(packed, tables, exceptions))
+
+    assert problem() is None
+    assert "out of order" in problem(exceptions=exceptions[::-1].copy())
+    assert "outside the matrix" in problem(exceptions=np.array([[bits.size, 1]], np.int64))
+    assert "16-bit" in problem(exceptions=np.concatenate([exceptions[:1, :1], [[1 << 16]]], axis=1))
+    wrong_table = tables.copy()
+    wrong_table[3, 0] = 0x3F
+    assert problem(tables=wrong_table).startswith("tables: ")
+    r, c = divmod(int(exceptions[0, 0]), bits.shape[1])
+    for byte in (c // 64 * 96 + c % 64 % 32, c // 64 * 96 + 32 + c % 64):  # its code's byte, then its low byte
+        damaged = packed.copy()
+        damaged[r, byte] = 0xFF
+        assert "where a weight other than +0.0 is stored" in problem(packed=damaged)
