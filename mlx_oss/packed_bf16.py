@@ -92,8 +92,13 @@ def unpack_rows(packed: np.ndarray, tables: np.ndarray, exceptions: np.ndarray) 
     codes = np.concatenate([code_bytes & 0x0F, code_bytes >> 4], axis=2).reshape(rows, columns)
     high = tables[np.arange(rows)[:, None], codes].astype(np.uint16)
     bits = (high << 8) | groups[:, :, GROUP // 2 :].reshape(rows, columns)
-    bits.reshape(-1)[exceptions[:, 0]] = exceptions[:, 1].astype(np.uint16)
+    _overlay(bits, exceptions, 0)
     return bits
+
+
+def _overlay(bits: np.ndarray, exceptions: np.ndarray, first: int) -> None:
+    """Write `exceptions` (flat indices from `first` on) into the unpacked `bits` that start there."""
+    bits.reshape(-1)[exceptions[:, 0] - first] = exceptions[:, 1].astype(np.uint16)
 
 
 @dataclass
@@ -113,9 +118,8 @@ class PackedMatrix:
         rows, columns = self.shape
         index = self.exceptions[:, 0]
         self.row_starts = np.searchsorted(index, np.arange(rows + 1, dtype=np.int64) * columns).astype(np.int64)
-        self.exception_columns = index % columns if columns else index
-        bits = (self.exceptions[:, 1].astype(np.uint32) << 16).astype(np.uint32)
-        self.exception_values = bits.view(np.float32)
+        self.exception_columns = index % columns
+        self.exception_values = (self.exceptions[:, 1].astype(np.uint32) << 16).view(np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -133,9 +137,7 @@ class PackedMatrix:
 
     def overlay_exceptions(self, bits: np.ndarray, start: int, stop: int) -> None:
         """Write the exceptions of rows `start:stop` into their unpacked bits `bits`."""
-        first, last = self.row_starts[start], self.row_starts[stop]
-        index = self.exceptions[first:last, 0] - start * self.shape[1]
-        bits.reshape(-1)[index] = self.exceptions[first:last, 1].astype(np.uint16)
+        _overlay(bits, self.exceptions[self.row_starts[start] : self.row_starts[stop]], start * self.shape[1])
 
 
 def check_packed(matrix: PackedMatrix) -> str | None:

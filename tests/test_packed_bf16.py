@@ -28,7 +28,7 @@ def hostile_rows() -> dict[str, np.ndarray]:
         "any bits": rng.integers(0, 1 << 16, (37, 192), dtype=np.uint16),
         "weights": bf16(rng.standard_normal((64, 2880)) * 0.02),
         "zeros": np.zeros((3, 64), np.uint16),
-        "specials": np.tile(special, (4, 64))[:, : 64 * 9 // 9 * 8],
+        "specials": np.tile(special, (4, 64))[:, :512],
         "every high byte": every_high_byte,
     }
 
@@ -57,7 +57,7 @@ def test_weights_pack_into_three_quarters_with_few_exceptions():
     """Trained-like weights (a row spans a few octaves): a handful of exceptions per million weights."""
     bits = hostile_rows()["weights"]
     packed, tables, exceptions = pack_rows(bits)
-    assert packed.nbytes + tables.nbytes == bits.nbytes * 3 // 4 + tables.nbytes
+    assert packed.nbytes == bits.nbytes * 3 // 4  # and 16 bytes of table a row
     assert len(exceptions) < 1e-3 * bits.size
     # a row of 16 far outliers: more high bytes than its table holds, so some become exceptions, and come back
     bits = bits.copy()
