@@ -332,7 +332,7 @@ def quantize_rounds(x, parts, corrections, scales):
     """`x [G*32]` (each block in `BLOCK_ORDER`) as `_mxfp4_row_dot_vnni` reads it, for its G // 4 rounds of four
     blocks: `parts int8 [rounds * 384]`, per round the three bytes of X (most significant first), each as the four
     blocks' low-nibble elements, then their high-nibble ones (64 bytes each); `corrections int32 [rounds * 16]`, per
-    lane of a round's sums 12 times the sum of the 8 inputs it multiplies (the weights' offset); `scales float32
+    lane of a round's sums -12 times the sum of the 8 inputs it multiplies (the weights' offset); `scales float32
     [rounds * 16]`, per lane 2**(e - 23) (the weights are twice their values). False, leaving them partly written,
     where x is not finite or has a block whose largest magnitude is below 2**-103, but not 0."""
     bits = x.view(np.int32)
@@ -359,7 +359,7 @@ def quantize_rounds(x, parts, corrections, scales):
             total = np.int32(0)
             for i in range(4 * k, 4 * k + 4):
                 total += big[i] + big[16 + i]
-            corrections[b * 4 + k] = WEIGHT_OFFSET * total
+            corrections[b * 4 + k] = -WEIGHT_OFFSET * total
             scales[b * 4 + k] = scale
         for half in range(2):
             at = b // ROUND_BLOCKS * 384 + half * 64 + b % ROUND_BLOCKS * 16
@@ -407,14 +407,19 @@ def _mxfp4_row_dot_vnni(typingctx, blocks, block_offset, scales, scale_offset, p
             )
             halves = [builder.bitcast(builder.call(lookup, [weights_table, n]), vi) for n in (low, high)]
             round_parts = builder.gep(pp, [builder.mul(r, ir.Constant(r.type, 384))])
-            sums = ir.Constant(vi, None)
+            # Each byte of X in a sum of its own, the least significant one's starting from the round's correction,
+            # combined after by shifts (the total fits 32 bits, so any wrapping of the parts cancels): three short
+            # chains of dependent dot products, where one long one had the next round wait on its latency.
+            limb_sums = []
             for part in range(3):
-                if part:
-                    sums = builder.shl(sums, _vector(I32, [8] * 16))
+                sums = _load(builder, cp, builder.mul(r, c16), vi) if part == 2 else ir.Constant(vi, None)
                 for half, weights in enumerate(halves):
                     inputs = _load(builder, round_parts, ir.Constant(r.type, part * 128 + half * 64), vi)
                     sums = builder.call(dot, [sums, weights, inputs])
-            sums = builder.sub(sums, _load(builder, cp, builder.mul(r, c16), vi))
+                limb_sums.append(sums)
+            eight = _vector(I32, [8] * 16)
+            sums = builder.add(builder.shl(limb_sums[0], eight), limb_sums[1])
+            sums = builder.add(builder.shl(sums, eight), limb_sums[2])
             scale_word = builder.load(builder.bitcast(builder.gep(sp, [builder.mul(r, c4)]), I32.as_pointer()), align=1)
             # Bit 7 of each zero byte of the word (and only then any bit): four scalar instructions.
             found = builder.sub(scale_word, ir.Constant(I32, 0x01010101))
@@ -961,15 +966,18 @@ def mxfp4_matvec_vnni(blocks, scales, experts, x, parts, corrections, x_scales, 
     chunks = _matvec_chunks(rows)
     for task in prange(experts.size * chunks):
         p, first, end = _matvec_task(task, chunks, rows)
+        # The pair's rows of the inputs, taken once a task: a view taken in the loop would count references on
+        # the whole array's, a cache line both threads write, at every row.
+        pair_parts, pair_corrections, pair_scales, pair_x = parts[p], corrections[p], x_scales[p], x[p]
         for r in range(first, end):
             row = experts[p] * rows + r
             if quantized[p]:
                 out[p, r] = _mxfp4_row_dot_vnni(
                     flat_blocks, row * groups * 16, flat_scales, row * groups,
-                    parts[p], corrections[p], x_scales[p], x[p], groups,
+                    pair_parts, pair_corrections, pair_scales, pair_x, groups,
                 )  # fmt: skip
             else:
-                out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, x[p], groups)
+                out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, pair_x, groups)
 
 
 @numba.njit(parallel=True, cache=CACHE)

@@ -70,8 +70,8 @@ def test_matvec_equals_decoding_then_multiplying(groups, vnni, monkeypatch):
 @pytest.mark.skipif(not kernels.VNNI, reason="no AVX512-VNNI on this CPU")
 def test_vnni_inputs_are_three_bytes_within_half_a_unit_of_2_to_the_minus_22_of_their_blocks_largest():
     """`quantize_rounds` against its contract, recomputed here: X = round(x * 2**(22 - e)) per block of 32 (e the
-    exponent of the largest magnitude), split into three signed bytes; the weights' offset (12) times each lane's
-    8 inputs; the blocks' scales 2**(e - 23). Blocks of sizes from about 2**-100 to 2**100, and of zeros."""
+    exponent of the largest magnitude), split into three signed bytes; minus the weights' offset (12) times each
+    lane's 8 inputs; the blocks' scales 2**(e - 23). Blocks of sizes from about 2**-100 to 2**100, and of zeros."""
     rng = np.random.default_rng(7)
     blocks = 4 * 3
     x = rng.standard_normal((blocks, 32)) * np.ldexp(1.0, rng.integers(-100, 100, (blocks, 1)))
@@ -90,7 +90,7 @@ def test_vnni_inputs_are_three_bytes_within_half_a_unit_of_2_to_the_minus_22_of_
     assert np.abs(integers).max() <= 1 << 22 and np.abs(by_block[:, 0]).max() <= 64  # no int32 sum overflows
     assert np.abs(integers[1]).max() > 1 << 21  # the largest input uses the bits
     lanes = integers.reshape(blocks, 2, 4, 4).sum(axis=(1, 3))  # each lane: 4 low-nibble and 4 high-nibble inputs
-    np.testing.assert_array_equal(corrections, 12 * lanes.reshape(-1))
+    np.testing.assert_array_equal(corrections, -12 * lanes.reshape(-1))
     np.testing.assert_array_equal(scales, np.repeat(np.ldexp(1.0, exponents - 23), 4).astype(np.float32))
 
 
