@@ -31,7 +31,7 @@ import numpy as np
 from .config import MXFP4_BLOCK, ModelConfig
 from .errors import MlxOssError
 from .mxfp4 import quantize
-from .packed_bf16 import CODES, exception_count, pack_rows, packable_width, packed_width
+from .packed_bf16 import CODES, MAX_EXCEPTION_SHARE, exception_count, pack_rows, packable_width, packed_width
 from .safetensors_io import TensorSpec, as_float32
 
 if TYPE_CHECKING:
@@ -271,7 +271,8 @@ def numpy_specs(source: Checkpoint) -> list[TensorSpec]:
 
 def packed_specs(source: Checkpoint) -> list[TensorSpec]:
     """The tensors of the `packed` layout, from a source in the `hf` layout: each packable BF16 matrix whose width
-    allows it (`packed_bf16.packable_width`) packed, the rest as they are."""
+    allows it (`packed_bf16.packable_width`) packed, unless it has more exceptions than
+    `packed_bf16.MAX_EXCEPTION_SHARE` of its weights; the rest as they are."""
     packable_names = set(packable(source.config))
     specs = []
     for name in expected_tensors(source.config, HF):
@@ -281,20 +282,24 @@ def packed_specs(source: Checkpoint) -> list[TensorSpec]:
             )
         info = source.info(name)
         if name in packable_names and info.dtype == "BF16" and packable_width(info.shape[1]):
-            specs += _packed(name, source.raw(name))
-        else:
-            specs.append(_whole(source, name))
+            matrix = source.raw(name)
+            # The count goes in the header (the exceptions' shape), so it is counted first, from the high bytes.
+            count = sum(
+                exception_count(matrix[r0 : r0 + ROWS_PER_CHUNK]) for r0 in range(0, len(matrix), ROWS_PER_CHUNK)
+            )
+            if count <= MAX_EXCEPTION_SHARE * matrix.size:
+                specs += _packed(name, matrix, count)
+                continue
+        specs.append(_whole(source, name))
     return specs
 
 
-def _packed(name: str, matrix: np.ndarray) -> list[TensorSpec]:
-    """A BF16 matrix's `packed`, `tables` and `exceptions` tensors. The exceptions' count (their tensor's shape) is
-    counted first, from the high bytes alone; the tables and exceptions are kept from the packed tensor's pass (a
-    few hundredths of its bytes), or made by another if asked for first."""
+def _packed(name: str, matrix: np.ndarray, count: int) -> list[TensorSpec]:
+    """A BF16 matrix's `packed`, `tables` and `exceptions` tensors, for `count` exceptions. The tables and exceptions
+    are kept from the packed tensor's pass (a few hundredths of its bytes), or made by another if asked for first."""
     base = name.removesuffix(".weight")
     rows, columns = matrix.shape
     starts = range(0, rows, ROWS_PER_CHUNK)
-    count = sum(exception_count(matrix[r0 : r0 + ROWS_PER_CHUNK]) for r0 in starts)
     kept: dict[str, list[np.ndarray]] = {}
 
     def pieces():

@@ -30,6 +30,10 @@ GROUP = 64  # weights a group packs
 GROUP_BYTES = GROUP // 2 + GROUP  # its codes, then its low bytes
 CODES = 16
 PARTS = ("packed", "tables", "exceptions")
+# A matrix with more exceptions than this share of its weights stays BF16. Each costs a decoding step a product of
+# its own, about the time of 16 packed weights, and 16 bytes; past about 2 % packing would lose. Trained and
+# synthetic rows have a few in 100,000.
+MAX_EXCEPTION_SHARE = 1 / 256
 
 
 def packable_width(columns: int) -> bool:

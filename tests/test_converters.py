@@ -128,6 +128,29 @@ def test_a_damaged_packed_matrix_is_refused_by_name(source, tmp_path):
         mlx_oss.load(packed, backend="numpy")
 
 
+def test_a_matrix_with_many_exceptions_stays_bf16_beside_packed_ones(source, tmp_path):
+    """Packing a matrix whose weights span far more octaves than a row's table holds would cost more than it saves:
+    it stays BF16, its neighbours are packed, and decoding over the mix gives the original's logits."""
+    original = Path(shutil.copytree(source, tmp_path / "src"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shape = Checkpoint(original).info(name).shape
+    rng = np.random.default_rng(3)
+    spread = rng.standard_normal(shape) * np.ldexp(0.05, rng.integers(-60, 1, shape))  # 60 octaves
+    overwrite(original, name, (spread.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))
+    target = convert(original, tmp_path / "packed", PACKED)
+    packed = Checkpoint(target)
+    assert packed.packed(name) is None
+    np.testing.assert_array_equal(packed.raw(name), Checkpoint(original).raw(name))
+    assert packed.packed(name.replace("q_proj", "k_proj")) is not None
+    model, reference = mlx_oss.load(target, backend="numpy"), mlx_oss.load(original, backend="numpy")
+    caches = model.new_cache(), reference.new_cache()
+    for m, cache in zip((model, reference), caches, strict=True):
+        m.forward(TOKENS[:10], cache)
+    for token in TOKENS[10:13]:
+        ours, theirs = (m.forward([token], cache) for m, cache in zip((model, reference), caches, strict=True))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
 def with_extra_tensors(directory: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
     """Add `tensors` to a sharded checkpoint, in a shard of their own listed in its index."""
     from mlx_oss.safetensors_io import INDEX_FILE, TensorSpec, write_safetensors
