@@ -966,8 +966,7 @@ def mxfp4_matvec_vnni(blocks, scales, experts, x, parts, corrections, x_scales, 
     chunks = _matvec_chunks(rows)
     for task in prange(experts.size * chunks):
         p, first, end = _matvec_task(task, chunks, rows)
-        # The pair's rows of the inputs, taken once a task: a view taken in the loop would count references on
-        # the whole array's, a cache line both threads write, at every row.
+        # The pair's rows of the inputs, taken once a task rather than at every row (each view counts a reference).
         pair_parts, pair_corrections, pair_scales, pair_x = parts[p], corrections[p], x_scales[p], x[p]
         for r in range(first, end):
             row = experts[p] * rows + r

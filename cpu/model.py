@@ -78,6 +78,11 @@ class NumpyModel(Model):
         self.unembed = self._dense(EMBEDDING if c.tie_word_embeddings else "lm_head.weight", None)
         self.final_norm = checkpoint.float32("model.norm.weight")
         self.layers = [self._load_layer(i) for i in range(c.num_hidden_layers)]
+        if checkpoint.packed_names and not self.uses_kernels:
+            self.kernel_description += (
+                "; this checkpoint's packed matrices are unpacked at every token without the kernels, slower than "
+                "its BF16 source would run"
+            )
         self.map_in()
 
     def map_in(self) -> None:

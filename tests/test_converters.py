@@ -100,6 +100,15 @@ def test_packed_layout_is_a_lossless_repack_that_decodes_alike(source, converted
     assert weights == {k: v for k, v in tree_hash(converted(source, NUMPY)).items() if k.endswith(".safetensors")}
 
 
+def test_plain_numpy_on_the_packed_layout_says_it_is_slower(source, converted, monkeypatch):
+    target = converted(source, PACKED)
+    assert "packed matrices are unpacked" not in mlx_oss.load(target, backend="numpy").backend_reason
+    monkeypatch.setenv("MLX_OSS_KERNELS", "off")
+    reason = mlx_oss.load(target, backend="numpy").backend_reason
+    assert "plain NumPy" in reason and "packed matrices are unpacked at every token" in reason
+    assert "packed matrices" not in mlx_oss.load(source, backend="numpy").backend_reason
+
+
 def overwrite(directory: Path, name: str, array: np.ndarray) -> None:
     """Write `array` over tensor `name`'s bytes in its shard (same size)."""
     ck = Checkpoint(directory)
