@@ -966,17 +966,15 @@ def mxfp4_matvec_vnni(blocks, scales, experts, x, parts, corrections, x_scales, 
     chunks = _matvec_chunks(rows)
     for task in prange(experts.size * chunks):
         p, first, end = _matvec_task(task, chunks, rows)
-        # The pair's rows of the inputs, taken once a task rather than at every row (each view counts a reference).
-        pair_parts, pair_corrections, pair_scales, pair_x = parts[p], corrections[p], x_scales[p], x[p]
         for r in range(first, end):
             row = experts[p] * rows + r
             if quantized[p]:
                 out[p, r] = _mxfp4_row_dot_vnni(
                     flat_blocks, row * groups * 16, flat_scales, row * groups,
-                    pair_parts, pair_corrections, pair_scales, pair_x, groups,
+                    parts[p], corrections[p], x_scales[p], x[p], groups,
                 )  # fmt: skip
             else:
-                out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, pair_x, groups)
+                out[p, r] = _mxfp4_row_dot(flat_blocks, row * groups * 16, flat_scales, row * groups, x[p], groups)
 
 
 @numba.njit(parallel=True, cache=CACHE)
