@@ -104,8 +104,8 @@ def l1_data_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"), def
 
 ISA, DESCRIPTION, BROKEN = instruction_set()
 AMX = ISA == "avx512" and amx_permitted()  # prompts' products on AMX tiles (see `_tile_kernels`)
-VNNI = ISA == "avx512" and has_vnni()  # decoding's MXFP4 products as integer dot products (`_numba_kernels`)
-if VNNI:
-    DESCRIPTION += ", decoding's MXFP4 products on VNNI"
+VNNI = ISA == "avx512" and has_vnni()  # MXFP4 products as integer dot products (`_numba_kernels`, `_vnni_tiles`)
 if AMX:
-    DESCRIPTION += ", prompts on AMX"
+    DESCRIPTION += ", decoding's MXFP4 products on VNNI, prompts on AMX" if VNNI else ", prompts on AMX"
+elif VNNI:
+    DESCRIPTION += ", MXFP4 products on VNNI, prompts' inputs rounded to 16 bits"

@@ -53,9 +53,12 @@ class Experts:
             y[alone] = self._alone(pair_expert[alone], x[pair_token[alone]])
         groups = [(e, np.nonzero(pair_expert == e)[0]) for e in np.unique(pair_expert[~alone])]
         if self.uses_kernels and kernels.tiles_fit(self.gate_up_blocks) and kernels.tiles_fit(self.down_blocks):
-            pairs = np.concatenate([p for _, p in groups])
-            y[pairs] = self._tiled(np.array([e for e, _ in groups]), [p.size for _, p in groups], x[pair_token[pairs]])
-            return y
+            tiled = [g for g in groups if g[1].size >= kernels.TILED_GROUP_TOKENS]
+            if tiled:
+                pairs = np.concatenate([p for _, p in tiled])
+                experts, sizes = np.array([e for e, _ in tiled]), [p.size for _, p in tiled]
+                y[pairs] = self._tiled(experts, sizes, x[pair_token[pairs]])
+            groups = [g for g in groups if g[1].size < kernels.TILED_GROUP_TOKENS]
         groups.sort(key=lambda g: -g[1].size)  # the largest first, so that the threads finish together
 
         def expert(group):
@@ -79,11 +82,10 @@ class Experts:
 
     def _tiled(self, experts: np.ndarray, sizes: list[int], x: np.ndarray) -> np.ndarray:
         """Consecutive groups of `sizes` rows of `x`, group i through expert `experts[i]`, every expert at once on
-        AMX tiles."""
+        AMX or VNNI tiles (`kernels.mxfp4_matmul_groups`)."""
         bias_rows = np.repeat(experts, sizes)
         gate_up = kernels.mxfp4_matmul_groups(self.gate_up_blocks, self.gate_up_scales, experts, sizes, x)
-        gate_up += self.gate_up_bias[bias_rows]
-        act = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit)
+        act = kernels.swiglu_laid_out(gate_up, self.gate_up_bias, bias_rows, self.alpha, self.limit, passes=False)
         out = kernels.mxfp4_matmul_groups(self.down_blocks, self.down_scales, experts, sizes, act)
         out += self.down_bias[bias_rows]
         return out

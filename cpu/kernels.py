@@ -18,7 +18,10 @@ numba, use the plain NumPy path; `MLX_OSS_KERNELS=off` forces it (and `=avx2` th
 
 Where the CPU has AMX (Intel's Xeons since Sapphire Rapids), a prompt's products with the experts and the BF16
 matrices run on its tiles instead (`_tile_kernels`, exact as float32's products; `MLX_OSS_KERNELS=avx512` keeps
-them on AVX-512).
+them on AVX-512). Where it has AVX512-VNNI but no AMX (AMD's since Zen 4, Intel's before Sapphire Rapids), a
+prompt's products with the experts are 16-bit integer dot products (`_vnni_tiles`), twice float32's products an
+instruction, on inputs rounded to 2**-16 of their block's largest: the one path here that rounds activations, held
+to transformers' logits by the same reference tests.
 
 Scales come from `mxfp4.SCALE_VALUES`, as in the plain path.
 """
@@ -42,6 +45,7 @@ from .layers import first_visible_key, visible_spans
 ISA, DESCRIPTION, BROKEN = _target.ISA, _target.DESCRIPTION, _target.BROKEN  # what `_target` found to build for
 AMX = _target.AMX  # prompts' expert products on AMX tiles (`_tile_kernels`)
 VNNI = _target.VNNI  # decoding's expert products as integer dot products (`_numba_kernels.mxfp4_matvec_vnni`)
+VNNI_PROMPTS = VNNI and not AMX  # prompts' expert products as 16-bit integer dot products (`_vnni_tiles`)
 DISABLE_VARIABLE = _target.VARIABLE
 DECODE_ROWS = 8  # up to this many rows of x (decoding), matrices and attention run in the kernels; more in BLAS
 # A prompt's rows of x through a BF16 matrix on AVX-512 go through `bf16_matmul_passes`, not BLAS (which first widens
@@ -65,9 +69,17 @@ if ISA is not None:
         # numba found no writable folder for its cache (a read-only install and home): compile in each process.
         _target.CACHE = False
         from . import _numba_kernels as _compiled
+    _BLOCK_POSITIONS = np.argsort(_compiled.BLOCK_ORDER)  # where each element of a block lies in `BLOCK_ORDER`
 CACHE = _target.CACHE  # whether the build is kept in numba's on-disk cache (see `warm_up`)
 if AMX:
     from . import _tile_kernels as _tiles
+if VNNI_PROMPTS:
+    from numba import get_num_threads
+
+    from . import _vnni_tiles
+# The fewest tokens an expert's group needs to go through `mxfp4_matmul_groups`. The VNNI kernel pads each group to
+# tiles of 16 tokens, which costs a small group more than the float32 passes' products (`mxfp4_matmul`) save.
+TILED_GROUP_TOKENS = 1 if AMX else 11
 
 
 def _switched_off() -> bool:
@@ -97,6 +109,8 @@ def warm_up() -> None:
     _compiled.warm_up()
     if AMX:
         _tiles.warm_up()
+    if VNNI_PROMPTS:
+        _vnni_tiles.warm_up()
 
 
 def compile_in_child(timeout: float = 600) -> subprocess.CompletedProcess:
@@ -179,23 +193,56 @@ def swiglu_laid_out(
 
 
 def tiles_fit(blocks: np.ndarray) -> bool:
-    """Whether `mxfp4_matmul_groups` can take these MXFP4 `blocks [..., R, G, 16]`: on AMX, R a multiple of 16."""
-    return AMX and blocks.shape[-3] % 16 == 0
+    """Whether `mxfp4_matmul_groups` can take these MXFP4 `blocks [..., R, G, 16]`: on AMX, R a multiple of 16; on
+    AVX512-VNNI without AMX, of `_vnni_tiles.ROWS`."""
+    rows = blocks.shape[-3]
+    return (AMX and rows % 16 == 0) or (VNNI_PROMPTS and rows % _vnni_tiles.ROWS == 0)
 
 
 def mxfp4_matmul_groups(
-    blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, sizes: np.ndarray, x: np.ndarray
+    blocks: np.ndarray, scales: np.ndarray, experts: np.ndarray, sizes: np.ndarray, x: np.ndarray | LaidOut
 ) -> np.ndarray:
     """`x [N, G*32]` in consecutive groups of `sizes` rows, group i times `W[experts[i]].T` for MXFP4 `blocks [E, R, G,
-    16]`, `scales [E, R, G]`: `[N, R]`, on AMX (where `tiles_fit`), in one parallel loop for all the groups.
+    16]`, `scales [E, R, G]`: `[N, R]`, in one parallel loop for all the groups (where `tiles_fit`). `x` is a plain
+    array, or `swiglu_laid_out`'s for `passes=False`.
 
-    Each group's rows are padded to a multiple of 16 (a tile); each weight block is decoded once for every 64 of a
-    group's rows.
+    Each group's rows are padded to a multiple of 16 (a tile). On AMX, each weight block is decoded once for every
+    64 of a group's rows, and the products are float32's. On VNNI (`_vnni_tiles`), each row once for every 64, and
+    x is first rounded to 16 bits per block of 32 (within 2**-16 of the block's largest magnitude).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
-    out = np.empty((x.shape[0], blocks.shape[1]), dtype=np.float32)
-    _tiles.mxfp4_matmul_tiles(blocks, scales, np.asarray(experts, dtype=np.int64), sizes, tiles_by_block(x, sizes), out)
+    experts = np.asarray(experts, dtype=np.int64)
+    out = np.empty((x.rows if isinstance(x, LaidOut) else x.shape[0], blocks.shape[1]), dtype=np.float32)
+    if AMX:
+        _tiles.mxfp4_matmul_tiles(blocks, scales, experts, sizes, tiles_by_block(_plain(x), sizes), out)
+    else:
+        threads = get_num_threads()
+        _vnni_tiles.mxfp4_matmul_tiles(blocks, scales, experts, sizes, *quantized_tiles(x, sizes), threads, out)
     return out
+
+
+def quantized_tiles(x: np.ndarray | LaidOut, sizes) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive groups of `sizes` rows of `x [N, G*32]` (or `swiglu_laid_out`'s rows for `passes=False`) rounded
+    to int16 and laid out in tiles of 16 rows as `_vnni_tiles.mxfp4_matmul_tiles` reads them: the pairs (uint32)
+    and the block scales (float32)."""
+    if isinstance(x, LaidOut):
+        rows, positions = x.for_kernel(passes=False).reshape(x.rows, -1), _BLOCK_POSITIONS
+    else:
+        rows, positions = np.ascontiguousarray(x, dtype=np.float32), np.arange(32)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    blocks = int((-(-sizes // 16)).sum()) * (rows.shape[1] // 32)
+    pairs = _aligned_empty(blocks * 256).view(np.uint32)  # see `_aligned_empty`
+    x_scales = _aligned_empty(blocks * 16)
+    _vnni_tiles.quantized_tiles(rows, positions, sizes, pairs, x_scales)
+    return pairs, x_scales
+
+
+def _plain(x: np.ndarray | LaidOut) -> np.ndarray:
+    """The rows of x in their own order: `swiglu_laid_out`'s for `passes=False` put back from `BLOCK_ORDER`."""
+    if not isinstance(x, LaidOut):
+        return x
+    blocked = x.for_kernel(passes=False).reshape(x.rows, -1, 32)
+    return np.ascontiguousarray(blocked[:, :, _BLOCK_POSITIONS]).reshape(x.rows, -1)
 
 
 def bf16_tiles_fit(weights: np.ndarray) -> bool:

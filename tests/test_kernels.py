@@ -469,6 +469,111 @@ def test_tile_inputs_are_split_exactly_into_three_bf16_parts():
     assert not summed[20:].any()  # the partly filled tile is padded with zeros
 
 
+needs_vnni_prompts = pytest.mark.skipif(
+    not kernels.VNNI_PROMPTS, reason="no AVX512-VNNI on this CPU, or AMX takes prompts: the VNNI tiles are not built"
+)
+
+
+def vnni_rounding_bound(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """What rounding x to 16 bits per block of 32 (`_vnni_tiles.quantized_tiles`) may move `x @ W.T` by, at most:
+    half a unit, 2**(e - 16) for a block whose largest magnitude is in [2**(e-1), 2**e), times the block's weights'
+    magnitudes; plus float32's own rounding of the sums (1e-6 of the products' magnitudes)."""
+    peaks = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2).astype(np.float64)  # [T, G]
+    half_units = np.ldexp(1.0, np.frexp(peaks)[1] - 16) * (peaks > 0)
+    magnitudes = np.abs(weights.astype(np.float64)).reshape(weights.shape[0], -1, 32).sum(axis=2)  # [R, G]
+    return half_units @ magnitudes.T + 1e-6 * (np.abs(x.astype(np.float64)) @ np.abs(weights.T.astype(np.float64)))
+
+
+@needs_vnni_prompts
+@pytest.mark.parametrize("sizes", [[1], [16], [17, 2, 33], [64, 65, 5], [130]])
+def test_vnni_tile_matmul_of_groups_is_within_its_rounding_of_x(sizes):
+    """Prompts' expert products on VNNI: groups of rows, each through its expert; sizes across tiles (16), passes
+    (64) and a partly filled last tile, inputs of blocks far apart in size. The result is off float64's by no more
+    than rounding x to 16 bits per block allows."""
+    rng = np.random.default_rng(len(sizes))
+    blocks, scales = mxfp4_weights(rng, 4, 48, 5)
+    experts = rng.integers(0, 4, len(sizes))
+    x = rng.standard_normal((sum(sizes), 5 * 32)).astype(np.float32)
+    x[0, :32] *= 1e4
+    x[-1, 32:64] = 0
+    ours = kernels.mxfp4_matmul_groups(blocks, scales, experts, sizes, x)
+    start = 0
+    for e, size in zip(experts, sizes, strict=True):
+        weights = dequantize(blocks[e], scales[e])
+        rows = x[start : start + size]
+        error = np.abs(ours[start : start + size] - rows.astype(np.float64) @ weights.T.astype(np.float64))
+        bound = vnni_rounding_bound(rows, weights)
+        assert (error <= bound).all(), np.max(error / bound)
+        start += size
+
+
+@needs_vnni_prompts
+def test_vnni_tiles_take_the_swiglu_layout_as_its_rows():
+    """The down projection's input comes from `swiglu_laid_out` (each block in the decoding kernels' order): the
+    same product as from the plain rows."""
+    rng = np.random.default_rng(3)
+    blocks, scales = mxfp4_weights(rng, 2, 16, 3)
+    gate_up = rng.standard_normal((20, 192)).astype(np.float32)
+    bias = np.zeros((2, 192), np.float32)
+    experts, sizes = np.array([1, 0]), [12, 8]
+    bias_rows = np.repeat(experts, sizes)
+    laid_out = kernels.swiglu_laid_out(gate_up, bias, bias_rows, 1.702, 7.0, passes=False)
+    plain = clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], 1.702, 7.0)
+    ours = kernels.mxfp4_matmul_groups(blocks, scales, experts, sizes, laid_out)
+    np.testing.assert_array_equal(ours, kernels.mxfp4_matmul_groups(blocks, scales, experts, sizes, plain))
+
+
+@needs_vnni_prompts
+def test_vnni_tile_inputs_are_16_bit_within_half_a_unit_of_2_to_the_minus_15_of_their_blocks_largest():
+    """`quantized_tiles` against its contract, recomputed here: for each block of 32 of a row, the scale 2**(e - 15)
+    (e the exponent of its largest magnitude) and X = round(x / scale), |X| <= 32767, laid out [tile, block, pair j,
+    row n]; zeros for a block of zeros and for the padding rows, a NaN scale for a block holding a NaN or infinity."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((20, 96)) * np.ldexp(1.0, rng.integers(-60, 60, (20, 3)).repeat(32, axis=1))
+    x[2, :32] = 0
+    x[3, 40] = np.inf
+    x[4, 70] = np.nan
+    x[5, :32] = np.float32(1.0 - 2**-24)  # rounds up to 2**15: kept to 32767
+    x = x.astype(np.float32)
+    pairs, scales = kernels.quantized_tiles(x, [20])
+    words = pairs.view(np.int16).reshape(2, 3, 16, 16, 2)  # [tile, block, j, n, low/high]
+    values = words.transpose(0, 3, 1, 2, 4).reshape(32, 96).astype(np.float64)  # [row, element]
+    scales = scales.reshape(2, 3, 16).transpose(0, 2, 1).reshape(32, 3)
+    assert not values[20:].any() and not scales[20:].any()
+    peaks = np.abs(x.astype(np.float64)).reshape(20, 3, 32).max(axis=2)
+    finite = np.isfinite(peaks)
+    expected = np.where(peaks > 0, np.ldexp(1.0, np.frexp(np.where(finite, peaks, 1))[1] - 15), 0)
+    np.testing.assert_array_equal(scales[:20][finite], expected[finite])
+    assert np.isnan(scales[3, 1]) and np.isnan(scales[4, 2]) and not values[3, 32:64].any()
+    assert not values[2, :32].any() and scales[2, 0] == 0
+    assert np.abs(values).max() <= 32767 and values[5, :32].max() == 32767
+    rebuilt = values[:20] * np.repeat(np.where(finite, scales[:20], 0), 32, axis=1)
+    half_unit = np.repeat(np.where(finite, scales[:20], 0), 32, axis=1) / 2
+    close = np.repeat(finite, 32, axis=1)
+    close[5, :32] = False  # the one clamped block: off by a unit
+    assert (np.abs(rebuilt - x)[close] <= half_unit[close]).all()
+
+
+@needs_vnni_prompts
+def test_prompts_go_through_the_vnni_tiles_and_match_transformers(tiny_checkpoint, monkeypatch):
+    """The tiny preset's 8 experts with a 64-token prompt: groups of about 32 tokens go through the VNNI tiles, the
+    rounding of x within them keeps the logits within the reference tolerance."""
+    from reference import assert_logits_match, reference_logits
+
+    calls = []
+    original = kernels.mxfp4_matmul_groups
+
+    def counted(*args):
+        calls.append(args[3])
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "mxfp4_matmul_groups", counted)
+    model = mlx_oss.load(tiny_checkpoint, backend="numpy")
+    tokens = np.random.default_rng(5).integers(0, model.config.vocab_size, 64)
+    assert_logits_match(model.logits(tokens), reference_logits(tiny_checkpoint, tokens))
+    assert calls and sum(int(np.sum(sizes)) for sizes in calls) >= 64 * 4  # every layer's, both projections
+
+
 @needs_amx
 def test_avx512_kernels_without_amx_match_transformers():
     """Machines without AMX (AMD's, Intel's before Sapphire Rapids) run prompts on the AVX-512 kernels: check them

@@ -1,0 +1,245 @@
+"""Prompts' expert products as 16-bit integer dot products, where the CPU has AVX512-VNNI but no AMX (`_target`).
+
+A prompt multiplies each expert's MXFP4 weights with the tokens routed to it: compute-bound work. A float32
+multiply-add makes 16 products an instruction; VNNI's `vpdpwssd` multiplies 32 pairs of 16-bit integers and adds
+each two into 16 32-bit sums, at the same rate (one a cycle a core on Zen 4): twice the products.
+
+- Weights: an E2M1 value doubled is an integer from -12 to 12, exact as int16 (`_decode_row`); half the block's
+  E8M0 scale multiplies the block's sums.
+- Inputs: each token's block of 32 elements is rounded to int16 at the power of two that puts its largest
+  magnitude in [2**14, 2**15) (`quantized_tiles`), so each element is off by at most 2**-16 of that largest, where
+  float32 would round it at 2**-24 of itself. That is this path's one rounding: a block's products and sums are
+  exact in int32 (at most 32 x 12 x 32767), and each block's sum meets the two scales in float32. The reference
+  tests hold it to transformers' logits at the tolerance they hold every path to.
+
+Tokens go in the lanes. A group's tokens are laid out in tiles of 16 (`quantized_tiles`): for each block, 16
+vectors, vector j holding each token's elements 2j and 2j+1 as one 32-bit lane, then the tokens' 16 block scales.
+A task decodes `ROWS` rows of one expert to int16 pairs once, into a scratch row each, then for each of up to
+`TILE_PASS` tiles (`_rows_times_tile`) broadcasts each pair to all lanes and multiplies it into its row's sums
+for the 16 tokens: the rows share each vector of inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
+
+from ._numba_kernels import (
+    F32,
+    I8,
+    I16,
+    I32,
+    _block_words,
+    _fma,
+    _function,
+    _load,
+    _module_constant,
+    _pointer,
+    _splat,
+    _starts,
+    _vector,
+)
+from ._target import CACHE
+
+ROWS = 8  # rows a task multiplies at once: 8 sums and 8 float32 totals in registers, each input vector used 8 times
+ROW_SPAN = 8 * ROWS  # rows a task takes (its scratch is allocated once for them)
+TILE_PASS = 4  # tiles of 16 tokens a task multiplies each decoded row with
+LANES = 16
+HALF_SCALES = (SCALE_VALUES * 0.5).astype(np.float32)  # the weights are decoded doubled
+_HALF_SCALES = "mlx_oss_e8m0_half_scale_values"
+
+
+def _word_table():
+    """The 16 E2M1 values doubled, as int16, twice over: `_block_words`'s table."""
+    return _vector(I16, [int(2 * v) for v in FP4_VALUES] * 2)
+
+
+@intrinsic
+def _decode_row(typingctx, blocks, block_offset, scales, scale_offset, groups, words, words_offset, w_scales):
+    """MXFP4 row `blocks[block_offset:]`, `scales[scale_offset:]` (`groups` blocks) as int16 pairs into
+    `words[words_offset:]` (block g's 16 pairs, elements 2j and 2j+1, at `16 * g + j`) and its blocks' scales,
+    halved, into `w_scales[words_offset // 16:]`."""
+
+    def codegen(context, builder, signature, args):
+        b_arr, b_off, s_arr, s_off, count, w_arr, w_off, ws_arr = args
+        bt, _, st, _, _, wt, _, wst = signature.args
+        bp = _pointer(context, builder, bt, b_arr, b_off, I8)
+        sp = _pointer(context, builder, st, s_arr, s_off, I8)
+        wp = _pointer(context, builder, wt, w_arr, w_off, I32)
+        ws_off = builder.udiv(w_off, ir.Constant(w_off.type, LANES))
+        wsp = _pointer(context, builder, wst, ws_arr, ws_off, F32)
+        halves = builder.bitcast(_module_constant(builder, _HALF_SCALES, HALF_SCALES), F32.as_pointer())
+        vi = ir.VectorType(I32, LANES)
+        table = _word_table()
+        with cgutils.for_range(builder, count) as loop:
+            g = loop.index
+            target = builder.bitcast(builder.gep(wp, [builder.mul(g, ir.Constant(g.type, LANES))]), vi.as_pointer())
+            builder.store(_block_words(builder, bp, g, table), target, align=4)
+            exponent = builder.zext(builder.load(builder.gep(sp, [g])), I32)
+            builder.store(builder.load(builder.gep(halves, [exponent])), builder.gep(wsp, [g]))
+        return context.get_dummy_value()
+
+    arguments = (blocks, block_offset, scales, scale_offset, groups, words, words_offset, w_scales)
+    return types.none(*arguments), codegen
+
+
+@intrinsic
+def _rows_times_tile(
+    typingctx, words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, ws_offset, sums
+):
+    """`ROWS` decoded rows (`words[words_offset:]`, `groups * 16` pairs a row, `_decode_row`) times one tile of 16
+    tokens (`x[x_offset:]`, `x_scales[xs_offset:]`, `quantized_tiles`), with the rows' block scales (`w_scales
+    [ws_offset:]`, `groups` a row): row r's products with token n into `sums[16 * r + n]`.
+
+    For each block, each row's 16 pairs are broadcast and multiplied into its int32 sums (`vpmaddwd` and an add,
+    which LLVM fuses into `vpdpwssd`); the block's sums then meet the scales in float32."""
+
+    def codegen(context, builder, signature, args):
+        w_arr, w_off, count, x_arr, x_off, s_arr, s_off, ws_arr, ws_off, o_arr = args
+        wt, _, _, xt, _, st, _, wst, _, ot = signature.args
+        zero = ir.Constant(I32, 0)
+        wp = _pointer(context, builder, wt, w_arr, w_off, I32)
+        xp = _pointer(context, builder, xt, x_arr, x_off, I32)
+        sp = _pointer(context, builder, st, s_arr, s_off, F32)
+        wsp = _pointer(context, builder, wst, ws_arr, ws_off, F32)
+        op = _pointer(context, builder, ot, o_arr, zero, F32)
+        vi, vw = ir.VectorType(I32, LANES), ir.VectorType(I16, 2 * LANES)
+        vf, fma = _fma(builder, LANES)
+        madd = _function(builder, "llvm.x86.avx512.pmaddw.d.512", vi, vw, vw)
+        row_words = [builder.gep(wp, [builder.mul(count, ir.Constant(count.type, LANES * r))]) for r in range(ROWS)]
+        totals = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(ROWS)]
+        with cgutils.for_range(builder, count) as loop:
+            g = loop.index
+            block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, LANES * LANES))])
+            block_words = [builder.gep(words, [builder.mul(g, ir.Constant(g.type, LANES))]) for words in row_words]
+            sums = [ir.Constant(vi, None)] * ROWS
+            for j in range(LANES):
+                inputs = builder.bitcast(_load(builder, block_x, ir.Constant(I32, LANES * j), vi), vw)
+                for r in range(ROWS):
+                    pair = builder.load(builder.gep(block_words[r], [ir.Constant(I32, j)]))
+                    product = builder.call(madd, [inputs, builder.bitcast(_splat(builder, pair, LANES), vw)])
+                    sums[r] = product if j == 0 else builder.add(sums[r], product)
+            token_scales = _load(builder, sp, builder.mul(g, ir.Constant(g.type, LANES)), vf)
+            for r, total in enumerate(totals):
+                at = builder.add(builder.mul(count, ir.Constant(count.type, r)), g)
+                scale = builder.fmul(token_scales, _splat(builder, builder.load(builder.gep(wsp, [at])), LANES))
+                builder.store(builder.call(fma, [builder.sitofp(sums[r], vf), scale, builder.load(total)]), total)
+        for r, total in enumerate(totals):
+            target = builder.bitcast(builder.gep(op, [ir.Constant(I32, LANES * r)]), vf.as_pointer())
+            builder.store(builder.load(total), target, align=4)
+        return context.get_dummy_value()
+
+    arguments = (words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, ws_offset, sums)
+    return types.none(*arguments), codegen
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, x_scales, threads, out):
+    """For each group i of `sizes[i]` inputs: `x_i @ W[experts[i]].T` into `out [N, R]` (the groups' rows one after
+    another), for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]` (R a multiple of `ROWS`) and the groups'
+    inputs as `quantized_tiles` lays them out (`x` uint32, `x_scales` float32).
+
+    A task takes up to `ROW_SPAN` rows of one group's expert and decodes them once (`_decode_row`), then goes
+    through the group's tiles `TILE_PASS` at a time (a pass's inputs stay in the core's cache), `ROWS` rows at a
+    time. The tasks are dealt out in turn to one worker per thread (`threads`: numba's, which compiled here would
+    keep the function out of numba's cache), each allocating its scratch once.
+    """
+    _, rows, groups, _ = blocks.shape
+    spans = (rows + ROW_SPAN - 1) // ROW_SPAN
+    tasks = sizes.size * spans
+    tiles = (sizes + LANES - 1) // LANES
+    tile_start = _starts(tiles)
+    out_start = _starts(sizes)
+    flat_blocks, flat_scales = blocks.reshape(-1), scales.reshape(-1)
+    workers = max(1, min(threads, tasks))
+    for worker in prange(workers):
+        words = np.empty(ROW_SPAN * groups * LANES, dtype=np.uint32)
+        w_scales = np.empty(ROW_SPAN * groups, dtype=np.float32)
+        sums = np.empty(ROWS * LANES, dtype=np.float32)
+        for task in range(worker, tasks, workers):
+            i, span = task // spans, task % spans
+            first = span * ROW_SPAN
+            count = min(ROW_SPAN, rows - first)
+            for r in range(count):
+                row = experts[i] * rows + first + r
+                _decode_row(flat_blocks, row * groups * 16, flat_scales, row * groups, groups, words,
+                            r * groups * LANES, w_scales)  # fmt: skip
+            for pass_start in range(0, tiles[i], TILE_PASS):
+                for chunk in range(0, count, ROWS):
+                    for t in range(pass_start, min(pass_start + TILE_PASS, tiles[i])):
+                        at = tile_start[i] + t
+                        _rows_times_tile(words, chunk * groups * LANES, groups, x, at * groups * LANES * LANES,
+                                         x_scales, at * groups * LANES, w_scales, chunk * groups, sums)  # fmt: skip
+                        for n in range(min(LANES, sizes[i] - t * LANES)):
+                            for r in range(ROWS):
+                                out[out_start[i] + t * LANES + n, first + chunk + r] = sums[r * LANES + n]
+
+
+@numba.njit(parallel=True, cache=CACHE)
+def quantized_tiles(x, positions, sizes, pairs, x_scales):
+    """Consecutive groups of `sizes` rows of `x [N, G*32]` rounded to int16 and laid out as `_rows_times_tile`
+    reads them: for each group's tile of 16 rows and each block, 16 x 16 pairs `pairs` (uint32; vector j holds row
+    n's elements 2j and 2j+1 in lane n, the first in the low half), then the rows' 16 block scales in `x_scales`.
+    Element e of a block of x lies at `positions[e]` within it. Rows past a group's last are zero.
+
+    A block's scale is the power of two that puts its largest magnitude in [2**14, 2**15) (`math.frexp`); a block
+    of zeros has scale 0, and one holding an infinity or NaN scale NaN, so that its products come out NaN.
+    """
+    groups = x.shape[1] // 32
+    tiles = (sizes + LANES - 1) // LANES
+    row_start = _starts(sizes)
+    tile_start = _starts(tiles)
+    for task in prange(tile_start[-1]):
+        i = np.searchsorted(tile_start, task, side="right") - 1
+        t = task - tile_start[i]
+        filled = min(LANES, sizes[i] - t * LANES)
+        for g in range(groups):
+            base = (task * groups + g) * LANES
+            for n in range(LANES):
+                scale, up = 0.0, 0.0
+                if n < filled:
+                    row = row_start[i] + t * LANES + n
+                    peak, finite = 0.0, True
+                    for k in range(g * 32, g * 32 + 32):
+                        peak = max(peak, abs(x[row, k]))
+                        finite = finite and math.isfinite(x[row, k])  # max() passes over a NaN
+                    if not finite:
+                        scale = math.nan
+                    elif peak > 0:
+                        exponent = math.frexp(peak)[1]  # peak = m * 2**exponent, 0.5 <= m < 1
+                        scale, up = math.ldexp(1.0, exponent - 15), math.ldexp(1.0, 15 - exponent)
+                x_scales[base + n] = scale
+                for j in range(LANES):
+                    low = high = 0
+                    if up != 0.0:
+                        k = row_start[i] + t * LANES + n
+                        low = _rounded(x[k, g * 32 + positions[2 * j]] * up)
+                        high = _rounded(x[k, g * 32 + positions[2 * j + 1]] * up)
+                    pairs[base * LANES + j * LANES + n] = np.uint32(low & 0xFFFF) | (np.uint32(high & 0xFFFF) << 16)
+
+
+@numba.njit(inline="always")
+def _rounded(value):
+    """`value` (within 2**15 of zero) to the nearest int16, ties to even; 2**15 itself to 2**15 - 1."""
+    return min(32767, max(-32767, np.int32(np.rint(value))))
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels for the array types the model passes."""
+    blocks = np.zeros((1, ROWS, 1, 16), np.uint8)
+    scales = np.full((1, ROWS, 1), 127, np.uint8)
+    for array in (blocks, scales):
+        array.flags.writeable = False  # checkpoint weights are read-only maps, a distinct array type to numba
+    sizes = np.ones(1, dtype=np.int64)
+    pairs, x_scales = np.empty(LANES * LANES, np.uint32), np.empty(LANES, np.float32)
+    quantized_tiles(np.zeros((1, 32), np.float32), np.arange(32), sizes, pairs, x_scales)
+    out = np.empty((1, ROWS), np.float32)
+    mxfp4_matmul_tiles(blocks, scales, np.zeros(1, np.int64), sizes, pairs, x_scales, numba.get_num_threads(), out)
