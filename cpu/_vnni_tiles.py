@@ -63,10 +63,12 @@ def _word_table():
 
 
 @intrinsic
-def _decode_row(typingctx, blocks, block_offset, scales, scale_offset, groups, words, words_offset, w_scales):
-    """MXFP4 row `blocks[block_offset:]`, `scales[scale_offset:]` (`groups` blocks) as int16 pairs into
-    `words[words_offset:]` (block g's 16 pairs, elements 2j and 2j+1, at `16 * g + j`) and its blocks' scales,
-    halved, into `w_scales[words_offset // 16:]`."""
+def _decode_row_pair(typingctx, blocks, block_offset, scales, scale_offset, groups, words, words_offset, w_scales):
+    """MXFP4 rows `blocks[block_offset:]`, `scales[scale_offset:]` and the next (`groups` blocks each) as int16
+    pairs into `words[words_offset:]`, interleaved: pair j (elements 2j and 2j+1) of the first row's block g at
+    `32 * g + 2 * j`, the second row's after it; and their blocks' scales, halved, into `w_scales[words_offset //
+    16:]`, the same way (`2 * g`, `2 * g + 1`). So both rows' pair j load as one 64-bit word (`_rows_times_tile`'s
+    half tiles), and either alone as a 32-bit one."""
 
     def codegen(context, builder, signature, args):
         b_arr, b_off, s_arr, s_off, count, w_arr, w_off, ws_arr = args
@@ -74,71 +76,114 @@ def _decode_row(typingctx, blocks, block_offset, scales, scale_offset, groups, w
         bp = _pointer(context, builder, bt, b_arr, b_off, I8)
         sp = _pointer(context, builder, st, s_arr, s_off, I8)
         wp = _pointer(context, builder, wt, w_arr, w_off, I32)
-        ws_off = builder.udiv(w_off, ir.Constant(w_off.type, LANES))
-        wsp = _pointer(context, builder, wst, ws_arr, ws_off, F32)
+        wsp = _pointer(context, builder, wst, ws_arr, builder.udiv(w_off, ir.Constant(w_off.type, LANES)), F32)
+        rows_blocks = [bp, builder.gep(bp, [builder.mul(count, ir.Constant(count.type, 16))])]
+        rows_scales = [sp, builder.gep(sp, [count])]
         halves = builder.bitcast(_module_constant(builder, _HALF_SCALES, HALF_SCALES), F32.as_pointer())
-        vi = ir.VectorType(I32, LANES)
         table = _word_table()
+        both = ir.VectorType(I32, 2 * LANES)
+        interleave = ir.Constant(ir.VectorType(I32, 2 * LANES), [i // 2 + (i % 2) * LANES for i in range(2 * LANES)])
         with cgutils.for_range(builder, count) as loop:
             g = loop.index
-            target = builder.bitcast(builder.gep(wp, [builder.mul(g, ir.Constant(g.type, LANES))]), vi.as_pointer())
-            builder.store(_block_words(builder, bp, g, table), target, align=4)
-            exponent = builder.zext(builder.load(builder.gep(sp, [g])), I32)
-            builder.store(builder.load(builder.gep(halves, [exponent])), builder.gep(wsp, [g]))
+            first, second = (_block_words(builder, row, g, table) for row in rows_blocks)
+            target = builder.gep(wp, [builder.mul(g, ir.Constant(g.type, 2 * LANES))])
+            pairs = builder.shuffle_vector(first, second, interleave)
+            builder.store(pairs, builder.bitcast(target, both.as_pointer()), align=4)
+            for parity, row_scales in enumerate(rows_scales):
+                exponent = builder.zext(builder.load(builder.gep(row_scales, [g])), I32)
+                at = builder.add(builder.mul(g, ir.Constant(g.type, 2)), ir.Constant(g.type, parity))
+                builder.store(builder.load(builder.gep(halves, [exponent])), builder.gep(wsp, [at]))
         return context.get_dummy_value()
 
     arguments = (blocks, block_offset, scales, scale_offset, groups, words, words_offset, w_scales)
     return types.none(*arguments), codegen
 
 
-@intrinsic
-def _rows_times_tile(
-    typingctx, words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, ws_offset, sums
-):
-    """`ROWS` decoded rows (`words[words_offset:]`, `groups * 16` pairs a row, `_decode_row`) times one tile of 16
-    tokens (`x[x_offset:]`, `x_scales[xs_offset:]`, `quantized_tiles`), with the rows' block scales (`w_scales
-    [ws_offset:]`, `groups` a row): row r's products with token n into `sums[16 * r + n]`.
+def _rows_times_tile_intrinsic(half: bool):
+    @intrinsic
+    def rows_times_tile(typingctx, words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, sums):
+        """`ROWS` decoded rows (`words[words_offset:]`, in pairs of rows as `_decode_row_pair` lays them out, their
+        block scales at `w_scales[words_offset // 16:]`) times one tile of tokens (`x[x_offset:]`,
+        `x_scales[xs_offset:]`, `quantized_tiles`).
 
-    For each block, each row's 16 pairs are broadcast and multiplied into its int32 sums (`vpmaddwd` and an add,
-    which LLVM fuses into `vpdpwssd`); the block's sums then meet the scales in float32."""
+        A full tile holds 16 tokens, token n in lane n: each row's pair j is broadcast to all lanes, and row r's
+        products with token n go to `sums[16 * r + n]`. A half tile holds 8, token n in lanes 2n and 2n + 1: a pair
+        of rows' pair j is broadcast as one 64-bit word, the first row's in the even lanes, and pair p's products
+        go to `sums[16 * p + 2 * n + parity]`. Either way a `vpdpwssd` makes 32 products.
 
-    def codegen(context, builder, signature, args):
-        w_arr, w_off, count, x_arr, x_off, s_arr, s_off, ws_arr, ws_off, o_arr = args
-        wt, _, _, xt, _, st, _, wst, _, ot = signature.args
-        zero = ir.Constant(I32, 0)
-        wp = _pointer(context, builder, wt, w_arr, w_off, I32)
-        xp = _pointer(context, builder, xt, x_arr, x_off, I32)
-        sp = _pointer(context, builder, st, s_arr, s_off, F32)
-        wsp = _pointer(context, builder, wst, ws_arr, ws_off, F32)
-        op = _pointer(context, builder, ot, o_arr, zero, F32)
-        vi, vw = ir.VectorType(I32, LANES), ir.VectorType(I16, 2 * LANES)
-        vf, fma = _fma(builder, LANES)
-        madd = _function(builder, "llvm.x86.avx512.pmaddw.d.512", vi, vw, vw)
-        row_words = [builder.gep(wp, [builder.mul(count, ir.Constant(count.type, LANES * r))]) for r in range(ROWS)]
-        totals = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(ROWS)]
-        with cgutils.for_range(builder, count) as loop:
-            g = loop.index
-            block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, LANES * LANES))])
-            block_words = [builder.gep(words, [builder.mul(g, ir.Constant(g.type, LANES))]) for words in row_words]
-            sums = [ir.Constant(vi, None)] * ROWS
-            for j in range(LANES):
-                inputs = builder.bitcast(_load(builder, block_x, ir.Constant(I32, LANES * j), vi), vw)
-                for r in range(ROWS):
-                    pair = builder.load(builder.gep(block_words[r], [ir.Constant(I32, j)]))
-                    product = builder.call(madd, [inputs, builder.bitcast(_splat(builder, pair, LANES), vw)])
-                    sums[r] = product if j == 0 else builder.add(sums[r], product)
-            token_scales = _load(builder, sp, builder.mul(g, ir.Constant(g.type, LANES)), vf)
-            for r, total in enumerate(totals):
-                at = builder.add(builder.mul(count, ir.Constant(count.type, r)), g)
-                scale = builder.fmul(token_scales, _splat(builder, builder.load(builder.gep(wsp, [at])), LANES))
-                builder.store(builder.call(fma, [builder.sitofp(sums[r], vf), scale, builder.load(total)]), total)
-        for r, total in enumerate(totals):
-            target = builder.bitcast(builder.gep(op, [ir.Constant(I32, LANES * r)]), vf.as_pointer())
-            builder.store(builder.load(total), target, align=4)
-        return context.get_dummy_value()
+        For each block, the pairs are multiplied into int32 sums (`vpmaddwd` and an add, which LLVM fuses into
+        `vpdpwssd`); the block's sums then meet the scales in float32."""
 
-    arguments = (words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, ws_offset, sums)
-    return types.none(*arguments), codegen
+        def codegen(context, builder, signature, args):
+            w_arr, w_off, count, x_arr, x_off, s_arr, s_off, ws_arr, o_arr = args
+            wt, _, _, xt, _, st, _, wst, ot = signature.args
+            zero = ir.Constant(I32, 0)
+            wp = _pointer(context, builder, wt, w_arr, w_off, I32)
+            xp = _pointer(context, builder, xt, x_arr, x_off, I32)
+            sp = _pointer(context, builder, st, s_arr, s_off, F32)
+            wsp = _pointer(context, builder, wst, ws_arr, builder.udiv(w_off, ir.Constant(w_off.type, LANES)), F32)
+            op = _pointer(context, builder, ot, o_arr, zero, F32)
+            vi, vw = ir.VectorType(I32, LANES), ir.VectorType(I16, 2 * LANES)
+            vf, fma = _fma(builder, LANES)
+            madd = _function(builder, "llvm.x86.avx512.pmaddw.d.512", vi, vw, vw)
+            accumulators = ROWS // 2 if half else ROWS
+            pair_words = [builder.gep(wp, [builder.mul(count, ir.Constant(count.type, 2 * LANES * p))])
+                          for p in range(ROWS // 2)]  # fmt: skip
+            pair_scales = [
+                builder.gep(wsp, [builder.mul(count, ir.Constant(count.type, 2 * p))]) for p in range(ROWS // 2)
+            ]
+            totals = [cgutils.alloca_once_value(builder, _vector(F32, [0.0] * LANES)) for _ in range(accumulators)]
+            alternate = ir.Constant(ir.VectorType(I32, LANES), [i % 2 for i in range(LANES)])
+
+            def weights(g, j, a):  # the broadcast pair(s) accumulator a multiplies by
+                at = builder.add(builder.mul(g, ir.Constant(g.type, 2 * LANES)), ir.Constant(g.type, 2 * j))
+                if half:
+                    word = builder.bitcast(builder.gep(pair_words[a], [at]), ir.IntType(64).as_pointer())
+                    return builder.bitcast(_splat(builder, builder.load(word, align=4), LANES // 2), vw)
+                word = builder.gep(pair_words[a // 2], [builder.add(at, ir.Constant(g.type, a % 2))])
+                return builder.bitcast(_splat(builder, builder.load(word), LANES), vw)
+
+            def row_scales(g, a):  # the scales of accumulator a's row(s) in its lanes
+                at = builder.mul(g, ir.Constant(g.type, 2))
+                if half:
+                    both = builder.bitcast(builder.gep(pair_scales[a], [at]), ir.VectorType(F32, 2).as_pointer())
+                    pair = builder.load(both, align=4)
+                    return builder.shuffle_vector(pair, pair, alternate)
+                scale = builder.gep(pair_scales[a // 2], [builder.add(at, ir.Constant(g.type, a % 2))])
+                return _splat(builder, builder.load(scale), LANES)
+
+            with cgutils.for_range(builder, count) as loop:
+                g = loop.index
+                block_x = builder.gep(xp, [builder.mul(g, ir.Constant(g.type, LANES * LANES))])
+                sums = [None] * accumulators
+                for j in range(LANES):
+                    inputs = builder.bitcast(_load(builder, block_x, ir.Constant(I32, LANES * j), vi), vw)
+                    for a in range(accumulators):
+                        product = builder.call(madd, [inputs, weights(g, j, a)])
+                        sums[a] = product if j == 0 else builder.add(sums[a], product)
+                token_scales = _load(builder, sp, builder.mul(g, ir.Constant(g.type, LANES)), vf)
+                for a, total in enumerate(totals):
+                    scale = builder.fmul(token_scales, row_scales(g, a))
+                    builder.store(builder.call(fma, [builder.sitofp(sums[a], vf), scale, builder.load(total)]), total)
+            for a, total in enumerate(totals):
+                target = builder.bitcast(builder.gep(op, [ir.Constant(I32, LANES * a)]), vf.as_pointer())
+                builder.store(builder.load(total), target, align=4)
+            return context.get_dummy_value()
+
+        arguments = (words, words_offset, groups, x, x_offset, x_scales, xs_offset, w_scales, sums)
+        return types.none(*arguments), codegen
+
+    return rows_times_tile
+
+
+_rows_times_tile, _rows_times_half_tile = _rows_times_tile_intrinsic(False), _rows_times_tile_intrinsic(True)
+
+
+@numba.njit(cache=CACHE)
+def _half(size, tile):
+    """Whether tile `tile` of a group of `size` tokens is a half tile: the last, holding 1 to 8 tokens."""
+    rest = size % LANES
+    return 0 < rest <= LANES // 2 and tile == size // LANES
 
 
 @numba.njit(parallel=True, cache=CACHE)
@@ -147,7 +192,7 @@ def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, x_scales, threads, out
     another), for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]` (R a multiple of `ROWS`) and the groups'
     inputs as `quantized_tiles` lays them out (`x` uint32, `x_scales` float32).
 
-    A task takes up to `ROW_SPAN` rows of one group's expert and decodes them once (`_decode_row`), then goes
+    A task takes up to `ROW_SPAN` rows of one group's expert and decodes them once (`_decode_row_pair`), then goes
     through the group's tiles `TILE_PASS` at a time (a pass's inputs stay in the core's cache), `ROWS` rows at a
     time. The tasks are dealt out in turn to one worker per thread (`threads`: numba's, which compiled here would
     keep the function out of numba's cache), each allocating its scratch once.
@@ -168,27 +213,36 @@ def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, x_scales, threads, out
             i, span = task // spans, task % spans
             first = span * ROW_SPAN
             count = min(ROW_SPAN, rows - first)
-            for r in range(count):
+            for r in range(0, count, 2):
                 row = experts[i] * rows + first + r
-                _decode_row(flat_blocks, row * groups * 16, flat_scales, row * groups, groups, words,
-                            r * groups * LANES, w_scales)  # fmt: skip
+                _decode_row_pair(flat_blocks, row * groups * 16, flat_scales, row * groups, groups, words,
+                                 r * groups * LANES, w_scales)  # fmt: skip
             for pass_start in range(0, tiles[i], TILE_PASS):
                 for chunk in range(0, count, ROWS):
                     for t in range(pass_start, min(pass_start + TILE_PASS, tiles[i])):
                         at = tile_start[i] + t
-                        _rows_times_tile(words, chunk * groups * LANES, groups, x, at * groups * LANES * LANES,
-                                         x_scales, at * groups * LANES, w_scales, chunk * groups, sums)  # fmt: skip
-                        for n in range(min(LANES, sizes[i] - t * LANES)):
-                            for r in range(ROWS):
-                                out[out_start[i] + t * LANES + n, first + chunk + r] = sums[r * LANES + n]
+                        tokens = min(LANES, sizes[i] - t * LANES)
+                        x_at, xs_at, w_at = at * groups * LANES * LANES, at * groups * LANES, chunk * groups * LANES
+                        if _half(sizes[i], t):
+                            _rows_times_half_tile(words, w_at, groups, x, x_at, x_scales, xs_at, w_scales, sums)
+                            for n in range(tokens):
+                                for r in range(ROWS):
+                                    value = sums[(r // 2) * LANES + 2 * n + r % 2]
+                                    out[out_start[i] + t * LANES + n, first + chunk + r] = value
+                        else:
+                            _rows_times_tile(words, w_at, groups, x, x_at, x_scales, xs_at, w_scales, sums)
+                            for n in range(tokens):
+                                for r in range(ROWS):
+                                    out[out_start[i] + t * LANES + n, first + chunk + r] = sums[r * LANES + n]
 
 
 @numba.njit(parallel=True, cache=CACHE)
 def quantized_tiles(x, positions, sizes, pairs, x_scales):
     """Consecutive groups of `sizes` rows of `x [N, G*32]` rounded to int16 and laid out as `_rows_times_tile`
     reads them: for each group's tile of 16 rows and each block, 16 x 16 pairs `pairs` (uint32; vector j holds row
-    n's elements 2j and 2j+1 in lane n, the first in the low half), then the rows' 16 block scales in `x_scales`.
-    Element e of a block of x lies at `positions[e]` within it. Rows past a group's last are zero.
+    n's elements 2j and 2j+1 in lane n, the first in the low half), then the rows' 16 block scales in `x_scales`;
+    a group's last tile, if it holds 8 rows or fewer, a half tile: row n in lanes 2n and 2n + 1. Element e of a
+    block of x lies at `positions[e]` within it. Rows past a group's last are zero.
 
     A block's scale is the power of two that puts its largest magnitude in [2**14, 2**15) (`math.frexp`); a block
     of zeros has scale 0, and one holding an infinity or NaN scale NaN, so that its products come out NaN.
@@ -201,10 +255,12 @@ def quantized_tiles(x, positions, sizes, pairs, x_scales):
         i = np.searchsorted(tile_start, task, side="right") - 1
         t = task - tile_start[i]
         filled = min(LANES, sizes[i] - t * LANES)
+        half = _half(sizes[i], t)
         for g in range(groups):
             base = (task * groups + g) * LANES
-            for n in range(LANES):
+            for lane in range(LANES):
                 scale, up = 0.0, 0.0
+                n = lane // 2 if half else lane
                 if n < filled:
                     row = row_start[i] + t * LANES + n
                     peak, finite = 0.0, True
@@ -216,14 +272,14 @@ def quantized_tiles(x, positions, sizes, pairs, x_scales):
                     elif peak > 0:
                         exponent = math.frexp(peak)[1]  # peak = m * 2**exponent, 0.5 <= m < 1
                         scale, up = math.ldexp(1.0, exponent - 15), math.ldexp(1.0, 15 - exponent)
-                x_scales[base + n] = scale
+                x_scales[base + lane] = scale
                 for j in range(LANES):
                     low = high = 0
                     if up != 0.0:
                         k = row_start[i] + t * LANES + n
                         low = _rounded(x[k, g * 32 + positions[2 * j]] * up)
                         high = _rounded(x[k, g * 32 + positions[2 * j + 1]] * up)
-                    pairs[base * LANES + j * LANES + n] = np.uint32(low & 0xFFFF) | (np.uint32(high & 0xFFFF) << 16)
+                    pairs[base * LANES + j * LANES + lane] = np.uint32(low & 0xFFFF) | (np.uint32(high & 0xFFFF) << 16)
 
 
 @numba.njit(inline="always")

@@ -527,7 +527,8 @@ def test_vnni_tiles_take_the_swiglu_layout_as_its_rows():
 def test_vnni_tile_inputs_are_16_bit_within_half_a_unit_of_2_to_the_minus_15_of_their_blocks_largest():
     """`quantized_tiles` against its contract, recomputed here: for each block of 32 of a row, the scale 2**(e - 15)
     (e the exponent of its largest magnitude) and X = round(x / scale), |X| <= 32767, laid out [tile, block, pair j,
-    row n]; zeros for a block of zeros and for the padding rows, a NaN scale for a block holding a NaN or infinity."""
+    lane]; a last tile of 8 rows or fewer holds each in two lanes; zeros for a block of zeros and for the padding
+    rows, a NaN scale for a block holding a NaN or infinity."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((20, 96)) * np.ldexp(1.0, rng.integers(-60, 60, (20, 3)).repeat(32, axis=1))
     x[2, :32] = 0
@@ -536,10 +537,17 @@ def test_vnni_tile_inputs_are_16_bit_within_half_a_unit_of_2_to_the_minus_15_of_
     x[5, :32] = np.float32(1.0 - 2**-24)  # rounds up to 2**15: kept to 32767
     x = x.astype(np.float32)
     pairs, scales = kernels.quantized_tiles(x, [20])
-    words = pairs.view(np.int16).reshape(2, 3, 16, 16, 2)  # [tile, block, j, n, low/high]
-    values = words.transpose(0, 3, 1, 2, 4).reshape(32, 96).astype(np.float64)  # [row, element]
-    scales = scales.reshape(2, 3, 16).transpose(0, 2, 1).reshape(32, 3)
-    assert not values[20:].any() and not scales[20:].any()
+    words = pairs.view(np.int16).reshape(2, 3, 16, 16, 2)  # [tile, block, j, lane, low/high]
+    lanes = words.transpose(0, 3, 1, 2, 4).reshape(32, 96).astype(np.float64)  # [tile and lane, element]
+    lane_scales = scales.reshape(2, 3, 16).transpose(0, 2, 1).reshape(32, 3)
+    # Rows 0-15 fill the first tile; rows 16-19 the second, a half tile: row 16 + n in lanes 2n and 2n + 1.
+    np.testing.assert_array_equal(lanes[16:24:2], lanes[17:24:2])
+    np.testing.assert_array_equal(lane_scales[16:24:2], lane_scales[17:24:2])
+    values, scales = (
+        np.concatenate([lanes[:16], lanes[16:24:2]]),
+        np.concatenate([lane_scales[:16], lane_scales[16:24:2]]),
+    )
+    assert not lanes[24:].any() and not lane_scales[24:].any()
     peaks = np.abs(x.astype(np.float64)).reshape(20, 3, 32).max(axis=2)
     finite = np.isfinite(peaks)
     expected = np.where(peaks > 0, np.ldexp(1.0, np.frexp(np.where(finite, peaks, 1))[1] - 15), 0)
