@@ -37,12 +37,12 @@ from ._numba_kernels import (
     I8,
     I16,
     I32,
-    _block_words,
     _fma,
     _function,
     _load,
     _module_constant,
     _pointer,
+    _prefetch_ahead,
     _splat,
     _starts,
     _vector,
@@ -60,6 +60,28 @@ _HALF_SCALES = "mlx_oss_e8m0_half_scale_values"
 def _word_table():
     """The 16 E2M1 values doubled, as int16, twice over: `_block_words`'s table."""
     return _vector(I16, [int(2 * v) for v in FP4_VALUES] * 2)
+
+
+def _pair_words(builder, rows_blocks, g):
+    """Block `g` of two MXFP4 rows as `_decode_row_pair` lays them out, `<32 x i32>`: lane 2j holds the first row's
+    elements 2j and 2j+1 as int16 (doubled E2M1 values), lane 2j + 1 the second row's.
+
+    In bytes first: each row's 16 low and 16 high nibbles looked up by `vpshufb` (128-bit vectors, single-pumped
+    on Zen 4), the four vectors shuffled into the lanes' order, then widened to 16 bits with their signs."""
+    v16 = ir.VectorType(I8, 16)
+    lookup = _function(builder, "llvm.x86.ssse3.pshuf.b.128", v16, v16, v16)
+    table = _vector(I8, [int(2 * v) for v in FP4_VALUES])
+    fifteen, four = _vector(I8, [15] * 16), _vector(I8, [4] * 16)
+    values = []
+    for row in rows_blocks:
+        raw = _load(builder, row, builder.mul(g, ir.Constant(g.type, 16)), v16)
+        for nibbles in (builder.and_(raw, fifteen), builder.lshr(raw, four)):
+            values.append(builder.call(lookup, [table, nibbles]))
+    order = [index for j in range(16) for index in (j, 16 + j, 32 + j, 48 + j)]  # low, high; the second row's
+    first = builder.shuffle_vector(values[0], values[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+    second = builder.shuffle_vector(values[2], values[3], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+    ordered = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(I32, 64), order))
+    return builder.bitcast(builder.sext(ordered, ir.VectorType(I16, 64)), ir.VectorType(I32, 2 * LANES))
 
 
 @intrinsic
@@ -80,15 +102,13 @@ def _decode_row_pair(typingctx, blocks, block_offset, scales, scale_offset, grou
         rows_blocks = [bp, builder.gep(bp, [builder.mul(count, ir.Constant(count.type, 16))])]
         rows_scales = [sp, builder.gep(sp, [count])]
         halves = builder.bitcast(_module_constant(builder, _HALF_SCALES, HALF_SCALES), F32.as_pointer())
-        table = _word_table()
         both = ir.VectorType(I32, 2 * LANES)
-        interleave = ir.Constant(ir.VectorType(I32, 2 * LANES), [i // 2 + (i % 2) * LANES for i in range(2 * LANES)])
         with cgutils.for_range(builder, count) as loop:
             g = loop.index
-            first, second = (_block_words(builder, row, g, table) for row in rows_blocks)
+            for row_blocks, row_scales in zip(rows_blocks, rows_scales, strict=True):
+                _prefetch_ahead(builder, row_blocks, row_scales, g)  # the two streams left alone run 1.2x slower
             target = builder.gep(wp, [builder.mul(g, ir.Constant(g.type, 2 * LANES))])
-            pairs = builder.shuffle_vector(first, second, interleave)
-            builder.store(pairs, builder.bitcast(target, both.as_pointer()), align=4)
+            builder.store(_pair_words(builder, rows_blocks, g), builder.bitcast(target, both.as_pointer()), align=4)
             for parity, row_scales in enumerate(rows_scales):
                 exponent = builder.zext(builder.load(builder.gep(row_scales, [g])), I32)
                 at = builder.add(builder.mul(g, ir.Constant(g.type, 2)), ir.Constant(g.type, parity))
