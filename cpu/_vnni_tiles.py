@@ -33,12 +33,14 @@ from numba.extending import intrinsic
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
 from ._numba_kernels import (
+    BLOCK_ORDER,
     F32,
     I8,
     I16,
     I32,
     _fma,
     _function,
+    _horizontal_sum,
     _load,
     _module_constant,
     _pointer,
@@ -256,18 +258,87 @@ def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, x_scales, threads, out
                                     out[out_start[i] + t * LANES + n, first + chunk + r] = sums[r * LANES + n]
 
 
+def _quantize_block_intrinsic(positions: list[int]):
+    @intrinsic
+    def quantize_block(typingctx, x, x_offset, pairs, pairs_offset, x_scales, xs_offset):
+        """The 32 elements at `x[x_offset:]` (element e at `positions[e]`) rounded to int16 as `quantized_tiles`
+        says, their 16 pairs into `pairs[pairs_offset + 16 * j]` (element 2j in the low half) and their scale into
+        `x_scales[xs_offset]`.
+
+        The scale comes from the bits of the largest magnitude (E, its biased exponent): 2**(E - 141), which is
+        frexp's; E taken as at least 15, so a block whose largest is below 2**-112 keeps fewer bits."""
+
+        def codegen(context, builder, signature, args):
+            x_arr, x_off, p_arr, p_off, s_arr, s_off = args
+            xt, _, pt, _, st, _ = signature.args
+            xp = _pointer(context, builder, xt, x_arr, x_off, F32)
+            pp = _pointer(context, builder, pt, p_arr, p_off, I32)
+            sp = _pointer(context, builder, st, s_arr, s_off, F32)
+            vi, vf = ir.VectorType(I32, LANES), ir.VectorType(F32, LANES)
+            v32 = ir.VectorType(I32, 32)
+            convert = _function(builder, "llvm.x86.avx512.mask.cvtps2dq.512", vi, vf, vi, I16, I32)
+            nearest = [ir.Constant(vi, None), ir.Constant(I16, -1), ir.Constant(I32, 4)]  # MXCSR's: ties to even
+            halves = [_load(builder, xp, ir.Constant(I32, 16 * h), vf) for h in (0, 1)]
+            bits = builder.shuffle_vector(
+                *(builder.bitcast(half, vi) for half in halves), ir.Constant(v32, list(range(32)))
+            )
+            magnitudes = builder.and_(bits, _vector(I32, [0x7FFFFFFF] * 32))
+            peak = _horizontal_sum(builder, magnitudes, _unsigned_larger)  # a NaN's bits outrank an infinity's
+            invalid = builder.icmp_unsigned(">=", peak, ir.Constant(I32, 0x7F800000))
+            exponent = _unsigned_larger(builder, builder.lshr(peak, ir.Constant(I32, 23)), ir.Constant(I32, 15))
+            up = builder.bitcast(builder.shl(builder.sub(ir.Constant(I32, 268), exponent), ir.Constant(I32, 23)), F32)
+            scale = builder.bitcast(builder.shl(builder.sub(exponent, ir.Constant(I32, 14)), ir.Constant(I32, 23)), F32)
+            scale = builder.select(builder.icmp_unsigned("==", peak, ir.Constant(I32, 0)), ir.Constant(F32, 0.0), scale)
+            scale = builder.select(invalid, ir.Constant(F32, math.nan), scale)
+            high, low = _vector(I32, [32767] * LANES), _vector(I32, [-32767] * LANES)
+            rounded = []
+            for half in halves:
+                value = builder.call(convert, [builder.fmul(half, _splat(builder, up, LANES)), *nearest])
+                value = builder.select(builder.icmp_signed(">", value, high), high, value)
+                rounded.append(builder.select(builder.icmp_signed("<", value, low), low, value))
+            mask = ir.VectorType(I32, LANES)
+            even = builder.shuffle_vector(*rounded, ir.Constant(mask, [positions[2 * j] for j in range(LANES)]))
+            odd = builder.shuffle_vector(*rounded, ir.Constant(mask, [positions[2 * j + 1] for j in range(LANES)]))
+            pairs = builder.or_(
+                builder.and_(even, _vector(I32, [0xFFFF] * LANES)), builder.shl(odd, _vector(I32, [16] * LANES))
+            )
+            pairs = builder.select(invalid, _vector(I32, [0] * LANES), pairs)  # an infinity or NaN converts to none
+            for j in range(LANES):
+                builder.store(
+                    builder.extract_element(pairs, ir.Constant(I32, j)), builder.gep(pp, [ir.Constant(I32, LANES * j)])
+                )
+            builder.store(scale, sp)
+            return context.get_dummy_value()
+
+        return types.none(x, x_offset, pairs, pairs_offset, x_scales, xs_offset), codegen
+
+    return quantize_block
+
+
+def _unsigned_larger(builder, a, b):
+    return builder.select(builder.icmp_unsigned(">", a, b), a, b)
+
+
+_quantize_block = _quantize_block_intrinsic(list(range(32)))
+_quantize_laid_out_block = _quantize_block_intrinsic([int(p) for p in np.argsort(BLOCK_ORDER)])
+
+
 @numba.njit(parallel=True, cache=CACHE)
-def quantized_tiles(x, positions, sizes, pairs, x_scales):
+def quantized_tiles(x, laid_out, sizes, pairs, x_scales):
     """Consecutive groups of `sizes` rows of `x [N, G*32]` rounded to int16 and laid out as `_rows_times_tile`
     reads them: for each group's tile of 16 rows and each block, 16 x 16 pairs `pairs` (uint32; vector j holds row
     n's elements 2j and 2j+1 in lane n, the first in the low half), then the rows' 16 block scales in `x_scales`;
-    a group's last tile, if it holds 8 rows or fewer, a half tile: row n in lanes 2n and 2n + 1. Element e of a
-    block of x lies at `positions[e]` within it. Rows past a group's last are zero.
+    a group's last tile, if it holds 8 rows or fewer, a half tile: row n in lanes 2n and 2n + 1. With `laid_out`,
+    each block of x holds its elements in `BLOCK_ORDER` (`kernels.swiglu_laid_out`'s rows). Rows past a group's
+    last are zero.
 
-    A block's scale is the power of two that puts its largest magnitude in [2**14, 2**15) (`math.frexp`); a block
-    of zeros has scale 0, and one holding an infinity or NaN scale NaN, so that its products come out NaN.
+    A block's scale is the power of two that puts its largest magnitude in [2**14, 2**15) (as `math.frexp` gives
+    it); a block of zeros has scale 0, and one holding an infinity or NaN scale NaN and zeros, so that its products
+    come out NaN.
     """
-    groups = x.shape[1] // 32
+    width = x.shape[1]
+    groups = width // 32
+    flat = x.reshape(-1)
     tiles = (sizes + LANES - 1) // LANES
     row_start = _starts(sizes)
     tile_start = _starts(tiles)
@@ -279,33 +350,17 @@ def quantized_tiles(x, positions, sizes, pairs, x_scales):
         for g in range(groups):
             base = (task * groups + g) * LANES
             for lane in range(LANES):
-                scale, up = 0.0, 0.0
                 n = lane // 2 if half else lane
                 if n < filled:
-                    row = row_start[i] + t * LANES + n
-                    peak, finite = 0.0, True
-                    for k in range(g * 32, g * 32 + 32):
-                        peak = max(peak, abs(x[row, k]))
-                        finite = finite and math.isfinite(x[row, k])  # max() passes over a NaN
-                    if not finite:
-                        scale = math.nan
-                    elif peak > 0:
-                        exponent = math.frexp(peak)[1]  # peak = m * 2**exponent, 0.5 <= m < 1
-                        scale, up = math.ldexp(1.0, exponent - 15), math.ldexp(1.0, 15 - exponent)
-                x_scales[base + lane] = scale
-                for j in range(LANES):
-                    low = high = 0
-                    if up != 0.0:
-                        k = row_start[i] + t * LANES + n
-                        low = _rounded(x[k, g * 32 + positions[2 * j]] * up)
-                        high = _rounded(x[k, g * 32 + positions[2 * j + 1]] * up)
-                    pairs[base * LANES + j * LANES + lane] = np.uint32(low & 0xFFFF) | (np.uint32(high & 0xFFFF) << 16)
-
-
-@numba.njit(inline="always")
-def _rounded(value):
-    """`value` (within 2**15 of zero) to the nearest int16, ties to even; 2**15 itself to 2**15 - 1."""
-    return min(32767, max(-32767, np.int32(np.rint(value))))
+                    at = (row_start[i] + t * LANES + n) * width + g * 32
+                    if laid_out:
+                        _quantize_laid_out_block(flat, at, pairs, base * LANES + lane, x_scales, base + lane)
+                    else:
+                        _quantize_block(flat, at, pairs, base * LANES + lane, x_scales, base + lane)
+                else:
+                    x_scales[base + lane] = 0.0
+                    for j in range(LANES):
+                        pairs[base * LANES + j * LANES + lane] = 0
 
 
 def warm_up() -> None:
@@ -316,6 +371,7 @@ def warm_up() -> None:
         array.flags.writeable = False  # checkpoint weights are read-only maps, a distinct array type to numba
     sizes = np.ones(1, dtype=np.int64)
     pairs, x_scales = np.empty(LANES * LANES, np.uint32), np.empty(LANES, np.float32)
-    quantized_tiles(np.zeros((1, 32), np.float32), np.arange(32), sizes, pairs, x_scales)
+    for laid_out in (False, True):
+        quantized_tiles(np.zeros((1, 32), np.float32), laid_out, sizes, pairs, x_scales)
     out = np.empty((1, ROWS), np.float32)
     mxfp4_matmul_tiles(blocks, scales, np.zeros(1, np.int64), sizes, pairs, x_scales, numba.get_num_threads(), out)

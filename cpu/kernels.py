@@ -225,15 +225,13 @@ def quantized_tiles(x: np.ndarray | LaidOut, sizes) -> tuple[np.ndarray, np.ndar
     """Consecutive groups of `sizes` rows of `x [N, G*32]` (or `swiglu_laid_out`'s rows for `passes=False`) rounded
     to int16 and laid out in tiles of 16 rows as `_vnni_tiles.mxfp4_matmul_tiles` reads them: the pairs (uint32)
     and the block scales (float32)."""
-    if isinstance(x, LaidOut):
-        rows, positions = x.for_kernel(passes=False).reshape(x.rows, -1), _BLOCK_POSITIONS
-    else:
-        rows, positions = np.ascontiguousarray(x, dtype=np.float32), np.arange(32)
+    laid_out = isinstance(x, LaidOut)
+    rows = x.for_kernel(passes=False).reshape(x.rows, -1) if laid_out else np.ascontiguousarray(x, dtype=np.float32)
     sizes = np.asarray(sizes, dtype=np.int64)
     blocks = int((-(-sizes // 16)).sum()) * (rows.shape[1] // 32)
     pairs = _aligned_empty(blocks * 256).view(np.uint32)  # see `_aligned_empty`
     x_scales = _aligned_empty(blocks * 16)
-    _vnni_tiles.quantized_tiles(rows, positions, sizes, pairs, x_scales)
+    _vnni_tiles.quantized_tiles(rows, laid_out, sizes, pairs, x_scales)
     return pairs, x_scales
 
 
