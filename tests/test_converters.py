@@ -45,7 +45,7 @@ def source(synthetic_checkpoint) -> Path:
     return synthetic_checkpoint(**SHAPE, seed=2)
 
 
-def test_numpy_layout_gives_the_numpy_backends_logits(source, converted):
+def test_numpy_layout_gives_the_numpy_backends_logits(source, converted, float32_prompts):
     target = converted(source, NUMPY)
     assert Checkpoint(target).layout == NUMPY
     model = mlx_oss.load(target)
@@ -56,12 +56,9 @@ def test_numpy_layout_gives_the_numpy_backends_logits(source, converted):
     original = Checkpoint(source)
     parts = [original.float32(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
     np.testing.assert_array_equal(qkv.weight, np.concatenate(parts))  # widened exactly, fused in order
-    # float32 and BF16 weights take different (equally exact) routes through the kernels: same logits to rounding.
-    # Where VNNI takes prompts, the experts' inputs are rounded to 16 bits (2**-16 of a block's largest), and the
-    # two routes' inputs, a rounding apart, may round apart: a wider margin, within the reference tests' 1e-3.
+    # float32 and BF16 weights take different (equally exact) routes through the kernels: same logits to rounding
     ours, theirs = model.logits(TOKENS), mlx_oss.load(source, backend="numpy").logits(TOKENS)
-    margin = 3e-4 if kernels.VNNI_PROMPTS else 1e-5
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=margin * np.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
 
 
 def test_mlx_layout_is_a_lossless_repack(source, converted):

@@ -139,7 +139,9 @@ def test_bounded_cache_steps_back_within_its_rewind_and_restarts_beyond(mlx_mode
     )
 
 
-def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(synthetic_checkpoint, monkeypatch):
+def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(
+    synthetic_checkpoint, monkeypatch, float32_prompts
+):
     """OpenBLAS's threads spin on after each call and take a core from the kernels or workers that run next: the
     NumPy model's forward runs BLAS on one thread, restores the caller's setting after, and a prompt's attention
     runs its kv heads in the workers' threads instead, giving the logits of one call over all heads."""
