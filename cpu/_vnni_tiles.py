@@ -208,7 +208,7 @@ def _half(size, tile):
     return 0 < rest <= LANES // 2 and tile == size // LANES
 
 
-@numba.njit(parallel=True, cache=CACHE)
+@numba.njit(parallel=True, nogil=True, cache=CACHE)
 def mxfp4_matmul_tiles(blocks, scales, experts, sizes, x, x_scales, threads, out):
     """For each group i of `sizes[i]` inputs: `x_i @ W[experts[i]].T` into `out [N, R]` (the groups' rows one after
     another), for MXFP4 weights `blocks [E, R, G, 16]`, `scales [E, R, G]` (R a multiple of `ROWS`) and the groups'
@@ -323,7 +323,7 @@ _quantize_block = _quantize_block_intrinsic(list(range(32)))
 _quantize_laid_out_block = _quantize_block_intrinsic([int(p) for p in np.argsort(BLOCK_ORDER)])
 
 
-@numba.njit(parallel=True, cache=CACHE)
+@numba.njit(parallel=True, nogil=True, cache=CACHE)
 def quantized_tiles(x, laid_out, sizes, pairs, x_scales):
     """Consecutive groups of `sizes` rows of `x [N, G*32]` rounded to int16 and laid out as `_rows_times_tile`
     reads them: for each group's tile of 16 rows and each block, 16 x 16 pairs `pairs` (uint32; vector j holds row
