@@ -184,6 +184,7 @@ def _block_order() -> np.ndarray:
 
 
 BLOCK_ORDER = _block_order()
+BLOCK_POSITIONS = np.argsort(BLOCK_ORDER)  # where each element of a block lies in `BLOCK_ORDER`
 
 
 @functools.cache
@@ -267,24 +268,6 @@ def _avx2_blocks(builder, raw, scale_pointer, g):
         words = builder.bitcast(builder.shuffle_vector(low, high, interleave), vi)
         yield position, builder.bitcast(builder.shl(words, _vector(I32, [16] * 8)), vf)
         yield position + 8, builder.bitcast(builder.and_(words, _vector(I32, [0xFFFF0000] * 8)), vf)
-
-
-def _block_words(builder, block_pointer, g, table):
-    """MXFP4 block `g` as its 32 values in order, one 16-bit word each, looked up in `table` (`<32 x i16>`: the 16
-    E2M1 values in some 16-bit form, twice over): one `vpermw` of the table by the nibbles, each byte's low nibble
-    in word 2i and its high one in word 2i+1. Returned as `<16 x i32>`, pair i (elements 2i and 2i+1) in lane i.
-
-    A byte widened to a 32-bit lane, OR its copy shifted up by 12, holds the low nibble in the low word's bits 0-3
-    (bit 4, the high nibble's, picks the table's second copy) and the high nibble in the high word's bits 0-3.
-    """
-    vi = ir.VectorType(I32, 16)
-    offset = builder.mul(g, ir.Constant(g.type, 16))
-    nibbles = builder.zext(_load(builder, block_pointer, offset, ir.VectorType(I8, 16)), vi)
-    index = builder.bitcast(builder.or_(nibbles, builder.shl(nibbles, _vector(I32, [12] * 16))), table.type)
-    words = ir.VectorType(I16, 32)
-    return builder.bitcast(
-        builder.call(_function(builder, "llvm.x86.avx512.permvar.hi.512", words, words, words), [table, index]), vi
-    )
 
 
 def _bf16_load(builder, pointer, offset, lanes: int):

@@ -31,8 +31,8 @@ from ._numba_kernels import (
     I16,
     I32,
     LANES,
-    _block_words,
     _function,
+    _load,
     _module_constant,
     _pointer,
     _prefetch,
@@ -101,6 +101,23 @@ def _bf16_table(builder, scale):
     return builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 32), list(range(1, 32, 2)) * 2))
 
 
+def _bf16_block(builder, block_pointer, g, table):
+    """MXFP4 block `g` as its 32 BF16 values in order (`<32 x i16>`, from `_bf16_table`): one `vpermw` of the
+    table by the nibbles, each byte's low nibble in word 2i and its high one in word 2i+1.
+
+    A byte widened to a 32-bit lane, OR its copy shifted up by 12, holds the low nibble in the low word's bits 0-3
+    (bit 4, the high nibble's, picks the table's second copy) and the high nibble in the high word's bits 0-3.
+    """
+    vi = ir.VectorType(I32, 16)
+    offset = builder.mul(g, ir.Constant(g.type, 16))
+    nibbles = builder.zext(_load(builder, block_pointer, offset, ir.VectorType(I8, 16)), vi)
+    index = builder.bitcast(builder.or_(nibbles, builder.shl(nibbles, _vector(I32, [12] * 16))), table.type)
+    words = ir.VectorType(I16, 32)
+    return builder.bitcast(
+        builder.call(_function(builder, "llvm.x86.avx512.permvar.hi.512", words, words, words), [table, index]), vi
+    )
+
+
 def _multiply_blocks(builder, tiles, count, load_a, xp, x_step, sums):
     """The loop both tile kernels share: for each block g of 16 weight rows, `load_a(g, a_tile)` loads the rows'
     block g as BF16 into A tile `a_tile`; each part of the inputs' block g (`xp + g * x_step`, laid out by
@@ -162,7 +179,7 @@ def _mxfp4_rows_intrinsic(tiles: int):
                     _prefetch(builder, builder.gep(row_scales, [ahead]))
                     table = _bf16_table(builder, _scale(builder, row_scales, g))
                     row = builder.bitcast(builder.gep(buffer, [ir.Constant(I32, 16 * r)]), vi.as_pointer())
-                    builder.store(_block_words(builder, row_blocks, g, table), row, align=4)
+                    builder.store(_bf16_block(builder, row_blocks, g, table), row, align=4)
                 source = builder.bitcast(buffer, I8.as_pointer())
                 _amx(builder, "tileloadd64", _tile(a_tile), source, ir.Constant(_I64, 64))
 

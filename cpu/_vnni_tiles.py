@@ -4,7 +4,7 @@ A prompt multiplies each expert's MXFP4 weights with the tokens routed to it: co
 multiply-add makes 16 products an instruction; VNNI's `vpdpwssd` multiplies 32 pairs of 16-bit integers and adds
 each two into 16 32-bit sums, at the same rate (one a cycle a core on Zen 4): twice the products.
 
-- Weights: an E2M1 value doubled is an integer from -12 to 12, exact as int16 (`_decode_row`); half the block's
+- Weights: an E2M1 value doubled is an integer from -12 to 12, exact as int16 (`_decode_row_pair`); half the block's
   E8M0 scale multiplies the block's sums.
 - Inputs: each token's block of 32 elements is rounded to int16 at the power of two that puts its largest
   magnitude in [2**14, 2**15) (`quantized_tiles`), so each element is off by at most 2**-16 of that largest, where
@@ -14,9 +14,9 @@ each two into 16 32-bit sums, at the same rate (one a cycle a core on Zen 4): tw
 
 Tokens go in the lanes. A group's tokens are laid out in tiles of 16 (`quantized_tiles`): for each block, 16
 vectors, vector j holding each token's elements 2j and 2j+1 as one 32-bit lane, then the tokens' 16 block scales.
-A task decodes `ROWS` rows of one expert to int16 pairs once, into a scratch row each, then for each of up to
-`TILE_PASS` tiles (`_rows_times_tile`) broadcasts each pair to all lanes and multiplies it into its row's sums
-for the 16 tokens: the rows share each vector of inputs.
+A task decodes up to `ROW_SPAN` rows of one expert to int16 pairs once, into a scratch, then for every tile of its
+group, `TILE_PASS` at a time, and `ROWS` rows at a time (`_rows_times_tile`) broadcasts each pair to all lanes and
+multiplies it into its row's sums for the 16 tokens: the rows share each vector of inputs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
 from ._numba_kernels import (
-    BLOCK_ORDER,
+    BLOCK_POSITIONS,
     F32,
     I8,
     I16,
@@ -53,15 +53,10 @@ from ._target import CACHE
 
 ROWS = 8  # rows a task multiplies at once: 8 sums and 8 float32 totals in registers, each input vector used 8 times
 ROW_SPAN = 8 * ROWS  # rows a task takes (its scratch is allocated once for them)
-TILE_PASS = 4  # tiles of 16 tokens a task multiplies each decoded row with
+TILE_PASS = 4  # tiles of 16 tokens a pass takes: their inputs stay in the core's cache while the rows go through
 LANES = 16
 HALF_SCALES = (SCALE_VALUES * 0.5).astype(np.float32)  # the weights are decoded doubled
 _HALF_SCALES = "mlx_oss_e8m0_half_scale_values"
-
-
-def _word_table():
-    """The 16 E2M1 values doubled, as int16, twice over: `_block_words`'s table."""
-    return _vector(I16, [int(2 * v) for v in FP4_VALUES] * 2)
 
 
 def _pair_words(builder, rows_blocks, g):
@@ -320,7 +315,7 @@ def _unsigned_larger(builder, a, b):
 
 
 _quantize_block = _quantize_block_intrinsic(list(range(32)))
-_quantize_laid_out_block = _quantize_block_intrinsic([int(p) for p in np.argsort(BLOCK_ORDER)])
+_quantize_laid_out_block = _quantize_block_intrinsic([int(p) for p in BLOCK_POSITIONS])
 
 
 @numba.njit(parallel=True, nogil=True, cache=CACHE)

@@ -17,7 +17,8 @@ class Experts:
 
     Work is per (token, expert) pair. With the kernels, the pairs whose expert no other token chose (all of them
     while decoding) go through the packed weights together in one call, and an expert chosen by several tokens
-    decodes each block once for all of them (on AMX, every such expert in one call). Plain NumPy decodes a chosen
+    decodes each block once for all of them (on AMX or VNNI, every such expert in one call; on VNNI only those chosen
+    by `kernels.TILED_GROUP_TOKENS` tokens or more). Plain NumPy decodes a chosen
     expert to float32 a slice at a time, for BLAS, experts side by side in `workers`.
     """
 

@@ -69,7 +69,6 @@ if ISA is not None:
         # numba found no writable folder for its cache (a read-only install and home): compile in each process.
         _target.CACHE = False
         from . import _numba_kernels as _compiled
-    _BLOCK_POSITIONS = np.argsort(_compiled.BLOCK_ORDER)  # where each element of a block lies in `BLOCK_ORDER`
 CACHE = _target.CACHE  # whether the build is kept in numba's on-disk cache (see `warm_up`)
 if AMX:
     from . import _tile_kernels as _tiles
@@ -207,8 +206,8 @@ def mxfp4_matmul_groups(
     array, or `swiglu_laid_out`'s for `passes=False`.
 
     Each group's rows are padded to a multiple of 16 (a tile). On AMX, each weight block is decoded once for every
-    64 of a group's rows, and the products are float32's. On VNNI (`_vnni_tiles`), each row once for every 64, and
-    x is first rounded to 16 bits per block of 32 (within 2**-16 of the block's largest magnitude).
+    64 of a group's rows, and the products are float32's. On VNNI (`_vnni_tiles`), each row once for all of a group's
+    rows, and x is first rounded to 16 bits per block of 32 (within 2**-16 of the block's largest magnitude).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     experts = np.asarray(experts, dtype=np.int64)
@@ -240,7 +239,7 @@ def _plain(x: np.ndarray | LaidOut) -> np.ndarray:
     if not isinstance(x, LaidOut):
         return x
     blocked = x.for_kernel(passes=False).reshape(x.rows, -1, 32)
-    return np.ascontiguousarray(blocked[:, :, _BLOCK_POSITIONS]).reshape(x.rows, -1)
+    return np.ascontiguousarray(blocked[:, :, _compiled.BLOCK_POSITIONS]).reshape(x.rows, -1)
 
 
 def bf16_tiles_fit(weights: np.ndarray) -> bool:
