@@ -21,7 +21,7 @@ from mlx_oss.mxfp4 import FP4_VALUES, SCALE_VALUES
 
 from ._target import CACHE, ISA, VNNI, l1_data_bytes
 
-F32, I32, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+F32, F16, I32, I16, I8 = ir.FloatType(), ir.HalfType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 LANES = 16 if ISA == "avx512" else 8  # float32 lanes of a vector register (decoded MXFP4 weights, values)
 DOT_LANES = 16  # float32 lanes of the dot products over float32 or BF16 rows
 UNROLL = 4  # independent sums per row
@@ -83,6 +83,32 @@ def _pointer(context, builder, array_type, array, offset, element):
 
 def _load(builder, pointer, offset, vector_type):
     return builder.load(builder.bitcast(builder.gep(pointer, [offset]), vector_type.as_pointer()), align=1)
+
+
+def _cache_element(array_type):
+    """The LLVM element of a KV cache buffer: float32, or float16 held in a uint16 array (numba has no float16 on
+    the CPU)."""
+    return F16 if array_type.dtype == types.uint16 else F32
+
+
+def _load_widened(builder, pointer, offset, lanes: int):
+    """`lanes` cache elements from `pointer + offset` as `<lanes x float>`: float16 ones widened (`vcvtph2ps`)."""
+    element = pointer.type.pointee
+    loaded = _load(builder, pointer, offset, ir.VectorType(element, lanes))
+    return loaded if element == F32 else builder.fpext(loaded, ir.VectorType(F32, lanes))
+
+
+@intrinsic
+def _widened(typingctx, element):
+    """A KV cache element as float32: a float16's bits (uint16) widened, a float32 as it is."""
+    if element not in (types.uint16, types.float32):
+        raise TypingError(f"a KV cache element is float32 or float16 bits, not {element}")
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        return value if value.type == F32 else builder.fpext(builder.bitcast(value, F16), F32)
+
+    return types.float32(element), codegen
 
 
 def _function(builder, name, result, *arguments):
@@ -686,7 +712,7 @@ def _scores_intrinsic(heads: int):
         def codegen(context, builder, signature, args):
             k_arr, k_off, k_step, q_arr, q_off, n, a, o_arr, o_off, o_step = args
             kt, _, _, qt, _, _, _, ot, _, _ = signature.args
-            kp = _pointer(context, builder, kt, k_arr, k_off, F32)
+            kp = _pointer(context, builder, kt, k_arr, k_off, _cache_element(kt))
             qp = _pointer(context, builder, qt, q_arr, q_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
             vf, fma = _fma(builder, DOT_LANES)
@@ -695,7 +721,7 @@ def _scores_intrinsic(heads: int):
                 row = builder.mul(loop.index, k_step)
                 ahead = builder.add(row, ir.Constant(row.type, AHEAD_POSITIONS))
                 _prefetch(builder, builder.gep(kp, [ahead]), locality=2)
-                keys = _load(builder, kp, row, vf)
+                keys = _load_widened(builder, kp, row, DOT_LANES)
                 for i, acc in enumerate(accs):
                     index = builder.add(builder.mul(n, ir.Constant(n.type, i)), loop.index)
                     query = _splat(builder, builder.load(builder.gep(qp, [index])), DOT_LANES)
@@ -723,7 +749,7 @@ def _mix_intrinsic(heads: int, rows: int):
         def codegen(context, builder, signature, args):
             v_arr, v_off, v_step, w_arr, w_off, w_step, o_arr, o_off, o_step, n = args
             vt, _, _, wt, _, _, ot, _, _, _ = signature.args
-            vp = _pointer(context, builder, vt, v_arr, v_off, F32)
+            vp = _pointer(context, builder, vt, v_arr, v_off, _cache_element(vt))
             wp = _pointer(context, builder, wt, w_arr, w_off, F32)
             op = _pointer(context, builder, ot, o_arr, o_off, F32)
             vf, fma = _fma(builder, LANES)
@@ -737,7 +763,7 @@ def _mix_intrinsic(heads: int, rows: int):
                     at = builder.add(row, offset)
                     ahead = builder.add(at, ir.Constant(n.type, AHEAD_POSITIONS))
                     _prefetch(builder, builder.gep(vp, [ahead]), locality=2)
-                    values.append(_load(builder, vp, at, vf))
+                    values.append(_load_widened(builder, vp, at, LANES))
                 for head, row in zip(accs, weight_rows, strict=True):
                     weights = _load(builder, wp, builder.add(row, offset), vf)
                     for acc, value in zip(head, values, strict=True):
@@ -1323,9 +1349,10 @@ def warm_up() -> None:
         quantized = np.empty((1, 384), np.int8), np.empty((1, 16), np.int32), np.empty((1, 16), np.float32)
         x = np.zeros((1, 128), np.float32)
         mxfp4_matvec_vnni(blocks, scales, np.zeros(1, np.int64), x, *quantized, np.empty((1, 1), np.float32))
-    q, cached = np.zeros((1, 2, 4), np.float32), np.zeros((1, 4, 1), np.float32)
-    spans = np.zeros(1, np.int64), np.ones(1, np.int64)
-    attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
+    q, spans = np.zeros((1, 2, 4), np.float32), (np.zeros(1, np.int64), np.ones(1, np.int64))
+    for dtype in (np.uint16, np.float32):  # the KV cache's float16 (as bits) and float32 buffers
+        cached = np.zeros((1, 4, 1), dtype)
+        attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, PASS_TOKENS, np.empty(32, np.float32))
     reorder_steps(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty((1, 32), np.float32))
@@ -1368,7 +1395,7 @@ def _task_heads(task, kv_heads, group):
 def attention(q, k, v, sinks, base, first, last, scale, out):
     """`out[t, h] = softmax(scale * q[t, h] . keys, sink) . values` for a few queries (decoding), over keys
     `k [KV, D, capacity]` and values `v` alike, query t seeing the positions `base + first[t] .. base + last[t] - 1`
-    of the buffers.
+    of the buffers. Keys and values are float32, or float16 as their bits (uint16), widened as they are read.
 
     One (query, kv head) a task, its query heads together. It walks the positions `POSITION_CHUNK` at a time: the
     chunk's scores (`_scores_tile`, each key read once for `HEAD_TILE` heads) stay in a scratch row per head, in
@@ -1407,7 +1434,7 @@ def attention(q, k, v, sinks, base, first, last, scale, out):
                 for j in range(body, count):
                     total = np.float32(0)
                     for d in range(dim):
-                        total += q[t, h, d] * k[kv, d, start + j]
+                        total += q[t, h, d] * _widened(k[kv, d, start + j])
                     weights[(h - h0) * POSITION_CHUNK + j] = total * scale
             for i in range(heads_end - h0):
                 peak, total = _exps(weights, i * POSITION_CHUNK, count, peaks[i])
@@ -1439,7 +1466,7 @@ def attention(q, k, v, sinks, base, first, last, scale, out):
             for i in range(heads_end - h0):
                 for d in range(dim):
                     for j in range(body, count):
-                        sums[i * dim + d] += weights[i * POSITION_CHUNK + j] * v[kv, d, start + j]
+                        sums[i * dim + d] += weights[i * POSITION_CHUNK + j] * _widened(v[kv, d, start + j])
         for i in range(heads_end - h0):
             for d in range(dim):
                 out[t, h0 + i, d] = sums[i * dim + d] / totals[i]

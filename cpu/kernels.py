@@ -362,9 +362,9 @@ def attention(q, keys, values, sinks, q_start: int, window: int | None, k_start:
     """`layers.attention` for a few queries (decoding), in one compiled loop (`_numba_kernels.attention`), without
     BLAS, whose threads would spin on after each call and take the cores from the kernels around it.
 
-    `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers holding at least the positions
-    up to the last query's, `keys[..., 0]` being position `k_start` (a slice of them would have strides numba
-    cannot vectorize over).
+    `keys` and `values` `[KV, D, capacity]` are whole C-contiguous cache buffers (float32, or float16 as uint16
+    bits) holding at least the positions up to the last query's, `keys[..., 0]` being position `k_start` (a slice
+    of them would have strides numba cannot vectorize over).
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     tokens, heads, dim = q.shape

@@ -1,5 +1,11 @@
 """Keys and values of the tokens seen so far, one growing buffer per layer: the NumPy backend's `Cache`.
 
+Stored as float16 by default, as llama.cpp's cache is: half the memory, and half the bytes a decoding step reads
+at a long context. Rounding a key or value to float16 moves it by at most 2^-11 of itself, far inside the
+reference tests' tolerance on the logits; a pass without a cache rounds them alike (`as_stored`), so every route
+through the model gives the same logits. A layer whose keys or values reach beyond float16's range (65504) is
+kept in float32 from then on, so nothing overflows to infinity.
+
 Its `truncate` always keeps what is asked (the contract allows less): every layer keeps every position.
 """
 
@@ -9,8 +15,10 @@ import numpy as np
 
 from mlx_oss.backend import Cache, CacheState
 
-KIND = "numpy-f32/1"  # the state's layout: per layer `k.i` and `v.i`, float32 `[kv_heads, head_dim, length]`
+KIND = "numpy/2"  # the state's layout: per layer `k.i` and `v.i`, float16 or float32 `[kv_heads, head_dim, length]`
+KINDS = (KIND, "numpy-f32/1")  # states this cache restores: the float32 ones of earlier versions too
 COPY_ROOM = 256  # positions a copy can grow by before its buffers are grown (a copy holds no doubled capacity)
+HALF_LIMIT = float(np.finfo(np.float16).max)  # larger magnitudes keep their layer in float32
 
 
 class KVCache(Cache):
@@ -23,38 +31,57 @@ class KVCache(Cache):
     common prefix (`truncate`) and extended again with the same results as a fresh prefill.
     """
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256, half: bool = True):
         self.length = 0
-        self._k = [_buffer((kv_heads, head_dim), capacity) for _ in range(num_layers)]
-        self._v = [_buffer((kv_heads, head_dim), capacity) for _ in range(num_layers)]
+        self._end = 0  # the positions held once the layers' latest `append` is `advance`d
+        dtype = np.float16 if half else np.float32
+        self._k = [_buffer((kv_heads, head_dim), capacity, dtype) for _ in range(num_layers)]
+        self._v = [_buffer((kv_heads, head_dim), capacity, dtype) for _ in range(num_layers)]
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store new keys/values `[T, kv_heads, head_dim]` at positions `length ..`; return all so far,
-        transposed: `[kv_heads, head_dim, positions]`."""
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store new keys/values `[T, kv_heads, head_dim]` at positions `length ..`."""
         end = self.length + k.shape[0]
+        if self._k[layer].dtype == np.float16 and not (_fits_half(k) and _fits_half(v)):
+            self._regrow(layer, self._k[layer].shape[-1], np.float32)
         if end > self._k[layer].shape[-1]:
-            capacity = max(end + end // 4, 2 * self._k[layer].shape[-1])  # room to decode on without a copy
-            for buffers in (self._k, self._v):
-                grown = _buffer(buffers[layer].shape[:2], capacity)
-                grown[..., : self.length] = buffers[layer][..., : self.length]
-                buffers[layer] = grown
+            self._regrow(layer, max(end + end // 4, 2 * self._k[layer].shape[-1]), self._k[layer].dtype)
         self._k[layer][..., self.length : end] = k.transpose(1, 2, 0)
         self._v[layer][..., self.length : end] = v.transpose(1, 2, 0)
-        return self._k[layer][..., :end], self._v[layer][..., :end]
+        self._end = end
+
+    def _regrow(self, layer: int, capacity: int, dtype) -> None:
+        """The layer's buffers at `capacity` positions (room to decode on without a copy) and `dtype`."""
+        for buffers in (self._k, self._v):
+            grown = _buffer(buffers[layer].shape[:2], capacity, dtype)
+            grown[..., : self.length] = buffers[layer][..., : self.length]
+            buffers[layer] = grown
+
+    def held(self, layer: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+        """The layer's keys and values from position `first` to the end of its latest `append`, as float32
+        `[kv_heads, head_dim, positions]`, and `first` (the position of the first key)."""
+        first = min(max(first, 0), self._end)
+        return _float32(self._k[layer][..., first : self._end]), _float32(self._v[layer][..., first : self._end]), first
+
+    def first_held(self, layer: int) -> int:
+        """The position of `buffers(layer)`'s first key: always 0, every position is kept."""
+        return 0
 
     def buffers(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """The layer's whole key and value buffers (C-contiguous, positions up to their capacity)."""
-        return self._k[layer], self._v[layer]
+        """The layer's whole key and value buffers (C-contiguous, positions up to their capacity), as the decoding
+        kernels read them: float32, or float16 as their bits (uint16; numba has no float16)."""
+        k, v = self._k[layer], self._v[layer]
+        return (k.view(np.uint16), v.view(np.uint16)) if k.dtype == np.float16 else (k, v)
 
     def advance(self, count: int) -> None:
         """Mark `count` appended positions as part of the cache (after every layer stored them)."""
         self.length += count
+        self._end = self.length
 
     def truncate(self, length: int) -> int:
         """Forget every position from `length` on; returns `length` (this cache can always go back)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.length = length
+        self.length = self._end = length
         return length
 
     def copy(self) -> KVCache:
@@ -62,7 +89,7 @@ class KVCache(Cache):
         original's capacity): a copy kept in a prompt cache counts only what it holds, and one extended by a few
         drafted tokens does not regrow."""
         new = object.__new__(KVCache)
-        new.length = self.length
+        new.length = new._end = self.length
         new._k, new._v = ([_copy_held(b, self.length) for b in buffers] for buffers in (self._k, self._v))
         return new
 
@@ -76,36 +103,58 @@ class KVCache(Cache):
         return CacheState(KIND, self.length, arrays)
 
     @classmethod
-    def from_state(cls, state: CacheState, num_layers: int, kv_heads: int, head_dim: int) -> KVCache:
-        """The cache `state` describes, checked against the model's shape (ValueError when it does not fit)."""
-        if state.kind != KIND:
+    def from_state(cls, state: CacheState, num_layers: int, kv_heads: int, head_dim: int, half: bool = True) -> KVCache:
+        """The cache `state` describes, checked against the model's shape (ValueError when it does not fit).
+        Its layers are stored as appending them would: float32 ones of an earlier version become float16 where
+        they fit, as a fresh prefill would have stored them."""
+        if state.kind not in KINDS:
             raise ValueError(f"a cache state of kind {state.kind!r}, not {KIND!r}")
         names = {f"{p}.{i}" for i in range(num_layers) for p in "kv"}
         if set(state.arrays) != names:
             raise ValueError(f"a cache state's arrays are not those of {num_layers} layers")
         shape = (kv_heads, head_dim, state.length)
-        new = cls(num_layers, kv_heads, head_dim, capacity=state.length + COPY_ROOM)
         for name, array in state.arrays.items():
-            if array.shape != shape or array.dtype != np.float32:
-                raise ValueError(f"cache state array {name}: {array.dtype} {array.shape}, expected float32 {shape}")
-            buffers = new._k if name[0] == "k" else new._v
-            buffers[int(name[2:])][..., : state.length] = array
-        new.length = state.length
+            if array.shape != shape or array.dtype not in (np.float16, np.float32):
+                expected = f"float16 or float32 {shape}"
+                raise ValueError(f"cache state array {name}: {array.dtype} {array.shape}, expected {expected}")
+        new = cls(num_layers, kv_heads, head_dim, capacity=state.length + COPY_ROOM, half=half)
+        for i in range(num_layers):
+            k, v = (state.arrays[f"{p}.{i}"].transpose(2, 0, 1) for p in "kv")
+            new.append(i, k, v)
+        new.advance(state.length)
         return new
 
 
-def _buffer(shape: tuple[int, int], capacity: int) -> np.ndarray:
-    """A `[*shape, capacity]` float32 buffer whose rows are an odd number of 64-byte cache lines apart.
+def as_stored(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values as a float16 cache holds them, widened back to float32 (unrounded where float16 cannot hold
+    them): what a pass without a cache attends over, so that it gives the logits a cached one does."""
+    if not (_fits_half(k) and _fits_half(v)):
+        return k, v
+    return k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+
+
+def _fits_half(x: np.ndarray) -> bool:
+    """Whether float16 holds every value of `x` (not so for NaN and infinities: their layer stays float32 too)."""
+    return bool(np.abs(x).max(initial=0.0) <= HALF_LIMIT)
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype != np.float32 else x
+
+
+def _buffer(shape: tuple[int, int], capacity: int, dtype) -> np.ndarray:
+    """A `[*shape, capacity]` buffer whose rows are an odd number of 64-byte cache lines apart.
 
     A decoding step's scores read the same positions of all of a kv head's `head_dim` rows at once. Rows a large
     power of two of lines apart share the core's cache sets (4 KB apart, all of them one set; 2 KB apart, two) and
     evict each other; an odd number of lines apart puts up to 64 rows of a head in as many different sets.
     """
-    lines = -(-capacity // 16)
-    return np.empty((*shape, 16 * (lines + 1 - lines % 2)), np.float32)
+    per_line = 64 // np.dtype(dtype).itemsize
+    lines = -(-capacity // per_line)
+    return np.empty((*shape, per_line * (lines + 1 - lines % 2)), dtype)
 
 
 def _copy_held(buffer: np.ndarray, length: int) -> np.ndarray:
-    copied = _buffer(buffer.shape[:2], min(buffer.shape[-1], length + COPY_ROOM))
+    copied = _buffer(buffer.shape[:2], min(buffer.shape[-1], length + COPY_ROOM), buffer.dtype)
     copied[..., :length] = buffer[..., :length]
     return copied

@@ -29,8 +29,8 @@ from mlx_oss.safetensors_io import as_float32
 from . import kernels
 from .dense import Dense, side_by_side
 from .experts import Experts
-from .kv_cache import KVCache
-from .layers import attention, rms_norm, route
+from .kv_cache import KVCache, as_stored
+from .layers import attention, first_visible_key, rms_norm, route
 from .quantized_kv_cache import QuantizedKVCache
 from .workers import Workers
 
@@ -142,20 +142,21 @@ class NumpyModel(Model):
             ),
         )
 
-    kv_bits: int | None = None  # set to 8 for an int8 KV cache (`--kv-bits 8`)
+    kv_bits: int | None = None  # 8 for an int8 KV cache (`--kv-bits 8`); 32 for float32, not float16's
 
     def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
-        """An empty cache: float32, or int8 with per-position scales at `kv_bits` 8 (default: `self.kv_bits`)."""
+        """An empty cache: float16, int8 with per-position scales at `kv_bits` 8, float32 at 32 (default:
+        `self.kv_bits`)."""
         c = self.config
         bits = kv_bits if kv_bits is not None else self.kv_bits
-        if bits:
+        if bits not in (None, 32):
             windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
             return QuantizedKVCache(windows, c.num_key_value_heads, c.head_dim, bits)
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, half=bits is None)
 
     def restore_cache(self, state) -> KVCache:
         c = self.config
-        return KVCache.from_state(state, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        return KVCache.from_state(state, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.kv_bits != 32)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits.
@@ -196,18 +197,21 @@ class NumpyModel(Model):
         qk = apply_rope(qkv[:, : c.q_size + c.kv_size].reshape(T, heads + c.num_key_value_heads, c.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, c.q_size + c.kv_size :].reshape(T, c.num_key_value_heads, c.head_dim)
-        k_start = 0  # the position of the first key: a quantized cache drops a sliding layer's oldest
-        if cache is not None:
-            k, v = cache.append(i, k, v)
-            if isinstance(cache, QuantizedKVCache):
-                k_start = cache.first_held(i)
-        else:
-            k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         window = c.sliding_window if c.is_sliding(i) else None
-        if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
-            keys, values = cache.buffers(i) if cache is not None else (np.ascontiguousarray(k), np.ascontiguousarray(v))
-            mixed = kernels.attention(q, keys, values, w.sinks, start, window, k_start)
+        k_start = 0  # the position of the first key: a quantized cache drops a sliding layer's oldest
+        if cache is None:
+            if self.kv_bits != 32:
+                k, v = as_stored(k, v)
+            k, v = np.ascontiguousarray(k.transpose(1, 2, 0)), np.ascontiguousarray(v.transpose(1, 2, 0))
         else:
+            cache.append(i, k, v)
+        if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
+            if cache is not None:
+                (k, v), k_start = cache.buffers(i), cache.first_held(i)
+            mixed = kernels.attention(q, k, v, w.sinks, start, window, k_start)
+        else:
+            if cache is not None:  # float32, from the first position the queries see
+                k, v, k_start = cache.held(i, first_visible_key(start, window))
             mixed = self._attention_in_threads(q, k, v, w.sinks, start, window, k_start)
         return w.out(mixed)
 

@@ -110,15 +110,20 @@ class QuantizedKVCache(Cache):
         self.layers = [QuantizedLayer(kv_heads, head_dim, w, rewind, step, capacity) for w in windows]
         self._widened: tuple[int, np.ndarray, np.ndarray, int] | None = None  # the last appended layer's
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store new keys/values `[T, kv_heads, head_dim]` at positions `length ..`; return the layer's keys and
-        values widened to float32, `[kv_heads, head_dim, positions]`, from position `first_held(layer)` on."""
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store new keys/values `[T, kv_heads, head_dim]` at positions `length ..`, and widen the layer's keys and
+        values to float32 for `held` and `buffers`."""
         keys, values, first = self.layers[layer].append(self.length, k, v)
         self._widened = (layer, keys, values, first)
-        return keys, values
+
+    def held(self, layer: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+        """The keys and values `append` just widened, `[kv_heads, head_dim, positions]`, and the position of the
+        first (`first_held`; `first` is where attention will start reading, at or after it)."""
+        _, keys, values, held_from = self._last(layer)
+        return keys, values, held_from
 
     def first_held(self, layer: int) -> int:
-        """The position of the first key `append` just returned for `layer`."""
+        """The position of the first key `append` just widened for `layer`."""
         return self._last(layer)[3]
 
     def buffers(self, layer: int) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,6 @@ def add_kv_bits_argument(parser: argparse.ArgumentParser, help: str | None = Non
         type=int,
         choices=(8,),
         help=help
-        or "store the KV cache as 8-bit integers with per-position scales: a quarter of the memory, so longer "
-        "contexts fit (default: float32)",
+        or "store the KV cache as 8-bit integers with per-position scales: less memory, so longer contexts fit "
+        "(default: float16 on the CPU, the model's type with MLX)",
     )

@@ -330,7 +330,7 @@ def _disk_cache(model, settings: PromptCacheSettings):
         return None
     from .prompt_cache_disk import DiskPromptCache, model_identity
 
-    if getattr(model, "kv_bits", None):  # quantized caches are kept in memory only (they offer no `state`)
+    if getattr(model, "kv_bits", None) == 8:  # quantized caches are kept in memory only (they offer no `state`)
         return None
     identity = model_identity(model) if hasattr(model, "restore_cache") else None
     return DiskPromptCache(folder, identity, settings.disk_bytes) if identity else None

@@ -6,7 +6,7 @@ The figures follow how each backend holds a model:
 - NumPy backend: every weight stays in the memory-mapped checkpoint as stored (its pages count in RSS once read,
   and the OS can drop them again; of the input embedding only the rows of the tokens seen are read, so it is not
   counted); the process owns float32 copies of the small vectors (norms, biases, sinks) of
-  a BF16 checkpoint. Its float KV cache keeps every position of every layer, sliding ones included.
+  a BF16 checkpoint. Its float16 KV cache keeps every position of every layer, sliding ones included.
 - MLX backend: the weights are copied into MLX's memory at load (the mapped pages are released), as large as the
   files. Its KV cache keeps every position of full-attention layers; sliding layers keep their window plus
   `REWIND` positions (and one growth step).
@@ -31,7 +31,7 @@ NUMPY_QUERY_CHUNK = 64  # queries the NumPy attention scores at once (`cpu.layer
 NUMPY_SCORE_BYTES = 256 << 20  # the NumPy attention's bound on one score matrix (`cpu.layers.SCORE_BYTES`)
 MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP` (`cpu.quantized_kv_cache`'s too)
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once (both backends)
-KV_BITS = (8,)  # quantized cache precisions offered; None is float32
+KV_BITS = (8,)  # quantized cache precisions offered; None is float16 (NumPy) or the model's (MLX)
 FITS_SHARE = 0.80  # of the machine's memory: at most this much leaves room for the OS and other programs
 TIGHT_SHARE = 0.95  # beyond this much the model would page out and crawl, or be killed
 FITS, TIGHT, DOES_NOT_FIT, UNKNOWN = "fits", "tight", "does not fit", "unknown"
@@ -78,11 +78,12 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
 
 
-def kv_bytes_per_position(config: ModelConfig, kv_bits: int | None) -> int:
-    """Bytes one layer's keys and values take for one position."""
+def kv_bytes_per_position(config: ModelConfig, backend: str, kv_bits: int | None) -> int:
+    """Bytes one layer's keys and values take for one position: float16 in the NumPy cache, float32 in MLX's at
+    most, or int8 with a float32 scale per head."""
     c = config
     if kv_bits is None:
-        return 2 * c.num_key_value_heads * c.head_dim * 4
+        return 2 * c.num_key_value_heads * c.head_dim * (2 if backend == "numpy" else 4)
     return 2 * c.num_key_value_heads * (c.head_dim * kv_bits // 8 + 4)  # the values plus a float32 scale per head
 
 
@@ -99,7 +100,7 @@ def held_positions(config: ModelConfig, layer: int, backend: str, context: int, 
 
 
 def kv_cache_bytes(config: ModelConfig, backend: str, context: int, kv_bits: int | None = None) -> int:
-    per_position = kv_bytes_per_position(config, kv_bits)
+    per_position = kv_bytes_per_position(config, backend, kv_bits)
     layers = range(config.num_hidden_layers)
     return sum(held_positions(config, i, backend, context, kv_bits) for i in layers) * per_position
 
@@ -149,8 +150,8 @@ def activation_bytes(
     else:
         scores = 0 if metal else c.num_attention_heads * T * context * 4 * 2  # the fused kernel keeps none
     logits = c.vocab_size * 4 + VOCAB_CHUNK * c.hidden_size * 4
-    one_layer = 2 * c.num_key_value_heads * c.head_dim * context * 4  # a layer's float keys and values at once:
-    # a quantized cache widens them for attention; the float NumPy cache copies one layer's buffers as it grows
+    one_layer = 2 * c.num_key_value_heads * c.head_dim * context * 4  # a layer's float32 keys and values at once:
+    # a quantized cache and a prompt's attention widen them; the float16 NumPy cache copies a layer as it grows
     cache_scratch = one_layer if (kv_bits is not None or backend == "numpy") else 0
     return hidden + qkv + experts + scores + logits + cache_scratch
 
@@ -382,7 +383,7 @@ def _no_context_line(e: MemoryEstimate, machine: MachineMemory) -> str:
 
 def describe(e: MemoryEstimate, v: Verdict) -> list[str]:
     """The estimate as lines for `models info`."""
-    cache = f"{e.kv_bits}-bit" if e.kv_bits else "float32"
+    cache = f"{e.kv_bits}-bit" if e.kv_bits else ("float16" if e.backend == "numpy" else "float32")
     return [
         f"weights       {gib(e.weights_mapped)} memory-mapped, {gib(e.weights_private)} loaded "
         f"({e.backend} backend, {e.layout} layout)",

@@ -8,13 +8,20 @@ from conftest import load_variant, need_backend
 
 import mlx_oss
 from mlx_oss.bench_cache import fill_random
+from reference import assert_logits_match
 
 SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
 
 
 @pytest.fixture(scope="module", params=["numpy", "numpy-plain", "mlx"])
 def model(request, synthetic_checkpoint):
-    return load_variant(synthetic_checkpoint(**SHAPE), request.param)
+    """The NumPy variants with a float32 cache: these tests hold the cache's bookkeeping to a float32 pass, more
+    closely than float16's rounding allows (it may round two keys a float32 rounding apart to neighbouring
+    values). The float16 cache has its own tests below, at the reference tests' tolerance."""
+    model = load_variant(synthetic_checkpoint(**SHAPE), request.param)
+    if model.backend == "numpy":
+        model.kv_bits = 32
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +160,7 @@ def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(
     from mlx_oss.cpu import model as numpy_model
 
     model = load_variant(synthetic_checkpoint(**SHAPE), "numpy")
+    model.kv_bits = 32  # a float32 cache, as the `model` fixture's
     seen = []
 
     def attention(q, k, *args):
@@ -190,3 +198,95 @@ def test_the_caches_rows_are_an_odd_number_of_cache_lines_apart(requested):
         for buffer in cache.buffers(0):
             assert buffer.shape[-1] >= requested
             assert buffer.strides[1] % 64 == 0 and (buffer.strides[1] // 64) % 2 == 1
+
+
+@pytest.fixture(scope="module", params=["numpy", "numpy-plain"])
+def half_cache_model(request, synthetic_checkpoint):
+    """A NumPy variant with its default cache, float16."""
+    return load_variant(synthetic_checkpoint(**SHAPE), request.param)
+
+
+def test_the_float16_cache_decodes_like_a_full_pass(half_cache_model):
+    """Token by token, and a prompt then decoding after a truncation, through the float16 cache: the logits of a
+    full pass within the reference tests' tolerance, which rounds keys and values the same way."""
+    from mlx_oss.cpu.kv_cache import KVCache
+
+    model = half_cache_model
+    seq = tokens(23)
+    full = model.logits(seq)
+    cache = model.new_cache()
+    assert isinstance(cache, KVCache) and cache.buffers(0)[0].dtype == np.uint16  # float16 bits, for the kernels
+    stepped = np.concatenate([model.forward([t], cache) for t in seq])
+    assert_logits_match(stepped, full)
+    cache.truncate(9)
+    assert_logits_match(model.forward(seq[9:], cache), full[9:])
+
+
+def test_the_float16_cache_is_what_a_pass_without_a_cache_attends_over(half_cache_model):
+    """The stored keys are the float32 ones rounded to float16: a full pass with float32 keys differs from the
+    cached one by more than the bookkeeping tests' 1e-4 (the rounding is real), and agrees once its keys are
+    rounded too (`as_stored`)."""
+    from mlx_oss.cpu import model as numpy_model
+
+    model = half_cache_model
+    seq = tokens(12, seed=5)
+    cached = model.forward(seq, model.new_cache())
+    rounded = model.logits(seq)
+    np.testing.assert_allclose(cached, rounded, rtol=1e-5, atol=1e-5 * np.abs(rounded).max())
+    model.kv_bits = 32
+    try:
+        unrounded = model.logits(seq)
+    finally:
+        model.kv_bits = None
+    assert np.abs(unrounded - rounded).max() > 1e-6 * np.abs(rounded).max()
+    assert_logits_match(rounded, unrounded, rel=1e-3)
+    assert numpy_model.as_stored  # the model's own rounding, not a copy of it
+
+
+def test_a_layer_beyond_float16s_range_stays_float32_and_exact():
+    from mlx_oss.cpu.kv_cache import HALF_LIMIT, KVCache, as_stored
+
+    rng = np.random.default_rng(0)
+    cache = KVCache(num_layers=2, kv_heads=2, head_dim=16)
+    small = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    for layer in range(2):
+        cache.append(layer, small, small)
+    cache.advance(3)
+    large = small * np.float32(4 * HALF_LIMIT)  # would be infinities in float16
+    cache.append(0, large, small)
+    cache.append(1, small, small)
+    cache.advance(3)
+    keys, values, first = cache.held(0)
+    assert first == 0 and keys.dtype == np.float32 and cache.buffers(0)[0].dtype == np.float32
+    np.testing.assert_array_equal(keys[..., 3:], large.transpose(1, 2, 0))  # exact, not infinities
+    np.testing.assert_array_equal(keys[..., :3], small.astype(np.float16).astype(np.float32).transpose(1, 2, 0))
+    assert cache.buffers(1)[0].dtype == np.uint16  # the other layer stays float16
+    assert np.isfinite(cache.held(1)[0]).all()
+    k, v = as_stored(large, small)
+    assert k is large and v is small  # a pass without a cache leaves such a layer unrounded too
+    restored = KVCache.from_state(cache.state(), 2, 2, 16)
+    for layer in range(2):
+        for a, b in zip(restored.held(layer), cache.held(layer), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_float32_state_of_an_earlier_version_restores_as_a_fresh_prefill_would_store_it(half_cache_model):
+    from mlx_oss.backend import CacheState
+
+    model = half_cache_model
+    seq, tail = tokens(10, seed=8), tokens(3, seed=9)
+    model.kv_bits = 32
+    try:
+        old = model.new_cache()  # float32, as every version before the float16 cache stored it
+        model.forward(seq, old)
+        state = old.state()
+    finally:
+        model.kv_bits = None
+    assert {a.dtype for a in state.arrays.values()} == {np.dtype(np.float32)}
+    restored = model.restore_cache(CacheState("numpy-f32/1", state.length, state.arrays))
+    fresh = model.new_cache()
+    model.forward(seq, fresh)
+    for a, b in zip(restored.held(0), fresh.held(0), strict=True):  # the first layer's keys: the same float32 ones
+        np.testing.assert_array_equal(a, b)
+    assert restored.buffers(0)[0].dtype == np.uint16
+    assert_logits_match(model.forward(tail, restored), model.forward(tail, fresh))

@@ -343,21 +343,26 @@ def test_warm_up_compiles_what_a_decoding_step_calls():
 @pytest.mark.parametrize("window", [None, 4, 64])
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("long", [False, True])
-def test_attention_equals_the_numpy_attention(window, queries, long):
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_attention_equals_the_numpy_attention(window, queries, long, half):
     """Short: fewer heads than a tile, one at a time. Long: a tile of heads plus one, over several chunks of
     positions and a tail shorter than a 16-position block, and a head size that leaves value rows out of the
-    weighted sum's groups of `MIX_ROWS` rows."""
+    weighted sum's groups of `MIX_ROWS` rows. Float16 buffers (as their uint16 bits, as the KV cache hands them
+    over) give the attention over their values widened to float32."""
     from mlx_oss.cpu import _numba_kernels as compiled
 
     group, length, dim = (compiled.HEAD_TILE + 1, 2 * compiled.POSITION_CHUNK + 7, 17) if long else (4, 37, 16)
     rng = np.random.default_rng(queries)
     kv_heads, capacity = 2, length + 13
     q = rng.standard_normal((queries, kv_heads * group, dim)).astype(np.float32)
-    keys = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
-    values = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float32)
+    keys = rng.standard_normal((kv_heads, dim, capacity)).astype(np.float16 if half else np.float32)
+    values = rng.standard_normal((kv_heads, dim, capacity)).astype(keys.dtype)
     sinks = rng.standard_normal(kv_heads * group).astype(np.float32)
     start = length - queries
-    expected = attention(q, keys[..., :length], values[..., :length], sinks, start, window)
+    wide_keys, wide_values = (x[..., :length].astype(np.float32) for x in (keys, values))
+    expected = attention(q, wide_keys, wide_values, sinks, start, window)
+    if half:
+        keys, values = keys.view(np.uint16), values.view(np.uint16)
     assert_close(kernels.attention(q, keys, values, sinks, start, window), expected)
 
 

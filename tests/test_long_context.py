@@ -26,7 +26,8 @@ def test_a_long_context_decodes_like_one_full_pass(synthetic_checkpoint, variant
         model.forward(seq[start : min(start + PREFILL_CHUNK, LENGTH - 4)], cache, last_only=True)
     stepped = np.concatenate([model.forward(seq[i : i + 1], cache) for i in range(LENGTH - 4, LENGTH)])
     assert cache.length == LENGTH
-    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    rel = 1e-3 if model.backend == "numpy" else 1e-4  # the float16 cache: see test_backend_contract
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=rel * np.abs(full).max())
 
 
 POSITIONS = np.array([0, 1, 4095, 4096, 4097, 8191, 32768, 65535, 100000, 131071])
