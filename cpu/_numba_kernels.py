@@ -922,6 +922,14 @@ def _exps(flat, start, count, floor):
     return peak, total
 
 
+@numba.njit(parallel=True, cache=CACHE)
+def widen_half(bits, first, out):
+    """`out[r, j]` = the float16 `bits[r, first + j]` as float32, rows shared out among the threads."""
+    for r in prange(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[r, j] = _widened(bits[r, first + j])
+
+
 @numba.njit(nogil=True, cache=CACHE)
 def softmax_in_spans(scores, sinks, first, last, denominators):
     """`layers.softmax_in_spans` into `denominators [G, T]`, on the calling thread (a prompt's attention runs its kv
@@ -1354,6 +1362,7 @@ def warm_up() -> None:
         cached = np.zeros((1, 4, 1), dtype)
         attention(q, cached, cached, np.zeros(2, np.float32), 0, *spans, np.float32(1), np.empty_like(q))
     softmax_in_spans(np.zeros((2, 1, 1), np.float32), np.zeros(2, np.float32), *spans, np.empty((2, 1), np.float32))
+    widen_half(np.zeros((1, 1), np.uint16), 0, np.empty((1, 1), np.float32))
     lay_out_passes(np.zeros((1, 32), np.float32), BLOCK_ORDER, PASS_TOKENS, np.empty(32, np.float32))
     reorder_steps(np.zeros((1, 32), np.float32), BLOCK_ORDER, np.empty((1, 32), np.float32))
     for passes in (True, False):

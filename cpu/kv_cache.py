@@ -56,11 +56,16 @@ class KVCache(Cache):
             grown[..., : self.length] = buffers[layer][..., : self.length]
             buffers[layer] = grown
 
-    def held(self, layer: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    def held(self, layer: int, first: int = 0, widen=None) -> tuple[np.ndarray, np.ndarray, int]:
         """The layer's keys and values from position `first` to the end of its latest `append`, as float32
-        `[kv_heads, head_dim, positions]`, and `first` (the position of the first key)."""
+        `[kv_heads, head_dim, positions]`, and `first` (the position of the first key). Float16 buffers are widened
+        by `widen(buffer, first, end)` (`kernels.widened`; default NumPy's cast)."""
         first = min(max(first, 0), self._end)
-        return _float32(self._k[layer][..., first : self._end]), _float32(self._v[layer][..., first : self._end]), first
+        widen = widen or _widened
+        k, v = (b[layer] for b in (self._k, self._v))
+        if k.dtype == np.float32:
+            return k[..., first : self._end], v[..., first : self._end], first
+        return widen(k, first, self._end), widen(v, first, self._end), first
 
     def first_held(self, layer: int) -> int:
         """The position of `buffers(layer)`'s first key: always 0, every position is kept."""
@@ -138,8 +143,8 @@ def _fits_half(x: np.ndarray) -> bool:
     return bool(np.abs(x).max(initial=0.0) <= HALF_LIMIT)
 
 
-def _float32(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) if x.dtype != np.float32 else x
+def _widened(buffer: np.ndarray, first: int, end: int) -> np.ndarray:
+    return buffer[..., first:end].astype(np.float32)
 
 
 def _buffer(shape: tuple[int, int], capacity: int, dtype) -> np.ndarray:

@@ -211,7 +211,8 @@ class NumpyModel(Model):
             mixed = kernels.attention(q, k, v, w.sinks, start, window, k_start)
         else:
             if cache is not None:  # float32, from the first position the queries see
-                k, v, k_start = cache.held(i, first_visible_key(start, window))
+                widen = kernels.widened if self.uses_kernels else None
+                k, v, k_start = cache.held(i, first_visible_key(start, window), widen)
             mixed = self._attention_in_threads(q, k, v, w.sinks, start, window, k_start)
         return w.out(mixed)
 

@@ -116,9 +116,10 @@ class QuantizedKVCache(Cache):
         keys, values, first = self.layers[layer].append(self.length, k, v)
         self._widened = (layer, keys, values, first)
 
-    def held(self, layer: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    def held(self, layer: int, first: int = 0, widen=None) -> tuple[np.ndarray, np.ndarray, int]:
         """The keys and values `append` just widened, `[kv_heads, head_dim, positions]`, and the position of the
-        first (`first_held`; `first` is where attention will start reading, at or after it)."""
+        first (`first_held`; `first` is where attention will start reading, at or after it). `widen` is
+        `KVCache.held`'s, for float16 buffers: this cache holds none."""
         _, keys, values, held_from = self._last(layer)
         return keys, values, held_from
 

@@ -366,6 +366,20 @@ def test_attention_equals_the_numpy_attention(window, queries, long, half):
     assert_close(kernels.attention(q, keys, values, sinks, start, window), expected)
 
 
+def test_widening_a_float16_cache_buffer_equals_numpys_cast():
+    """Every float16 bit pattern (subnormals, zeros of both signs, infinities, NaNs) at an offset into a buffer
+    whose rows are longer than the positions asked for."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    buffer = np.zeros((2, 4, (1 << 14) + 37), np.float16)
+    buffer[..., 5 : 5 + (1 << 13)] = every.reshape(2, 4, 1 << 13)
+    wide = kernels.widened(buffer, 5, 5 + (1 << 13) + 3)
+    expected = buffer[..., 5 : 5 + (1 << 13) + 3].astype(np.float32)
+    assert wide.dtype == np.float32 and wide.shape == expected.shape
+    nan = np.isnan(expected)
+    assert nan.sum() == 2 * 1023 and np.isnan(wide[nan]).all()  # a signalling NaN widens quiet: payloads may differ
+    np.testing.assert_array_equal(wide[~nan].view(np.uint32), expected[~nan].view(np.uint32))  # the rest bit for bit
+
+
 @pytest.mark.parametrize("length", [5, 16, 37, 1029])
 def test_compiled_softmax_matches_numpy_to_an_ulp_over_exps_whole_range(length):
     """Log-weights from 0 down past float32's underflow (below its smallest normal, weights flush to 0), masked
