@@ -1331,20 +1331,53 @@ def packed_matvec(packed, tables, row_starts, columns, values, x, x_plain, out, 
                 out[t, o] = dot
 
 
+@intrinsic
+def _unpack_row(typingctx, packed, offset, tables, table_offset, out, out_offset, groups):
+    """The BF16 bits of one packed row (`groups` groups from `packed[offset:]`, its table at
+    `tables[table_offset:]`) into `out[out_offset:]`: weight j < 32 of a group has the high byte its code's low
+    nibble looks up (`vpshufb`, the table in each 128-bit lane) and low byte `32 + j`, weight 32 + j the high
+    nibble's and low byte `64 + j`; bytes widened to words in order (`vpmovzxbw`)."""
+
+    def codegen(context, builder, signature, args):
+        p_arr, p_off, t_arr, t_off, o_arr, o_off, count = args
+        pt, _, tt, _, ot, _, _ = signature.args
+        pp = _pointer(context, builder, pt, p_arr, p_off, I8)
+        op = _pointer(context, builder, ot, o_arr, o_off, I16)
+        tp = _pointer(context, builder, tt, t_arr, t_off, I8)
+        half = PACKED_GROUP // 2
+        vb, vw = ir.VectorType(I8, half), ir.VectorType(I16, half)
+        lookup = _function(builder, "llvm.x86.avx2.pshuf.b", vb, vb, vb)
+        row_table = _load(builder, tp, ir.Constant(I32, 0), ir.VectorType(I8, 16))
+        table = builder.shuffle_vector(
+            row_table, row_table, ir.Constant(ir.VectorType(I32, half), [i % 16 for i in range(half)])
+        )
+        nibble = _vector(I8, [0x0F] * half)
+        with cgutils.for_range(builder, count) as loop:
+            g = loop.index
+            group = builder.gep(pp, [builder.mul(g, ir.Constant(g.type, PACKED_GROUP_BYTES))])
+            words = builder.gep(op, [builder.mul(g, ir.Constant(g.type, PACKED_GROUP))])
+            codes = _load(builder, group, ir.Constant(I32, 0), vb)
+            nibbles = (builder.and_(codes, nibble), builder.and_(builder.lshr(codes, _vector(I8, [4] * half)), nibble))
+            for part, index in enumerate(nibbles):
+                high = builder.zext(builder.call(lookup, [table, index]), vw)
+                low = builder.zext(_load(builder, group, ir.Constant(I32, half * (part + 1)), vb), vw)
+                word = builder.or_(builder.shl(high, _vector(I16, [8] * half)), low)
+                builder.store(
+                    word, builder.bitcast(builder.gep(words, [ir.Constant(I32, part * half)]), vw.as_pointer()), align=1
+                )
+        return context.get_dummy_value()
+
+    return types.none(packed, offset, tables, table_offset, out, out_offset, groups), codegen
+
+
 @numba.njit(parallel=True, cache=CACHE)
 def unpack_packed(packed, tables, out):
     """The BF16 bits of packed rows into `out [R, C]`, exceptions aside (left as +0.0: see `packed_bf16`)."""
     rows, width = packed.shape
     groups = width // PACKED_GROUP_BYTES
-    half = PACKED_GROUP // 2
+    flat, flat_tables, flat_out = packed.reshape(-1), tables.reshape(-1), out.reshape(-1)
     for r in prange(rows):
-        for g in range(groups):
-            at = g * PACKED_GROUP_BYTES
-            to = g * PACKED_GROUP
-            for j in range(half):
-                code = packed[r, at + j]
-                out[r, to + j] = (np.uint16(tables[r, code & 15]) << 8) | packed[r, at + half + j]
-                out[r, to + half + j] = (np.uint16(tables[r, code >> 4]) << 8) | packed[r, at + PACKED_GROUP + j]
+        _unpack_row(flat, r * width, flat_tables, r * 16, flat_out, r * out.shape[1], groups)
 
 
 def warm_up() -> None:
