@@ -27,6 +27,7 @@ from mlx_oss.rope import apply_rope, rope_tables
 from mlx_oss.safetensors_io import as_float32
 
 from . import kernels
+from .allocator import keep_freed_memory
 from .dense import Dense, side_by_side
 from .experts import Experts
 from .kv_cache import KVCache, as_stored
@@ -70,6 +71,7 @@ class NumpyModel(Model):
                 self.uses_kernels = False
                 self.kernel_description = f"plain NumPy (the compiled kernels failed to build: {e})"
         self._workers = Workers()
+        keep_freed_memory()  # a prompt's scratch arrays fault in once, not at every layer
         self.mapped: list[str] = []  # tensors read in full at every token, straight from the map
         self.embed_dtype = checkpoint.info(EMBEDDING).dtype
         # Tied, the embedding is the unembedding too, mapped and read whole at every token; untied, a token reads
