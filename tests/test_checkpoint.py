@@ -81,7 +81,7 @@ def test_rows_of_a_shard_cut_short_after_loading_are_a_checkpoint_error(single):
         checkpoint.read_rows(name, np.array([info.shape[0] - 1]))
 
 
-def test_files_from_the_official_writer_load_and_float32_is_the_same_model(single, float32_prompts):
+def test_files_from_the_official_writer_load_and_float32_is_the_same_model(single, float32_activations):
     tokens = np.arange(0, 300, 23)
     before = mlx_oss.load(single).logits(tokens)
 

@@ -45,7 +45,7 @@ def source(synthetic_checkpoint) -> Path:
     return synthetic_checkpoint(**SHAPE, seed=2)
 
 
-def test_numpy_layout_gives_the_numpy_backends_logits(source, converted, float32_prompts):
+def test_numpy_layout_gives_the_numpy_backends_logits(source, converted, float32_activations):
     target = converted(source, NUMPY)
     assert Checkpoint(target).layout == NUMPY
     model = mlx_oss.load(target)

@@ -147,7 +147,7 @@ def test_bounded_cache_steps_back_within_its_rewind_and_restarts_beyond(mlx_mode
 
 
 def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(
-    synthetic_checkpoint, monkeypatch, float32_prompts
+    synthetic_checkpoint, monkeypatch, float32_activations
 ):
     """OpenBLAS's threads spin on after each call and take a core from the kernels or workers that run next: the
     NumPy model's forward runs BLAS on one thread, restores the caller's setting after, and a prompt's attention
@@ -160,7 +160,6 @@ def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(
     from mlx_oss.cpu import model as numpy_model
 
     model = load_variant(synthetic_checkpoint(**SHAPE), "numpy")
-    model.kv_bits = 32  # a float32 cache, as the `model` fixture's
     seen = []
 
     def attention(q, k, *args):

@@ -22,7 +22,7 @@ def log_softmax(row: np.ndarray, temperature: float) -> np.ndarray:
     return scaled - scaled.max() - np.log(np.exp(scaled - scaled.max()).sum())
 
 
-def test_scores_are_the_models_distribution_at_the_temperature(tiny_checkpoint, float32_prompts):
+def test_scores_are_the_models_distribution_at_the_temperature(tiny_checkpoint, float32_activations):
     model = mlx_oss.load(tiny_checkpoint, backend="numpy")
     prompt = render_prompt(Conversation([Message.user("Hello")]))
     events = list(Engine(model).generate(prompt, SamplingParams(temperature=0.7, seed=3, max_tokens=80, logprobs=5)))
