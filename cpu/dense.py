@@ -24,15 +24,19 @@ class Dense:
     uses_kernels: bool  # whether the compiled kernels may be used
     workers: Workers | None = None  # threads that widen BF16 blocks side by side
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, laid_out: list[np.ndarray] | None = None) -> np.ndarray:
+        """`x @ W.T + b`. `laid_out`, where given, keeps x as the BF16 passes read it (`kernels.bf16_pieces`) for
+        the next call with the same x: filled by the first that takes them."""
         if _decoding([self], x):
             y = _matvec([self.weight], x)
         elif isinstance(self.weight, PackedMatrix):
-            y = self._unpacked(x)
+            y = self._unpacked(x, [] if laid_out is None else laid_out)
         elif self.uses_kernels and kernels.bf16_tiles_fit(self.weight):
             y = kernels.bf16_matmul(self.weight, x)
         elif self.uses_kernels and kernels.bf16_passes_fit(self.weight, x.shape[0]):
-            y = kernels.bf16_matmul_passes(self.weight, x)
+            if laid_out is not None and not laid_out:
+                laid_out += kernels.bf16_pieces(x)
+            y = kernels.bf16_matmul_passes(self.weight, x, laid_out or None)
         elif self.weight.dtype == np.float32:
             y = x @ self.weight.T
         else:
@@ -41,7 +45,7 @@ class Dense:
             y += self.bias
         return y
 
-    def _unpacked(self, x: np.ndarray) -> np.ndarray:
+    def _unpacked(self, x: np.ndarray, laid_out: list[np.ndarray]) -> np.ndarray:
         """`x @ W.T` for packed W, unpacked to BF16 `UNPACK_ROWS` rows at a time, each block through the BF16 path
         (a prompt's products take far longer than unpacking; decoding takes the packed rows as they are)."""
         rows = self.weight.shape[0]
@@ -51,7 +55,7 @@ class Dense:
             r1 = min(rows, r0 + UNPACK_ROWS)
             block = unpacked(self.weight, r0, r1)
             block.flags.writeable = False  # the type the kernels were built for: a checkpoint's read-only map
-            y[:, r0:r1] = Dense(block, None, self.uses_kernels, self.workers)(x)
+            y[:, r0:r1] = Dense(block, None, self.uses_kernels, self.workers)(x, laid_out)
         return y
 
     def _widened(self, x: np.ndarray) -> np.ndarray:
@@ -85,7 +89,8 @@ def side_by_side(layers: Sequence[Dense], x: np.ndarray) -> np.ndarray:
     if len(layers) == 1:
         return layers[0](x)
     if not _decoding(layers, x):
-        return np.concatenate([layer(x) for layer in layers], axis=1)
+        laid_out: list[np.ndarray] = []  # x laid out once for all of them (and their blocks)
+        return np.concatenate([layer(x, laid_out) for layer in layers], axis=1)
     y = _matvec([layer.weight for layer in layers], x)
     start = 0
     for layer in layers:

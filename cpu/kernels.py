@@ -261,16 +261,24 @@ def bf16_passes_fit(weights: np.ndarray, rows: int) -> bool:
     return ISA == "avx512" and weights.dtype == np.uint16 and shape_fits and rows <= DENSE_PROMPT_ROWS
 
 
-def bf16_matmul_passes(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+def bf16_matmul_passes(weights: np.ndarray, x: np.ndarray, pieces: list[np.ndarray] | None = None) -> np.ndarray:
     """`x @ W.T` for BF16-bits `weights [R, C]` (where `bf16_passes_fit`), widened in registers where they are
-    mapped, `DENSE_ROWS` rows to each load of x."""
+    mapped, `DENSE_ROWS` rows to each load of x. `pieces` is x as `bf16_pieces` lays it out, for callers that
+    multiply the same x by several matrices (or blocks of one)."""
     if not bf16_passes_fit(weights, 0) or x.ndim != 2 or x.shape[1] != weights.shape[1]:
         raise ValueError(f"bf16_matmul_passes: weights {weights.dtype} {weights.shape} with x {x.shape}")
     out = np.empty((x.shape[0], weights.shape[0]), dtype=np.float32)
-    for start in range(0, x.shape[0], DENSE_PIECE):
-        piece = passes_by_block(x[start : start + DENSE_PIECE], _compiled.BF16_ORDER, _compiled.DENSE_PASS_TOKENS)
+    for start, piece in zip(range(0, x.shape[0], DENSE_PIECE), pieces or bf16_pieces(x), strict=True):
         _compiled.bf16_matmul_passes(weights, piece, out[start : start + DENSE_PIECE])
     return out
+
+
+def bf16_pieces(x: np.ndarray) -> list[np.ndarray]:
+    """`x [T, C]` as `bf16_matmul_passes` reads it: `DENSE_PIECE` rows at a time, each laid out in passes."""
+    order, widest = _compiled.BF16_ORDER, _compiled.DENSE_PASS_TOKENS
+    return [
+        passes_by_block(x[start : start + DENSE_PIECE], order, widest) for start in range(0, x.shape[0], DENSE_PIECE)
+    ]
 
 
 def tiles_by_block(x: np.ndarray, sizes) -> np.ndarray:
