@@ -1,10 +1,12 @@
 """Keys and values of the tokens seen so far, one growing buffer per layer: the NumPy backend's `Cache`.
 
-Stored as float16 by default, as llama.cpp's cache is: half the memory, and half the bytes a decoding step reads
-at a long context. Rounding a key or value to float16 moves it by at most 2^-11 of itself, far inside the
-reference tests' tolerance on the logits; a pass without a cache rounds them alike (`as_stored`), so every route
-through the model gives the same logits. A layer whose keys or values reach beyond float16's range (65504) is
-kept in float32 from then on, so nothing overflows to infinity.
+Float32 by default. At `--kv-bits 16` stored as float16, as llama.cpp's cache is by default: half the memory, and
+half the bytes a decoding step reads at a long context. Rounding a key or value to float16 moves it by at most 2^-11
+of itself; a pass without a cache then rounds them alike (`as_stored`), so every route through the model gives the
+same logits. Not the default: a model whose router sits near its choices can amplify that into other experts and
+tokens (on the synthetic 20b, whose random router does, logits moved by up to half their largest; on the tiny
+preset by 4e-4 of it). A layer whose keys or values reach beyond float16's range (65504) is kept in float32 from
+then on, so nothing overflows to infinity.
 
 Its `truncate` always keeps what is asked (the contract allows less): every layer keeps every position.
 """
@@ -31,7 +33,7 @@ class KVCache(Cache):
     common prefix (`truncate`) and extended again with the same results as a fresh prefill.
     """
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256, half: bool = True):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256, half: bool = False):
         self.length = 0
         self._end = 0  # the positions held once the layers' latest `append` is `advance`d
         dtype = np.float16 if half else np.float32
@@ -108,10 +110,12 @@ class KVCache(Cache):
         return CacheState(KIND, self.length, arrays)
 
     @classmethod
-    def from_state(cls, state: CacheState, num_layers: int, kv_heads: int, head_dim: int, half: bool = True) -> KVCache:
+    def from_state(
+        cls, state: CacheState, num_layers: int, kv_heads: int, head_dim: int, half: bool = False
+    ) -> KVCache:
         """The cache `state` describes, checked against the model's shape (ValueError when it does not fit).
-        Its layers are stored as appending them would: float32 ones of an earlier version become float16 where
-        they fit, as a fresh prefill would have stored them."""
+        Its layers are stored as appending them would: a float16 cache's come back float32 in a float32 one, and
+        float32 ones are rounded into a float16 one where they fit, as a fresh prefill would have stored them."""
         if state.kind not in KINDS:
             raise ValueError(f"a cache state of kind {state.kind!r}, not {KIND!r}")
         names = {f"{p}.{i}" for i in range(num_layers) for p in "kv"}

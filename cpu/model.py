@@ -144,21 +144,21 @@ class NumpyModel(Model):
             ),
         )
 
-    kv_bits: int | None = None  # 8 for an int8 KV cache (`--kv-bits 8`); 32 for float32, not float16's
+    kv_bits: int | None = None  # 8 for an int8 KV cache (`--kv-bits 8`), 16 for float16 (`--kv-bits 16`)
 
     def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
-        """An empty cache: float16, int8 with per-position scales at `kv_bits` 8, float32 at 32 (default:
+        """An empty cache: float32, float16 at `kv_bits` 16, or int8 with per-position scales at 8 (default:
         `self.kv_bits`)."""
         c = self.config
         bits = kv_bits if kv_bits is not None else self.kv_bits
-        if bits not in (None, 32):
+        if bits not in (None, 16):
             windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
             return QuantizedKVCache(windows, c.num_key_value_heads, c.head_dim, bits)
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, half=bits is None)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, half=bits == 16)
 
     def restore_cache(self, state) -> KVCache:
         c = self.config
-        return KVCache.from_state(state, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.kv_bits != 32)
+        return KVCache.from_state(state, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.kv_bits == 16)
 
     def forward(self, token_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Run `token_ids` after whatever `cache` holds, extending it; return their logits.
@@ -202,7 +202,7 @@ class NumpyModel(Model):
         window = c.sliding_window if c.is_sliding(i) else None
         k_start = 0  # the position of the first key: a quantized cache drops a sliding layer's oldest
         if cache is None:
-            if self.kv_bits != 32:
+            if self.kv_bits == 16:  # as a float16 cache would hold them, so that both routes agree
                 k, v = as_stored(k, v)
             k, v = np.ascontiguousarray(k.transpose(1, 2, 0)), np.ascontiguousarray(v.transpose(1, 2, 0))
         else:

@@ -262,6 +262,12 @@ def _median_decode(context_tokens: int, rounds: Sequence[list[float]]) -> Decode
     )
 
 
+def _cache_name(kv_bits: int | None, backend: str) -> str:
+    if kv_bits == 8:
+        return "8-bit"
+    return "float16" if kv_bits == 16 and backend == "numpy" else "float32"
+
+
 def _spread(values: Sequence[float], spec: str = ".2f") -> str:
     """` (lowest-highest)` over several rounds' figures; nothing for one."""
     return f" ({min(values):{spec}}-{max(values):{spec}})" if len(values) > 1 else ""
@@ -288,7 +294,7 @@ def format_result(r: BenchResult) -> str:
     lines = [
         f"model           {r.model}",
         f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads; "
-        f"{f'{r.kv_bits}-bit' if r.kv_bits else ('float16' if r.backend == 'numpy' else 'float')} KV cache{rounds})",
+        f"{_cache_name(r.kv_bits, r.backend)} KV cache{rounds})",
         f"cpu             {r.cpu} ({' '.join(r.cpu_flags) or 'no vector extensions known'})",
         *([f"memory reads    {r.read_gb_s:.1f} GB/s (all cores)"] if r.read_gb_s else []),
         f"load            {r.load_s:.2f} s",
@@ -367,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "each round, so that both see the machine's drifts alike (default 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    add_kv_bits_argument(parser, "an 8-bit KV cache (default: float16 on the CPU)")
+    add_kv_bits_argument(parser, "an 8-bit or a float16 KV cache (default: float32 on the CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     prompts, contexts = [n for n in args.prompt_tokens if n], [n for n in args.context if n]

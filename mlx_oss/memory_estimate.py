@@ -6,7 +6,8 @@ The figures follow how each backend holds a model:
 - NumPy backend: every weight stays in the memory-mapped checkpoint as stored (its pages count in RSS once read,
   and the OS can drop them again; of the input embedding only the rows of the tokens seen are read, so it is not
   counted); the process owns float32 copies of the small vectors (norms, biases, sinks) of
-  a BF16 checkpoint. Its float16 KV cache keeps every position of every layer, sliding ones included.
+  a BF16 checkpoint. Its float KV cache (float32, or float16 at `kv_bits=16`) keeps every position of every
+  layer, sliding ones included.
 - MLX backend: the weights are copied into MLX's memory at load (the mapped pages are released), as large as the
   files. Its KV cache keeps every position of full-attention layers; sliding layers keep their window plus
   `REWIND` positions (and one growth step).
@@ -31,7 +32,7 @@ NUMPY_QUERY_CHUNK = 64  # queries the NumPy attention scores at once (`cpu.layer
 NUMPY_SCORE_BYTES = 256 << 20  # the NumPy attention's bound on one score matrix (`cpu.layers.SCORE_BYTES`)
 MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP` (`cpu.quantized_kv_cache`'s too)
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once (both backends)
-KV_BITS = (8,)  # quantized cache precisions offered; None is float16 (NumPy) or the model's (MLX)
+KV_BITS = (8, 16)  # cache precisions offered besides the default, float32 (NumPy) or the model's (MLX)
 FITS_SHARE = 0.80  # of the machine's memory: at most this much leaves room for the OS and other programs
 TIGHT_SHARE = 0.95  # beyond this much the model would page out and crawl, or be killed
 FITS, TIGHT, DOES_NOT_FIT, UNKNOWN = "fits", "tight", "does not fit", "unknown"
@@ -79,18 +80,18 @@ def gib(n: int) -> str:
 
 
 def kv_bytes_per_position(config: ModelConfig, backend: str, kv_bits: int | None) -> int:
-    """Bytes one layer's keys and values take for one position: float16 in the NumPy cache, float32 in MLX's at
-    most, or int8 with a float32 scale per head."""
+    """Bytes one layer's keys and values take for one position: float32 (MLX's at most), float16 in the NumPy
+    cache at `kv_bits` 16, or int8 with a float32 scale per head at 8."""
     c = config
-    if kv_bits is None:
-        return 2 * c.num_key_value_heads * c.head_dim * (2 if backend == "numpy" else 4)
+    if kv_bits is None or kv_bits == 16:
+        return 2 * c.num_key_value_heads * c.head_dim * (2 if kv_bits == 16 and backend == "numpy" else 4)
     return 2 * c.num_key_value_heads * (c.head_dim * kv_bits // 8 + 4)  # the values plus a float32 scale per head
 
 
 def held_positions(config: ModelConfig, layer: int, backend: str, context: int, kv_bits: int | None = None) -> int:
     """Positions layer `layer`'s cache holds at `context`: all of them, but the MLX cache and the NumPy quantized
     one bound sliding layers to their window and rewind (plus a step before they drop)."""
-    if backend == "numpy" and kv_bits is not None and config.is_sliding(layer):
+    if backend == "numpy" and kv_bits == 8 and config.is_sliding(layer):
         return min(context, config.sliding_window - 1 + MLX_REWIND + MLX_STEP)
     if backend == "mlx":
         if config.is_sliding(layer):
@@ -151,8 +152,8 @@ def activation_bytes(
         scores = 0 if metal else c.num_attention_heads * T * context * 4 * 2  # the fused kernel keeps none
     logits = c.vocab_size * 4 + VOCAB_CHUNK * c.hidden_size * 4
     one_layer = 2 * c.num_key_value_heads * c.head_dim * context * 4  # a layer's float32 keys and values at once:
-    # a quantized cache and a prompt's attention widen them; the float16 NumPy cache copies a layer as it grows
-    cache_scratch = one_layer if (kv_bits is not None or backend == "numpy") else 0
+    # a quantized cache and a prompt's attention widen them; the float NumPy cache copies a layer as it grows
+    cache_scratch = one_layer if (kv_bits == 8 or backend == "numpy") else 0
     return hidden + qkv + experts + scores + logits + cache_scratch
 
 
@@ -383,7 +384,7 @@ def _no_context_line(e: MemoryEstimate, machine: MachineMemory) -> str:
 
 def describe(e: MemoryEstimate, v: Verdict) -> list[str]:
     """The estimate as lines for `models info`."""
-    cache = f"{e.kv_bits}-bit" if e.kv_bits else ("float16" if e.backend == "numpy" else "float32")
+    cache = "8-bit" if e.kv_bits == 8 else ("float16" if e.kv_bits == 16 and e.backend == "numpy" else "float32")
     return [
         f"weights       {gib(e.weights_mapped)} memory-mapped, {gib(e.weights_private)} loaded "
         f"({e.backend} backend, {e.layout} layout)",

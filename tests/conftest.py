@@ -117,16 +117,13 @@ def need_backend(backend: str) -> None:
 
 @pytest.fixture
 def float32_activations(monkeypatch) -> None:
-    """No rounding of activations on the NumPy backend: prompts' expert products in float32 even where VNNI would
-    take them with inputs rounded to 16 bits (2**-16 of a block's largest), and keys and values kept in float32,
-    not float16 (`NumpyModel.kv_bits` 32). For tests that compare two routes through our own model more closely
-    than that rounding allows: it may round two values a float32 rounding apart to neighbouring ones. The reference
-    tests hold the rounded paths themselves to transformers."""
+    """Prompts' expert products in float32 even where VNNI would take them with inputs rounded to 16 bits (2**-16
+    of a block's largest): for tests that compare two routes through our own model more closely than that rounding
+    allows, which may round two inputs a float32 rounding apart to neighbouring values. The reference tests hold
+    the rounded path itself to transformers."""
     from mlx_oss.cpu import kernels
-    from mlx_oss.cpu.model import NumpyModel
 
     monkeypatch.setattr(kernels, "TILED_GROUP_TOKENS", 1 if kernels.AMX else 1 << 62)
-    monkeypatch.setattr(NumpyModel, "kv_bits", 32)
 
 
 @pytest.fixture(params=["numpy", "numpy-plain", "mlx"])

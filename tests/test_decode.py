@@ -15,13 +15,7 @@ SHAPE = dict(num_hidden_layers=3, sliding_window=5, vocab_size=500, seed=7)
 
 @pytest.fixture(scope="module", params=["numpy", "numpy-plain", "mlx"])
 def model(request, synthetic_checkpoint):
-    """The NumPy variants with a float32 cache: these tests hold the cache's bookkeeping to a float32 pass, more
-    closely than float16's rounding allows (it may round two keys a float32 rounding apart to neighbouring
-    values). The float16 cache has its own tests below, at the reference tests' tolerance."""
-    model = load_variant(synthetic_checkpoint(**SHAPE), request.param)
-    if model.backend == "numpy":
-        model.kv_bits = 32
-    return model
+    return load_variant(synthetic_checkpoint(**SHAPE), request.param)
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +177,14 @@ def test_numpy_prompt_keeps_blas_to_one_thread_and_shares_attention_heads(
     np.testing.assert_allclose(model.forward(seq, model.new_cache()), split, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 @pytest.mark.parametrize("requested", [1, 16, 256, 640, 1024, 5120, 10752, 20480])
-def test_the_caches_rows_are_an_odd_number_of_cache_lines_apart(requested):
+def test_the_caches_rows_are_an_odd_number_of_cache_lines_apart(requested, half):
     """A decoding step reads the same positions of a kv head's 64 rows at once: rows an even number of 64-byte
     lines apart (4 KB, 2 KB) would share cache sets and evict each other. So also once the cache has grown."""
     from mlx_oss.cpu.kv_cache import KVCache
 
-    cache = KVCache(num_layers=1, kv_heads=2, head_dim=64, capacity=requested)
+    cache = KVCache(num_layers=1, kv_heads=2, head_dim=64, capacity=requested, half=half)
     for grown in (False, True):
         if grown:
             rows = np.zeros((3 * requested + 5, 2, 64), np.float32)
@@ -201,13 +196,16 @@ def test_the_caches_rows_are_an_odd_number_of_cache_lines_apart(requested):
 
 @pytest.fixture(scope="module", params=["numpy", "numpy-plain"])
 def half_cache_model(request, synthetic_checkpoint):
-    """A NumPy variant with its default cache, float16."""
-    return load_variant(synthetic_checkpoint(**SHAPE), request.param)
+    """A NumPy variant with a float16 cache (`--kv-bits 16`)."""
+    model = load_variant(synthetic_checkpoint(**SHAPE), request.param)
+    model.kv_bits = 16
+    return model
 
 
 def test_the_float16_cache_decodes_like_a_full_pass(half_cache_model):
     """Token by token, and a prompt then decoding after a truncation, through the float16 cache: the logits of a
-    full pass within the reference tests' tolerance, which rounds keys and values the same way."""
+    full pass within the reference tests' tolerance (not the bookkeeping tests' 1e-4: float16 may round two keys a
+    float32 rounding apart on the two routes to neighbouring values); the full pass rounds them the same way."""
     from mlx_oss.cpu.kv_cache import KVCache
 
     model = half_cache_model
@@ -225,28 +223,25 @@ def test_the_float16_cache_is_what_a_pass_without_a_cache_attends_over(half_cach
     """The stored keys are the float32 ones rounded to float16: a full pass with float32 keys differs from the
     cached one by more than the bookkeeping tests' 1e-4 (the rounding is real), and agrees once its keys are
     rounded too (`as_stored`)."""
-    from mlx_oss.cpu import model as numpy_model
-
     model = half_cache_model
     seq = tokens(12, seed=5)
     cached = model.forward(seq, model.new_cache())
     rounded = model.logits(seq)
     np.testing.assert_allclose(cached, rounded, rtol=1e-5, atol=1e-5 * np.abs(rounded).max())
-    model.kv_bits = 32
+    model.kv_bits = None
     try:
         unrounded = model.logits(seq)
     finally:
-        model.kv_bits = None
+        model.kv_bits = 16
     assert np.abs(unrounded - rounded).max() > 1e-6 * np.abs(rounded).max()
     assert_logits_match(rounded, unrounded, rel=1e-3)
-    assert numpy_model.as_stored  # the model's own rounding, not a copy of it
 
 
 def test_a_layer_beyond_float16s_range_stays_float32_and_exact():
     from mlx_oss.cpu.kv_cache import HALF_LIMIT, KVCache, as_stored
 
     rng = np.random.default_rng(0)
-    cache = KVCache(num_layers=2, kv_heads=2, head_dim=16)
+    cache = KVCache(num_layers=2, kv_heads=2, head_dim=16, half=True)
     small = rng.standard_normal((3, 2, 16)).astype(np.float32)
     for layer in range(2):
         cache.append(layer, small, small)
@@ -263,7 +258,7 @@ def test_a_layer_beyond_float16s_range_stays_float32_and_exact():
     assert np.isfinite(cache.held(1)[0]).all()
     k, v = as_stored(large, small)
     assert k is large and v is small  # a pass without a cache leaves such a layer unrounded too
-    restored = KVCache.from_state(cache.state(), 2, 2, 16)
+    restored = KVCache.from_state(cache.state(), 2, 2, 16, half=True)
     for layer in range(2):
         for a, b in zip(restored.held(layer), cache.held(layer), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -274,13 +269,13 @@ def test_a_float32_state_of_an_earlier_version_restores_as_a_fresh_prefill_would
 
     model = half_cache_model
     seq, tail = tokens(10, seed=8), tokens(3, seed=9)
-    model.kv_bits = 32
+    model.kv_bits = None
     try:
         old = model.new_cache()  # float32, as every version before the float16 cache stored it
         model.forward(seq, old)
         state = old.state()
     finally:
-        model.kv_bits = None
+        model.kv_bits = 16
     assert {a.dtype for a in state.arrays.values()} == {np.dtype(np.float32)}
     restored = model.restore_cache(CacheState("numpy-f32/1", state.length, state.arrays))
     fresh = model.new_cache()

@@ -43,7 +43,7 @@ def test_the_contract(model):
     model.forward(seq, cache)
     assert cache.length == 30 and cache.nbytes() > 0
     float_cache = prefilled_float(model, seq)
-    assert cache.nbytes() < float_cache.nbytes() * 2 / 3  # int8 and a scale per 16-value head, against float16
+    assert cache.nbytes() < float_cache.nbytes() / 3  # int8 plus a scale per 16-value head (the test shape's)
     kept = cache.truncate(20)
     assert kept <= 20 and cache.length == kept
     fresh = model.forward(tail, prefilled(model, seq[:20]))

@@ -117,11 +117,12 @@ class MlxModel(Model):
     kv_bits: int | None = None  # set to 8 for an int8 KV cache (`--kv-bits 8`)
 
     def new_cache(self, kv_bits: int | None = None) -> KVCache | QuantizedKVCache:
-        """An empty cache: float32, or int8 with per-position scales at `kv_bits` 8 (default: `self.kv_bits`)."""
+        """An empty cache: the model's float type (at `kv_bits` 16 too: BF16 for a BF16 checkpoint), or int8 with
+        per-position scales at 8 (default: `self.kv_bits`)."""
         c = self.config
         windows = [c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)]
         bits = kv_bits if kv_bits is not None else self.kv_bits
-        return QuantizedKVCache(windows, bits) if bits else KVCache(windows)
+        return QuantizedKVCache(windows, bits) if bits and bits != 16 else KVCache(windows)
 
     def restore_cache(self, state) -> KVCache:
         c = self.config
