@@ -63,7 +63,7 @@ class KVCache(Cache):
         `[kv_heads, head_dim, positions]`, and `first` (the position of the first key). Float16 buffers are widened
         by `widen(buffer, first, end)` (`kernels.widened`; default NumPy's cast)."""
         first = min(max(first, 0), self._end)
-        widen = widen or _widened
+        widen = widen or _cast_to_float32
         k, v = (b[layer] for b in (self._k, self._v))
         if k.dtype == np.float32:
             return k[..., first : self._end], v[..., first : self._end], first
@@ -147,7 +147,7 @@ def _fits_half(x: np.ndarray) -> bool:
     return bool(np.abs(x).max(initial=0.0) <= HALF_LIMIT)
 
 
-def _widened(buffer: np.ndarray, first: int, end: int) -> np.ndarray:
+def _cast_to_float32(buffer: np.ndarray, first: int, end: int) -> np.ndarray:
     return buffer[..., first:end].astype(np.float32)
 
 

@@ -204,12 +204,14 @@ class NumpyModel(Model):
         if cache is None:
             if self.kv_bits == 16:  # as a float16 cache would hold them, so that both routes agree
                 k, v = as_stored(k, v)
-            k, v = np.ascontiguousarray(k.transpose(1, 2, 0)), np.ascontiguousarray(v.transpose(1, 2, 0))
+            k, v = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
         else:
             cache.append(i, k, v)
         if self.uses_kernels and T <= kernels.DECODE_ROWS:  # decoding: the kernels read the cache's whole buffers
             if cache is not None:
                 (k, v), k_start = cache.buffers(i), cache.first_held(i)
+            else:
+                k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
             mixed = kernels.attention(q, k, v, w.sinks, start, window, k_start)
         else:
             if cache is not None:  # float32, from the first position the queries see

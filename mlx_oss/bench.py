@@ -27,6 +27,7 @@ from .cli import add_kv_bits_argument, run
 from .errors import MlxOssError
 from .generate import Completion, Decoder
 from .loading import BACKENDS, load
+from .memory_estimate import cache_name
 from .sampling import SamplingParams, make_sampler
 
 PROG = "python -m mlx_oss.bench"
@@ -262,12 +263,6 @@ def _median_decode(context_tokens: int, rounds: Sequence[list[float]]) -> Decode
     )
 
 
-def _cache_name(kv_bits: int | None, backend: str) -> str:
-    if kv_bits == 8:
-        return "8-bit"
-    return "float16" if kv_bits == 16 and backend == "numpy" else "float32"
-
-
 def _spread(values: Sequence[float], spec: str = ".2f") -> str:
     """` (lowest-highest)` over several rounds' figures; nothing for one."""
     return f" ({min(values):{spec}}-{max(values):{spec}})" if len(values) > 1 else ""
@@ -294,7 +289,7 @@ def format_result(r: BenchResult) -> str:
     lines = [
         f"model           {r.model}",
         f"backend         {r.backend} ({r.backend_reason}; {r.threads} threads; "
-        f"{_cache_name(r.kv_bits, r.backend)} KV cache{rounds})",
+        f"{cache_name(r.kv_bits, r.backend)} KV cache{rounds})",
         f"cpu             {r.cpu} ({' '.join(r.cpu_flags) or 'no vector extensions known'})",
         *([f"memory reads    {r.read_gb_s:.1f} GB/s (all cores)"] if r.read_gb_s else []),
         f"load            {r.load_s:.2f} s",

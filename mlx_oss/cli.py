@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import MlxOssError
+from .memory_estimate import KV_BITS
 
 
 def run(main: Callable[[], int | None], prog: str) -> None:
@@ -141,7 +142,7 @@ def add_kv_bits_argument(parser: argparse.ArgumentParser, help: str | None = Non
     parser.add_argument(
         "--kv-bits",
         type=int,
-        choices=(8, 16),
+        choices=KV_BITS,
         help=help
         or "8: store the KV cache as 8-bit integers with per-position scales, a quarter of the memory, so longer "
         "contexts fit; 16: as float16 on the CPU, half the memory and faster decoding at long contexts "

@@ -32,7 +32,7 @@ NUMPY_QUERY_CHUNK = 64  # queries the NumPy attention scores at once (`cpu.layer
 NUMPY_SCORE_BYTES = 256 << 20  # the NumPy attention's bound on one score matrix (`cpu.layers.SCORE_BYTES`)
 MLX_REWIND, MLX_STEP = 2048, 256  # `mlx_backend.kv_cache.REWIND` and `STEP` (`cpu.quantized_kv_cache`'s too)
 VOCAB_CHUNK = 16384  # unembedding rows widened to float32 at once (both backends)
-KV_BITS = (8, 16)  # cache precisions offered besides the default, float32 (NumPy) or the model's (MLX)
+KV_BITS = (8, 16)  # `--kv-bits` values: cache precisions besides the default, float32 (NumPy) or the model's (MLX)
 FITS_SHARE = 0.80  # of the machine's memory: at most this much leaves room for the OS and other programs
 TIGHT_SHARE = 0.95  # beyond this much the model would page out and crawl, or be killed
 FITS, TIGHT, DOES_NOT_FIT, UNKNOWN = "fits", "tight", "does not fit", "unknown"
@@ -77,6 +77,13 @@ class Verdict:
 
 def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
+
+
+def cache_name(kv_bits: int | None, backend: str) -> str:
+    """What the KV cache holds at `kv_bits` on `backend`, as the estimate and the bench print it."""
+    if kv_bits == 8:
+        return "8-bit"
+    return "float16" if kv_bits == 16 and backend == "numpy" else "float32"
 
 
 def kv_bytes_per_position(config: ModelConfig, backend: str, kv_bits: int | None) -> int:
@@ -384,11 +391,10 @@ def _no_context_line(e: MemoryEstimate, machine: MachineMemory) -> str:
 
 def describe(e: MemoryEstimate, v: Verdict) -> list[str]:
     """The estimate as lines for `models info`."""
-    cache = "8-bit" if e.kv_bits == 8 else ("float16" if e.kv_bits == 16 and e.backend == "numpy" else "float32")
     return [
         f"weights       {gib(e.weights_mapped)} memory-mapped, {gib(e.weights_private)} loaded "
         f"({e.backend} backend, {e.layout} layout)",
-        f"KV cache      {gib(e.kv_cache)} ({cache}) at {e.context} tokens",
+        f"KV cache      {gib(e.kv_cache)} ({cache_name(e.kv_bits, e.backend)}) at {e.context} tokens",
         f"activations   {gib(e.activations)} (a {PREFILL_CHUNK}-token prefill chunk, logits included)",
         f"total         {gib(e.total)}: {v.status}" + (f" ({v.reason})" if v.reason else ""),
     ]
